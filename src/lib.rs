@@ -2,3 +2,4 @@
 //! meters and rates every request. See README.md for the request's path through the modules.
 
 pub mod money;
+pub mod meter;

@@ -1,0 +1,3 @@
+//! Metering: counting tokens inline and carrying one usage record per request to the sink.
+
+pub mod record;

@@ -1,0 +1,130 @@
+//! The facts the hot path hands to rating: one [`UsageRecord`] per finished request and one
+//! [`OutcomeEvent`] per reported outcome. Plain data, no behaviour beyond simple derivations,
+//! so every sink (JSON lines, the rating ledger) reads the same thing.
+
+use serde::{Deserialize, Serialize};
+
+/// Token figures for one request. `cached_input` is the part of `input` served from the
+/// provider's prompt cache (it is included in `input`, as OpenAI reports it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+impl TokenUsage {
+    pub fn total(&self) -> u64 {
+        self.input + self.output
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// The path under the upstream's base URL (which ends in `/v1`).
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// How the request ended, as far as the gateway saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered and the whole answer reached the client.
+    Completed,
+    /// The upstream answered with an error status, passed through to the client.
+    UpstreamError,
+    /// The gateway could not get an answer (connect error, timeout, stream cut).
+    GatewayError,
+    /// The client went away before the answer ended.
+    ClientDisconnected,
+    /// Refused before going upstream (auth, throttle, budget, bad request).
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::GatewayError => "gateway_error",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    /// Unix time in milliseconds when the gateway accepted the request.
+    pub started_at_ms: i64,
+    pub key_id: Option<String>,
+    pub key_name: Option<String>,
+    pub plan: Option<String>,
+    pub endpoint: Endpoint,
+    pub requested_model: String,
+    /// The configured model name that served the request (after routing and fallbacks).
+    pub served_model: Option<String>,
+    pub upstream: Option<String>,
+    pub tier: Option<String>,
+    pub route_rule: Option<String>,
+    pub streamed: bool,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub finish_reason: Option<String>,
+    /// What the upstream said it used, when it said so.
+    pub reported: Option<TokenUsage>,
+    /// What tollgate counted itself with the model's tokenizer.
+    pub counted: TokenUsage,
+    pub attempts: u32,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+}
+
+impl UsageRecord {
+    /// The figures that are billed: the upstream's when it reported them, else our own count.
+    pub fn billed(&self) -> TokenUsage {
+        self.reported.unwrap_or(self.counted)
+    }
+}
+
+/// A billable outcome reported by an application through `POST /v1/outcomes`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeEvent {
+    pub idempotency_key: String,
+    pub key_id: String,
+    pub plan: Option<String>,
+    pub outcome_type: String,
+    pub quantity: u64,
+    pub request_id: Option<String>,
+    pub at_ms: i64,
+}
+
+/// Everything that flows from the hot path to the usage sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MeterEvent {
+    Usage(UsageRecord),
+    Outcome(OutcomeEvent),
+}
