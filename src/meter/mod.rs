@@ -1,3 +1,5 @@
 //! Metering: counting tokens inline and carrying one usage record per request to the sink.
 
 pub mod record;
+pub mod sink;
+pub mod tokenizer;

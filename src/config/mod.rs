@@ -1,0 +1,513 @@
+//! Configuration: `routes.toml` read in two stages. [`raw`] is the file as serde sees it, with
+//! unknown fields refused; [`Config::from_raw`] resolves every reference (a model's upstream
+//! exists, its encoding is known, its prices are exact) into the runtime types the request path
+//! uses. Every problem is reported with file, line, column and field. A `Config` is immutable;
+//! hot reload swaps in a whole new one, so a request finishes on the config it started with.
+
+mod locate;
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::meter::tokenizer::Encoding;
+use crate::money::{Money, TokenPrice};
+
+use raw::RawConfig;
+
+/// A whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub models: HashMap<String, Arc<Model>>,
+    /// Model names in the order the file declares them, for `/v1/models`.
+    pub model_order: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub usage_channel_capacity: usize,
+    pub inline_count_max_bytes: usize,
+    pub log_json: bool,
+    pub per_key_metrics: bool,
+    pub reload_poll: Duration,
+}
+
+/// A provider endpoint. Holds its own pooled HTTP client so timeouts are per upstream.
+pub struct Upstream {
+    pub name: String,
+    /// Base URL without a trailing slash, ending in the API version (`…/v1`).
+    pub base_url: String,
+    /// The `Authorization` header value for the provider, resolved from the environment.
+    pub authorization: Option<reqwest::header::HeaderValue>,
+    pub client: reqwest::Client,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl fmt::Debug for Upstream {
+    /// Written by hand so the provider key can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("has_key", &self.authorization.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrices {
+    pub input: TokenPrice,
+    pub cached_input: TokenPrice,
+    pub output: TokenPrice,
+}
+
+impl ModelPrices {
+    /// List cost of a request's tokens. `cached` is part of `input`.
+    pub fn cost(&self, input: u64, cached: u64, output: u64) -> Money {
+        let cached = cached.min(input);
+        self.input.cost(input - cached) + self.cached_input.cost(cached) + self.output.cost(output)
+    }
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub upstream: Arc<Upstream>,
+    pub upstream_model: String,
+    pub tier: String,
+    pub encoding: Encoding,
+    pub prices: ModelPrices,
+    pub max_output_tokens: u64,
+}
+
+/// Everything wrong with one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file, problem.line, problem.column, problem.field, problem.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Problems found after parsing, by field path; turned into lines by [`ConfigError`].
+#[derive(Default)]
+pub struct Problems(Vec<(Vec<String>, String)>);
+
+impl Problems {
+    pub fn push(&mut self, path: &[&str], message: impl Into<String>) {
+        self.0.push((
+            path.iter().map(|s| (*s).to_owned()).collect(),
+            message.into(),
+        ));
+    }
+
+    pub fn push_owned(&mut self, path: Vec<String>, message: impl Into<String>) {
+        self.0.push((path, message.into()));
+    }
+
+    fn into_error(self, file: &str, source: &str) -> Option<ConfigError> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let problems = self
+            .0
+            .into_iter()
+            .map(|(path, message)| {
+                let (line, column) = locate::span_of(source, &path)
+                    .map_or((1, 1), |span| locate::line_col(source, span.start));
+                Problem {
+                    line,
+                    column,
+                    field: path.join("."),
+                    message,
+                }
+            })
+            .collect();
+        Some(ConfigError {
+            file: file.to_owned(),
+            problems,
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a file. Provider keys are read from the environment here, once.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                line: 0,
+                column: 0,
+                field: "-".to_owned(),
+                message: format!("cannot read the file: {error}"),
+            }],
+        })?;
+        Config::parse(&source, path)
+    }
+
+    pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(source).map_err(|error| {
+            let (line, column) = error
+                .span()
+                .map_or((1, 1), |span| locate::line_col(source, span.start));
+            let field = error
+                .span()
+                .and_then(|span| field_at(source, span.start))
+                .unwrap_or_else(|| "-".to_owned());
+            ConfigError {
+                file: file.clone(),
+                problems: vec![Problem {
+                    line,
+                    column,
+                    field,
+                    message: error.message().trim().to_owned(),
+                }],
+            }
+        })?;
+        let mut problems = Problems::default();
+        let config = Config::from_raw(raw, path, &mut problems);
+        match problems.into_error(&file, source) {
+            Some(error) => Err(error),
+            None => Ok(config),
+        }
+    }
+
+    /// Second stage: checks references and builds runtime types, recording every problem
+    /// rather than stopping at the first.
+    fn from_raw(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
+        let server = server_config(&raw.server, path, problems);
+        let mut upstreams = HashMap::new();
+        for (name, upstream) in &raw.upstreams {
+            if let Some(built) = build_upstream(name, upstream, problems) {
+                upstreams.insert(name.clone(), Arc::new(built));
+            }
+        }
+        if raw.models.is_empty() {
+            problems.push(&["models"], "declare at least one model");
+        }
+        let mut models = HashMap::new();
+        let mut model_order = Vec::new();
+        for (name, model) in &raw.models {
+            if let Some(built) = build_model(name, model, &upstreams, problems) {
+                models.insert(name.clone(), Arc::new(built));
+                model_order.push(name.clone());
+            }
+        }
+        Config {
+            source: path.to_owned(),
+            server,
+            upstreams,
+            models,
+            model_order,
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
+        self.models.get(name)
+    }
+}
+
+/// The key that contains a byte offset, for parse errors whose message omits it.
+fn field_at(source: &str, offset: usize) -> Option<String> {
+    let line_start = source[..offset.min(source.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = source[line_start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    (!key.is_empty() && line.contains('=')).then(|| key.trim_matches('"').to_owned())
+}
+
+fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> ServerConfig {
+    let listen = parse_addr(&raw.listen, &["server", "listen"], problems);
+    let admin_listen = raw
+        .admin_listen
+        .as_deref()
+        .map(|addr| parse_addr(addr, &["server", "admin_listen"], problems));
+    if raw.max_body_bytes == 0 {
+        problems.push(&["server", "max_body_bytes"], "must be greater than 0");
+    }
+    if raw.usage_channel_capacity == 0 {
+        problems.push(&["server", "usage_channel_capacity"], "must be greater than 0");
+    }
+    let log_json = match raw.log_format.as_str() {
+        "json" => true,
+        "text" => false,
+        other => {
+            problems.push(
+                &["server", "log_format"],
+                format!("`{other}` is not `text` or `json`"),
+            );
+            false
+        }
+    };
+    // A relative data dir is relative to the config file, so `--config elsewhere/routes.toml`
+    // does not scatter state into the current directory.
+    let data_dir = Path::new(&raw.data_dir);
+    let data_dir = if data_dir.is_absolute() {
+        data_dir.to_owned()
+    } else {
+        path.parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(data_dir)
+    };
+    ServerConfig {
+        listen,
+        admin_listen,
+        data_dir,
+        max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
+        shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
+        usage_channel_capacity: raw.usage_channel_capacity.max(1),
+        inline_count_max_bytes: raw.inline_count_max_bytes,
+        log_json,
+        per_key_metrics: raw.per_key_metrics,
+        reload_poll: Duration::from_secs(raw.reload_poll_secs.max(1)),
+    }
+}
+
+fn parse_addr(text: &str, path: &[&str], problems: &mut Problems) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        problems.push(
+            path,
+            format!("`{text}` is not an address like 127.0.0.1:8080"),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -> Option<Upstream> {
+    let field = |leaf: &'static str| ["upstreams", name, leaf];
+    let base_url = raw.base_url.trim_end_matches('/').to_owned();
+    match reqwest::Url::parse(&base_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+        _ => {
+            problems.push(
+                &field("base_url"),
+                format!("`{}` is not an http(s) URL", raw.base_url),
+            );
+            return None;
+        }
+    }
+    let authorization = match &raw.api_key_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(key) if !key.is_empty() => {
+                match reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        Some(value)
+                    }
+                    Err(_) => {
+                        problems.push(
+                            &field("api_key_env"),
+                            format!("the value of ${var} is not a valid header value"),
+                        );
+                        return None;
+                    }
+                }
+            }
+            // Not an error: `tollgate check` runs where secrets are absent, and a provider
+            // that needs the key will answer 401, which passes through to the client.
+            _ => {
+                tracing::warn!(upstream = name, var = %var, "provider key variable is not set");
+                None
+            }
+        },
+    };
+    for (leaf, value) in [
+        ("connect_timeout_ms", raw.connect_timeout_ms),
+        ("first_byte_timeout_ms", raw.first_byte_timeout_ms),
+        ("idle_timeout_ms", raw.idle_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.push(&field(leaf), "must be greater than 0");
+        }
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(raw.connect_timeout_ms.max(1)))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build();
+    let client = match client {
+        Ok(client) => client,
+        Err(error) => {
+            problems.push(
+                &field("base_url"),
+                format!("cannot build an HTTP client: {error}"),
+            );
+            return None;
+        }
+    };
+    Some(Upstream {
+        name: name.to_owned(),
+        base_url,
+        authorization,
+        client,
+        first_byte_timeout: Duration::from_millis(raw.first_byte_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(raw.idle_timeout_ms.max(1)),
+    })
+}
+
+fn build_model(
+    name: &str,
+    raw: &raw::RawModel,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    problems: &mut Problems,
+) -> Option<Model> {
+    let field = |leaf: &'static str| ["models", name, leaf];
+    let upstream = match upstreams.get(&raw.upstream) {
+        Some(upstream) => Some(upstream.clone()),
+        None => {
+            problems.push(
+                &field("upstream"),
+                format!("no upstream named `{}` in [upstreams]", raw.upstream),
+            );
+            None
+        }
+    };
+    let encoding = match &raw.encoding {
+        Some(encoding) => Encoding::from_name(encoding).or_else(|| {
+            problems.push(
+                &field("encoding"),
+                format!("unknown encoding `{encoding}`; use o200k_base or cl100k_base"),
+            );
+            None
+        }),
+        None => {
+            let upstream_model = raw.upstream_model.as_deref().unwrap_or(name);
+            Encoding::for_model(upstream_model).or_else(|| {
+                problems.push(
+                    &field("encoding"),
+                    format!(
+                        "cannot infer the tokenizer of `{upstream_model}`; set encoding = \"o200k_base\" or \"cl100k_base\""
+                    ),
+                );
+                None
+            })
+        }
+    };
+    if raw.tier.trim().is_empty() {
+        problems.push(&field("tier"), "must not be empty");
+    }
+    let mut price = |leaf: &'static str, value: f64| match Money::from_config_float(value)
+        .ok()
+        .filter(|money| *money >= Money::ZERO)
+        .map(TokenPrice::per_million)
+    {
+        Some(Ok(price)) => Some(price),
+        _ => {
+            problems.push(
+                &field(leaf),
+                format!("`{value}` is not a price in USD per 1M tokens with at most three decimals"),
+            );
+            None
+        }
+    };
+    let input = price("input_per_mtok", raw.input_per_mtok);
+    let cached_input = match raw.cached_input_per_mtok {
+        Some(value) => price("cached_input_per_mtok", value),
+        None => input,
+    };
+    let output = price("output_per_mtok", raw.output_per_mtok);
+    Some(Model {
+        name: name.to_owned(),
+        upstream: upstream?,
+        upstream_model: raw.upstream_model.clone().unwrap_or_else(|| name.to_owned()),
+        tier: raw.tier.clone(),
+        encoding: encoding?,
+        prices: ModelPrices {
+            input: input?,
+            cached_input: cached_input?,
+            output: output?,
+        },
+        max_output_tokens: raw.max_output_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[upstreams.mock]
+base_url = "http://127.0.0.1:9/v1/"
+
+[models."gpt-4o-mini"]
+upstream = "mock"
+tier = "cheap"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"#;
+
+    #[test]
+    fn loads_a_good_config() {
+        let config = Config::parse(GOOD, Path::new("routes.toml")).unwrap();
+        let model = config.model("gpt-4o-mini").unwrap();
+        assert_eq!(model.upstream.base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(model.prices.input.nanos_per_token(), 150);
+        assert_eq!(model.prices.cached_input.nanos_per_token(), 150);
+        assert_eq!(model.prices.cost(1000, 0, 1000), Money(750_000));
+    }
+
+    #[test]
+    fn names_file_line_and_field_of_a_bad_reference() {
+        let bad = GOOD.replace("upstream = \"mock\"", "upstream = \"nope\"");
+        let error = Config::parse(&bad, Path::new("routes.toml")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "routes.toml:6:1: models.gpt-4o-mini.upstream: no upstream named `nope` in [upstreams]"
+        );
+    }
+
+    #[test]
+    fn names_line_of_an_unknown_field() {
+        let bad = GOOD.replace("tier = \"cheap\"", "tier = \"cheap\"\ntypo = 1");
+        let error = Config::parse(&bad, Path::new("routes.toml")).unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("routes.toml:8:1: typo: unknown field `typo`"), "{text}");
+    }
+
+    #[test]
+    fn refuses_inexact_prices() {
+        let bad = GOOD.replace("0.15", "0.0001");
+        let error = Config::parse(&bad, Path::new("routes.toml")).unwrap_err();
+        assert!(error.to_string().contains("models.gpt-4o-mini.input_per_mtok"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The first stage of configuration: `routes.toml` exactly as written, read by serde with
+//! unknown fields refused. Nothing here is checked beyond its type; [`super::Config::from_raw`]
+//! resolves references and turns these into runtime types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub data_dir: String,
+    pub max_body_bytes: u64,
+    pub shutdown_grace_secs: u64,
+    pub usage_channel_capacity: usize,
+    /// Prompts whose body is larger than this are tokenized on the blocking pool.
+    pub inline_count_max_bytes: usize,
+    pub log_format: String,
+    pub per_key_metrics: bool,
+    pub reload_poll_secs: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".to_owned(),
+            admin_listen: None,
+            data_dir: "data".to_owned(),
+            max_body_bytes: 8 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            usage_channel_capacity: 65_536,
+            inline_count_max_bytes: 16 * 1024,
+            log_format: "text".to_owned(),
+            per_key_metrics: true,
+            reload_poll_secs: 2,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub base_url: String,
+    /// Name of the environment variable holding the provider key; the key itself never
+    /// appears in the config file.
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence allowed between two chunks of a body once it started.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_first_byte_timeout_ms() -> u64 {
+    120_000
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub upstream: String,
+    pub upstream_model: Option<String>,
+    pub tier: String,
+    pub encoding: Option<String>,
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub output_per_mtok: f64,
+    /// The worst case reserved against budgets when a request names no `max_tokens`.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u64,
+}
+
+fn default_max_output_tokens() -> u64 {
+    4_096
+}

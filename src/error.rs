@@ -1,0 +1,195 @@
+//! The one error type at the edge. Each variant knows its HTTP status, OpenAI's error `type`
+//! and `code`, and a static label for metrics; [`GatewayError::into_response`] is the single
+//! place that turns an error into OpenAI's JSON shape. Errors that came from the upstream are
+//! not here: those pass through with the upstream's own status and body.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    UnknownModel(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("incorrect API key provided")]
+    InvalidApiKey,
+    #[error("this key is not allowed to use the model `{0}`")]
+    ModelNotAllowed(String),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+        /// OpenAI's `type` for the limit that refused: `requests` or `tokens`.
+        limit_kind: &'static str,
+    },
+    #[error("{message}")]
+    InsufficientQuota { message: String },
+    #[error("the upstream could not be reached: {0}")]
+    UpstreamUnreachable(String),
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn bad_request(message: impl Into<String>) -> GatewayError {
+        GatewayError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnknownModel(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. } | GatewayError::InsufficientQuota { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::UnknownModel(_)
+            | GatewayError::NotFound(_) => "invalid_request_error",
+            GatewayError::InvalidApiKey => "invalid_request_error",
+            GatewayError::ModelNotAllowed(_) => "permission_error",
+            GatewayError::RateLimited { limit_kind, .. } => limit_kind,
+            GatewayError::InsufficientQuota { .. } => "insufficient_quota",
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::ShuttingDown
+            | GatewayError::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`; also the low-cardinality label used in metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest { .. } => "invalid_request",
+            GatewayError::BodyTooLarge { .. } => "request_too_large",
+            GatewayError::UnknownModel(_) => "model_not_found",
+            GatewayError::NotFound(_) => "not_found",
+            GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::ModelNotAllowed(_) => "model_not_allowed",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
+            GatewayError::InsufficientQuota { .. } => "insufficient_quota",
+            GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::BadRequest { param, .. } => *param,
+            GatewayError::UnknownModel(_) | GatewayError::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same request later may succeed; drives `x-should-retry`.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::RateLimited { .. }
+                | GatewayError::UpstreamUnreachable(_)
+                | GatewayError::UpstreamTimeout
+                | GatewayError::ShuttingDown
+        )
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
+        );
+        if let GatewayError::RateLimited { retry_after, .. } = &self {
+            // Whole seconds, rounded up: a client that waits exactly this long is admitted.
+            let secs = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(axum::http::header::RETRY_AFTER, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&retry_after.as_millis().to_string()) {
+                headers.insert("retry-after-ms", value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_errors_tell_sdks_not_to_retry() {
+        let response = GatewayError::InsufficientQuota {
+            message: "budget exhausted".into(),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["x-should-retry"], "false");
+    }
+
+    #[test]
+    fn throttles_carry_retry_after_rounded_up() {
+        let response = GatewayError::RateLimited {
+            message: "slow down".into(),
+            retry_after: Duration::from_millis(1200),
+            limit_kind: "requests",
+        }
+        .into_response();
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["retry-after-ms"], "1200");
+        assert_eq!(response.headers()["x-should-retry"], "true");
+    }
+
+    #[test]
+    fn body_has_openai_shape() {
+        let body = GatewayError::UnknownModel("x".into()).body();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}

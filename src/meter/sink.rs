@@ -1,0 +1,204 @@
+//! The path usage events take off the hot path: a bounded channel into one dedicated thread
+//! that writes them in batches through a [`UsageWriter`]. The request path never waits on it.
+//!
+//! When the channel is full the event is dropped, not waited for: a gateway that stalls client
+//! traffic because its ledger is slow turns a storage hiccup into an outage. Every drop is
+//! counted in `tollgate_usage_events_total{result="dropped"}` and logged, so it is visible and
+//! alertable; the channel is sized (`server.usage_channel_capacity`) so that this only happens
+//! when the writer is down or far behind.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::MeterEvent;
+use crate::metrics::Metrics;
+
+/// Where batches of events end up (the JSON-lines file, the rating ledger).
+pub trait UsageWriter: Send + 'static {
+    /// Writes a batch durably enough for the writer's own guarantee. The batch is lost if
+    /// this fails, and the failure is counted; it is never retried into a double write.
+    fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("usage sink I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("usage sink: {0}")]
+    Other(String),
+}
+
+/// Answers once the event has been written (strict durability).
+pub type WrittenAck = oneshot::Receiver<()>;
+
+enum Envelope {
+    Event(MeterEvent, Option<oneshot::Sender<()>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The hot path's end of the channel. Cheap to clone.
+#[derive(Clone)]
+pub struct UsageSender {
+    tx: mpsc::Sender<Envelope>,
+    metrics: Arc<Metrics>,
+}
+
+impl UsageSender {
+    /// Queues an event without waiting. Returns `false` when it was dropped (see module docs).
+    pub fn submit(&self, event: MeterEvent) -> bool {
+        self.send(Envelope::Event(event, None))
+    }
+
+    /// Queues an event and returns a receiver that resolves once it has been written, or
+    /// `None` when it was dropped.
+    pub fn submit_acked(&self, event: MeterEvent) -> Option<WrittenAck> {
+        let (ack, written) = oneshot::channel();
+        self.send(Envelope::Event(event, Some(ack))).then_some(written)
+    }
+
+    fn send(&self, envelope: Envelope) -> bool {
+        match self.tx.try_send(envelope) {
+            Ok(()) => {
+                self.metrics.usage_pending.inc();
+                self.metrics.usage_events.with_label_values(&["queued"]).inc();
+                true
+            }
+            Err(_) => {
+                self.metrics.usage_events.with_label_values(&["dropped"]).inc();
+                tracing::error!("usage channel full or closed: usage event dropped");
+                false
+            }
+        }
+    }
+}
+
+/// The writer thread and the way to stop it.
+pub struct UsagePipeline {
+    sender: UsageSender,
+    thread: Option<JoinHandle<()>>,
+}
+
+const MAX_BATCH: usize = 1024;
+
+impl UsagePipeline {
+    pub fn start(
+        writer: Box<dyn UsageWriter>,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<UsagePipeline> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let thread_metrics = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("tollgate-usage".to_owned())
+            .spawn(move || run_writer(writer, rx, &thread_metrics))?;
+        Ok(UsagePipeline {
+            sender: UsageSender { tx, metrics },
+            thread: Some(thread),
+        })
+    }
+
+    pub fn sender(&self) -> UsageSender {
+        self.sender.clone()
+    }
+
+    /// Writes everything queued so far, then stops the thread. Waits for room in the channel
+    /// rather than dropping: at shutdown nothing may be lost.
+    pub async fn close(mut self) {
+        let (done, closed) = oneshot::channel();
+        if self.sender.tx.send(Envelope::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn run_writer(
+    mut writer: Box<dyn UsageWriter>,
+    mut rx: mpsc::Receiver<Envelope>,
+    metrics: &Metrics,
+) {
+    let mut events = Vec::with_capacity(MAX_BATCH);
+    let mut acks = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut close = None;
+        let mut next = Some(first);
+        // Take whatever is already queued, up to a batch: one commit for many events is what
+        // makes the ledger fast, and under light load a batch is simply one event.
+        while let Some(envelope) = next.take() {
+            match envelope {
+                Envelope::Event(event, ack) => {
+                    events.push(event);
+                    acks.extend(ack);
+                }
+                Envelope::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if events.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !events.is_empty() {
+            let started = Instant::now();
+            let result = writer.write_batch(&events);
+            metrics
+                .usage_batch_duration
+                .observe(started.elapsed().as_secs_f64());
+            metrics.usage_pending.sub(events.len() as i64);
+            let label = if result.is_ok() { "written" } else { "failed" };
+            metrics
+                .usage_events
+                .with_label_values(&[label])
+                .inc_by(events.len() as u64);
+            if let Err(error) = result {
+                tracing::error!(%error, lost = events.len(), "usage batch write failed");
+            }
+            events.clear();
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+        }
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Appends one JSON object per line to `usage.jsonl` under the data dir.
+pub struct JsonLinesWriter {
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl JsonLinesWriter {
+    pub fn open(data_dir: &Path) -> std::io::Result<JsonLinesWriter> {
+        std::fs::create_dir_all(data_dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("usage.jsonl"))?;
+        Ok(JsonLinesWriter {
+            file: std::io::BufWriter::new(file),
+        })
+    }
+}
+
+impl UsageWriter for JsonLinesWriter {
+    fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError> {
+        for event in events {
+            serde_json::to_writer(&mut self.file, event)
+                .map_err(|error| SinkError::Other(error.to_string()))?;
+            self.file.write_all(b"\n")?;
+        }
+        self.file.flush()?;
+        Ok(())
+    }
+}

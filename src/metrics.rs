@@ -1,0 +1,208 @@
+//! Every Prometheus family tollgate exports, in one place, all prefixed `tollgate_`. Label
+//! values come only from bounded sets — configured model, upstream, tier and rule names, status
+//! classes and static reason labels — never from client input.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Seconds, from a few milliseconds (a cached refusal) to many minutes (a long reasoning stream).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub input_tokens: IntCounterVec,
+    pub output_tokens: IntCounterVec,
+    pub cost_usd: prometheus::CounterVec,
+    pub request_duration: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_attempts: IntCounterVec,
+    pub rejections: IntCounterVec,
+    pub token_count_drift: IntCounterVec,
+    pub usage_events: IntCounterVec,
+    pub usage_pending: IntGauge,
+    pub usage_batch_duration: Histogram,
+    pub config_reloads: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let family = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|_| unreachable_metric(name));
+    register(registry, Box::new(family.clone()));
+    family
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let family = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|_| unreachable_metric(name));
+    register(registry, Box::new(family.clone()));
+    family
+}
+
+fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>) {
+    // Names are static and distinct, so registration cannot collide; a failure would only
+    // drop one family from /metrics, never stop the gateway.
+    if let Err(error) = registry.register(collector) {
+        tracing::error!(%error, "metric registration failed");
+    }
+}
+
+/// Metric construction fails only for invalid static names, which the unit test below covers.
+#[allow(clippy::panic)]
+fn unreachable_metric(name: &str) -> ! {
+    panic!("invalid metric definition {name}")
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("tollgate".to_owned()), None)
+            .unwrap_or_else(|_| Registry::new());
+        let cost_usd = prometheus::CounterVec::new(
+            Opts::new("cost_usd_total", "List cost of served requests in US dollars"),
+            &["model"],
+        )
+        .unwrap_or_else(|_| unreachable_metric("cost_usd_total"));
+        register(&registry, Box::new(cost_usd.clone()));
+        let usage_pending = IntGauge::new(
+            "usage_events_pending",
+            "Usage events queued between the hot path and the sink",
+        )
+        .unwrap_or_else(|_| unreachable_metric("usage_events_pending"));
+        register(&registry, Box::new(usage_pending.clone()));
+        let usage_batch_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "usage_batch_write_seconds",
+                "Time to write and commit one batch of usage events",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap_or_else(|_| unreachable_metric("usage_batch_write_seconds"));
+        register(&registry, Box::new(usage_batch_duration.clone()));
+        Metrics {
+            requests: counter(
+                &registry,
+                "requests_total",
+                "Requests by model, tier, endpoint and status class",
+                &["model", "tier", "endpoint", "status"],
+            ),
+            input_tokens: counter(
+                &registry,
+                "input_tokens_total",
+                "Billed input tokens by model",
+                &["model"],
+            ),
+            output_tokens: counter(
+                &registry,
+                "output_tokens_total",
+                "Billed output tokens by model",
+                &["model"],
+            ),
+            cost_usd,
+            request_duration: histogram(
+                &registry,
+                "request_duration_seconds",
+                "Time from accepting a request to the end of its response",
+                &["model", "streamed"],
+            ),
+            time_to_first_token: histogram(
+                &registry,
+                "time_to_first_token_seconds",
+                "Time from accepting a streamed request to its first chunk",
+                &["model"],
+            ),
+            upstream_duration: histogram(
+                &registry,
+                "upstream_duration_seconds",
+                "Time until the upstream's response headers, per attempt",
+                &["upstream"],
+            ),
+            upstream_attempts: counter(
+                &registry,
+                "upstream_attempts_total",
+                "Attempts sent upstream by result",
+                &["upstream", "result"],
+            ),
+            rejections: counter(
+                &registry,
+                "rejections_total",
+                "Requests the gateway refused, by reason",
+                &["reason"],
+            ),
+            token_count_drift: counter(
+                &registry,
+                "token_count_drift_tokens_total",
+                "Absolute difference between own token counts and upstream-reported usage",
+                &["model", "direction"],
+            ),
+            usage_events: counter(
+                &registry,
+                "usage_events_total",
+                "Usage events by fate: queued, written, dropped (channel full) or failed",
+                &["result"],
+            ),
+            usage_pending,
+            usage_batch_duration,
+            config_reloads: counter(
+                &registry,
+                "config_reloads_total",
+                "Configuration reloads by result",
+                &["result"],
+            ),
+            registry,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!(%error, "metrics encoding failed");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// `2xx`, `4xx`… — a bounded label for any status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_prefixed_and_render() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .with_label_values(&["m", "cheap", "chat_completions", "2xx"])
+            .inc();
+        let text = metrics.render();
+        assert!(text.contains("tollgate_requests_total{endpoint=\"chat_completions\",model=\"m\",status=\"2xx\",tier=\"cheap\"} 1"));
+    }
+}

@@ -1,0 +1,707 @@
+//! A proxied request's life, top to bottom: accept (request id, body limit, JSON) →
+//! authenticate → admit → route → count input → forward → meter the answer → hand the usage
+//! record to rating. Each phase is a call into its own module; this file only orders them and
+//! carries the request's facts ([`Exchange`]) from one phase to the next.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::Stream;
+use std::future::Future;
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::app::App;
+use crate::config::{Config, Model};
+use crate::error::GatewayError;
+use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
+use crate::meter::tokenizer::Tokenizer;
+use crate::metrics::status_class;
+use crate::stream::{parse_usage, SseTap};
+use crate::upstream;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
+static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
+
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(app, Endpoint::ChatCompletions, headers, body).await
+}
+
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(app, Endpoint::Completions, headers, body).await
+}
+
+pub async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, Endpoint::Embeddings, headers, body).await
+}
+
+async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let request_id = request_id(&headers);
+    let mut exchange = Exchange::accept(app, endpoint, request_id.clone());
+    let mut response = match proxy(&mut exchange, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            exchange.reject(&error);
+            error.into_response()
+        }
+    };
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+/// The phases, in order. Errors before the upstream answers become gateway errors; from the
+/// upstream's answer on, the response is the upstream's.
+async fn proxy(
+    exchange: &mut Exchange,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let config = exchange.config.clone();
+    let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
+    let request = parse_request(&bytes)?;
+    exchange.requested_model = request.model.clone();
+    exchange.streamed = request.stream;
+
+    let model = config
+        .model(&request.model)
+        .cloned()
+        .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
+    exchange.route_rule = "direct";
+    exchange.model = Some(model.clone());
+
+    let inline = bytes.len() <= config.server.inline_count_max_bytes;
+    let (body, input_tokens) = count_input(
+        &exchange.app.tokenizer,
+        exchange.endpoint,
+        &model,
+        request.body,
+        inline,
+    )
+    .await?;
+    exchange.counted.input = input_tokens;
+
+    let (upstream_body, strip_usage_chunk) =
+        upstream_body(body, &model, exchange.endpoint, request.stream)?;
+    exchange.attempts += 1;
+    let reply = upstream::send(
+        &model,
+        exchange.endpoint,
+        upstream_body,
+        &exchange.request_id,
+        &exchange.app.metrics,
+    )
+    .await?;
+
+    let status = reply.status();
+    if !status.is_success() {
+        return Ok(exchange.pass_through_error(reply).await);
+    }
+    if request.stream {
+        return Ok(exchange.take().stream(reply, strip_usage_chunk));
+    }
+    exchange.buffered(reply).await
+}
+
+struct ParsedRequest {
+    body: Value,
+    model: String,
+    stream: bool,
+}
+
+/// The body, refused with 413 before reading past the limit (and before any parsing).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(_) => Err(GatewayError::bad_request(
+            "the request body could not be read",
+        )),
+    }
+}
+
+fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|error| {
+        GatewayError::bad_request(format!(
+            "We could not parse the JSON body of your request: {error}"
+        ))
+    })?;
+    if !body.is_object() {
+        return Err(GatewayError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    let model = match &body["model"] {
+        Value::String(model) if !model.is_empty() => model.clone(),
+        Value::Null => {
+            return Err(GatewayError::BadRequest {
+                message: "you must provide a model parameter".to_owned(),
+                param: Some("model"),
+            })
+        }
+        _ => {
+            return Err(GatewayError::BadRequest {
+                message: "`model` must be a non-empty string".to_owned(),
+                param: Some("model"),
+            })
+        }
+    };
+    let stream = match &body["stream"] {
+        Value::Bool(stream) => *stream,
+        Value::Null => false,
+        _ => {
+            return Err(GatewayError::BadRequest {
+                message: "`stream` must be a boolean".to_owned(),
+                param: Some("stream"),
+            })
+        }
+    };
+    Ok(ParsedRequest {
+        body,
+        model,
+        stream,
+    })
+}
+
+/// Counts the prompt with the served model's encoding. Large prompts are counted on the
+/// blocking pool so a megabyte of text never stalls an async worker.
+async fn count_input(
+    tokenizer: &Tokenizer,
+    endpoint: Endpoint,
+    model: &Model,
+    body: Value,
+    inline: bool,
+) -> Result<(Value, u64), GatewayError> {
+    let encoding = model.encoding;
+    let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
+        Endpoint::ChatCompletions => tokenizer.count_chat_prompt(encoding, body),
+        Endpoint::Completions => tokenizer.count_completion_prompt(encoding, &body["prompt"]),
+        Endpoint::Embeddings => tokenizer.count_embedding_input(encoding, &body["input"]),
+    };
+    if inline {
+        let tokens = count(tokenizer, &body);
+        return Ok((body, tokens));
+    }
+    let tokenizer = tokenizer.clone();
+    tokio::task::spawn_blocking(move || {
+        let tokens = count(&tokenizer, &body);
+        (body, tokens)
+    })
+    .await
+    .map_err(|error| GatewayError::Internal(format!("token counting failed: {error}")))
+}
+
+/// The body sent upstream: the client's, field for field, with the upstream's model name and,
+/// for streams, `stream_options.include_usage` so the provider reports what it bills. Returns
+/// whether the usage chunk must be removed again because the client did not ask for it.
+fn upstream_body(
+    mut body: Value,
+    model: &Model,
+    endpoint: Endpoint,
+    stream: bool,
+) -> Result<(Bytes, bool), GatewayError> {
+    body["model"] = Value::String(model.upstream_model.clone());
+    let mut strip_usage_chunk = false;
+    if stream && endpoint != Endpoint::Embeddings {
+        let options = &mut body["stream_options"];
+        if !options.is_object() {
+            *options = Value::Object(serde_json::Map::new());
+        }
+        strip_usage_chunk = options["include_usage"] != Value::Bool(true);
+        options["include_usage"] = Value::Bool(true);
+    }
+    serde_json::to_vec(&body)
+        .map(|bytes| (Bytes::from(bytes), strip_usage_chunk))
+        .map_err(|error| GatewayError::Internal(format!("cannot encode the request: {error}")))
+}
+
+/// The facts of one request, filled in phase by phase and turned into its usage record when
+/// it ends. A request settles exactly once: `settled` guards it.
+struct Exchange {
+    app: Arc<App>,
+    config: Arc<Config>,
+    endpoint: Endpoint,
+    request_id: HeaderValue,
+    accepted: Instant,
+    accepted_ms: i64,
+    requested_model: String,
+    streamed: bool,
+    model: Option<Arc<Model>>,
+    route_rule: &'static str,
+    counted: TokenUsage,
+    attempts: u32,
+    settled: bool,
+}
+
+struct Ending {
+    status: u16,
+    outcome: Outcome,
+    reported: Option<TokenUsage>,
+    finish_reason: Option<String>,
+    ttft: Option<Duration>,
+}
+
+impl Exchange {
+    fn accept(app: Arc<App>, endpoint: Endpoint, request_id: HeaderValue) -> Exchange {
+        let config = app.config();
+        Exchange {
+            app,
+            config,
+            endpoint,
+            request_id,
+            accepted: Instant::now(),
+            accepted_ms: unix_ms(),
+            requested_model: String::new(),
+            streamed: false,
+            model: None,
+            route_rule: "none",
+            counted: TokenUsage::default(),
+            attempts: 0,
+            settled: false,
+        }
+    }
+
+    /// Moves the facts out (for a stream body to own), leaving a settled husk behind.
+    fn take(&mut self) -> Exchange {
+        let taken = Exchange {
+            app: self.app.clone(),
+            config: self.config.clone(),
+            endpoint: self.endpoint,
+            request_id: self.request_id.clone(),
+            accepted: self.accepted,
+            accepted_ms: self.accepted_ms,
+            requested_model: std::mem::take(&mut self.requested_model),
+            streamed: self.streamed,
+            model: self.model.clone(),
+            route_rule: self.route_rule,
+            counted: self.counted,
+            attempts: self.attempts,
+            settled: false,
+        };
+        self.settled = true;
+        taken
+    }
+
+    fn reject(&mut self, error: &GatewayError) {
+        self.app
+            .metrics
+            .rejections
+            .with_label_values(&[error.code()])
+            .inc();
+        let outcome = match error {
+            GatewayError::UpstreamTimeout | GatewayError::UpstreamUnreachable(_) => {
+                Outcome::GatewayError
+            }
+            _ => Outcome::Rejected,
+        };
+        self.settle(Ending {
+            status: error.status().as_u16(),
+            outcome,
+            reported: None,
+            finish_reason: None,
+            ttft: None,
+        });
+    }
+
+    /// An upstream error status: the client gets the upstream's status and body as they are.
+    async fn pass_through_error(&mut self, reply: reqwest::Response) -> Response {
+        let status = reply.status();
+        let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
+        let retry_after = reply.headers().get(header::RETRY_AFTER).cloned();
+        let idle = self.model.as_ref().map(|m| m.upstream.idle_timeout);
+        let body = match tokio::time::timeout(idle.unwrap_or(Duration::from_secs(30)), reply.bytes())
+            .await
+        {
+            Ok(Ok(body)) => body,
+            _ => Bytes::new(),
+        };
+        self.settle(Ending {
+            status: status.as_u16(),
+            outcome: Outcome::UpstreamError,
+            reported: None,
+            finish_reason: None,
+            ttft: None,
+        });
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() =
+            StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if let Some(content_type) = content_type {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+        }
+        if let Some(retry_after) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after);
+        }
+        self.decorate(&mut response);
+        response
+    }
+
+    /// A non-streamed answer: read whole, usage and output read from it, sent on unchanged.
+    async fn buffered(&mut self, reply: reqwest::Response) -> Result<Response, GatewayError> {
+        let model = self.served_model()?;
+        let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
+        let body = match tokio::time::timeout(model.upstream.idle_timeout, reply.bytes()).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => {
+                return Err(GatewayError::UpstreamUnreachable(
+                    "the upstream closed the connection mid-answer".to_owned(),
+                ))
+            }
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+        };
+        let ttft = self.accepted.elapsed();
+        let (reported, output, finish_reason) =
+            meter_body(&self.app.tokenizer, &model, self.endpoint, body.clone()).await;
+        self.counted.output = output;
+        self.settle(Ending {
+            status: 200,
+            outcome: Outcome::Completed,
+            reported,
+            finish_reason,
+            ttft: Some(ttft),
+        });
+        let mut response = Response::new(Body::from(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            content_type.unwrap_or(HeaderValue::from_static("application/json")),
+        );
+        self.decorate(&mut response);
+        Ok(response)
+    }
+
+    fn stream(self, reply: reqwest::Response, strip_usage_chunk: bool) -> Response {
+        let idle_timeout = self
+            .model
+            .as_ref()
+            .map_or(Duration::from_secs(120), |m| m.upstream.idle_timeout);
+        let mut response_headers = HeaderMap::new();
+        response_headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let mut shell = Response::new(Body::empty());
+        self.decorate(&mut shell);
+        response_headers.extend(shell.headers().clone());
+        let body = MeteredStream {
+            upstream: Box::pin(reply.bytes_stream()),
+            tap: SseTap::new(strip_usage_chunk),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            first_byte: None,
+            exchange: Some(self),
+        };
+        let mut response = Response::new(Body::from_stream(body));
+        *response.headers_mut() = response_headers;
+        response
+    }
+
+    fn served_model(&self) -> Result<Arc<Model>, GatewayError> {
+        self.model
+            .clone()
+            .ok_or_else(|| GatewayError::Internal("no model chosen".to_owned()))
+    }
+
+    /// The gateway's headers on every proxied response.
+    fn decorate(&self, response: &mut Response) {
+        let headers = response.headers_mut();
+        if let Some(model) = &self.model {
+            if let Ok(value) = HeaderValue::from_str(&model.name) {
+                headers.insert(X_TOLLGATE_MODEL.clone(), value);
+            }
+        }
+        headers.insert(
+            X_TOLLGATE_ROUTE.clone(),
+            HeaderValue::from_static(self.route_rule),
+        );
+    }
+
+    /// Ends the request: metrics and its one usage record. Idempotent by construction.
+    fn settle(&mut self, ending: Ending) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let metrics = &self.app.metrics;
+        let latency = self.accepted.elapsed();
+        let model_label = self.model.as_ref().map_or("none", |m| m.name.as_str());
+        let tier_label = self.model.as_ref().map_or("none", |m| m.tier.as_str());
+        metrics
+            .requests
+            .with_label_values(&[
+                model_label,
+                tier_label,
+                self.endpoint.as_str(),
+                status_class(ending.status),
+            ])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[model_label, if self.streamed { "true" } else { "false" }])
+            .observe(latency.as_secs_f64());
+        if let (Some(ttft), true) = (ending.ttft, self.streamed) {
+            metrics
+                .time_to_first_token
+                .with_label_values(&[model_label])
+                .observe(ttft.as_secs_f64());
+        }
+        let billed = ending.reported.unwrap_or(self.counted);
+        if let Some(model) = &self.model {
+            metrics
+                .input_tokens
+                .with_label_values(&[model_label])
+                .inc_by(billed.input);
+            metrics
+                .output_tokens
+                .with_label_values(&[model_label])
+                .inc_by(billed.output);
+            let cost = model
+                .prices
+                .cost(billed.input, billed.cached_input, billed.output);
+            metrics
+                .cost_usd
+                .with_label_values(&[model_label])
+                .inc_by(cost.as_f64_usd());
+            if let Some(reported) = ending.reported {
+                let drift = |ours: u64, theirs: u64, direction: &str| {
+                    metrics
+                        .token_count_drift
+                        .with_label_values(&[model_label, direction])
+                        .inc_by(ours.abs_diff(theirs));
+                };
+                drift(self.counted.input, reported.input, "input");
+                drift(self.counted.output, reported.output, "output");
+            }
+        }
+        let record = UsageRecord {
+            request_id: self.request_id.to_str().unwrap_or_default().to_owned(),
+            started_at_ms: self.accepted_ms,
+            key_id: None,
+            key_name: None,
+            plan: None,
+            endpoint: self.endpoint,
+            requested_model: std::mem::take(&mut self.requested_model),
+            served_model: self.model.as_ref().map(|m| m.name.clone()),
+            upstream: self.model.as_ref().map(|m| m.upstream.name.clone()),
+            tier: self.model.as_ref().map(|m| m.tier.clone()),
+            route_rule: Some(self.route_rule.to_owned()),
+            streamed: self.streamed,
+            status: ending.status,
+            outcome: ending.outcome,
+            finish_reason: ending.finish_reason,
+            reported: ending.reported,
+            counted: self.counted,
+            attempts: self.attempts,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: ending
+                .ttft
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        tracing::info!(
+            request_id = %record.request_id,
+            model = record.served_model.as_deref().unwrap_or("-"),
+            status = record.status,
+            outcome = record.outcome.as_str(),
+            input_tokens = billed.input,
+            output_tokens = billed.output,
+            latency_ms = record.latency_ms,
+            "request"
+        );
+        self.app.usage.submit(MeterEvent::Usage(record));
+    }
+}
+
+/// Reads usage, output count and finish reason from a whole JSON answer; tokenizing a large
+/// answer runs on the blocking pool.
+async fn meter_body(
+    tokenizer: &Tokenizer,
+    model: &Model,
+    endpoint: Endpoint,
+    body: Bytes,
+) -> (Option<TokenUsage>, u64, Option<String>) {
+    let tokenizer = tokenizer.clone();
+    let encoding = model.encoding;
+    let work = move || {
+        let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
+            return (None, 0, None);
+        };
+        let reported = parse_usage(&answer["usage"]);
+        let output = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => tokenizer.count_response_output(encoding, &answer),
+        };
+        let finish_reason = answer["choices"][0]["finish_reason"]
+            .as_str()
+            .map(str::to_owned);
+        (reported, output, finish_reason)
+    };
+    if endpoint == Endpoint::Embeddings {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or((None, 0, None))
+}
+
+/// The client's body for a streamed answer. Bytes pass through the tap as they arrive; the
+/// request settles exactly once — at the end of the stream, on an upstream error or timeout,
+/// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
+/// request.
+struct MeteredStream {
+    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    tap: SseTap,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+    first_byte: Option<Duration>,
+    exchange: Option<Exchange>,
+}
+
+impl MeteredStream {
+    fn settle(&mut self, outcome: Outcome, status: u16) {
+        let Some(mut exchange) = self.exchange.take() else {
+            return;
+        };
+        let output = std::mem::take(&mut self.tap.output);
+        let reported = self.tap.usage;
+        let ttft = self.first_byte;
+        let tokenizer = exchange.app.tokenizer.clone();
+        // Counting the whole answer can take milliseconds; never on an async worker.
+        let mut finish = move || {
+            if let Some(model) = &exchange.model {
+                exchange.counted.output = output.finish(&tokenizer, model.encoding);
+            }
+            let finish_reason = output.finish_reason().map(str::to_owned);
+            exchange.settle(Ending {
+                status,
+                outcome,
+                reported,
+                finish_reason,
+                ttft,
+            });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(finish);
+            }
+            Err(_) => finish(),
+        }
+    }
+}
+
+impl Stream for MeteredStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.exchange.is_none() {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let out = this.tap.feed(chunk);
+                    if out.is_empty() {
+                        continue;
+                    }
+                    if this.first_byte.is_none() {
+                        this.first_byte = this.exchange.as_ref().map(|e| e.accepted.elapsed());
+                    }
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    this.settle(Outcome::GatewayError, 502);
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "the upstream stream was cut",
+                    ))));
+                }
+                Poll::Ready(None) => {
+                    this.settle(Outcome::Completed, 200);
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.settle(Outcome::GatewayError, 504);
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "the upstream stream went idle",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    /// The client went away before the end: what was sent is still metered.
+    fn drop(&mut self) {
+        self.settle(Outcome::ClientDisconnected, 499);
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a fresh one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(&X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        if (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            return value.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("req_{id:032x}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `GET /v1/models`: the configured models, in the order the config declares them.
+pub async fn models(State(app): State<Arc<App>>) -> Response {
+    let config = app.config();
+    let data: Vec<Value> = config
+        .model_order
+        .iter()
+        .map(|name| {
+            serde_json::json!({
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "tollgate",
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "object": "list", "data": data })).into_response()
+}

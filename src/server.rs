@@ -1,0 +1,206 @@
+//! Assembling and running the gateway: the HTTP routes, start-up (encoders, usage pipeline),
+//! readiness, and graceful shutdown — stop accepting, let in-flight requests and streams finish
+//! within the grace period, then flush the usage sink.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::meter::sink::{JsonLinesWriter, UsagePipeline};
+use crate::meter::tokenizer::Tokenizer;
+use crate::metrics::Metrics;
+use crate::proxy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot build the tokenizers: {0}")]
+    Tokenizer(String),
+    #[error("cannot open the usage sink under {dir}: {source}")]
+    Sink {
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started gateway: its state, its listener address and the pipeline to flush at the end.
+pub struct Gateway {
+    pub app: Arc<App>,
+    pipeline: UsagePipeline,
+}
+
+impl Gateway {
+    /// Builds everything a request needs before the first one is accepted: encoders are
+    /// loaded here so `/readyz` only says ready once counting is possible.
+    pub fn start(config: Config) -> Result<Gateway, StartError> {
+        let tokenizer = Tokenizer::new().map_err(|e| StartError::Tokenizer(e.to_string()))?;
+        let metrics = Arc::new(Metrics::new());
+        let writer = JsonLinesWriter::open(&config.server.data_dir).map_err(|source| {
+            StartError::Sink {
+                dir: config.server.data_dir.display().to_string(),
+                source,
+            }
+        })?;
+        let pipeline = UsagePipeline::start(
+            Box::new(writer),
+            config.server.usage_channel_capacity,
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Sink {
+            dir: config.server.data_dir.display().to_string(),
+            source,
+        })?;
+        let app = Arc::new(App::new(config, tokenizer, metrics, pipeline.sender()));
+        Ok(Gateway { app, pipeline })
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.app.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains within the configured grace period and
+    /// flushes the usage sink.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = self.app.config().server.shutdown_grace;
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .into_future();
+        let mut server = tokio::spawn(server);
+        self.app.set_ready(true);
+        tokio::select! {
+            result = &mut server => {
+                self.pipeline.close().await;
+                return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            }
+            () = shutdown => {}
+        }
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
+        self.app.set_ready(false);
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(_) => tracing::info!("all connections drained"),
+            Err(_) => {
+                tracing::warn!("grace period over: closing the remaining connections");
+                server.abort();
+                let _ = server.await;
+            }
+        }
+        // Streams cut by the abort settle on a blocking thread; let them reach the channel.
+        tokio::task::yield_now().await;
+        self.pipeline.close().await;
+        tracing::info!("usage sink flushed; bye");
+        Ok(())
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/completions", post(proxy::completions))
+        .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/models", get(proxy::models))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// Ready when the config is loaded, encoders are built, and there is somewhere to send
+/// requests; not ready while draining for shutdown.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let config = app.config();
+    let checks = serde_json::json!({
+        "config": config.source.display().to_string(),
+        "models": config.models.len(),
+        "upstreams": config.upstreams.len(),
+        "accepting": app.is_ready(),
+    });
+    let ready = app.is_ready() && !config.models.is_empty();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": checks,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    GatewayError::NotFound(format!("{}", uri.path())).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let error = GatewayError::BadRequest {
+        message: "method not allowed on this path".to_owned(),
+        param: None,
+    };
+    let mut response = error.into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
