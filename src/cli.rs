@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about = "An LLM inference gateway with built-in metering")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An LLM inference gateway with built-in metering"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

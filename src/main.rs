@@ -47,7 +47,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let gateway = Gateway::start(config)?;
     let listener = server::bind(listen).await?;
-    let addr = listener.local_addr().context("reading the listen address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     println!("tollgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
     gateway.serve(listener, server::termination()).await?;

@@ -3,8 +3,8 @@
 //! classes and static reason labels — never from client input.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Seconds, from a few milliseconds (a cached refusal) to many minutes (a long reasoning stream).
@@ -67,7 +67,10 @@ impl Metrics {
         let registry = Registry::new_custom(Some("tollgate".to_owned()), None)
             .unwrap_or_else(|_| Registry::new());
         let cost_usd = prometheus::CounterVec::new(
-            Opts::new("cost_usd_total", "List cost of served requests in US dollars"),
+            Opts::new(
+                "cost_usd_total",
+                "List cost of served requests in US dollars",
+            ),
             &["model"],
         )
         .unwrap_or_else(|_| unreachable_metric("cost_usd_total"));

@@ -46,8 +46,7 @@ impl Money {
         if whole.is_empty() && frac.is_empty() {
             return Err(MoneyError::Malformed(text.to_owned()));
         }
-        if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit())
-        {
+        if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
             return Err(MoneyError::Malformed(text.to_owned()));
         }
         if frac.len() > 9 {
@@ -99,7 +98,10 @@ impl Money {
     }
 
     pub fn times(self, count: u64) -> Money {
-        Money(self.0.saturating_mul(i64::try_from(count).unwrap_or(i64::MAX)))
+        Money(
+            self.0
+                .saturating_mul(i64::try_from(count).unwrap_or(i64::MAX)),
+        )
     }
 
     pub fn max(self, other: Money) -> Money {

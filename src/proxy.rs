@@ -14,9 +14,9 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
-use std::future::Future;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use std::future::Future;
 
 use crate::app::App;
 use crate::config::{Config, Model};
@@ -39,11 +39,7 @@ pub async fn chat_completions(
     handle(app, Endpoint::ChatCompletions, headers, body).await
 }
 
-pub async fn completions(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     handle(app, Endpoint::Completions, headers, body).await
 }
 
@@ -61,7 +57,9 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Bod
             error.into_response()
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -96,26 +94,27 @@ async fn proxy(
     .await?;
     exchange.counted.input = input_tokens;
 
-    let (upstream_body, strip_usage_chunk) =
-        upstream_body(body, &model, exchange.endpoint, request.stream)?;
-    exchange.attempts += 1;
-    let reply = upstream::send(
-        &model,
-        exchange.endpoint,
-        upstream_body,
-        &exchange.request_id,
-        &exchange.app.metrics,
-    )
-    .await?;
+    let candidates = [model];
+    let attempt = upstream::Attempt {
+        endpoint: exchange.endpoint,
+        body: &body,
+        stream: request.stream,
+        request_id: &exchange.request_id,
+        policy: &config.retry,
+        metrics: &exchange.app.metrics,
+    };
+    let forwarded = upstream::forward(&candidates, &attempt, &mut exchange.attempts).await?;
+    exchange.model = Some(forwarded.model);
 
-    let status = reply.status();
-    if !status.is_success() {
-        return Ok(exchange.pass_through_error(reply).await);
+    if !forwarded.response.status().is_success() {
+        return Ok(exchange.pass_through_error(forwarded.response).await);
     }
     if request.stream {
-        return Ok(exchange.take().stream(reply, strip_usage_chunk));
+        return Ok(exchange
+            .take()
+            .stream(forwarded.response, forwarded.strip_usage_chunk));
     }
-    exchange.buffered(reply).await
+    exchange.buffered(forwarded.response).await
 }
 
 struct ParsedRequest {
@@ -216,30 +215,6 @@ async fn count_input(
     .map_err(|error| GatewayError::Internal(format!("token counting failed: {error}")))
 }
 
-/// The body sent upstream: the client's, field for field, with the upstream's model name and,
-/// for streams, `stream_options.include_usage` so the provider reports what it bills. Returns
-/// whether the usage chunk must be removed again because the client did not ask for it.
-fn upstream_body(
-    mut body: Value,
-    model: &Model,
-    endpoint: Endpoint,
-    stream: bool,
-) -> Result<(Bytes, bool), GatewayError> {
-    body["model"] = Value::String(model.upstream_model.clone());
-    let mut strip_usage_chunk = false;
-    if stream && endpoint != Endpoint::Embeddings {
-        let options = &mut body["stream_options"];
-        if !options.is_object() {
-            *options = Value::Object(serde_json::Map::new());
-        }
-        strip_usage_chunk = options["include_usage"] != Value::Bool(true);
-        options["include_usage"] = Value::Bool(true);
-    }
-    serde_json::to_vec(&body)
-        .map(|bytes| (Bytes::from(bytes), strip_usage_chunk))
-        .map_err(|error| GatewayError::Internal(format!("cannot encode the request: {error}")))
-}
-
 /// The facts of one request, filled in phase by phase and turned into its usage record when
 /// it ends. A request settles exactly once: `settled` guards it.
 struct Exchange {
@@ -334,8 +309,11 @@ impl Exchange {
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
         let retry_after = reply.headers().get(header::RETRY_AFTER).cloned();
         let idle = self.model.as_ref().map(|m| m.upstream.idle_timeout);
-        let body = match tokio::time::timeout(idle.unwrap_or(Duration::from_secs(30)), reply.bytes())
-            .await
+        let body = match tokio::time::timeout(
+            idle.unwrap_or(Duration::from_secs(30)),
+            reply.bytes(),
+        )
+        .await
         {
             Ok(Ok(body)) => body,
             _ => Bytes::new(),

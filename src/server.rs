@@ -26,10 +26,7 @@ pub enum StartError {
     #[error("cannot build the tokenizers: {0}")]
     Tokenizer(String),
     #[error("cannot open the usage sink under {dir}: {source}")]
-    Sink {
-        dir: String,
-        source: std::io::Error,
-    },
+    Sink { dir: String, source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -49,12 +46,11 @@ impl Gateway {
     pub fn start(config: Config) -> Result<Gateway, StartError> {
         let tokenizer = Tokenizer::new().map_err(|e| StartError::Tokenizer(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let writer = JsonLinesWriter::open(&config.server.data_dir).map_err(|source| {
-            StartError::Sink {
+        let writer =
+            JsonLinesWriter::open(&config.server.data_dir).map_err(|source| StartError::Sink {
                 dir: config.server.data_dir.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         let pipeline = UsagePipeline::start(
             Box::new(writer),
             config.server.usage_channel_capacity,
@@ -95,7 +91,10 @@ impl Gateway {
             }
             () = shutdown => {}
         }
-        tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: draining in-flight requests"
+        );
         self.app.set_ready(false);
         let _ = stop_tx.send(true);
         match tokio::time::timeout(grace, &mut server).await {

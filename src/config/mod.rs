@@ -28,6 +28,16 @@ pub struct Config {
     pub models: HashMap<String, Arc<Model>>,
     /// Model names in the order the file declares them, for `/v1/models`.
     pub model_order: Vec<String>,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub attempts_per_model: u32,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub budget: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -230,12 +240,26 @@ impl Config {
                 model_order.push(name.clone());
             }
         }
+        let retry = &raw.retry;
+        if retry.attempts_per_model == 0 {
+            problems.push(&["retry", "attempts_per_model"], "must be at least 1");
+        }
+        if retry.max_attempts == 0 {
+            problems.push(&["retry", "max_attempts"], "must be at least 1");
+        }
         Config {
             source: path.to_owned(),
             server,
             upstreams,
             models,
             model_order,
+            retry: RetryPolicy {
+                attempts_per_model: retry.attempts_per_model.max(1),
+                max_attempts: retry.max_attempts.max(1),
+                backoff_initial: Duration::from_millis(retry.backoff_initial_ms),
+                backoff_max: Duration::from_millis(retry.backoff_max_ms),
+                budget: Duration::from_millis(retry.budget_ms),
+            },
         }
     }
 
@@ -264,7 +288,10 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
         problems.push(&["server", "max_body_bytes"], "must be greater than 0");
     }
     if raw.usage_channel_capacity == 0 {
-        problems.push(&["server", "usage_channel_capacity"], "must be greater than 0");
+        problems.push(
+            &["server", "usage_channel_capacity"],
+            "must be greater than 0",
+        );
     }
     let log_json = match raw.log_format.as_str() {
         "json" => true,
@@ -435,7 +462,9 @@ fn build_model(
         _ => {
             problems.push(
                 &field(leaf),
-                format!("`{value}` is not a price in USD per 1M tokens with at most three decimals"),
+                format!(
+                    "`{value}` is not a price in USD per 1M tokens with at most three decimals"
+                ),
             );
             None
         }
@@ -449,7 +478,10 @@ fn build_model(
     Some(Model {
         name: name.to_owned(),
         upstream: upstream?,
-        upstream_model: raw.upstream_model.clone().unwrap_or_else(|| name.to_owned()),
+        upstream_model: raw
+            .upstream_model
+            .clone()
+            .unwrap_or_else(|| name.to_owned()),
         tier: raw.tier.clone(),
         encoding: encoding?,
         prices: ModelPrices {
@@ -501,13 +533,18 @@ output_per_mtok = 0.60
         let bad = GOOD.replace("tier = \"cheap\"", "tier = \"cheap\"\ntypo = 1");
         let error = Config::parse(&bad, Path::new("routes.toml")).unwrap_err();
         let text = error.to_string();
-        assert!(text.starts_with("routes.toml:8:1: typo: unknown field `typo`"), "{text}");
+        assert!(
+            text.starts_with("routes.toml:8:1: typo: unknown field `typo`"),
+            "{text}"
+        );
     }
 
     #[test]
     fn refuses_inexact_prices() {
         let bad = GOOD.replace("0.15", "0.0001");
         let error = Config::parse(&bad, Path::new("routes.toml")).unwrap_err();
-        assert!(error.to_string().contains("models.gpt-4o-mini.input_per_mtok"));
+        assert!(error
+            .to_string()
+            .contains("models.gpt-4o-mini.input_per_mtok"));
     }
 }

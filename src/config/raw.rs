@@ -15,6 +15,34 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub retry: RawRetry,
+}
+
+/// Retries and fallbacks before the first byte reaches the client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    /// Attempts on one model before falling back to the next (1 = no retry).
+    pub attempts_per_model: u32,
+    /// Attempts across all models for one request.
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Wall-clock budget for all attempts; a `Retry-After` beyond it means fall back instead.
+    pub budget_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            attempts_per_model: 2,
+            max_attempts: 4,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 2_000,
+            budget_ms: 30_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,18 +58,25 @@ impl UsageSender {
     /// `None` when it was dropped.
     pub fn submit_acked(&self, event: MeterEvent) -> Option<WrittenAck> {
         let (ack, written) = oneshot::channel();
-        self.send(Envelope::Event(event, Some(ack))).then_some(written)
+        self.send(Envelope::Event(event, Some(ack)))
+            .then_some(written)
     }
 
     fn send(&self, envelope: Envelope) -> bool {
         match self.tx.try_send(envelope) {
             Ok(()) => {
                 self.metrics.usage_pending.inc();
-                self.metrics.usage_events.with_label_values(&["queued"]).inc();
+                self.metrics
+                    .usage_events
+                    .with_label_values(&["queued"])
+                    .inc();
                 true
             }
             Err(_) => {
-                self.metrics.usage_events.with_label_values(&["dropped"]).inc();
+                self.metrics
+                    .usage_events
+                    .with_label_values(&["dropped"])
+                    .inc();
                 tracing::error!("usage channel full or closed: usage event dropped");
                 false
             }
