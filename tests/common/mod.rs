@@ -1,0 +1,190 @@
+//! Shared by the integration tests: a real gateway on an ephemeral port in front of the mock
+//! upstream (which stands in only for the paid provider), each with its own data dir.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tollgate::config::Config;
+use tollgate::meter::record::{MeterEvent, UsageRecord};
+use tollgate::mock_upstream::{MockOptions, MockUpstream};
+use tollgate::server::Gateway;
+
+pub struct Harness {
+    pub mock: MockUpstream,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-test-{}-{}-{}",
+        tag,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The standard test config: one upstream (the mock), a cheap and a frontier model, an
+/// embedding model, plus whatever `extra` TOML the test adds.
+pub fn config_text(mock_url: &str, data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+max_body_bytes = 4194304
+shutdown_grace_secs = 5
+
+[upstreams.mock]
+base_url = "{mock_url}"
+api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+first_byte_timeout_ms = 1000
+idle_timeout_ms = 1000
+
+[retry]
+backoff_initial_ms = 10
+backoff_max_ms = 50
+
+[models."gpt-4o-mini"]
+upstream = "mock"
+tier = "cheap"
+input_per_mtok = 0.15
+cached_input_per_mtok = 0.075
+output_per_mtok = 0.60
+
+[models."gpt-4o"]
+upstream = "mock"
+tier = "frontier"
+input_per_mtok = 2.50
+cached_input_per_mtok = 1.25
+output_per_mtok = 10.00
+
+[models."gpt-3.5-turbo"]
+upstream = "mock"
+tier = "cheap"
+input_per_mtok = 0.50
+output_per_mtok = 1.50
+
+[models."text-embedding-3-small"]
+upstream = "mock"
+tier = "cheap"
+encoding = "cl100k_base"
+input_per_mtok = 0.02
+output_per_mtok = 0
+{extra}
+"#,
+        data = data_dir.display()
+    )
+}
+
+pub const PROVIDER_KEY: &str = "sk-provider-secret-never-leaves";
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(MockOptions::default(), "").await
+    }
+
+    pub async fn start_with(options: MockOptions, extra: &str) -> Harness {
+        // Set once, identically, by every test in the process.
+        std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY);
+        let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock = MockUpstream::start(mock_listener, options).await.unwrap();
+        let data_dir = temp_dir("gw");
+        let text = config_text(&mock.base_url(), &data_dir, extra);
+        let path = data_dir.join("routes.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let gateway = Gateway::start(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            gateway
+                .serve(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Harness {
+            mock,
+            url,
+            data_dir,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{}", self.url, path))
+            .bearer_auth("sk-client-key")
+    }
+
+    pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
+        self.post("/v1/chat/completions").json(&body).send().await.unwrap()
+    }
+
+    /// Stops the gateway gracefully (which flushes the usage sink).
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    /// Usage records written so far, waiting up to a second for `expected` of them.
+    pub async fn usage_records(&self, expected: usize) -> Vec<UsageRecord> {
+        let path = self.data_dir.join("usage.jsonl");
+        for _ in 0..100 {
+            let records = read_records(&path);
+            if records.len() >= expected {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        read_records(&path)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+fn read_records(path: &Path) -> Vec<UsageRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| match serde_json::from_str::<MeterEvent>(line) {
+            Ok(MeterEvent::Usage(record)) => Some(record),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}

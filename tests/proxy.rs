@@ -1,0 +1,398 @@
+//! The spine end to end: the real gateway on port 0 in front of the mock upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{sse_data, Harness, PROVIDER_KEY};
+use serde_json::{json, Value};
+use tollgate::meter::record::Outcome;
+use tollgate::mock_upstream::MockOptions;
+
+fn hello(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say hello to the gateway."}
+        ]
+    })
+}
+
+#[tokio::test]
+async fn chat_round_trip_is_metered_with_both_figures() {
+    let mut gw = Harness::start().await;
+    let response = gw.chat(hello("gpt-4o-mini")).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["x-tollgate-model"], "gpt-4o-mini");
+    assert_eq!(headers["x-tollgate-route"], "direct");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    assert!(request_id.starts_with("req_"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    let upstream_usage = body["usage"].clone();
+    gw.stop().await;
+
+    let records = gw.usage_records(1).await;
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(record.request_id, request_id);
+    assert_eq!(record.outcome, Outcome::Completed);
+    assert_eq!(record.status, 200);
+    assert_eq!(record.served_model.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!(record.upstream.as_deref(), Some("mock"));
+    assert_eq!(record.finish_reason.as_deref(), Some("stop"));
+    assert!(!record.streamed);
+    assert_eq!(record.attempts, 1);
+    let reported = record.reported.unwrap();
+    assert_eq!(reported.input, upstream_usage["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(reported.output, upstream_usage["completion_tokens"].as_u64().unwrap());
+    // Reference: tiktoken (o200k_base) gives 7 + 6 content tokens, plus 3 per message and 3
+    // for the reply's priming.
+    assert_eq!(record.counted.input, 7 + 6 + 2 * 3 + 3);
+    assert_eq!(record.counted.output, reported.output);
+}
+
+#[tokio::test]
+async fn unknown_fields_are_forwarded_and_keys_stay_on_their_side() {
+    let gw = Harness::start().await;
+    let mut body = hello("gpt-4o");
+    body["a_field_from_the_future"] = json!({"nested": [1, 2, 3]});
+    body["temperature"] = json!(0.25);
+    let response = gw
+        .post("/v1/chat/completions")
+        .header("x-request-id", "client-chosen-id-42")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "client-chosen-id-42");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(PROVIDER_KEY));
+
+    let stats = gw.mock.stats();
+    assert_eq!(stats.last_body["a_field_from_the_future"], json!({"nested": [1, 2, 3]}));
+    assert_eq!(stats.last_body["temperature"], json!(0.25));
+    assert_eq!(stats.last_body["model"], "gpt-4o");
+    assert_eq!(
+        stats.last_headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+    assert_eq!(
+        stats.last_headers.get("x-request-id").map(String::as_str),
+        Some("client-chosen-id-42")
+    );
+    let all_headers = format!("{:?}", stats.last_headers);
+    assert!(!all_headers.contains("sk-client-key"));
+}
+
+async fn stream_text(gw: &Harness, body: Value) -> (reqwest::header::HeaderMap, String) {
+    let response = gw.chat(body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let headers = response.headers().clone();
+    (headers, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn stream_hides_the_usage_chunk_the_client_did_not_ask_for() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"reply_tokens": 12});
+    let (headers, text) = stream_text(&gw, body).await;
+    assert_eq!(headers["x-tollgate-model"], "gpt-4o-mini");
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert!(chunk.get("usage").is_none() || chunk["usage"].is_null(), "{event}");
+        assert!(!chunk["choices"].as_array().unwrap().is_empty());
+    }
+    // The gateway asked upstream for usage on the client's behalf.
+    assert_eq!(gw.mock.stats().last_body["stream_options"]["include_usage"], true);
+    gw.stop().await;
+    let record = &gw.usage_records(1).await[0];
+    assert!(record.streamed);
+    assert_eq!(record.outcome, Outcome::Completed);
+    assert_eq!(record.reported.unwrap().output, 12);
+    assert_eq!(record.counted.output, 12);
+    assert_eq!(record.finish_reason.as_deref(), Some("stop"));
+    assert!(record.ttft_ms.is_some());
+}
+
+#[tokio::test]
+async fn stream_keeps_the_usage_chunk_when_asked() {
+    let gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["mock"] = json!({"reply_tokens": 5});
+    let (_, text) = stream_text(&gw, body).await;
+    let events = sse_data(&text);
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+}
+
+#[tokio::test]
+async fn completions_embeddings_and_models() {
+    let mut gw = Harness::start().await;
+    let response = gw
+        .post("/v1/completions")
+        .json(&json!({"model": "gpt-3.5-turbo", "prompt": "Once upon a time", "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+
+    let response = gw
+        .post("/v1/embeddings")
+        .json(&json!({"model": "text-embedding-3-small", "input": ["hello world", "tollgate"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+
+    let models: Value = gw
+        .http
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth("sk-client-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"));
+
+    gw.stop().await;
+    let records = gw.usage_records(2).await;
+    let completion = records.iter().find(|r| r.served_model.as_deref() == Some("gpt-3.5-turbo")).unwrap();
+    // "Once upon a time" is 4 tokens in cl100k_base; the answer was cut at 4.
+    assert_eq!(completion.counted.input, 4);
+    assert_eq!(completion.counted.output, 4);
+    assert_eq!(completion.finish_reason.as_deref(), Some("length"));
+    let embedding = records.iter().find(|r| r.served_model.as_deref() == Some("text-embedding-3-small")).unwrap();
+    // "hello world" (2) + "tollgate" (3: toll, g, ate) in cl100k_base.
+    assert_eq!(embedding.counted.input, embedding.reported.unwrap().input);
+    assert_eq!(embedding.counted.output, 0);
+}
+
+async fn error_of(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    assert!(body["error"].get("param").is_some(), "{body}");
+    assert!(body["error"].get("code").is_some(), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors() {
+    let gw = Harness::start().await;
+    let malformed = gw
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body("{\"model\": \"gpt-4o\", \"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    let body = error_of(malformed, 400).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("parse the JSON"));
+
+    let no_model = gw.chat(json!({"messages": []})).await;
+    assert_eq!(error_of(no_model, 400).await["error"]["param"], "model");
+
+    let unknown = gw.chat(hello("gpt-9-ultra")).await;
+    assert_eq!(error_of(unknown, 404).await["error"]["code"], "model_not_found");
+
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let oversized = gw
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(oversized, 413).await["error"]["code"], "request_too_large");
+
+    let nowhere = gw.post("/v1/nowhere").json(&json!({})).send().await.unwrap();
+    error_of(nowhere, 404).await;
+    assert_eq!(gw.mock.stats().requests, 0, "nothing bad reached the upstream");
+}
+
+#[tokio::test]
+async fn upstream_error_statuses_pass_through_after_retries() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "503"});
+    let response = gw.chat(body).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "server_error");
+
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "429", "retry_after": 0});
+    let response = gw.chat(body).await;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    gw.stop().await;
+    let records = gw.usage_records(2).await;
+    assert!(records.iter().all(|r| r.outcome == Outcome::UpstreamError));
+    assert!(records.iter().all(|r| r.attempts == 2), "retried once on the same model");
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_invisibly() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "500", "fail_first": 1});
+    let response = gw.chat(body).await;
+    assert_eq!(response.status(), 200);
+    gw.stop().await;
+    let record = &gw.usage_records(1).await[0];
+    assert_eq!(record.attempts, 2);
+    assert_eq!(record.outcome, Outcome::Completed);
+}
+
+#[tokio::test]
+async fn hung_upstream_is_a_504_and_a_dead_one_a_502() {
+    let dead = r#"
+[upstreams.dead]
+base_url = "http://127.0.0.1:1/v1"
+connect_timeout_ms = 200
+
+[models."dead-model"]
+upstream = "dead"
+tier = "cheap"
+encoding = "o200k_base"
+input_per_mtok = 1
+output_per_mtok = 1
+"#;
+    let gw = Harness::start_with(MockOptions::default(), dead).await;
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "hang"});
+    let started = Instant::now();
+    let response = gw.chat(body).await;
+    assert_eq!(error_of(response, 504).await["error"]["code"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let response = gw.chat(hello("dead-model")).await;
+    assert_eq!(error_of(response, 502).await["error"]["code"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn a_cut_stream_is_still_metered_for_what_was_sent() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"fail": "cut", "cut_after": 4, "reply_tokens": 50});
+    let response = gw.chat(body).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.is_err(), "the client sees the stream break");
+    gw.stop().await;
+    let record = &gw.usage_records(1).await[0];
+    assert_eq!(record.outcome, Outcome::GatewayError);
+    assert!(record.counted.output >= 1 && record.counted.output < 50, "{record:?}");
+    assert!(record.reported.is_none());
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_upstream_and_is_metered() {
+    let mut gw = Harness::start_with(
+        MockOptions {
+            tokens_per_sec: Some(50),
+            ..MockOptions::default()
+        },
+        "",
+    )
+    .await;
+    let mut body = hello("gpt-4o-mini");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"reply_tokens": 500});
+    let mut response = gw.chat(body).await;
+    let mut received = 0;
+    while received < 3 {
+        let chunk = response.chunk().await.unwrap().unwrap();
+        received += sse_data(std::str::from_utf8(&chunk).unwrap()).len();
+    }
+    drop(response);
+    let mut cancelled = 0;
+    for _ in 0..200 {
+        cancelled = gw.mock.stats().streams_cancelled;
+        if cancelled > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cancelled, 1, "the upstream request was cancelled");
+    gw.stop().await;
+    let record = &gw.usage_records(1).await[0];
+    assert_eq!(record.outcome, Outcome::ClientDisconnected);
+    assert!(record.counted.output >= 2 && record.counted.output < 500, "{record:?}");
+}
+
+#[tokio::test]
+async fn an_adversarial_prompt_does_not_stall_the_gateway() {
+    let mut gw = Harness::start().await;
+    let prompt = "a".repeat(1024 * 1024);
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "mock": {"prompt_tokens": 1}});
+    let url = gw.url.clone();
+    let big = tokio::spawn({
+        let request = gw.post("/v1/chat/completions").json(&body);
+        async move { request.send().await.unwrap().status() }
+    });
+    // While the megabyte is being counted, the gateway keeps answering.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = Instant::now();
+    let health = gw.http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(500), "healthz took {:?}", started.elapsed());
+    let started = Instant::now();
+    assert_eq!(big.await.unwrap(), 200);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    gw.stop().await;
+    let record = &gw.usage_records(1).await[0];
+    assert!(record.counted.input > 1024 * 1024 / 16, "{:?}", record.counted);
+}
+
+#[tokio::test]
+async fn graceful_stop_flushes_every_record() {
+    let mut gw = Harness::start().await;
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        let mut body = hello("gpt-4o-mini");
+        body["stream"] = json!(i % 2 == 0);
+        let request = gw.post("/v1/chat/completions").json(&body);
+        handles.push(tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            response.bytes().await.unwrap();
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    gw.stop().await;
+    let records = gw.usage_records(40).await;
+    assert_eq!(records.len(), 40);
+    let billed: u64 = records.iter().map(|r| r.billed().output).sum();
+    assert_eq!(billed, 40 * 16, "the mock answers 16 one-token words by default");
+}
