@@ -2,9 +2,11 @@
 //! meters and rates every request. See README.md for the request's path through the modules.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod money;

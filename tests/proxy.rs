@@ -47,8 +47,14 @@ async fn chat_round_trip_is_metered_with_both_figures() {
     assert!(!record.streamed);
     assert_eq!(record.attempts, 1);
     let reported = record.reported.unwrap();
-    assert_eq!(reported.input, upstream_usage["prompt_tokens"].as_u64().unwrap());
-    assert_eq!(reported.output, upstream_usage["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        reported.input,
+        upstream_usage["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        reported.output,
+        upstream_usage["completion_tokens"].as_u64().unwrap()
+    );
     // Reference: tiktoken (o200k_base) gives 7 + 6 content tokens, plus 3 per message and 3
     // for the reply's priming.
     assert_eq!(record.counted.input, 7 + 6 + 2 * 3 + 3);
@@ -74,7 +80,10 @@ async fn unknown_fields_are_forwarded_and_keys_stay_on_their_side() {
     assert!(!text.contains(PROVIDER_KEY));
 
     let stats = gw.mock.stats();
-    assert_eq!(stats.last_body["a_field_from_the_future"], json!({"nested": [1, 2, 3]}));
+    assert_eq!(
+        stats.last_body["a_field_from_the_future"],
+        json!({"nested": [1, 2, 3]})
+    );
     assert_eq!(stats.last_body["temperature"], json!(0.25));
     assert_eq!(stats.last_body["model"], "gpt-4o");
     assert_eq!(
@@ -110,11 +119,17 @@ async fn stream_hides_the_usage_chunk_the_client_did_not_ask_for() {
     for event in &events[..events.len() - 1] {
         let chunk: Value = serde_json::from_str(event).unwrap();
         assert_eq!(chunk["object"], "chat.completion.chunk");
-        assert!(chunk.get("usage").is_none() || chunk["usage"].is_null(), "{event}");
+        assert!(
+            chunk.get("usage").is_none() || chunk["usage"].is_null(),
+            "{event}"
+        );
         assert!(!chunk["choices"].as_array().unwrap().is_empty());
     }
     // The gateway asked upstream for usage on the client's behalf.
-    assert_eq!(gw.mock.stats().last_body["stream_options"]["include_usage"], true);
+    assert_eq!(
+        gw.mock.stats().last_body["stream_options"]["include_usage"],
+        true
+    );
     gw.stop().await;
     let record = &gw.usage_records(1).await[0];
     assert!(record.streamed);
@@ -183,12 +198,18 @@ async fn completions_embeddings_and_models() {
 
     gw.stop().await;
     let records = gw.usage_records(2).await;
-    let completion = records.iter().find(|r| r.served_model.as_deref() == Some("gpt-3.5-turbo")).unwrap();
+    let completion = records
+        .iter()
+        .find(|r| r.served_model.as_deref() == Some("gpt-3.5-turbo"))
+        .unwrap();
     // "Once upon a time" is 4 tokens in cl100k_base; the answer was cut at 4.
     assert_eq!(completion.counted.input, 4);
     assert_eq!(completion.counted.output, 4);
     assert_eq!(completion.finish_reason.as_deref(), Some("length"));
-    let embedding = records.iter().find(|r| r.served_model.as_deref() == Some("text-embedding-3-small")).unwrap();
+    let embedding = records
+        .iter()
+        .find(|r| r.served_model.as_deref() == Some("text-embedding-3-small"))
+        .unwrap();
     // "hello world" (2) + "tollgate" (3: toll, g, ate) in cl100k_base.
     assert_eq!(embedding.counted.input, embedding.reported.unwrap().input);
     assert_eq!(embedding.counted.output, 0);
@@ -216,13 +237,19 @@ async fn bad_requests_get_openai_errors() {
         .await
         .unwrap();
     let body = error_of(malformed, 400).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("parse the JSON"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("parse the JSON"));
 
     let no_model = gw.chat(json!({"messages": []})).await;
     assert_eq!(error_of(no_model, 400).await["error"]["param"], "model");
 
     let unknown = gw.chat(hello("gpt-9-ultra")).await;
-    assert_eq!(error_of(unknown, 404).await["error"]["code"], "model_not_found");
+    assert_eq!(
+        error_of(unknown, 404).await["error"]["code"],
+        "model_not_found"
+    );
 
     let huge = "x".repeat(5 * 1024 * 1024);
     let oversized = gw
@@ -232,11 +259,23 @@ async fn bad_requests_get_openai_errors() {
         .send()
         .await
         .unwrap();
-    assert_eq!(error_of(oversized, 413).await["error"]["code"], "request_too_large");
+    assert_eq!(
+        error_of(oversized, 413).await["error"]["code"],
+        "request_too_large"
+    );
 
-    let nowhere = gw.post("/v1/nowhere").json(&json!({})).send().await.unwrap();
+    let nowhere = gw
+        .post("/v1/nowhere")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     error_of(nowhere, 404).await;
-    assert_eq!(gw.mock.stats().requests, 0, "nothing bad reached the upstream");
+    assert_eq!(
+        gw.mock.stats().requests,
+        0,
+        "nothing bad reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -257,7 +296,10 @@ async fn upstream_error_statuses_pass_through_after_retries() {
     gw.stop().await;
     let records = gw.usage_records(2).await;
     assert!(records.iter().all(|r| r.outcome == Outcome::UpstreamError));
-    assert!(records.iter().all(|r| r.attempts == 2), "retried once on the same model");
+    assert!(
+        records.iter().all(|r| r.attempts == 2),
+        "retried once on the same model"
+    );
 }
 
 #[tokio::test]
@@ -292,11 +334,17 @@ output_per_mtok = 1
     body["mock"] = json!({"fail": "hang"});
     let started = Instant::now();
     let response = gw.chat(body).await;
-    assert_eq!(error_of(response, 504).await["error"]["code"], "upstream_timeout");
+    assert_eq!(
+        error_of(response, 504).await["error"]["code"],
+        "upstream_timeout"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 
     let response = gw.chat(hello("dead-model")).await;
-    assert_eq!(error_of(response, 502).await["error"]["code"], "upstream_unreachable");
+    assert_eq!(
+        error_of(response, 502).await["error"]["code"],
+        "upstream_unreachable"
+    );
 }
 
 #[tokio::test]
@@ -307,11 +355,17 @@ async fn a_cut_stream_is_still_metered_for_what_was_sent() {
     body["mock"] = json!({"fail": "cut", "cut_after": 4, "reply_tokens": 50});
     let response = gw.chat(body).await;
     assert_eq!(response.status(), 200);
-    assert!(response.text().await.is_err(), "the client sees the stream break");
+    assert!(
+        response.text().await.is_err(),
+        "the client sees the stream break"
+    );
     gw.stop().await;
     let record = &gw.usage_records(1).await[0];
     assert_eq!(record.outcome, Outcome::GatewayError);
-    assert!(record.counted.output >= 1 && record.counted.output < 50, "{record:?}");
+    assert!(
+        record.counted.output >= 1 && record.counted.output < 50,
+        "{record:?}"
+    );
     assert!(record.reported.is_none());
 }
 
@@ -347,7 +401,10 @@ async fn client_disconnect_cancels_upstream_and_is_metered() {
     gw.stop().await;
     let record = &gw.usage_records(1).await[0];
     assert_eq!(record.outcome, Outcome::ClientDisconnected);
-    assert!(record.counted.output >= 2 && record.counted.output < 500, "{record:?}");
+    assert!(
+        record.counted.output >= 2 && record.counted.output < 500,
+        "{record:?}"
+    );
 }
 
 #[tokio::test]
@@ -365,13 +422,21 @@ async fn an_adversarial_prompt_does_not_stall_the_gateway() {
     let started = Instant::now();
     let health = gw.http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    assert!(started.elapsed() < Duration::from_millis(500), "healthz took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "healthz took {:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     assert_eq!(big.await.unwrap(), 200);
     assert!(started.elapsed() < Duration::from_secs(20));
     gw.stop().await;
     let record = &gw.usage_records(1).await[0];
-    assert!(record.counted.input > 1024 * 1024 / 16, "{:?}", record.counted);
+    assert!(
+        record.counted.input > 1024 * 1024 / 16,
+        "{:?}",
+        record.counted
+    );
 }
 
 #[tokio::test]
@@ -394,5 +459,9 @@ async fn graceful_stop_flushes_every_record() {
     let records = gw.usage_records(40).await;
     assert_eq!(records.len(), 40);
     let billed: u64 = records.iter().map(|r| r.billed().output).sum();
-    assert_eq!(billed, 40 * 16, "the mock answers 16 one-token words by default");
+    assert_eq!(
+        billed,
+        40 * 16,
+        "the mock answers 16 one-token words by default"
+    );
 }

@@ -132,7 +132,11 @@ impl Harness {
     }
 
     pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
-        self.post("/v1/chat/completions").json(&body).send().await.unwrap()
+        self.post("/v1/chat/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Stops the gateway gracefully (which flushes the usage sink).

@@ -1,0 +1,179 @@
+//! Client keys: what a key is, how its secret is made and checked, and the in-memory index the
+//! hot path authenticates against. Only a SHA-256 hash of a secret is ever stored; the secret is
+//! shown once, at creation. The index is updated by every admin change, so a revoked key fails
+//! on its very next request.
+
+pub mod store;
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::limits::BudgetPeriod;
+use crate::money::Money;
+
+pub type SecretHash = [u8; 32];
+
+/// A key as stored and administered (never holding the secret).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    /// The first characters of the secret, to recognise a key in listings.
+    pub prefix: String,
+    #[serde(skip)]
+    pub secret_hash: SecretHash,
+    pub owner: Option<String>,
+    pub team: Option<String>,
+    pub customer: Option<String>,
+    pub budget_usd: Option<Money>,
+    pub budget_period: BudgetPeriod,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrency: Option<u32>,
+    /// Allowed models (configured names or the virtual routing model); `None` allows all.
+    pub models: Option<Vec<String>>,
+    pub plan: Option<String>,
+    pub seats: u32,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at_ms.is_some()
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+}
+
+/// A fresh secret: `sk-tg-` and 48 hex digits (192 random bits).
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("sk-tg-{}", hex::encode(bytes))
+}
+
+pub fn new_key_id() -> String {
+    let mut bytes = [0u8; 8];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("key_{}", hex::encode(bytes))
+}
+
+pub fn hash_secret(secret: &str) -> SecretHash {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The secret from `Authorization: Bearer …`.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// The hot path's view of every live key, by secret hash.
+#[derive(Default)]
+pub struct KeyIndex {
+    by_hash: DashMap<SecretHash, Arc<KeyRecord>>,
+    by_id: DashMap<String, SecretHash>,
+}
+
+impl KeyIndex {
+    /// Finds the live key for a presented secret. The map is keyed by the hash, and the hash
+    /// is compared again in constant time so that no timing difference depends on a secret.
+    pub fn authenticate(&self, secret: &str) -> Option<Arc<KeyRecord>> {
+        let hash = hash_secret(secret);
+        // The guard is dropped at the end of this statement: never held across an await.
+        let found = self.by_hash.get(&hash).map(|entry| entry.value().clone())?;
+        let same: bool = found.secret_hash.ct_eq(&hash).into();
+        (same && !found.is_revoked()).then_some(found)
+    }
+
+    /// Adds or replaces a key; a revoked record removes it from the hot path.
+    pub fn put(&self, record: KeyRecord) {
+        if record.is_revoked() {
+            self.remove(&record.id);
+            return;
+        }
+        let hash = record.secret_hash;
+        self.by_id.insert(record.id.clone(), hash);
+        self.by_hash.insert(hash, Arc::new(record));
+    }
+
+    pub fn remove(&self, id: &str) {
+        if let Some((_, hash)) = self.by_id.remove(id) {
+            self.by_hash.remove(&hash);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn record(secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: new_key_id(),
+            name: "team-a".into(),
+            prefix: secret[..10].to_owned(),
+            secret_hash: hash_secret(secret),
+            owner: None,
+            team: None,
+            customer: None,
+            budget_usd: None,
+            budget_period: BudgetPeriod::Month,
+            rpm: None,
+            tpm: None,
+            max_concurrency: None,
+            models: Some(vec!["gpt-4o-mini".into()]),
+            plan: None,
+            seats: 1,
+            created_at_ms: 0,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn revocation_takes_effect_immediately() {
+        let secret = new_secret();
+        assert!(secret.starts_with("sk-tg-") && secret.len() == 54);
+        let index = KeyIndex::default();
+        let mut key = record(&secret);
+        index.put(key.clone());
+        assert!(index.authenticate(&secret).is_some());
+        assert!(index.authenticate("sk-tg-wrong").is_none());
+        key.revoked_at_ms = Some(1);
+        index.put(key);
+        assert!(index.authenticate(&secret).is_none());
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn allow_list() {
+        let key = record(&new_secret());
+        assert!(key.allows_model("gpt-4o-mini"));
+        assert!(!key.allows_model("gpt-4o"));
+    }
+}
