@@ -1,11 +1,13 @@
 //! The state every request shares: the current configuration (swapped whole on reload), the
-//! tokenizer built at start-up, metrics and the usage channel.
+//! tokenizer built at start-up, the key index, metrics and the usage channel.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::store::KeyStore;
+use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
@@ -16,6 +18,10 @@ pub struct App {
     pub tokenizer: Tokenizer,
     pub metrics: Arc<Metrics>,
     pub usage: UsageSender,
+    pub keys: KeyIndex,
+    pub key_store: Arc<dyn KeyStore>,
+    /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
+    pub admin_token: Option<String>,
     ready: AtomicBool,
 }
 
@@ -25,12 +31,17 @@ impl App {
         tokenizer: Tokenizer,
         metrics: Arc<Metrics>,
         usage: UsageSender,
+        key_store: Arc<dyn KeyStore>,
+        admin_token: Option<String>,
     ) -> App {
         App {
             config: ArcSwap::from_pointee(config),
             tokenizer,
             metrics,
             usage,
+            keys: KeyIndex::default(),
+            key_store,
+            admin_token,
             ready: AtomicBool::new(false),
         }
     }
@@ -50,5 +61,19 @@ impl App {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// A key was created or changed: the hot path sees it from the next request on.
+    pub fn key_activated(&self, record: KeyRecord) {
+        self.keys.put(record);
+    }
+
+    pub fn key_revoked(&self, id: &str) {
+        self.keys.remove(id);
+    }
+
+    /// Live budget figures for the admin API.
+    pub fn budget_view(&self, _record: &KeyRecord) -> serde_json::Value {
+        serde_json::Value::Null
     }
 }

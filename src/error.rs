@@ -23,6 +23,10 @@ pub enum GatewayError {
     NotFound(String),
     #[error("incorrect API key provided")]
     InvalidApiKey,
+    #[error("invalid admin token")]
+    InvalidAdminToken,
+    #[error("the admin API is disabled: set TOLLGATE_ADMIN_TOKEN to enable it")]
+    AdminDisabled,
     #[error("this key is not allowed to use the model `{0}`")]
     ModelNotAllowed(String),
     #[error("{message}")]
@@ -57,7 +61,9 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnknownModel(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
-            GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidApiKey
+            | GatewayError::InvalidAdminToken
+            | GatewayError::AdminDisabled => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } | GatewayError::InsufficientQuota { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -76,7 +82,9 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::UnknownModel(_)
             | GatewayError::NotFound(_) => "invalid_request_error",
-            GatewayError::InvalidApiKey => "invalid_request_error",
+            GatewayError::InvalidApiKey
+            | GatewayError::InvalidAdminToken
+            | GatewayError::AdminDisabled => "invalid_request_error",
             GatewayError::ModelNotAllowed(_) => "permission_error",
             GatewayError::RateLimited { limit_kind, .. } => limit_kind,
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",
@@ -95,6 +103,8 @@ impl GatewayError {
             GatewayError::UnknownModel(_) => "model_not_found",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::InvalidAdminToken => "invalid_admin_token",
+            GatewayError::AdminDisabled => "admin_disabled",
             GatewayError::ModelNotAllowed(_) => "model_not_allowed",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",

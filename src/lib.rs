@@ -1,6 +1,7 @@
 //! tollgate: an OpenAI-compatible LLM gateway that authenticates, admits, routes, forwards,
 //! meters and rates every request. See README.md for the request's path through the modules.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
@@ -14,3 +15,10 @@ pub mod proxy;
 pub mod server;
 pub mod stream;
 pub mod upstream;
+
+/// Unix time in milliseconds: the timestamp format of records, keys and the ledger.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

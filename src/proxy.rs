@@ -19,6 +19,7 @@ use serde_json::Value;
 use std::future::Future;
 
 use crate::app::App;
+use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
@@ -71,11 +72,21 @@ async fn proxy(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = exchange.config.clone();
+    let key = crate::auth::bearer(headers)
+        .and_then(|secret| exchange.app.keys.authenticate(secret))
+        .ok_or(GatewayError::InvalidApiKey)?;
+    exchange.key = Some(key.clone());
     let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
     let request = parse_request(&bytes)?;
     exchange.requested_model = request.model.clone();
     exchange.streamed = request.stream;
 
+    if !config.knows_model(&request.model) {
+        return Err(GatewayError::UnknownModel(request.model));
+    }
+    if !key.allows_model(&request.model) {
+        return Err(GatewayError::ModelNotAllowed(request.model));
+    }
     let model = config
         .model(&request.model)
         .cloned()
@@ -226,6 +237,7 @@ struct Exchange {
     accepted_ms: i64,
     requested_model: String,
     streamed: bool,
+    key: Option<Arc<KeyRecord>>,
     model: Option<Arc<Model>>,
     route_rule: &'static str,
     counted: TokenUsage,
@@ -250,9 +262,10 @@ impl Exchange {
             endpoint,
             request_id,
             accepted: Instant::now(),
-            accepted_ms: unix_ms(),
+            accepted_ms: crate::unix_ms(),
             requested_model: String::new(),
             streamed: false,
+            key: None,
             model: None,
             route_rule: "none",
             counted: TokenUsage::default(),
@@ -272,6 +285,7 @@ impl Exchange {
             accepted_ms: self.accepted_ms,
             requested_model: std::mem::take(&mut self.requested_model),
             streamed: self.streamed,
+            key: self.key.clone(),
             model: self.model.clone(),
             route_rule: self.route_rule,
             counted: self.counted,
@@ -482,9 +496,9 @@ impl Exchange {
         let record = UsageRecord {
             request_id: self.request_id.to_str().unwrap_or_default().to_owned(),
             started_at_ms: self.accepted_ms,
-            key_id: None,
-            key_name: None,
-            plan: None,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            key_name: self.key.as_ref().map(|k| k.name.clone()),
+            plan: self.key.as_ref().and_then(|k| k.plan.clone()),
             endpoint: self.endpoint,
             requested_model: std::mem::take(&mut self.requested_model),
             served_model: self.model.as_ref().map(|m| m.name.clone()),
@@ -505,6 +519,7 @@ impl Exchange {
         };
         tracing::info!(
             request_id = %record.request_id,
+            key = record.key_name.as_deref().unwrap_or("-"),
             model = record.served_model.as_deref().unwrap_or("-"),
             status = record.status,
             outcome = record.outcome.as_str(),
@@ -513,7 +528,11 @@ impl Exchange {
             latency_ms = record.latency_ms,
             "request"
         );
-        self.app.usage.submit(MeterEvent::Usage(record));
+        // A request that never authenticated is not anyone's usage: counting it would let
+        // anonymous traffic fill the ledger.
+        if record.key_id.is_some() {
+            self.app.usage.submit(MeterEvent::Usage(record));
+        }
     }
 }
 
@@ -658,12 +677,6 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     let id: u128 = rand::random();
     HeaderValue::from_str(&format!("req_{id:032x}"))
         .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `GET /v1/models`: the configured models, in the order the config declares them.

@@ -13,7 +13,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::admin;
 use crate::app::App;
+use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::meter::sink::{JsonLinesWriter, UsagePipeline};
@@ -27,6 +29,8 @@ pub enum StartError {
     Tokenizer(String),
     #[error("cannot open the usage sink under {dir}: {source}")]
     Sink { dir: String, source: std::io::Error },
+    #[error("cannot open the store: {0}")]
+    Store(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -60,7 +64,25 @@ impl Gateway {
             dir: config.server.data_dir.display().to_string(),
             source,
         })?;
-        let app = Arc::new(App::new(config, tokenizer, metrics, pipeline.sender()));
+        let key_store = SqliteKeyStore::open(&config.server.data_dir)
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let keys = key_store
+            .list()
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+            .ok()
+            .filter(|token| !token.is_empty());
+        let app = Arc::new(App::new(
+            config,
+            tokenizer,
+            metrics,
+            pipeline.sender(),
+            Arc::new(key_store),
+            admin_token,
+        ));
+        for key in keys {
+            app.key_activated(key);
+        }
         Ok(Gateway { app, pipeline })
     }
 
@@ -122,6 +144,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

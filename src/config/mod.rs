@@ -266,6 +266,11 @@ impl Config {
     pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
         self.models.get(name)
     }
+
+    /// Whether a client may name this model (a configured one or the routing model).
+    pub fn knows_model(&self, name: &str) -> bool {
+        self.models.contains_key(name)
+    }
 }
 
 /// The key that contains a byte offset, for parse errors whose message omits it.

@@ -13,6 +13,8 @@ use tollgate::server::Gateway;
 
 pub struct Harness {
     pub mock: MockUpstream,
+    /// The secret of a key with no limits, created through the admin API.
+    pub key: String,
     pub url: String,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
@@ -87,6 +89,7 @@ output_per_mtok = 0
 }
 
 pub const PROVIDER_KEY: &str = "sk-provider-secret-never-leaves";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 impl Harness {
     pub async fn start() -> Harness {
@@ -96,6 +99,7 @@ impl Harness {
     pub async fn start_with(options: MockOptions, extra: &str) -> Harness {
         // Set once, identically, by every test in the process.
         std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY);
+        std::env::set_var("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN);
         let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = MockUpstream::start(mock_listener, options).await.unwrap();
         let data_dir = temp_dir("gw");
@@ -115,20 +119,44 @@ impl Harness {
                 .await
                 .unwrap();
         });
-        Harness {
+        let mut harness = Harness {
             mock,
+            key: String::new(),
             url,
             data_dir,
             http: reqwest::Client::new(),
             stop: Some(stop),
             server: Some(server),
-        }
+        };
+        harness.key = harness.create_key(serde_json::json!({"name": "test"})).await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        harness
+    }
+
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.url, path))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Creates a key through the admin API and returns the whole answer (with `key`).
+    pub async fn create_key(&self, body: serde_json::Value) -> serde_json::Value {
+        let response = self
+            .admin(reqwest::Method::POST, "/admin/keys")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
     }
 
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.http
             .post(format!("{}{}", self.url, path))
-            .bearer_auth("sk-client-key")
+            .bearer_auth(&self.key)
     }
 
     pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
