@@ -1,16 +1,13 @@
 //! The `tollgate` command line: one subcommand per job, each a thin call into the library.
+//! Administrative commands (`keys`, `usage`, `invoice`) talk to a running gateway's admin API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tollgate",
-    version,
-    about = "An LLM inference gateway with built-in metering"
-)]
+#[command(name = "tollgate", version, about = "An LLM inference gateway with built-in metering")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -27,9 +24,160 @@ pub enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Run the gateway, a mock upstream and a demo key on loopback, and print how to call it.
+    Demo {
+        #[arg(long, default_value = "routes.toml")]
+        config: PathBuf,
+        /// Gateway address; by default `server.listen`, or any free port if that is taken.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run a deterministic OpenAI-compatible upstream for tests, benches and demos.
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9099")]
+        listen: SocketAddr,
+        /// Delay before the first byte of every answer.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Streaming pace; unlimited when absent.
+        #[arg(long)]
+        tokens_per_sec: Option<u32>,
+        /// Share of requests (0 to 1) that fail with `--fail-mode`.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// How injected failures fail: 500, 503, 429, hang or cut.
+        #[arg(long, default_value = "500")]
+        fail_mode: String,
+        /// Seed of the failure injection, for repeatable runs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Validate a configuration file; errors name the file, line and field.
     Check {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
     },
+    /// Manage client keys through the admin API.
+    Keys {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// The gateway's (admin) base URL.
+    #[arg(long, env = "TOLLGATE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// The admin token.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once.
+    Create(KeyFields),
+    /// List keys.
+    List,
+    /// Show one key with its live budget.
+    Show { id: String },
+    /// Change a key's fields.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: KeyFields,
+    },
+    /// Revoke a key; it fails from its next request on.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyFields {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Budget cap in USD (e.g. 25 or 0.5).
+    #[arg(long)]
+    pub budget_usd: Option<String>,
+    /// day, week, month or total.
+    #[arg(long)]
+    pub budget_period: Option<String>,
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    #[arg(long)]
+    pub max_concurrency: Option<u64>,
+    /// Allowed models, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    #[arg(long)]
+    pub plan: Option<String>,
+    #[arg(long)]
+    pub seats: Option<u64>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub team: Option<String>,
+    #[arg(long)]
+    pub customer: Option<String>,
+}
+
+impl KeyFields {
+    /// The JSON body for the admin API: only the fields given on the command line.
+    pub fn to_json(&self) -> Result<serde_json::Value, String> {
+        let mut body = serde_json::Map::new();
+        let mut put = |name: &str, value: serde_json::Value| {
+            body.insert(name.to_owned(), value);
+        };
+        if let Some(v) = &self.name {
+            put("name", v.clone().into());
+        }
+        if let Some(v) = &self.budget_usd {
+            let number: serde_json::Number = v
+                .parse()
+                .map_err(|_| format!("--budget-usd `{v}` is not a number"))?;
+            put("budget_usd", serde_json::Value::Number(number));
+        }
+        if let Some(v) = &self.budget_period {
+            put("budget_period", v.clone().into());
+        }
+        for (name, value) in [
+            ("rpm", self.rpm),
+            ("tpm", self.tpm),
+            ("max_concurrency", self.max_concurrency),
+            ("seats", self.seats),
+        ] {
+            if let Some(v) = value {
+                put(name, v.into());
+            }
+        }
+        if let Some(v) = &self.models {
+            put("models", v.clone().into());
+        }
+        for (name, value) in [
+            ("plan", &self.plan),
+            ("owner", &self.owner),
+            ("team", &self.team),
+            ("customer", &self.customer),
+        ] {
+            if let Some(v) = value {
+                put(name, v.clone().into());
+            }
+        }
+        Ok(serde_json::Value::Object(body))
+    }
 }

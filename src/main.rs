@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use serde_json::Value;
 
-use tollgate::cli::{Cli, Command};
+use tollgate::cli::{AdminArgs, Cli, Command, KeysCommand};
+use tollgate::client::{render, AdminClient};
 use tollgate::config::Config;
+use tollgate::mock_upstream::{self, MockOptions};
 use tollgate::server::{self, Gateway};
 
 fn main() -> ExitCode {
@@ -40,19 +43,106 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(loaded.server.log_json);
             runtime()?.block_on(serve(loaded))
         }
+        Command::Demo { config, listen } => {
+            init_logging(false);
+            runtime()?.block_on(tollgate::demo::run(&config, listen))
+        }
+        Command::MockUpstream {
+            listen,
+            latency_ms,
+            tokens_per_sec,
+            fail_rate,
+            fail_mode,
+            seed,
+        } => {
+            let options = MockOptions {
+                latency: std::time::Duration::from_millis(latency_ms),
+                tokens_per_sec,
+                fail_rate,
+                fail_mode: fail_mode
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--fail-mode `{fail_mode}` is not 500, 503, 429, hang or cut"))?,
+                seed,
+            };
+            runtime()?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+                mock_upstream::serve(listener, options, server::termination()).await?;
+                Ok(())
+            })
+        }
+        Command::Keys { admin, command } => runtime()?.block_on(keys(admin, command)),
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    let gateway = Gateway::start(config)?;
+    let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|token| !token.is_empty());
+    let gateway = Gateway::start(config, admin_token)?;
     let listener = server::bind(listen).await?;
-    let addr = listener
-        .local_addr()
-        .context("reading the listen address")?;
+    let addr = listener.local_addr().context("reading the listen address")?;
     println!("tollgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
     gateway.serve(listener, server::termination()).await?;
+    Ok(())
+}
+
+const KEY_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "prefix",
+    "budget_usd",
+    "budget_period",
+    "spend_usd",
+    "remaining_usd",
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "models",
+    "plan",
+    "revoked",
+];
+
+async fn keys(admin: AdminArgs, command: KeysCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let client = AdminClient::new(&admin)?;
+    let answer = match &command {
+        KeysCommand::Create(fields) => {
+            let body = fields.to_json().map_err(anyhow::Error::msg)?;
+            client.call(Method::POST, "/admin/keys", Some(&body)).await?
+        }
+        KeysCommand::List => client.call(Method::GET, "/admin/keys", None).await?,
+        KeysCommand::Show { id } => {
+            client
+                .call(Method::GET, &format!("/admin/keys/{id}"), None)
+                .await?
+        }
+        KeysCommand::Update { id, fields } => {
+            let body = fields.to_json().map_err(anyhow::Error::msg)?;
+            client
+                .call(Method::PATCH, &format!("/admin/keys/{id}"), Some(&body))
+                .await?
+        }
+        KeysCommand::Revoke { id } => {
+            client
+                .call(Method::DELETE, &format!("/admin/keys/{id}"), None)
+                .await?
+        }
+    };
+    let rows = match &answer["data"] {
+        Value::Array(rows) => rows.clone(),
+        _ => vec![answer.clone()],
+    };
+    print!("{}", render(&answer, &rows, KEY_COLUMNS, admin.format));
+    if let (KeysCommand::Create(_), Some(secret)) = (&command, answer["key"].as_str()) {
+        if admin.format != tollgate::cli::Format::Json {
+            println!("\nsecret (shown once): {secret}");
+        }
+    }
     Ok(())
 }
 

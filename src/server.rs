@@ -47,7 +47,7 @@ pub struct Gateway {
 impl Gateway {
     /// Builds everything a request needs before the first one is accepted: encoders are
     /// loaded here so `/readyz` only says ready once counting is possible.
-    pub fn start(config: Config) -> Result<Gateway, StartError> {
+    pub fn start(config: Config, admin_token: Option<String>) -> Result<Gateway, StartError> {
         let tokenizer = Tokenizer::new().map_err(|e| StartError::Tokenizer(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let writer =
@@ -69,9 +69,6 @@ impl Gateway {
         let keys = key_store
             .list()
             .map_err(|e| StartError::Store(e.to_string()))?;
-        let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
-            .ok()
-            .filter(|token| !token.is_empty());
         let app = Arc::new(App::new(
             config,
             tokenizer,
@@ -105,9 +102,14 @@ impl Gateway {
             })
             .into_future();
         let mut server = tokio::spawn(server);
+        let watcher = tokio::spawn(crate::reload::watch(
+            self.app.clone(),
+            self.app.config().source.clone(),
+        ));
         self.app.set_ready(true);
         tokio::select! {
             result = &mut server => {
+                watcher.abort();
                 self.pipeline.close().await;
                 return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
             }
@@ -127,6 +129,7 @@ impl Gateway {
                 let _ = server.await;
             }
         }
+        watcher.abort();
         // Streams cut by the abort settle on a blocking thread; let them reach the channel.
         tokio::task::yield_now().await;
         self.pipeline.close().await;

@@ -178,6 +178,15 @@ impl Problems {
 impl Config {
     /// Reads and validates a file. Provider keys are read from the environment here, once.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, |_| {})
+    }
+
+    /// Like [`Config::load`], with a chance to adjust the raw file before validation (the
+    /// demo points every upstream at its mock this way).
+    pub fn load_with(
+        path: &Path,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let source = std::fs::read_to_string(path).map_err(|error| ConfigError {
             file: file.clone(),
@@ -188,12 +197,20 @@ impl Config {
                 message: format!("cannot read the file: {error}"),
             }],
         })?;
-        Config::parse(&source, path)
+        Config::parse_with(&source, path, adjust)
     }
 
     pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(source, path, |_| {})
+    }
+
+    fn parse_with(
+        source: &str,
+        path: &Path,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(source).map_err(|error| {
+        let mut raw: RawConfig = toml::from_str(source).map_err(|error| {
             let (line, column) = error
                 .span()
                 .map_or((1, 1), |span| locate::line_col(source, span.start));
@@ -211,6 +228,7 @@ impl Config {
                 }],
             }
         })?;
+        adjust(&mut raw);
         let mut problems = Problems::default();
         let config = Config::from_raw(raw, path, &mut problems);
         match problems.into_error(&file, source) {
@@ -265,6 +283,12 @@ impl Config {
 
     pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
         self.models.get(name)
+    }
+
+    /// The model the demo's example lines use: the routing model once one is configured,
+    /// else the first declared chat model.
+    pub fn demo_model(&self) -> String {
+        self.model_order.first().cloned().unwrap_or_default()
     }
 
     /// Whether a client may name this model (a configured one or the routing model).

@@ -99,7 +99,6 @@ impl Harness {
     pub async fn start_with(options: MockOptions, extra: &str) -> Harness {
         // Set once, identically, by every test in the process.
         std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY);
-        std::env::set_var("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN);
         let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = MockUpstream::start(mock_listener, options).await.unwrap();
         let data_dir = temp_dir("gw");
@@ -107,7 +106,7 @@ impl Harness {
         let path = data_dir.join("routes.toml");
         std::fs::write(&path, &text).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Gateway::start(config).unwrap();
+        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,116 @@
+//! `tollgate demo`: a newcomer's first run. Starts the mock upstream and the gateway on
+//! loopback with the given config (every upstream pointed at the mock), creates a demo key in a
+//! throwaway data dir, and prints lines that work when pasted.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::auth::{self, KeyRecord};
+use crate::config::Config;
+use crate::limits::BudgetPeriod;
+use crate::mock_upstream::{MockOptions, MockUpstream};
+use crate::money::Money;
+use crate::server::{self, Gateway};
+
+pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the mock upstream")?;
+    let mock = MockUpstream::start(
+        mock_listener,
+        MockOptions {
+            tokens_per_sec: Some(40),
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .context("starting the mock upstream")?;
+    let data_dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
+    let mock_url = mock.base_url();
+    let demo_dir = data_dir.display().to_string();
+    let mut config = Config::load_with(config_path, |raw| {
+        raw.server.data_dir = demo_dir;
+        for upstream in raw.upstreams.values_mut() {
+            upstream.base_url = mock_url.clone();
+            upstream.api_key_env = None;
+        }
+    })?;
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    let admin_token = auth::new_secret().replace("sk-tg-", "adm-");
+    let wanted = config.server.listen;
+    let gateway = Gateway::start(config, Some(admin_token.clone()))?;
+    let listener = match server::bind(wanted).await {
+        Ok(listener) => listener,
+        Err(_) => server::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,
+    };
+    let addr = listener.local_addr()?;
+    let secret = auth::new_secret();
+    let key = KeyRecord {
+        id: auth::new_key_id(),
+        name: "demo".to_owned(),
+        prefix: secret[..10].to_owned(),
+        secret_hash: auth::hash_secret(&secret),
+        owner: None,
+        team: None,
+        customer: None,
+        budget_usd: Some(Money::from_micros(5_000_000)),
+        budget_period: BudgetPeriod::Day,
+        rpm: Some(600),
+        tpm: Some(1_000_000),
+        max_concurrency: Some(16),
+        models: None,
+        plan: None,
+        seats: 1,
+        created_at_ms: crate::unix_ms(),
+        revoked_at_ms: None,
+    };
+    let store = gateway.app.key_store.clone();
+    let stored = key.clone();
+    tokio::task::spawn_blocking(move || store.insert(&stored))
+        .await?
+        .context("storing the demo key")?;
+    gateway.app.key_activated(key);
+    let model = gateway.app.config().demo_model();
+    println!("{}", instructions(addr, &mock.base_url(), &secret, &admin_token, &model, &data_dir));
+    gateway.serve(listener, server::termination()).await?;
+    mock.shutdown().await;
+    Ok(())
+}
+
+fn instructions(
+    addr: SocketAddr,
+    mock_url: &str,
+    secret: &str,
+    admin_token: &str,
+    model: &str,
+    data_dir: &Path,
+) -> String {
+    let base = format!("http://{addr}/v1");
+    format!(
+        r#"tollgate demo is running (Ctrl-C to stop)
+  gateway        {base}
+  mock upstream  {mock_url}
+  demo key       {secret}   ($5/day budget, 600 rpm)
+  admin token    {admin_token}
+  data dir       {data_dir}
+
+Chat, as any OpenAI client would:
+  curl -s {base}/chat/completions -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello, gateway!"}}]}}'
+
+Streaming:
+  curl -sN {base}/chat/completions -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Stream me a story"}}]}}'
+
+Python (pip install openai):
+  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{secret}"); r = c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}]); print(r.choices[0].message.content, r.usage)'
+
+The key's live budget, and the metrics:
+  curl -s http://{addr}/admin/keys -H "Authorization: Bearer {admin_token}"
+  curl -s http://{addr}/metrics | grep ^tollgate_requests_total
+"#,
+        data_dir = data_dir.display()
+    )
+}
