@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Load comparison on loopback, all in one run so the figures share one machine state:
+#   (a) direct calls to the mock upstream,
+#   (b) nginx proxy_pass in front of the same mock (the plain-proxy reference),
+#   (c) tollgate with auth, caps, routing, metering and rating on,
+# for non-streaming and streaming 1 KB chat requests at 1 and 64 connections. Prints p50, p99
+# and requests/s with ratios to (a) and (b). Installs wrk and nginx from Debian if missing.
+#
+#   benches/load.sh [seconds per run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+
+need() { command -v "$1" >/dev/null 2>&1 || NEED_APT+=("$2"); }
+NEED_APT=()
+need wrk wrk
+need nginx nginx
+if [ "${#NEED_APT[@]}" -gt 0 ]; then
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEED_APT[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --quiet
+BIN=target/release/tollgate
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+MOCK_PORT=$(free_port)
+"$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
+PIDS+=($!)
+wait_port "$MOCK_PORT"
+
+GW_PORT=$(free_port)
+sed -e "s#http://127.0.0.1:9099/v1#http://127.0.0.1:$MOCK_PORT/v1#" \
+    -e "s#^data_dir = .*#data_dir = \"$WORK/data\"#" \
+    -e "s#^log_format = .*#log_format = \"json\"#" routes.toml >"$WORK/routes.toml"
+export TOLLGATE_ADMIN_TOKEN=bench-admin
+TOLLGATE_LOG=warn "$BIN" serve --config "$WORK/routes.toml" --listen "127.0.0.1:$GW_PORT" >"$WORK/gw.log" 2>&1 &
+PIDS+=($!)
+wait_port "$GW_PORT"
+KEY=$(curl -s "http://127.0.0.1:$GW_PORT/admin/keys" -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
+  -H 'content-type: application/json' \
+  -d '{"name":"bench","budget_usd":1000000,"budget_period":"month","rpm":100000000,"tpm":100000000000}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+
+NGINX_PORT=$(free_port)
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx;
+  proxy_temp_path $WORK/nginx;
+  upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+"$NGINX" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+wait_port "$NGINX_PORT"
+
+# A ~1 KB chat request.
+PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
+for stream in false true; do
+  cat >"$WORK/post_$stream.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+wrk.body = '{"model":"gpt-4o-mini","stream":$stream,"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"$PROMPT"}]}'
+LUA
+done
+
+run() { # name url stream connections
+  local threads=$(( $4 < 2 ? 1 : 2 ))
+  wrk -t"$threads" -c"$4" -d"${DURATION}s" --latency -s "$WORK/post_$3.lua" "$2/v1/chat/completions" 2>&1 |
+    python3 -c '
+import re, sys
+text = sys.stdin.read()
+def lat(p):
+    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, text, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v if u == "ms" else v * 1000
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print("%s %.3f %.3f %.1f %s" % (sys.argv[1], lat(50), lat(99), rps, errs.group(1) if errs else 0))
+' "$1"
+}
+
+RESULTS="$WORK/results.txt"
+for stream in false true; do
+  for conns in 1 64; do
+    run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+    run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+    run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+  done
+done
+
+python3 - "$RESULTS" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+by = {(r[0], r[1], r[2]): r for r in rows}
+print("| stream | conns | target | p50 ms | p99 ms | req/s | req/s vs direct | req/s vs nginx | p50 +ms vs nginx | p99 +ms vs nginx | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    stream, conns, name, p50, p99, rps, errs = r
+    d = by[(stream, conns, "direct")]; n = by[(stream, conns, "nginx")]
+    print("| %s | %s | %s | %.3f | %.3f | %.0f | %.2f | %.2f | %+.3f | %+.3f | %s |" % (
+        stream, conns, name, float(p50), float(p99), float(rps),
+        float(rps) / float(d[5]), float(rps) / float(n[5]),
+        float(p50) - float(n[3]), float(p99) - float(n[4]), errs))
+PY
