@@ -219,3 +219,65 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// The project's Python (`.venv`, made by `.ci/run`), with the `openai`, `tiktoken` and
+/// `prometheus_client` packages. Created on first use when missing, so `cargo test` works on
+/// its own; a lock keeps parallel tests from building it twice.
+pub fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    let ready = || {
+        std::process::Command::new(&python)
+            .args(["-c", "import openai, tiktoken, prometheus_client"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready() {
+        return python;
+    }
+    let lock = root.join("target/.venv.lock");
+    let _ = std::fs::create_dir_all(root.join("target"));
+    for _ in 0..600 {
+        if std::fs::create_dir(&lock).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if ready() {
+            return python;
+        }
+    }
+    if !ready() {
+        let venv = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(root.join(".venv"))
+            .status()
+            .unwrap();
+        assert!(venv.success());
+        let pip = std::process::Command::new(root.join(".venv/bin/pip"))
+            .args(["install", "--quiet", "openai", "tiktoken", "prometheus-client"])
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install failed");
+    }
+    let _ = std::fs::remove_dir(&lock);
+    python
+}
+
+/// Runs a Python script from `tests/python/` with arguments; returns its stdout, failing the
+/// test with its stderr when it fails.
+pub fn run_python(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut command = std::process::Command::new(python());
+    command.arg(root.join("tests/python").join(script)).args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
