@@ -679,12 +679,16 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
-/// `GET /v1/models`: the configured models, in the order the config declares them.
-pub async fn models(State(app): State<Arc<App>>) -> Response {
+/// `GET /v1/models`: the models this key may use, in the order the config declares them.
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let Some(key) = crate::auth::bearer(&headers).and_then(|secret| app.keys.authenticate(secret))
+    else {
+        return GatewayError::InvalidApiKey.into_response();
+    };
     let config = app.config();
     let data: Vec<Value> = config
-        .model_order
-        .iter()
+        .client_models()
+        .filter(|name| key.allows_model(name))
         .map(|name| {
             serde_json::json!({
                 "id": name,

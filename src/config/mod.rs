@@ -291,6 +291,11 @@ impl Config {
         self.model_order.first().cloned().unwrap_or_default()
     }
 
+    /// Every model name a client may use, in declaration order.
+    pub fn client_models(&self) -> impl Iterator<Item = &str> {
+        self.model_order.iter().map(String::as_str)
+    }
+
     /// Whether a client may name this model (a configured one or the routing model).
     pub fn knows_model(&self, name: &str) -> bool {
         self.models.contains_key(name)
