@@ -13,6 +13,7 @@ pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod money;
+pub mod outcomes;
 pub mod proxy;
 pub mod reload;
 pub mod server;
