@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about = "An LLM inference gateway with built-in metering")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An LLM inference gateway with built-in metering"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -70,10 +74,20 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
     /// The gateway's (admin) base URL.
-    #[arg(long, env = "TOLLGATE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "TOLLGATE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// The admin token.
-    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "TOLLGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub admin_token: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]

@@ -75,7 +75,17 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
         .context("storing the demo key")?;
     gateway.app.key_activated(key);
     let model = gateway.app.config().demo_model();
-    println!("{}", instructions(addr, &mock.base_url(), &secret, &admin_token, &model, &data_dir));
+    println!(
+        "{}",
+        instructions(
+            addr,
+            &mock.base_url(),
+            &secret,
+            &admin_token,
+            &model,
+            &data_dir
+        )
+    );
     gateway.serve(listener, server::termination()).await?;
     mock.shutdown().await;
     Ok(())

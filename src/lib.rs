@@ -12,6 +12,7 @@ pub mod error;
 pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod mock_upstream;
 pub mod money;
 pub mod outcomes;
 pub mod proxy;

@@ -59,16 +59,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 latency: std::time::Duration::from_millis(latency_ms),
                 tokens_per_sec,
                 fail_rate,
-                fail_mode: fail_mode
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--fail-mode `{fail_mode}` is not 500, 503, 429, hang or cut"))?,
+                fail_mode: fail_mode.parse().map_err(|_| {
+                    anyhow::anyhow!("--fail-mode `{fail_mode}` is not 500, 503, 429, hang or cut")
+                })?,
                 seed,
             };
             runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
-                println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+                println!(
+                    "mock upstream listening on http://{}/v1",
+                    listener.local_addr()?
+                );
                 mock_upstream::serve(listener, options, server::termination()).await?;
                 Ok(())
             })
@@ -84,7 +87,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .filter(|token| !token.is_empty());
     let gateway = Gateway::start(config, admin_token)?;
     let listener = server::bind(listen).await?;
-    let addr = listener.local_addr().context("reading the listen address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     println!("tollgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
     gateway.serve(listener, server::termination()).await?;
@@ -113,7 +118,9 @@ async fn keys(admin: AdminArgs, command: KeysCommand) -> anyhow::Result<()> {
     let answer = match &command {
         KeysCommand::Create(fields) => {
             let body = fields.to_json().map_err(anyhow::Error::msg)?;
-            client.call(Method::POST, "/admin/keys", Some(&body)).await?
+            client
+                .call(Method::POST, "/admin/keys", Some(&body))
+                .await?
         }
         KeysCommand::List => client.call(Method::GET, "/admin/keys", None).await?,
         KeysCommand::Show { id } => {

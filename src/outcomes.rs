@@ -54,9 +54,8 @@ fn accept(app: &App, headers: &HeaderMap, body: &str) -> Result<OutcomeEvent, Ga
     let key = crate::auth::bearer(headers)
         .and_then(|secret| app.keys.authenticate(secret))
         .ok_or(GatewayError::InvalidApiKey)?;
-    let request: OutcomeRequest = serde_json::from_str(body).map_err(|error| {
-        GatewayError::bad_request(format!("invalid outcome report: {error}"))
-    })?;
+    let request: OutcomeRequest = serde_json::from_str(body)
+        .map_err(|error| GatewayError::bad_request(format!("invalid outcome report: {error}")))?;
     let outcome_type = request.outcome_type.trim();
     if outcome_type.is_empty() || outcome_type.len() > 64 {
         return Err(GatewayError::BadRequest {

@@ -28,12 +28,18 @@ pub fn reload(app: &App, path: &Path) -> ReloadOutcome {
             fresh.server.admin_listen = running.server.admin_listen;
             fresh.server.data_dir = running.server.data_dir.clone();
             app.replace_config(fresh);
-            app.metrics.config_reloads.with_label_values(&["applied"]).inc();
+            app.metrics
+                .config_reloads
+                .with_label_values(&["applied"])
+                .inc();
             tracing::info!(config = %path.display(), "configuration reloaded");
             ReloadOutcome::Applied
         }
         Err(error) => {
-            app.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+            app.metrics
+                .config_reloads
+                .with_label_values(&["rejected"])
+                .inc();
             tracing::error!(%error, "configuration reload rejected; the previous one keeps serving");
             ReloadOutcome::Rejected(error)
         }
@@ -52,8 +58,7 @@ pub async fn watch(app: Arc<App>, path: PathBuf) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     #[cfg(unix)]
-    let mut hangup =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         #[cfg(unix)]
         let signalled = async {

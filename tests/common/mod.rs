@@ -127,7 +127,9 @@ impl Harness {
             stop: Some(stop),
             server: Some(server),
         };
-        harness.key = harness.create_key(serde_json::json!({"name": "test"})).await["key"]
+        harness.key = harness
+            .create_key(serde_json::json!({"name": "test"}))
+            .await["key"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -254,7 +256,13 @@ pub fn python() -> PathBuf {
             .unwrap();
         assert!(venv.success());
         let pip = std::process::Command::new(root.join(".venv/bin/pip"))
-            .args(["install", "--quiet", "openai", "tiktoken", "prometheus-client"])
+            .args([
+                "install",
+                "--quiet",
+                "openai",
+                "tiktoken",
+                "prometheus-client",
+            ])
             .status()
             .unwrap();
         assert!(pip.success(), "pip install failed");
@@ -268,7 +276,9 @@ pub fn python() -> PathBuf {
 pub fn run_python(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut command = std::process::Command::new(python());
-    command.arg(root.join("tests/python").join(script)).args(args);
+    command
+        .arg(root.join("tests/python").join(script))
+        .args(args);
     for (name, value) in env {
         command.env(name, value);
     }
