@@ -22,6 +22,9 @@ pub struct App {
     pub key_store: Arc<dyn KeyStore>,
     /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token: Option<String>,
+    /// Settlements (counting a finished answer, writing its record) still running on the
+    /// blocking pool; shutdown waits for them before flushing the usage sink.
+    pub settling: tokio_util::task::TaskTracker,
     ready: AtomicBool,
 }
 
@@ -42,6 +45,7 @@ impl App {
             keys: KeyIndex::default(),
             key_store,
             admin_token,
+            settling: tokio_util::task::TaskTracker::new(),
             ready: AtomicBool::new(false),
         }
     }

@@ -631,6 +631,8 @@ fn stream_response(shared: Arc<Shared>, frames: Vec<Bytes>, cut_after: Option<u6
             let (index, frame) = frames.next()?;
             if cut_after.is_some_and(|after| index as u64 >= after) {
                 guard.finished = true;
+                // Let the chunks already written reach the peer before the connection drops.
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 return Some((
                     Err(std::io::Error::other("mock cut the stream")),
                     (frames, guard, pace, cut_after, total),
@@ -699,7 +701,9 @@ async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: 
             });
             let vector: Vec<f32> = (0..dimensions)
                 .map(|i| {
-                    ((seed.wrapping_add(i as u32 * 2_654_435_761) % 2000) as f32 / 1000.0) - 1.0
+                    ((seed.wrapping_add((i as u32).wrapping_mul(2_654_435_761)) % 2000) as f32
+                        / 1000.0)
+                        - 1.0
                 })
                 .collect();
             let embedding = if base64 {

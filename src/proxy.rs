@@ -49,19 +49,19 @@ pub async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 }
 
 async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
-    let request_id = request_id(&headers);
-    let mut exchange = Exchange::accept(app, endpoint, request_id.clone());
-    let mut response = match proxy(&mut exchange, &headers, body).await {
+    // Set by the server's request-id layer before any handler runs.
+    let request_id = headers
+        .get(&X_REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("req_unknown"));
+    let mut exchange = Exchange::accept(app, endpoint, request_id);
+    match proxy(&mut exchange, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             exchange.reject(&error);
             error.into_response()
         }
-    };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id);
-    response
+    }
 }
 
 /// The phases, in order. Errors before the upstream answers become gateway errors; from the
@@ -589,7 +589,8 @@ impl MeteredStream {
         let output = std::mem::take(&mut self.tap.output);
         let reported = self.tap.usage;
         let ttft = self.first_byte;
-        let tokenizer = exchange.app.tokenizer.clone();
+        let tokenizer = exchange.app.tokenizer;
+        let settling = exchange.app.settling.clone();
         // Counting the whole answer can take milliseconds; never on an async worker.
         let mut finish = move || {
             if let Some(model) = &exchange.model {
@@ -606,7 +607,7 @@ impl MeteredStream {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn_blocking(finish);
+                settling.spawn_blocking_on(finish, &runtime);
             }
             Err(_) => finish(),
         }
@@ -664,19 +665,6 @@ impl Drop for MeteredStream {
     fn drop(&mut self) {
         self.settle(Outcome::ClientDisconnected, 499);
     }
-}
-
-/// The client's `x-request-id` when it is a sane token, else a fresh one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(&X_REQUEST_ID) {
-        let bytes = value.as_bytes();
-        if (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic()) {
-            return value.clone();
-        }
-    }
-    let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("req_{id:032x}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
 /// `GET /v1/models`: the models this key may use, in the order the config declares them.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -22,6 +22,8 @@ use crate::meter::sink::{JsonLinesWriter, UsagePipeline};
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::proxy;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -130,8 +132,10 @@ impl Gateway {
             }
         }
         watcher.abort();
-        // Streams cut by the abort settle on a blocking thread; let them reach the channel.
-        tokio::task::yield_now().await;
+        // Streams that ended (or were cut by the abort) settle on the blocking pool; their
+        // records must reach the channel before it is flushed and closed.
+        self.app.settling.close();
+        self.app.settling.wait().await;
         self.pipeline.close().await;
         tracing::info!("usage sink flushed; bye");
         Ok(())
@@ -151,7 +155,31 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(app)
+}
+
+/// Every request carries a usable `x-request-id` from here on: the client's when it is a sane
+/// token (1 to 128 visible ASCII characters), else a fresh one. It is sent upstream and echoed
+/// on every response.
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers_mut();
+    let usable = headers.get(&X_REQUEST_ID).is_some_and(|value| {
+        let bytes = value.as_bytes();
+        (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
+    });
+    if !usable {
+        let id: u128 = rand::random();
+        if let Ok(value) = HeaderValue::from_str(&format!("req_{id:032x}")) {
+            headers.insert(X_REQUEST_ID.clone(), value);
+        }
+    }
+    let id = headers.get(&X_REQUEST_ID).cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
+    response
 }
 
 async fn healthz() -> Response {

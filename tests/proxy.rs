@@ -55,9 +55,9 @@ async fn chat_round_trip_is_metered_with_both_figures() {
         reported.output,
         upstream_usage["completion_tokens"].as_u64().unwrap()
     );
-    // Reference: tiktoken (o200k_base) gives 7 + 6 content tokens, plus 3 per message and 3
-    // for the reply's priming.
-    assert_eq!(record.counted.input, 7 + 6 + 2 * 3 + 3);
+    // Python tiktoken (o200k_base): "system" 1, "You are terse." 4, "user" 1, "Say hello to
+    // the gateway." 6; plus 3 per message and 3 to prime the reply.
+    assert_eq!(record.counted.input, (3 + 1 + 4) + (3 + 1 + 6) + 3);
     assert_eq!(record.counted.output, reported.output);
 }
 
