@@ -234,6 +234,7 @@ async fn completions(
 }
 
 /// Records the request and parses it; answers 400 in OpenAI's shape for bad JSON.
+#[allow(clippy::result_large_err)]
 fn intake(
     shared: &Shared,
     headers: &HeaderMap,

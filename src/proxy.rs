@@ -217,7 +217,7 @@ async fn count_input(
         let tokens = count(tokenizer, &body);
         return Ok((body, tokens));
     }
-    let tokenizer = tokenizer.clone();
+    let tokenizer = *tokenizer;
     tokio::task::spawn_blocking(move || {
         let tokens = count(&tokenizer, &body);
         (body, tokens)
@@ -544,7 +544,7 @@ async fn meter_body(
     endpoint: Endpoint,
     body: Bytes,
 ) -> (Option<TokenUsage>, u64, Option<String>) {
-    let tokenizer = tokenizer.clone();
+    let tokenizer = *tokenizer;
     let encoding = model.encoding;
     let work = move || {
         let Ok(answer) = serde_json::from_slice::<Value>(&body) else {

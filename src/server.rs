@@ -218,7 +218,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    GatewayError::NotFound(format!("{}", uri.path())).into_response()
+    GatewayError::NotFound(uri.path().to_owned()).into_response()
 }
 
 async fn method_not_allowed() -> Response {

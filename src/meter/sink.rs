@@ -36,6 +36,7 @@ pub enum SinkError {
 /// Answers once the event has been written (strict durability).
 pub type WrittenAck = oneshot::Receiver<()>;
 
+#[allow(clippy::large_enum_variant)] // see MeterEvent
 enum Envelope {
     Event(MeterEvent, Option<oneshot::Sender<()>>),
     Close(oneshot::Sender<()>),
