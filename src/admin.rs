@@ -83,7 +83,7 @@ async fn create_key(State(app): State<Arc<App>>, headers: HeaderMap, body: Strin
         let store = app.key_store.clone();
         let stored = record.clone();
         blocking(move || store.insert(&stored).map_err(store_error)).await?;
-        app.key_activated(record.clone());
+        app.key_activated(record.clone(), None);
         let mut view = key_view(&app, &record);
         view["key"] = Value::String(secret);
         Ok::<_, GatewayError>((StatusCode::CREATED, axum::Json(view)).into_response())
@@ -143,7 +143,7 @@ async fn update_key(
         let store = app.key_store.clone();
         let stored = record.clone();
         blocking(move || store.update(&stored).map_err(store_error)).await?;
-        app.key_activated(record.clone());
+        app.key_activated(record.clone(), None);
         Ok::<_, GatewayError>(axum::Json(key_view(&app, &record)).into_response())
     }
     .await;

@@ -9,6 +9,8 @@ use arc_swap::ArcSwap;
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
+use crate::limits::{KeyLimits, Limiter};
+use crate::money::Money;
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
@@ -19,12 +21,15 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub usage: UsageSender,
     pub keys: KeyIndex,
+    pub limiter: Limiter,
     pub key_store: Arc<dyn KeyStore>,
     /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token: Option<String>,
     /// Settlements (counting a finished answer, writing its record) still running on the
     /// blocking pool; shutdown waits for them before flushing the usage sink.
     pub settling: tokio_util::task::TaskTracker,
+    /// For budget alert webhooks.
+    pub webhooks: reqwest::Client,
     ready: AtomicBool,
 }
 
@@ -36,16 +41,24 @@ impl App {
         usage: UsageSender,
         key_store: Arc<dyn KeyStore>,
         admin_token: Option<String>,
+        limiter: Limiter,
     ) -> App {
+        for name in &config.model_order {
+            if let Some(model) = config.model(name) {
+                limiter.set_model(name, model.rpm, model.tpm);
+            }
+        }
         App {
             config: ArcSwap::from_pointee(config),
             tokenizer,
             metrics,
             usage,
             keys: KeyIndex::default(),
+            limiter,
             key_store,
             admin_token,
             settling: tokio_util::task::TaskTracker::new(),
+            webhooks: reqwest::Client::new(),
             ready: AtomicBool::new(false),
         }
     }
@@ -56,6 +69,11 @@ impl App {
     }
 
     pub fn replace_config(&self, config: Config) {
+        for name in &config.model_order {
+            if let Some(model) = config.model(name) {
+                self.limiter.set_model(name, model.rpm, model.tpm);
+            }
+        }
         self.config.store(Arc::new(config));
     }
 
@@ -67,17 +85,54 @@ impl App {
         self.ready.store(ready, Ordering::Release);
     }
 
-    /// A key was created or changed: the hot path sees it from the next request on.
-    pub fn key_activated(&self, record: KeyRecord) {
+    /// A key was created or changed: the hot path sees it from the next request on. `spent`
+    /// is the current period's spend from the ledger at start-up; an update keeps the live one.
+    pub fn key_activated(&self, record: KeyRecord, spent: Option<Money>) {
+        if record.is_revoked() {
+            self.key_revoked(&record.id);
+            return;
+        }
+        self.limiter.upsert_key(&record.id, &key_limits(&record), spent);
         self.keys.put(record);
     }
 
     pub fn key_revoked(&self, id: &str) {
         self.keys.remove(id);
+        self.limiter.remove_key(id);
     }
 
-    /// Live budget figures for the admin API.
-    pub fn budget_view(&self, _record: &KeyRecord) -> serde_json::Value {
-        serde_json::Value::Null
+    /// Live budget figures for the admin API. Spend is tracked for every key; an uncapped key
+    /// shows no cap and no remaining amount.
+    pub fn budget_view(&self, record: &KeyRecord) -> serde_json::Value {
+        let Some(snapshot) = self.limiter.budget(&record.id) else {
+            return serde_json::Value::Null;
+        };
+        let capped = record.budget_usd.is_some();
+        serde_json::json!({
+            "spend_usd": snapshot.spend_usd,
+            "reserved_usd": snapshot.reserved_usd,
+            "remaining_usd": capped.then_some(snapshot.remaining_usd),
+            "period_start": rfc3339(snapshot.period_start_ms),
+            "resets_at": snapshot.resets_at_ms.map(rfc3339),
+        })
     }
+}
+
+/// A key's limits; a key without a cap still gets an unreachable one so its spend is tracked.
+pub fn key_limits(record: &KeyRecord) -> KeyLimits {
+    KeyLimits {
+        rpm: record.rpm,
+        tpm: record.tpm,
+        max_concurrency: record.max_concurrency,
+        budget: Some((
+            record.budget_usd.unwrap_or(Money(i64::MAX)),
+            record.budget_period,
+        )),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
 }

@@ -73,7 +73,7 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
     tokio::task::spawn_blocking(move || store.insert(&stored))
         .await?
         .context("storing the demo key")?;
-    gateway.app.key_activated(key);
+    gateway.app.key_activated(key, None);
     let model = gateway.app.config().demo_model();
     println!(
         "{}",

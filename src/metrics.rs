@@ -29,6 +29,8 @@ pub struct Metrics {
     pub usage_pending: IntGauge,
     pub usage_batch_duration: Histogram,
     pub config_reloads: IntCounterVec,
+    pub budget_overshoot_usd: prometheus::Counter,
+    pub budget_alerts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -90,7 +92,20 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("usage_batch_write_seconds"));
         register(&registry, Box::new(usage_batch_duration.clone()));
+        let budget_overshoot_usd = prometheus::Counter::new(
+            "budget_overshoot_usd_total",
+            "Cost charged beyond what requests had reserved (upstream used more than the worst case)",
+        )
+        .unwrap_or_else(|_| unreachable_metric("budget_overshoot_usd_total"));
+        register(&registry, Box::new(budget_overshoot_usd.clone()));
         Metrics {
+            budget_overshoot_usd,
+            budget_alerts: counter(
+                &registry,
+                "budget_alerts_total",
+                "Budget alert thresholds crossed, by threshold percent",
+                &["threshold"],
+            ),
             requests: counter(
                 &registry,
                 "requests_total",

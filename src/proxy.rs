@@ -20,6 +20,8 @@ use std::future::Future;
 
 use crate::app::App;
 use crate::auth::KeyRecord;
+use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
+use crate::money::Money;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
@@ -106,6 +108,8 @@ async fn proxy(
     exchange.counted.input = input_tokens;
 
     let candidates = [model];
+    exchange.admit(&key, &candidates, &body)?;
+
     let attempt = upstream::Attempt {
         endpoint: exchange.endpoint,
         body: &body,
@@ -238,6 +242,8 @@ struct Exchange {
     requested_model: String,
     streamed: bool,
     key: Option<Arc<KeyRecord>>,
+    ticket: Option<Ticket>,
+    rate_headers: RateLimitHeaders,
     model: Option<Arc<Model>>,
     route_rule: &'static str,
     counted: TokenUsage,
@@ -266,6 +272,8 @@ impl Exchange {
             requested_model: String::new(),
             streamed: false,
             key: None,
+            ticket: None,
+            rate_headers: RateLimitHeaders::default(),
             model: None,
             route_rule: "none",
             counted: TokenUsage::default(),
@@ -286,6 +294,8 @@ impl Exchange {
             requested_model: std::mem::take(&mut self.requested_model),
             streamed: self.streamed,
             key: self.key.clone(),
+            ticket: self.ticket.take(),
+            rate_headers: self.rate_headers,
             model: self.model.clone(),
             route_rule: self.route_rule,
             counted: self.counted,
@@ -296,12 +306,57 @@ impl Exchange {
         taken
     }
 
+    /// Throttles and budget, before a cent is spent upstream. The budget reservation is the
+    /// worst case over every model the request may be served by.
+    fn admit(
+        &mut self,
+        key: &KeyRecord,
+        candidates: &[Arc<Model>],
+        body: &Value,
+    ) -> Result<(), GatewayError> {
+        let requested_output = body["max_completion_tokens"]
+            .as_u64()
+            .or_else(|| body["max_tokens"].as_u64());
+        let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 128);
+        let mut demand = Demand::default();
+        for model in candidates {
+            let output = match self.endpoint {
+                Endpoint::Embeddings => 0,
+                _ => requested_output.unwrap_or(model.max_output_tokens) * choices,
+            };
+            let cost = model.prices.cost(self.counted.input, 0, output);
+            demand.tokens = demand.tokens.max(self.counted.input + output);
+            demand.cost = demand.cost.max(cost);
+        }
+        let model_name = candidates.first().map_or("", |m| m.name.as_str());
+        match self.app.limiter.admit(&key.id, model_name, demand) {
+            Ok(ticket) => {
+                self.rate_headers = ticket.headers();
+                self.ticket = Some(ticket);
+                Ok(())
+            }
+            Err(refusal) => {
+                self.app
+                    .metrics
+                    .rejections
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                Err(refusal_error(&refusal, key))
+            }
+        }
+    }
+
     fn reject(&mut self, error: &GatewayError) {
-        self.app
-            .metrics
-            .rejections
-            .with_label_values(&[error.code()])
-            .inc();
+        if !matches!(
+            error,
+            GatewayError::RateLimited { .. } | GatewayError::InsufficientQuota { .. }
+        ) {
+            self.app
+                .metrics
+                .rejections
+                .with_label_values(&[error.code()])
+                .inc();
+        }
         let outcome = match error {
             GatewayError::UpstreamTimeout | GatewayError::UpstreamUnreachable(_) => {
                 Outcome::GatewayError
@@ -434,6 +489,49 @@ impl Exchange {
             X_TOLLGATE_ROUTE.clone(),
             HeaderValue::from_static(self.route_rule),
         );
+        for (name, value) in self.rate_headers.pairs() {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    }
+
+    /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
+    fn announce(&self, alert: AlertCrossing) {
+        let Some(key) = &self.key else {
+            return;
+        };
+        let threshold = alert.threshold_pct.to_string();
+        self.app
+            .metrics
+            .budget_alerts
+            .with_label_values(&[threshold.as_str()])
+            .inc();
+        tracing::warn!(
+            key = %key.name,
+            threshold_pct = alert.threshold_pct,
+            used_pct = alert.used_pct,
+            "budget alert"
+        );
+        let Some(url) = self.config.budget_alerts.webhook.clone() else {
+            return;
+        };
+        let event = serde_json::json!({
+            "event": "budget_threshold_crossed",
+            "key_id": key.id,
+            "key_name": key.name,
+            "threshold_pct": alert.threshold_pct,
+            "used_pct": alert.used_pct,
+            "budget": self.app.budget_view(key),
+        });
+        let client = self.app.webhooks.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = client.post(url).json(&event).send().await {
+                    tracing::error!(error = %error.without_url(), "budget webhook failed");
+                }
+            });
+        }
     }
 
     /// Ends the request: metrics and its one usage record. Idempotent by construction.
@@ -466,7 +564,23 @@ impl Exchange {
                 .observe(ttft.as_secs_f64());
         }
         let billed = ending.reported.unwrap_or(self.counted);
-        if let Some(model) = &self.model {
+        let cost = self.model.as_ref().map_or(Money::ZERO, |model| {
+            model
+                .prices
+                .cost(billed.input, billed.cached_input, billed.output)
+        });
+        if let Some(ticket) = self.ticket.take() {
+            let settlement = self.app.limiter.settle(ticket, billed.total(), cost);
+            if settlement.overshoot > Money::ZERO {
+                metrics
+                    .budget_overshoot_usd
+                    .inc_by(settlement.overshoot.as_f64_usd());
+            }
+            for alert in settlement.alerts {
+                self.announce(alert);
+            }
+        }
+        if self.model.is_some() {
             metrics
                 .input_tokens
                 .with_label_values(&[model_label])
@@ -475,9 +589,6 @@ impl Exchange {
                 .output_tokens
                 .with_label_values(&[model_label])
                 .inc_by(billed.output);
-            let cost = model
-                .prices
-                .cost(billed.input, billed.cached_input, billed.output);
             metrics
                 .cost_usd
                 .with_label_values(&[model_label])
@@ -533,6 +644,40 @@ impl Exchange {
         if record.key_id.is_some() {
             self.app.usage.submit(MeterEvent::Usage(record));
         }
+    }
+}
+
+/// A throttle or budget refusal as the client sees it.
+fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
+    match refusal {
+        Refusal::RateLimited {
+            limit_kind,
+            scope,
+            retry_after,
+        } => {
+            let what = match *scope {
+                "concurrency" => "concurrent requests".to_owned(),
+                "model" => format!("{limit_kind} per minute on this model"),
+                _ => format!("{limit_kind} per minute"),
+            };
+            GatewayError::RateLimited {
+                message: format!(
+                    "Rate limit reached for {what} on key `{}`. Please try again in {}.",
+                    key.name,
+                    crate::limits::go_duration(*retry_after)
+                ),
+                retry_after: *retry_after,
+                limit_kind,
+            }
+        }
+        Refusal::InsufficientQuota { remaining, needed } => GatewayError::InsufficientQuota {
+            message: format!(
+                "Budget exhausted for key `{}`: ${} remaining this period, this request may cost up to ${}.",
+                key.name,
+                remaining.to_usd_string(),
+                needed.to_usd_string()
+            ),
+        },
     }
 }
 

@@ -17,6 +17,7 @@ use crate::admin;
 use crate::app::App;
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
+use crate::limits::{Limiter, SystemClock};
 use crate::error::GatewayError;
 use crate::meter::sink::{JsonLinesWriter, UsagePipeline};
 use crate::meter::tokenizer::Tokenizer;
@@ -71,6 +72,10 @@ impl Gateway {
         let keys = key_store
             .list()
             .map_err(|e| StartError::Store(e.to_string()))?;
+        let limiter = Limiter::new(
+            Arc::new(SystemClock),
+            config.budget_alerts.thresholds_pct.clone(),
+        );
         let app = Arc::new(App::new(
             config,
             tokenizer,
@@ -78,9 +83,10 @@ impl Gateway {
             pipeline.sender(),
             Arc::new(key_store),
             admin_token,
+            limiter,
         ));
         for key in keys {
-            app.key_activated(key);
+            app.key_activated(key, None);
         }
         Ok(Gateway { app, pipeline })
     }

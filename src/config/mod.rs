@@ -29,6 +29,7 @@ pub struct Config {
     /// Model names in the order the file declares them, for `/v1/models`.
     pub model_order: Vec<String>,
     pub retry: RetryPolicy,
+    pub budget_alerts: BudgetAlerts,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +102,14 @@ pub struct Model {
     pub encoding: Encoding,
     pub prices: ModelPrices,
     pub max_output_tokens: u64,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetAlerts {
+    pub thresholds_pct: Vec<u8>,
+    pub webhook: Option<reqwest::Url>,
 }
 
 /// Everything wrong with one configuration file.
@@ -265,7 +274,21 @@ impl Config {
         if retry.max_attempts == 0 {
             problems.push(&["retry", "max_attempts"], "must be at least 1");
         }
+        let webhook = raw.budgets.alert_webhook.as_deref().and_then(|url| {
+            reqwest::Url::parse(url)
+                .map_err(|_| {
+                    problems.push(&["budgets", "alert_webhook"], format!("`{url}` is not a URL"));
+                })
+                .ok()
+        });
+        if raw.budgets.alert_thresholds_pct.iter().any(|pct| *pct == 0) {
+            problems.push(&["budgets", "alert_thresholds_pct"], "thresholds are percentages from 1 up");
+        }
         Config {
+            budget_alerts: BudgetAlerts {
+                thresholds_pct: raw.budgets.alert_thresholds_pct.clone(),
+                webhook,
+            },
             source: path.to_owned(),
             server,
             upstreams,
@@ -524,6 +547,8 @@ fn build_model(
             output: output?,
         },
         max_output_tokens: raw.max_output_tokens,
+        rpm: raw.rpm,
+        tpm: raw.tpm,
     })
 }
 

@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub models: BTreeMap<String, RawModel>,
     #[serde(default)]
     pub retry: RawRetry,
+    #[serde(default)]
+    pub budgets: RawBudgets,
 }
 
 /// Retries and fallbacks before the first byte reaches the client.
@@ -120,6 +122,28 @@ pub struct RawModel {
     /// The worst case reserved against budgets when a request names no `max_tokens`.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u64,
+    /// Upstream quota protection: requests and tokens per minute across all keys.
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+}
+
+/// Budget alerts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudgets {
+    /// Spend shares (percent of the cap) that log, count and announce once per period.
+    pub alert_thresholds_pct: Vec<u8>,
+    /// Optional URL that receives a JSON event per crossing.
+    pub alert_webhook: Option<String>,
+}
+
+impl Default for RawBudgets {
+    fn default() -> Self {
+        RawBudgets {
+            alert_thresholds_pct: vec![50, 80, 100],
+            alert_webhook: None,
+        }
+    }
 }
 
 fn default_max_output_tokens() -> u64 {

@@ -1,10 +1,611 @@
-//! TEMPORARY stub, replaced by the limits branch at merge.
-use serde::{Deserialize, Serialize};
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BudgetPeriod {
-    Day,
-    Week,
-    Month,
-    Total,
+//! Admission: per-key throttles (requests and tokens per minute, concurrency), per-model
+//! throttles protecting upstream quotas, and per-key budget caps by reservation. A request is
+//! admitted all-or-nothing — a later refusal rolls back what earlier checks took — and gets a
+//! [`Ticket`] that settles exactly once: explicitly with the actual tokens and cost, or on drop
+//! (the request never reached an answer) by giving back what it reserved.
+//!
+//! Live state is atomics behind an `Arc` per key, found through a concurrent map; nothing here
+//! blocks or awaits. The [`Limiter`] is the seam for a shared backend (several replicas
+//! enforcing one cap): the request path only calls `admit` and `Ticket::settle`.
+
+pub mod budget;
+pub mod gcra;
+
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+pub use budget::{Budget, BudgetPeriod, BudgetSnapshot};
+use gcra::{Gcra, Snapshot};
+
+use crate::money::Money;
+
+/// Time as the limiter sees it; injectable so tests roll periods without sleeping.
+pub trait Clock: Send + Sync {
+    fn now_us(&self) -> i64;
+    fn now_ms(&self) -> i64 {
+        self.now_us() / 1_000
+    }
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn at_ms(ms: i64) -> ManualClock {
+        ManualClock(AtomicI64::new(ms * 1_000))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0
+            .fetch_add(i64::try_from(by.as_micros()).unwrap_or(0), Ordering::AcqRel);
+    }
+
+    pub fn set_ms(&self, ms: i64) {
+        self.0.store(ms * 1_000, Ordering::Release);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A key's limits as administered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrency: Option<u32>,
+    pub budget: Option<(Money, BudgetPeriod)>,
+}
+
+/// What one request asks for: tokens for TPM (input plus the most output it may produce) and
+/// the worst-case cost for the budget.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Demand {
+    pub tokens: u64,
+    pub cost: Money,
+}
+
+struct KeyState {
+    rpm: Option<Gcra>,
+    tpm: Option<Gcra>,
+    concurrency: Option<(u32, AtomicU32)>,
+    budget: Option<Budget>,
+    /// Alert thresholds already announced this period (bit i = threshold i), and the period.
+    alerted: AtomicU64,
+    alerted_period_ms: AtomicI64,
+}
+
+struct ModelState {
+    rpm: Option<Gcra>,
+    tpm: Option<Gcra>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A throttle refused; `limit_kind` is OpenAI's `requests` or `tokens`.
+    RateLimited {
+        limit_kind: &'static str,
+        scope: &'static str,
+        retry_after: Duration,
+    },
+    /// The key's budget cannot cover the request's worst case.
+    InsufficientQuota { remaining: Money, needed: Money },
+}
+
+impl Refusal {
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { scope: "concurrency", .. } => "concurrency",
+            Refusal::RateLimited {
+                scope: "model",
+                limit_kind: "requests",
+                ..
+            } => "model_rpm",
+            Refusal::RateLimited { scope: "model", .. } => "model_tpm",
+            Refusal::RateLimited {
+                limit_kind: "requests",
+                ..
+            } => "key_rpm",
+            Refusal::RateLimited { .. } => "key_tpm",
+            Refusal::InsufficientQuota { .. } => "budget",
+        }
+    }
+}
+
+/// OpenAI's six `x-ratelimit-*` values, for the tightest limit that applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    pub requests: Option<Snapshot>,
+    pub tokens: Option<Snapshot>,
+}
+
+impl RateLimitHeaders {
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = Vec::with_capacity(6);
+        if let Some(s) = self.requests {
+            pairs.push(("x-ratelimit-limit-requests", s.limit.to_string()));
+            pairs.push(("x-ratelimit-remaining-requests", s.remaining.to_string()));
+            pairs.push(("x-ratelimit-reset-requests", go_duration(s.reset)));
+        }
+        if let Some(s) = self.tokens {
+            pairs.push(("x-ratelimit-limit-tokens", s.limit.to_string()));
+            pairs.push(("x-ratelimit-remaining-tokens", s.remaining.to_string()));
+            pairs.push(("x-ratelimit-reset-tokens", go_duration(s.reset)));
+        }
+        pairs
+    }
+}
+
+/// Keeps the snapshot with the least room left, as a share of its limit.
+fn tighter(current: Option<Snapshot>, candidate: Option<Snapshot>) -> Option<Snapshot> {
+    match (current, candidate) {
+        (Some(a), Some(b)) => {
+            let a_share = u128::from(a.remaining) * u128::from(b.limit);
+            let b_share = u128::from(b.remaining) * u128::from(a.limit);
+            Some(if b_share < a_share { b } else { a })
+        }
+        (a, b) => a.or(b),
+    }
+}
+
+/// Durations the way OpenAI writes them (Go's format): `20ms`, `1s`, `6m0s`, `1h2m3s`,
+/// `59.94s`.
+pub fn go_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let hours = ms / 3_600_000;
+    let minutes = (ms % 3_600_000) / 60_000;
+    let seconds_ms = ms % 60_000;
+    let seconds = if seconds_ms % 1_000 == 0 {
+        format!("{}s", seconds_ms / 1_000)
+    } else {
+        let text = format!("{}.{:03}", seconds_ms / 1_000, seconds_ms % 1_000);
+        format!("{}s", text.trim_end_matches('0'))
+    };
+    match (hours, minutes) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}m{seconds}"),
+        (h, m) => format!("{h}h{m}m{seconds}"),
+    }
+}
+
+/// Every key's and model's live limits.
+pub struct Limiter {
+    keys: DashMap<String, Arc<KeyState>>,
+    models: DashMap<String, Arc<ModelState>>,
+    clock: Arc<dyn Clock>,
+    alert_thresholds_pct: Vec<u8>,
+}
+
+/// A budget threshold crossed by a settlement, to log, count and announce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlertCrossing {
+    pub threshold_pct: u8,
+    pub used_pct: u64,
+}
+
+/// What settling found, for metrics and alerts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settlement {
+    pub overshoot: Money,
+    pub alerts: Vec<AlertCrossing>,
+}
+
+impl Limiter {
+    pub fn new(clock: Arc<dyn Clock>, alert_thresholds_pct: Vec<u8>) -> Limiter {
+        let mut alert_thresholds_pct = alert_thresholds_pct;
+        alert_thresholds_pct.sort_unstable();
+        alert_thresholds_pct.dedup();
+        alert_thresholds_pct.truncate(64);
+        Limiter {
+            keys: DashMap::new(),
+            models: DashMap::new(),
+            clock,
+            alert_thresholds_pct,
+        }
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    /// Installs or replaces a key's limits. `spent` is the spend of the current period (from
+    /// the ledger at start-up, or carried over from the replaced state on an update).
+    pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
+        let now_ms = self.clock.now_ms();
+        let carried = self
+            .keys
+            .get(id)
+            .and_then(|old| old.budget.as_ref().map(|b| b.snapshot(now_ms).spend_usd));
+        let spent = spent.or(carried).unwrap_or(Money::ZERO);
+        let state = KeyState {
+            rpm: limits.rpm.map(|n| Gcra::per_minute(u64::from(n))),
+            tpm: limits.tpm.map(Gcra::per_minute),
+            concurrency: limits.max_concurrency.map(|n| (n, AtomicU32::new(0))),
+            budget: limits
+                .budget
+                .map(|(cap, period)| Budget::new(cap, period, spent, now_ms)),
+            alerted: AtomicU64::new(0),
+            alerted_period_ms: AtomicI64::new(0),
+        };
+        self.keys.insert(id.to_owned(), Arc::new(state));
+    }
+
+    pub fn remove_key(&self, id: &str) {
+        self.keys.remove(id);
+    }
+
+    pub fn set_model(&self, name: &str, rpm: Option<u32>, tpm: Option<u64>) {
+        if rpm.is_none() && tpm.is_none() {
+            self.models.remove(name);
+            return;
+        }
+        self.models.insert(
+            name.to_owned(),
+            Arc::new(ModelState {
+                rpm: rpm.map(|n| Gcra::per_minute(u64::from(n))),
+                tpm: tpm.map(Gcra::per_minute),
+            }),
+        );
+    }
+
+    pub fn budget(&self, key_id: &str) -> Option<BudgetSnapshot> {
+        let now_ms = self.clock.now_ms();
+        let state = self.keys.get(key_id).map(|entry| entry.value().clone())?;
+        state.budget.as_ref().map(|b| b.snapshot(now_ms))
+    }
+
+    /// Checks, in order: concurrency, key RPM, key TPM, model RPM and TPM, budget. Each step's
+    /// guard rolls itself back if a later step refuses.
+    pub fn admit(&self, key_id: &str, model: &str, demand: Demand) -> Result<Ticket, Refusal> {
+        let now_us = self.clock.now_us();
+        // Clone the Arcs out so no map guard outlives this statement.
+        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
+        let model_state = self.models.get(model).map(|entry| entry.value().clone());
+        let mut ticket = Ticket {
+            key: key.clone(),
+            model: model_state.clone(),
+            tokens: 0,
+            model_tokens: 0,
+            reserved: Money::ZERO,
+            holds_slot: false,
+            requests_taken: (false, false),
+            headers: RateLimitHeaders::default(),
+            settled: false,
+        };
+        match Limiter::take(&mut ticket, key.as_ref(), model_state.as_ref(), demand, now_us) {
+            Ok(()) => Ok(ticket),
+            Err(refusal) => {
+                ticket.rollback_requests();
+                Err(refusal)
+            }
+        }
+    }
+
+    fn take(
+        ticket: &mut Ticket,
+        key: Option<&Arc<KeyState>>,
+        model_state: Option<&Arc<ModelState>>,
+        demand: Demand,
+        now_us: i64,
+    ) -> Result<(), Refusal> {
+        if let Some(key) = key {
+            if let Some((limit, in_flight)) = &key.concurrency {
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= *limit {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Refusal::RateLimited {
+                        limit_kind: "requests",
+                        scope: "concurrency",
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+                ticket.holds_slot = true;
+            }
+            if let Some(rpm) = &key.rpm {
+                let snapshot = rpm.acquire(1, now_us).map_err(|wait| Refusal::RateLimited {
+                    limit_kind: "requests",
+                    scope: "key",
+                    retry_after: wait,
+                })?;
+                ticket.requests_taken.0 = true;
+                ticket.headers.requests = Some(snapshot);
+            }
+            if let Some(tpm) = &key.tpm {
+                let snapshot =
+                    tpm.acquire(demand.tokens, now_us)
+                        .map_err(|wait| Refusal::RateLimited {
+                            limit_kind: "tokens",
+                            scope: "key",
+                            retry_after: wait,
+                        })?;
+                ticket.tokens = demand.tokens;
+                ticket.headers.tokens = Some(snapshot);
+            }
+        }
+        if let Some(model_state) = model_state {
+            if let Some(rpm) = &model_state.rpm {
+                let snapshot = rpm.acquire(1, now_us).map_err(|wait| Refusal::RateLimited {
+                    limit_kind: "requests",
+                    scope: "model",
+                    retry_after: wait,
+                })?;
+                ticket.requests_taken.1 = true;
+                ticket.headers.requests = tighter(ticket.headers.requests, Some(snapshot));
+            }
+            if let Some(tpm) = &model_state.tpm {
+                let snapshot =
+                    tpm.acquire(demand.tokens, now_us)
+                        .map_err(|wait| Refusal::RateLimited {
+                            limit_kind: "tokens",
+                            scope: "model",
+                            retry_after: wait,
+                        })?;
+                ticket.model_tokens = demand.tokens;
+                ticket.headers.tokens = tighter(ticket.headers.tokens, Some(snapshot));
+            }
+        }
+        if let Some(budget) = key.and_then(|k| k.budget.as_ref()) {
+            budget
+                .reserve(demand.cost, now_us / 1_000)
+                .map_err(|exceeded| Refusal::InsufficientQuota {
+                    remaining: exceeded.remaining,
+                    needed: exceeded.needed,
+                })?;
+            ticket.reserved = demand.cost;
+        }
+        Ok(())
+    }
+
+    /// Replaces a ticket's reservations by what the request really used.
+    pub fn settle(&self, mut ticket: Ticket, tokens: u64, cost: Money) -> Settlement {
+        ticket.settled = true;
+        let now_us = self.clock.now_us();
+        let now_ms = now_us / 1_000;
+        let correct = |limit: &Gcra, reserved: u64| {
+            if tokens < reserved {
+                limit.release(reserved - tokens);
+            } else if tokens > reserved {
+                limit.charge(tokens - reserved, now_us);
+            }
+        };
+        let mut settlement = Settlement::default();
+        if let Some(key) = ticket.key.take() {
+            if let Some(tpm) = &key.tpm {
+                correct(tpm, ticket.tokens);
+            }
+            if let Some(budget) = &key.budget {
+                let settled = budget.settle(ticket.reserved, cost, now_ms);
+                settlement.overshoot = settled.overshoot;
+                settlement.alerts = self.crossings(&key, budget, settled.used_pct, now_ms);
+            }
+            if ticket.holds_slot {
+                if let Some((_, in_flight)) = &key.concurrency {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        if let Some(model) = ticket.model.take() {
+            if let Some(tpm) = &model.tpm {
+                correct(tpm, ticket.model_tokens);
+            }
+        }
+        settlement
+    }
+
+    /// Thresholds newly crossed this period; each is reported once per period.
+    fn crossings(
+        &self,
+        key: &KeyState,
+        budget: &Budget,
+        used_pct: u64,
+        now_ms: i64,
+    ) -> Vec<AlertCrossing> {
+        let period = budget.period().start_ms(now_ms);
+        if key.alerted_period_ms.swap(period, Ordering::AcqRel) != period {
+            key.alerted.store(0, Ordering::Release);
+        }
+        let mut crossed = Vec::new();
+        for (bit, threshold) in self.alert_thresholds_pct.iter().enumerate() {
+            if used_pct >= u64::from(*threshold) {
+                let mask = 1u64 << bit;
+                if key.alerted.fetch_or(mask, Ordering::AcqRel) & mask == 0 {
+                    crossed.push(AlertCrossing {
+                        threshold_pct: *threshold,
+                        used_pct,
+                    });
+                }
+            }
+        }
+        crossed
+    }
+}
+
+/// What an admitted request holds until it settles.
+pub struct Ticket {
+    key: Option<Arc<KeyState>>,
+    model: Option<Arc<ModelState>>,
+    tokens: u64,
+    model_tokens: u64,
+    reserved: Money,
+    holds_slot: bool,
+    /// Whether a key and a model request unit were taken (kept: the request happened).
+    requests_taken: (bool, bool),
+    headers: RateLimitHeaders,
+    settled: bool,
+}
+
+impl Ticket {
+    pub fn headers(&self) -> RateLimitHeaders {
+        self.headers
+    }
+
+    pub fn reserved(&self) -> Money {
+        self.reserved
+    }
+}
+
+impl Drop for Ticket {
+    /// A ticket dropped unsettled (refused part-way, or a request that never got an answer)
+    /// gives back its reservation, its tokens, its concurrency slot, and — when admission
+    /// itself failed part-way — the request units it took.
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Some(key) = &self.key {
+            if let Some(tpm) = &key.tpm {
+                tpm.release(self.tokens);
+            }
+            if let Some(budget) = &key.budget {
+                budget.release(self.reserved);
+            }
+            if self.holds_slot {
+                if let Some((_, in_flight)) = &key.concurrency {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        if let Some(model) = &self.model {
+            if let Some(tpm) = &model.tpm {
+                tpm.release(self.model_tokens);
+            }
+        }
+    }
+}
+
+impl Ticket {
+    /// Gives back the request units too: used when admission refused part-way, since the
+    /// refused request never happened.
+    fn rollback_requests(&mut self) {
+        if self.requests_taken.0 {
+            if let Some(rpm) = self.key.as_ref().and_then(|k| k.rpm.as_ref()) {
+                rpm.release(1);
+            }
+        }
+        if self.requests_taken.1 {
+            if let Some(rpm) = self.model.as_ref().and_then(|m| m.rpm.as_ref()) {
+                rpm.release(1);
+            }
+        }
+        self.requests_taken = (false, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(clock: Arc<ManualClock>) -> Limiter {
+        Limiter::new(clock, vec![50, 80, 100])
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(go_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(go_duration(Duration::from_millis(59_940)), "59.94s");
+        assert_eq!(go_duration(Duration::from_secs(3_723)), "1h2m3s");
+    }
+
+    #[test]
+    fn refusal_rolls_back_what_was_taken() {
+        let clock = Arc::new(ManualClock::at_ms(1_000_000));
+        let limiter = limiter(clock.clone());
+        let limits = KeyLimits {
+            rpm: Some(10),
+            tpm: Some(1_000),
+            max_concurrency: Some(1),
+            budget: Some((Money(100), BudgetPeriod::Day)),
+        };
+        limiter.upsert_key("k", &limits, None);
+        let refused = limiter.admit("k", "m", Demand { tokens: 10, cost: Money(101) });
+        assert!(matches!(refused, Err(Refusal::InsufficientQuota { .. })));
+        // Nothing stayed taken: the slot, the tokens and the request are all free again.
+        let ticket = limiter
+            .admit("k", "m", Demand { tokens: 1_000, cost: Money(100) })
+            .unwrap();
+        assert_eq!(ticket.headers().requests.unwrap().remaining, 9);
+        assert_eq!(ticket.headers().tokens.unwrap().remaining, 0);
+        let busy = limiter.admit("k", "m", Demand { tokens: 1, cost: Money(0) });
+        assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
+        let settlement = limiter.settle(ticket, 400, Money(60));
+        assert_eq!(settlement.alerts.len(), 1);
+        assert_eq!(settlement.alerts[0].threshold_pct, 50);
+        let budget = limiter.budget("k").unwrap();
+        assert_eq!(budget.spend_usd, Money(60));
+        assert_eq!(budget.reserved_usd, Money::ZERO);
+        let again = limiter
+            .admit("k", "m", Demand { tokens: 600, cost: Money(40) })
+            .unwrap();
+        assert_eq!(again.headers().tokens.unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn dropped_tickets_release_everything() {
+        let clock = Arc::new(ManualClock::at_ms(5_000));
+        let limiter = limiter(clock);
+        let limits = KeyLimits {
+            tpm: Some(100),
+            max_concurrency: Some(1),
+            budget: Some((Money(10), BudgetPeriod::Total)),
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        let ticket = limiter.admit("k", "m", Demand { tokens: 100, cost: Money(10) }).unwrap();
+        drop(ticket);
+        assert!(limiter.admit("k", "m", Demand { tokens: 100, cost: Money(10) }).is_ok());
+    }
+
+    #[test]
+    fn model_limits_protect_the_upstream() {
+        let clock = Arc::new(ManualClock::at_ms(0));
+        let limiter = limiter(clock.clone());
+        limiter.set_model("gpt", Some(2), None);
+        assert!(limiter.admit("a", "gpt", Demand::default()).is_ok());
+        assert!(limiter.admit("b", "gpt", Demand::default()).is_ok());
+        let refused = limiter.admit("c", "gpt", Demand::default()).err().unwrap();
+        assert_eq!(refused.reason(), "model_rpm");
+        clock.advance(Duration::from_secs(30));
+        assert!(limiter.admit("c", "gpt", Demand::default()).is_ok());
+    }
+
+    #[test]
+    fn alerts_fire_once_per_period() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock.clone());
+        let limits = KeyLimits {
+            budget: Some((Money(100), BudgetPeriod::Day)),
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(90) }).unwrap();
+        let crossed: Vec<u8> = limiter.settle(t, 0, Money(90)).alerts.iter().map(|a| a.threshold_pct).collect();
+        assert_eq!(crossed, vec![50, 80]);
+        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(5) }).unwrap();
+        assert!(limiter.settle(t, 0, Money(5)).alerts.is_empty());
+        clock.advance(Duration::from_secs(86_400));
+        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(60) }).unwrap();
+        assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
+    }
 }

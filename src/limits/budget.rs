@@ -1,0 +1,303 @@
+//! Budget caps by reservation. Before a request goes upstream its worst-case cost is reserved
+//! against the cap with one compare-and-swap on `committed` (spent plus reserved), so no number
+//! of concurrent requests can commit more than the cap. On completion the reservation is
+//! replaced by the actual cost — charged in full even when the upstream used more than was
+//! reserved, in which case the overshoot is reported so it can be counted.
+//!
+//! Periods are UTC calendar periods (days, ISO weeks from Monday, months) or `total`. A cost
+//! is charged to the period in which its request settles.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::money::Money;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Week => "week",
+            BudgetPeriod::Month => "month",
+            BudgetPeriod::Total => "total",
+        }
+    }
+
+    /// Start of the period containing `now_ms` (0 for `total`).
+    pub fn start_ms(self, now_ms: i64) -> i64 {
+        let Some(now) = Utc.timestamp_millis_opt(now_ms).single() else {
+            return 0;
+        };
+        let day = now.date_naive();
+        let start = match self {
+            BudgetPeriod::Total => return 0,
+            BudgetPeriod::Day => day,
+            BudgetPeriod::Week => {
+                day - ChronoDuration::days(i64::from(day.weekday().num_days_from_monday()))
+            }
+            BudgetPeriod::Month => day.with_day(1).unwrap_or(day),
+        };
+        midnight_ms(start)
+    }
+
+    /// When the period containing `now_ms` ends (`None` for `total`).
+    pub fn reset_ms(self, now_ms: i64) -> Option<i64> {
+        let start = Utc.timestamp_millis_opt(self.start_ms(now_ms)).single()?;
+        let start = start.date_naive();
+        let next = match self {
+            BudgetPeriod::Total => return None,
+            BudgetPeriod::Day => start + ChronoDuration::days(1),
+            BudgetPeriod::Week => start + ChronoDuration::days(7),
+            BudgetPeriod::Month => {
+                let (year, month) = if start.month() == 12 {
+                    (start.year() + 1, 1)
+                } else {
+                    (start.year(), start.month() + 1)
+                };
+                NaiveDate::from_ymd_opt(year, month, 1)?
+            }
+        };
+        Some(midnight_ms(next))
+    }
+}
+
+fn midnight_ms(day: NaiveDate) -> i64 {
+    day.and_hms_opt(0, 0, 0)
+        .map_or(0, |t| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc).timestamp_millis())
+}
+
+/// A key's live budget. All amounts in nano-dollars.
+#[derive(Debug)]
+pub struct Budget {
+    cap: Money,
+    period: BudgetPeriod,
+    period_start_ms: AtomicI64,
+    /// Spent this period plus everything reserved and not yet settled.
+    committed: AtomicI64,
+    spent: AtomicI64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetExceeded {
+    pub remaining: Money,
+    pub needed: Money,
+}
+
+/// The budget figures the admin API shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BudgetSnapshot {
+    pub budget_usd: Money,
+    pub spend_usd: Money,
+    pub reserved_usd: Money,
+    pub remaining_usd: Money,
+    pub period_start_ms: i64,
+    pub resets_at_ms: Option<i64>,
+}
+
+/// What a settlement found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settled {
+    /// Actual cost beyond what was reserved (the upstream used more than the worst case).
+    pub overshoot: Money,
+    /// Spend as a share of the cap, in percent, after this settlement.
+    pub used_pct: u64,
+}
+
+impl Budget {
+    /// `spent` is what the ledger says was already spent in the current period.
+    pub fn new(cap: Money, period: BudgetPeriod, spent: Money, now_ms: i64) -> Budget {
+        Budget {
+            cap,
+            period,
+            period_start_ms: AtomicI64::new(period.start_ms(now_ms)),
+            committed: AtomicI64::new(spent.nanos()),
+            spent: AtomicI64::new(spent.nanos()),
+        }
+    }
+
+    pub fn cap(&self) -> Money {
+        self.cap
+    }
+
+    pub fn period(&self) -> BudgetPeriod {
+        self.period
+    }
+
+    /// Starts a new period when the clock has passed the reset. Reservations in flight stay
+    /// reserved; only the spent part is forgotten.
+    fn roll(&self, now_ms: i64) {
+        let start = self.period.start_ms(now_ms);
+        let known = self.period_start_ms.load(Ordering::Acquire);
+        if start > known
+            && self
+                .period_start_ms
+                .compare_exchange(known, start, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let spent = self.spent.swap(0, Ordering::AcqRel);
+            self.committed.fetch_sub(spent, Ordering::AcqRel);
+        }
+    }
+
+    pub fn reserve(&self, amount: Money, now_ms: i64) -> Result<(), BudgetExceeded> {
+        self.roll(now_ms);
+        let amount = amount.nanos().max(0);
+        let mut committed = self.committed.load(Ordering::Acquire);
+        loop {
+            let after = committed.saturating_add(amount);
+            if after > self.cap.nanos() {
+                return Err(BudgetExceeded {
+                    remaining: Money(self.cap.nanos() - committed).max(Money::ZERO),
+                    needed: Money(amount),
+                });
+            }
+            match self.committed.compare_exchange_weak(
+                committed,
+                after,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => committed = actual,
+            }
+        }
+    }
+
+    /// Replaces a reservation by the actual cost.
+    pub fn settle(&self, reserved: Money, actual: Money, now_ms: i64) -> Settled {
+        self.roll(now_ms);
+        let actual = actual.nanos().max(0);
+        self.committed
+            .fetch_add(actual - reserved.nanos(), Ordering::AcqRel);
+        let spent = self.spent.fetch_add(actual, Ordering::AcqRel) + actual;
+        Settled {
+            overshoot: Money((actual - reserved.nanos()).max(0)),
+            used_pct: percent(spent, self.cap.nanos()),
+        }
+    }
+
+    /// Gives a reservation back unused (the request was refused later or never went out).
+    pub fn release(&self, reserved: Money) {
+        self.committed.fetch_sub(reserved.nanos(), Ordering::AcqRel);
+    }
+
+    pub fn snapshot(&self, now_ms: i64) -> BudgetSnapshot {
+        self.roll(now_ms);
+        let committed = self.committed.load(Ordering::Acquire);
+        let spent = self.spent.load(Ordering::Acquire);
+        BudgetSnapshot {
+            budget_usd: self.cap,
+            spend_usd: Money(spent),
+            reserved_usd: Money(committed - spent),
+            remaining_usd: Money(self.cap.nanos() - committed).max(Money::ZERO),
+            period_start_ms: self.period_start_ms.load(Ordering::Acquire),
+            resets_at_ms: self.period.reset_ms(now_ms),
+        }
+    }
+}
+
+fn percent(part: i64, whole: i64) -> u64 {
+    if whole <= 0 {
+        return 100;
+    }
+    u64::try_from(i128::from(part) * 100 / i128::from(whole)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text).unwrap().timestamp_millis()
+    }
+
+    #[test]
+    fn calendar_periods_in_utc() {
+        let now = ms("2024-02-29T13:45:00Z"); // a Thursday in a leap year
+        assert_eq!(BudgetPeriod::Day.start_ms(now), ms("2024-02-29T00:00:00Z"));
+        assert_eq!(BudgetPeriod::Day.reset_ms(now), Some(ms("2024-03-01T00:00:00Z")));
+        assert_eq!(BudgetPeriod::Week.start_ms(now), ms("2024-02-26T00:00:00Z"));
+        assert_eq!(BudgetPeriod::Week.reset_ms(now), Some(ms("2024-03-04T00:00:00Z")));
+        assert_eq!(BudgetPeriod::Month.start_ms(now), ms("2024-02-01T00:00:00Z"));
+        assert_eq!(BudgetPeriod::Month.reset_ms(now), Some(ms("2024-03-01T00:00:00Z")));
+        let december = ms("2026-12-31T23:59:59Z");
+        assert_eq!(BudgetPeriod::Month.reset_ms(december), Some(ms("2027-01-01T00:00:00Z")));
+        assert_eq!(BudgetPeriod::Total.start_ms(now), 0);
+        assert_eq!(BudgetPeriod::Total.reset_ms(now), None);
+    }
+
+    #[test]
+    fn reservations_never_pass_the_cap() {
+        let now = ms("2026-11-25T10:00:00Z");
+        let budget = Budget::new(Money(1_000), BudgetPeriod::Day, Money(100), now);
+        assert!(budget.reserve(Money(600), now).is_ok());
+        let refused = budget.reserve(Money(301), now).unwrap_err();
+        assert_eq!(refused.remaining, Money(300));
+        assert!(budget.reserve(Money(300), now).is_ok());
+        budget.settle(Money(600), Money(200), now);
+        let snapshot = budget.snapshot(now);
+        assert_eq!(snapshot.spend_usd, Money(300));
+        assert_eq!(snapshot.reserved_usd, Money(300));
+        assert_eq!(snapshot.remaining_usd, Money(400));
+    }
+
+    #[test]
+    fn overshoot_is_charged_and_reported() {
+        let now = 0;
+        let budget = Budget::new(Money(1_000), BudgetPeriod::Total, Money::ZERO, now);
+        budget.reserve(Money(500), now).unwrap();
+        let settled = budget.settle(Money(500), Money(1_200), now);
+        assert_eq!(settled.overshoot, Money(700));
+        assert_eq!(settled.used_pct, 120);
+        assert!(budget.reserve(Money(1), now).is_err());
+    }
+
+    #[test]
+    fn rollover_forgets_spend_but_keeps_reservations() {
+        let day_one = ms("2026-11-25T23:59:00Z");
+        let budget = Budget::new(Money(1_000), BudgetPeriod::Day, Money(900), day_one);
+        budget.reserve(Money(100), day_one).unwrap();
+        assert!(budget.reserve(Money(1), day_one).is_err());
+        let day_two = ms("2026-11-26T00:00:01Z");
+        assert!(budget.reserve(Money(800), day_two).is_ok());
+        assert!(budget.reserve(Money(101), day_two).is_err());
+        let snapshot = budget.snapshot(day_two);
+        assert_eq!(snapshot.spend_usd, Money::ZERO);
+        assert_eq!(snapshot.reserved_usd, Money(900));
+        assert_eq!(snapshot.period_start_ms, ms("2026-11-26T00:00:00Z"));
+    }
+
+    #[test]
+    fn concurrent_reservations_stay_under_the_cap() {
+        let budget = std::sync::Arc::new(Budget::new(Money(20_000), BudgetPeriod::Total, Money::ZERO, 0));
+        let admitted = std::sync::Arc::new(AtomicI64::new(0));
+        let threads: Vec<_> = (0..200)
+            .map(|_| {
+                let budget = budget.clone();
+                let admitted = admitted.clone();
+                std::thread::spawn(move || {
+                    if budget.reserve(Money(1_500), 0).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        budget.settle(Money(1_500), Money(1_000), 0);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let snapshot = budget.snapshot(0);
+        assert!(snapshot.spend_usd <= Money(20_000));
+        assert!(admitted.load(Ordering::Relaxed) >= 13);
+    }
+}

@@ -1,0 +1,156 @@
+//! GCRA (the generic cell rate algorithm) over one atomic: a limit of N units per minute is a
+//! theoretical arrival time (TAT) that each admitted unit pushes forward by 60s/N, and a
+//! request is admitted while the TAT stays within one minute of now. Unlike a fixed window it
+//! has no boundary bursts; unlike `governor` it supports weighted units, refunds (TPM is
+//! corrected when the real output is known) and reports remaining capacity for OpenAI's headers.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+const WINDOW_US: i64 = 60_000_000;
+
+#[derive(Debug)]
+pub struct Gcra {
+    per_minute: u64,
+    /// Microseconds per unit.
+    interval_us: f64,
+    /// Theoretical arrival time, in microseconds since the Unix epoch.
+    tat_us: AtomicI64,
+}
+
+/// The state of one limit, for the `x-ratelimit-*` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Time until the limit is whole again.
+    pub reset: Duration,
+}
+
+impl Gcra {
+    pub fn per_minute(per_minute: u64) -> Gcra {
+        let per_minute = per_minute.max(1);
+        Gcra {
+            per_minute,
+            interval_us: WINDOW_US as f64 / per_minute as f64,
+            tat_us: AtomicI64::new(0),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.per_minute
+    }
+
+    fn cost_us(&self, units: u64) -> i64 {
+        (self.interval_us * units as f64).ceil() as i64
+    }
+
+    /// Takes `units` now, or says how long until they would fit. A request larger than the
+    /// whole limit can never fit; it is refused with a full window as its wait.
+    pub fn acquire(&self, units: u64, now_us: i64) -> Result<Snapshot, Duration> {
+        let cost = self.cost_us(units);
+        let mut current = self.tat_us.load(Ordering::Acquire);
+        loop {
+            let new_tat = current.max(now_us) + cost;
+            let ahead = new_tat - now_us;
+            if ahead > WINDOW_US {
+                let wait = if cost > WINDOW_US {
+                    WINDOW_US
+                } else {
+                    ahead - WINDOW_US
+                };
+                return Err(Duration::from_micros(wait.max(1) as u64));
+            }
+            match self.tat_us.compare_exchange_weak(
+                current,
+                new_tat,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(self.snapshot_at(new_tat, now_us)),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Gives units back (a rolled-back admission, or tokens reserved but not used).
+    pub fn release(&self, units: u64) {
+        let cost = self.cost_us(units);
+        self.tat_us.fetch_sub(cost, Ordering::AcqRel);
+    }
+
+    /// Takes units regardless of the limit (tokens used beyond what was reserved).
+    pub fn charge(&self, units: u64, now_us: i64) {
+        let cost = self.cost_us(units);
+        let mut current = self.tat_us.load(Ordering::Acquire);
+        loop {
+            let new_tat = current.max(now_us) + cost;
+            match self.tat_us.compare_exchange_weak(
+                current,
+                new_tat,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    pub fn snapshot(&self, now_us: i64) -> Snapshot {
+        self.snapshot_at(self.tat_us.load(Ordering::Acquire), now_us)
+    }
+
+    fn snapshot_at(&self, tat_us: i64, now_us: i64) -> Snapshot {
+        let used_us = (tat_us - now_us).clamp(0, WINDOW_US);
+        let remaining = ((WINDOW_US - used_us) as f64 / self.interval_us).floor() as u64;
+        Snapshot {
+            limit: self.per_minute,
+            remaining: remaining.min(self.per_minute),
+            reset: Duration::from_micros(used_us as u64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: i64 = 1_000_000;
+
+    #[test]
+    fn admits_a_minutes_worth_then_paces() {
+        let limit = Gcra::per_minute(60);
+        let now = 1_000 * SECOND;
+        for i in 0..60 {
+            let snapshot = limit.acquire(1, now).unwrap();
+            assert_eq!(snapshot.remaining, 59 - i);
+        }
+        let wait = limit.acquire(1, now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1));
+        assert!(limit.acquire(1, now + SECOND - 1).is_err());
+        assert!(limit.acquire(1, now + SECOND).is_ok());
+    }
+
+    #[test]
+    fn weighted_units_and_refunds() {
+        let limit = Gcra::per_minute(1_000);
+        let now = 50 * SECOND;
+        assert!(limit.acquire(800, now).is_ok());
+        assert!(limit.acquire(300, now).is_err());
+        limit.release(500);
+        let snapshot = limit.acquire(300, now).unwrap();
+        assert_eq!(snapshot.remaining, 400);
+        assert_eq!(limit.acquire(5_000, now), Err(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn snapshot_reports_reset_until_whole() {
+        let limit = Gcra::per_minute(10);
+        let now = 7 * SECOND;
+        limit.acquire(5, now).unwrap();
+        let snapshot = limit.snapshot(now);
+        assert_eq!(snapshot.remaining, 5);
+        assert_eq!(snapshot.reset, Duration::from_secs(30));
+    }
+}
