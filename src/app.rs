@@ -10,10 +10,10 @@ use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
 use crate::limits::{KeyLimits, Limiter};
-use crate::money::Money;
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
+use crate::money::Money;
 
 pub struct App {
     config: ArcSwap<Config>,
@@ -92,7 +92,8 @@ impl App {
             self.key_revoked(&record.id);
             return;
         }
-        self.limiter.upsert_key(&record.id, &key_limits(&record), spent);
+        self.limiter
+            .upsert_key(&record.id, &key_limits(&record), spent);
         self.keys.put(record);
     }
 

@@ -20,13 +20,13 @@ use std::future::Future;
 
 use crate::app::App;
 use crate::auth::KeyRecord;
-use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
-use crate::money::Money;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
+use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::status_class;
+use crate::money::Money;
 use crate::stream::{parse_usage, SseTap};
 use crate::upstream;
 

@@ -277,12 +277,18 @@ impl Config {
         let webhook = raw.budgets.alert_webhook.as_deref().and_then(|url| {
             reqwest::Url::parse(url)
                 .map_err(|_| {
-                    problems.push(&["budgets", "alert_webhook"], format!("`{url}` is not a URL"));
+                    problems.push(
+                        &["budgets", "alert_webhook"],
+                        format!("`{url}` is not a URL"),
+                    );
                 })
                 .ok()
         });
         if raw.budgets.alert_thresholds_pct.iter().any(|pct| *pct == 0) {
-            problems.push(&["budgets", "alert_thresholds_pct"], "thresholds are percentages from 1 up");
+            problems.push(
+                &["budgets", "alert_thresholds_pct"],
+                "thresholds are percentages from 1 up",
+            );
         }
         Config {
             budget_alerts: BudgetAlerts {

@@ -72,8 +72,9 @@ impl BudgetPeriod {
 }
 
 fn midnight_ms(day: NaiveDate) -> i64 {
-    day.and_hms_opt(0, 0, 0)
-        .map_or(0, |t| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc).timestamp_millis())
+    day.and_hms_opt(0, 0, 0).map_or(0, |t| {
+        DateTime::<Utc>::from_naive_utc_and_offset(t, Utc).timestamp_millis()
+    })
 }
 
 /// A key's live budget. All amounts in nano-dollars.
@@ -218,20 +219,37 @@ mod tests {
     use super::*;
 
     fn ms(text: &str) -> i64 {
-        DateTime::parse_from_rfc3339(text).unwrap().timestamp_millis()
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
     }
 
     #[test]
     fn calendar_periods_in_utc() {
         let now = ms("2024-02-29T13:45:00Z"); // a Thursday in a leap year
         assert_eq!(BudgetPeriod::Day.start_ms(now), ms("2024-02-29T00:00:00Z"));
-        assert_eq!(BudgetPeriod::Day.reset_ms(now), Some(ms("2024-03-01T00:00:00Z")));
+        assert_eq!(
+            BudgetPeriod::Day.reset_ms(now),
+            Some(ms("2024-03-01T00:00:00Z"))
+        );
         assert_eq!(BudgetPeriod::Week.start_ms(now), ms("2024-02-26T00:00:00Z"));
-        assert_eq!(BudgetPeriod::Week.reset_ms(now), Some(ms("2024-03-04T00:00:00Z")));
-        assert_eq!(BudgetPeriod::Month.start_ms(now), ms("2024-02-01T00:00:00Z"));
-        assert_eq!(BudgetPeriod::Month.reset_ms(now), Some(ms("2024-03-01T00:00:00Z")));
+        assert_eq!(
+            BudgetPeriod::Week.reset_ms(now),
+            Some(ms("2024-03-04T00:00:00Z"))
+        );
+        assert_eq!(
+            BudgetPeriod::Month.start_ms(now),
+            ms("2024-02-01T00:00:00Z")
+        );
+        assert_eq!(
+            BudgetPeriod::Month.reset_ms(now),
+            Some(ms("2024-03-01T00:00:00Z"))
+        );
         let december = ms("2026-12-31T23:59:59Z");
-        assert_eq!(BudgetPeriod::Month.reset_ms(december), Some(ms("2027-01-01T00:00:00Z")));
+        assert_eq!(
+            BudgetPeriod::Month.reset_ms(december),
+            Some(ms("2027-01-01T00:00:00Z"))
+        );
         assert_eq!(BudgetPeriod::Total.start_ms(now), 0);
         assert_eq!(BudgetPeriod::Total.reset_ms(now), None);
     }
@@ -279,7 +297,12 @@ mod tests {
 
     #[test]
     fn concurrent_reservations_stay_under_the_cap() {
-        let budget = std::sync::Arc::new(Budget::new(Money(20_000), BudgetPeriod::Total, Money::ZERO, 0));
+        let budget = std::sync::Arc::new(Budget::new(
+            Money(20_000),
+            BudgetPeriod::Total,
+            Money::ZERO,
+            0,
+        ));
         let admitted = std::sync::Arc::new(AtomicI64::new(0));
         let threads: Vec<_> = (0..200)
             .map(|_| {

@@ -113,7 +113,10 @@ impl Refusal {
     /// A bounded label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::RateLimited { scope: "concurrency", .. } => "concurrency",
+            Refusal::RateLimited {
+                scope: "concurrency",
+                ..
+            } => "concurrency",
             Refusal::RateLimited {
                 scope: "model",
                 limit_kind: "requests",
@@ -293,7 +296,13 @@ impl Limiter {
             headers: RateLimitHeaders::default(),
             settled: false,
         };
-        match Limiter::take(&mut ticket, key.as_ref(), model_state.as_ref(), demand, now_us) {
+        match Limiter::take(
+            &mut ticket,
+            key.as_ref(),
+            model_state.as_ref(),
+            demand,
+            now_us,
+        ) {
             Ok(()) => Ok(ticket),
             Err(refusal) => {
                 ticket.rollback_requests();
@@ -322,11 +331,13 @@ impl Limiter {
                 ticket.holds_slot = true;
             }
             if let Some(rpm) = &key.rpm {
-                let snapshot = rpm.acquire(1, now_us).map_err(|wait| Refusal::RateLimited {
-                    limit_kind: "requests",
-                    scope: "key",
-                    retry_after: wait,
-                })?;
+                let snapshot = rpm
+                    .acquire(1, now_us)
+                    .map_err(|wait| Refusal::RateLimited {
+                        limit_kind: "requests",
+                        scope: "key",
+                        retry_after: wait,
+                    })?;
                 ticket.requests_taken.0 = true;
                 ticket.headers.requests = Some(snapshot);
             }
@@ -344,11 +355,13 @@ impl Limiter {
         }
         if let Some(model_state) = model_state {
             if let Some(rpm) = &model_state.rpm {
-                let snapshot = rpm.acquire(1, now_us).map_err(|wait| Refusal::RateLimited {
-                    limit_kind: "requests",
-                    scope: "model",
-                    retry_after: wait,
-                })?;
+                let snapshot = rpm
+                    .acquire(1, now_us)
+                    .map_err(|wait| Refusal::RateLimited {
+                        limit_kind: "requests",
+                        scope: "model",
+                        retry_after: wait,
+                    })?;
                 ticket.requests_taken.1 = true;
                 ticket.headers.requests = tighter(ticket.headers.requests, Some(snapshot));
             }
@@ -539,15 +552,36 @@ mod tests {
             budget: Some((Money(100), BudgetPeriod::Day)),
         };
         limiter.upsert_key("k", &limits, None);
-        let refused = limiter.admit("k", "m", Demand { tokens: 10, cost: Money(101) });
+        let refused = limiter.admit(
+            "k",
+            "m",
+            Demand {
+                tokens: 10,
+                cost: Money(101),
+            },
+        );
         assert!(matches!(refused, Err(Refusal::InsufficientQuota { .. })));
         // Nothing stayed taken: the slot, the tokens and the request are all free again.
         let ticket = limiter
-            .admit("k", "m", Demand { tokens: 1_000, cost: Money(100) })
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 1_000,
+                    cost: Money(100),
+                },
+            )
             .unwrap();
         assert_eq!(ticket.headers().requests.unwrap().remaining, 9);
         assert_eq!(ticket.headers().tokens.unwrap().remaining, 0);
-        let busy = limiter.admit("k", "m", Demand { tokens: 1, cost: Money(0) });
+        let busy = limiter.admit(
+            "k",
+            "m",
+            Demand {
+                tokens: 1,
+                cost: Money(0),
+            },
+        );
         assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
         let settlement = limiter.settle(ticket, 400, Money(60));
         assert_eq!(settlement.alerts.len(), 1);
@@ -556,7 +590,14 @@ mod tests {
         assert_eq!(budget.spend_usd, Money(60));
         assert_eq!(budget.reserved_usd, Money::ZERO);
         let again = limiter
-            .admit("k", "m", Demand { tokens: 600, cost: Money(40) })
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 600,
+                    cost: Money(40),
+                },
+            )
             .unwrap();
         assert_eq!(again.headers().tokens.unwrap().remaining, 0);
     }
@@ -572,9 +613,27 @@ mod tests {
             ..KeyLimits::default()
         };
         limiter.upsert_key("k", &limits, None);
-        let ticket = limiter.admit("k", "m", Demand { tokens: 100, cost: Money(10) }).unwrap();
+        let ticket = limiter
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 100,
+                    cost: Money(10),
+                },
+            )
+            .unwrap();
         drop(ticket);
-        assert!(limiter.admit("k", "m", Demand { tokens: 100, cost: Money(10) }).is_ok());
+        assert!(limiter
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 100,
+                    cost: Money(10)
+                }
+            )
+            .is_ok());
     }
 
     #[test]
@@ -599,13 +658,45 @@ mod tests {
             ..KeyLimits::default()
         };
         limiter.upsert_key("k", &limits, None);
-        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(90) }).unwrap();
-        let crossed: Vec<u8> = limiter.settle(t, 0, Money(90)).alerts.iter().map(|a| a.threshold_pct).collect();
+        let t = limiter
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 0,
+                    cost: Money(90),
+                },
+            )
+            .unwrap();
+        let crossed: Vec<u8> = limiter
+            .settle(t, 0, Money(90))
+            .alerts
+            .iter()
+            .map(|a| a.threshold_pct)
+            .collect();
         assert_eq!(crossed, vec![50, 80]);
-        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(5) }).unwrap();
+        let t = limiter
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 0,
+                    cost: Money(5),
+                },
+            )
+            .unwrap();
         assert!(limiter.settle(t, 0, Money(5)).alerts.is_empty());
         clock.advance(Duration::from_secs(86_400));
-        let t = limiter.admit("k", "m", Demand { tokens: 0, cost: Money(60) }).unwrap();
+        let t = limiter
+            .admit(
+                "k",
+                "m",
+                Demand {
+                    tokens: 0,
+                    cost: Money(60),
+                },
+            )
+            .unwrap();
         assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
     }
 }

@@ -1,0 +1,318 @@
+//! Keys, caps and throttles through the real gateway: exactness under concurrency, every
+//! status and header of the contract, revocation, allow-lists, and the SDK's retry behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{run_python, Harness};
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use tollgate::mock_upstream::MockOptions;
+
+fn request(max_tokens: u64) -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": max_tokens,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say hello to the gateway."}
+        ],
+        "mock": {"reply_tokens": 16}
+    })
+}
+
+async fn send_as(gw: &Harness, key: &str, body: &Value) -> reqwest::Response {
+    gw.http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn key_state(gw: &Harness, id: &str) -> Value {
+    gw.admin(reqwest::Method::GET, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+// One request: 21 input tokens (see tests/proxy.rs) and 16 output tokens at gpt-4o-mini's
+// $0.15 / $0.60 per 1M: 21 × 150 + 16 × 600 = 12,750 nano-dollars. Reserved with
+// max_tokens = 32: 21 × 150 + 32 × 600 = 22,350.
+const ACTUAL: i64 = 12_750;
+const RESERVED: i64 = 22_350;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_never_pass_the_cap() {
+    let gw = Harness::start().await;
+    let cap_nanos = 20 * ACTUAL;
+    let created = gw
+        .create_key(json!({"name": "agent-loop", "budget_usd": cap_nanos as f64 / 1e9, "budget_period": "day"}))
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let body = request(32);
+    let responses = join_all((0..200).map(|_| send_as(&gw, &key, &body))).await;
+    let mut admitted = 0;
+    for response in responses {
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                assert_eq!(response.headers()["x-should-retry"], "false");
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "insufficient_quota");
+                assert_eq!(error["error"]["type"], "insufficient_quota");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let state = key_state(&gw, created["id"].as_str().unwrap()).await;
+    let spend = (state["spend_usd"].as_f64().unwrap() * 1e9).round() as i64;
+    assert_eq!(
+        spend,
+        admitted * ACTUAL,
+        "spend is exactly what was admitted"
+    );
+    assert!(
+        spend <= cap_nanos,
+        "spend {spend} passed the cap {cap_nanos}"
+    );
+    // Sequential sending admits 19 (it stops when less than one reservation remains); with
+    // every request in flight at once, at least cap / reservation = 11 must get through.
+    assert!(admitted >= cap_nanos / RESERVED, "only {admitted} admitted");
+    assert_eq!(state["reserved_usd"].as_f64().unwrap(), 0.0);
+
+    // Sequentially the remainder is used to the last whole reservation.
+    let mut more = 0;
+    while send_as(&gw, &key, &body).await.status() == 200 {
+        more += 1;
+    }
+    assert_eq!(admitted + more, 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_hold_under_concurrency() {
+    let gw = Harness::start().await;
+    // Each request asks for 21 input + 16 output = 37 tokens.
+    let created = gw.create_key(json!({"name": "tpm", "tpm": 20 * 37})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let body = request(16);
+    let responses = join_all((0..200).map(|_| send_as(&gw, &key, &body))).await;
+    let ok = responses.iter().filter(|r| r.status() == 200).count();
+    assert_eq!(ok, 20);
+    let refused = responses.iter().find(|r| r.status() == 429).unwrap();
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.headers()["x-should-retry"], "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_is_capped() {
+    // A paced mock keeps the first three streams open while the fourth arrives.
+    let gw = Harness::start_with(
+        MockOptions {
+            tokens_per_sec: Some(20),
+            ..MockOptions::default()
+        },
+        "",
+    )
+    .await;
+    let created = gw
+        .create_key(json!({"name": "conc", "max_concurrency": 3}))
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let mut body = request(16);
+    body["stream"] = json!(true);
+    // Hold three streams open, then try a fourth.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut slow = body.clone();
+        slow["mock"] = json!({"reply_tokens": 16});
+        let mut response = gw
+            .http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .json(&slow)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.chunk().await.unwrap();
+        open.push(response);
+    }
+    let fourth = send_as(&gw, &key, &request(16)).await;
+    assert_eq!(fourth.status(), 429);
+    assert_eq!(fourth.headers()["x-should-retry"], "true");
+    let error: Value = fourth.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    // A finished stream frees its slot.
+    let first = open.remove(0);
+    first.bytes().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut short = request(1);
+    short["mock"] = json!({"reply_tokens": 1});
+    assert_eq!(send_as(&gw, &key, &short).await.status(), 200);
+    drop(open);
+}
+
+#[tokio::test]
+async fn every_proxied_response_carries_rate_limit_headers() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "hdr", "rpm": 5, "tpm": 1000}))
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let response = send_as(&gw, &key, &request(16)).await;
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "5");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "4");
+    assert_eq!(h["x-ratelimit-reset-requests"], "12s");
+    assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "963");
+    assert_eq!(h["x-ratelimit-reset-tokens"], "2.22s");
+    for _ in 0..4 {
+        assert_eq!(send_as(&gw, &key, &request(16)).await.status(), 200);
+    }
+    let refused = send_as(&gw, &key, &request(16)).await;
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((11..=12).contains(&wait), "retry-after {wait}");
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(error["error"]["type"], "requests");
+}
+
+#[tokio::test]
+async fn keys_are_checked_on_every_request() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "narrow", "models": ["gpt-4o-mini"]}))
+        .await;
+    assert!(created["key"].as_str().unwrap().starts_with("sk-"));
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    assert_eq!(send_as(&gw, "sk-wrong", &request(16)).await.status(), 401);
+    let mut frontier = request(16);
+    frontier["model"] = json!("gpt-4o");
+    let forbidden = send_as(&gw, &key, &frontier).await;
+    assert_eq!(forbidden.status(), 403);
+    let error: Value = forbidden.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_allowed");
+    assert_eq!(send_as(&gw, &key, &request(16)).await.status(), 200);
+
+    // The secret is never shown again, and only a hash is stored.
+    let listed: Value = gw
+        .admin(reqwest::Method::GET, "/admin/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!listed.to_string().contains(&key));
+    let db = std::fs::read(gw.data_dir.join("keys.sqlite")).unwrap();
+    assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));
+
+    let revoked = gw
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let after = send_as(&gw, &key, &request(16)).await;
+    assert_eq!(after.status(), 401);
+    let error: Value = after.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_api_key");
+
+    let typo = gw
+        .admin(reqwest::Method::POST, "/admin/keys")
+        .json(&json!({"name": "x", "budget_usdd": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(typo.status(), 400);
+    let no_admin = gw
+        .http
+        .get(format!("{}/admin/keys", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_admin.status(), 401);
+}
+
+#[tokio::test]
+async fn admin_shows_budget_state_and_updates_in_place() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "team", "budget_usd": 10, "budget_period": "month", "rpm": 100}))
+        .await;
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(created["budget_usd"], json!(10));
+    assert_eq!(created["spend_usd"], json!(0));
+    assert_eq!(created["remaining_usd"], json!(10));
+    assert!(created["period_start"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01T00:00:00Z"));
+    assert!(created["resets_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01T00:00:00Z"));
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
+    let updated: Value = gw
+        .admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
+        .json(&json!({"budget_usd": 20, "rpm": null}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(updated["budget_usd"], json!(20));
+    assert_eq!(updated["rpm"], Value::Null);
+    // The update kept the live spend of the request made before it.
+    assert_eq!(updated["spend_usd"], json!(ACTUAL as f64 / 1e9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_does_not_retry_quota_but_retries_throttles() {
+    let gw = Harness::start().await;
+    let broke = gw
+        .create_key(json!({"name": "broke", "budget_usd": 0, "budget_period": "total"}))
+        .await;
+    let throttled = gw.create_key(json!({"name": "throttled", "rpm": 60})).await;
+    let base_url = format!("{}/v1", gw.url);
+    let broke_key = broke["key"].as_str().unwrap().to_owned();
+    let throttled_key = throttled["key"].as_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        run_python(
+            "sdk_retries.py",
+            &[&base_url, &broke_key, &throttled_key],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(seen["quota_error"], "RateLimitError");
+    assert_eq!(seen["quota_code"], "insufficient_quota");
+    assert_eq!(seen["throttled_then_ok"], true);
+    assert!(seen["throttled_wait_s"].as_f64().unwrap() >= 0.5);
+    let metrics = gw.metrics().await;
+    // One refusal only: the SDK did not retry insufficient_quota.
+    assert!(
+        metrics.contains("tollgate_rejections_total{reason=\"budget\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tollgate_rejections_total{reason=\"key_rpm\"} 1"));
+}
