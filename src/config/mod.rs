@@ -284,7 +284,7 @@ impl Config {
                 })
                 .ok()
         });
-        if raw.budgets.alert_thresholds_pct.iter().any(|pct| *pct == 0) {
+        if raw.budgets.alert_thresholds_pct.contains(&0) {
             problems.push(
                 &["budgets", "alert_thresholds_pct"],
                 "thresholds are percentages from 1 up",
