@@ -14,6 +14,8 @@ use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::money::Money;
+use crate::rating::ledger::LedgerReader;
+use crate::rating::Rater;
 
 pub struct App {
     config: ArcSwap<Config>,
@@ -30,6 +32,8 @@ pub struct App {
     pub settling: tokio_util::task::TaskTracker,
     /// For budget alert webhooks.
     pub webhooks: reqwest::Client,
+    pub rater: Rater,
+    pub ledger: LedgerReader,
     ready: AtomicBool,
 }
 
@@ -42,6 +46,7 @@ impl App {
         key_store: Arc<dyn KeyStore>,
         admin_token: Option<String>,
         limiter: Limiter,
+        ledger: LedgerReader,
     ) -> App {
         for name in &config.model_order {
             if let Some(model) = config.model(name) {
@@ -59,6 +64,8 @@ impl App {
             admin_token,
             settling: tokio_util::task::TaskTracker::new(),
             webhooks: reqwest::Client::new(),
+            rater: Rater::default(),
+            ledger,
             ready: AtomicBool::new(false),
         }
     }
@@ -92,8 +99,11 @@ impl App {
             self.key_revoked(&record.id);
             return;
         }
-        self.limiter
-            .upsert_key(&record.id, &key_limits(&record), spent);
+        let limits = key_limits(
+            &record,
+            self.config().plan(record.plan.as_deref()).implied_cap(),
+        );
+        self.limiter.upsert_key(&record.id, &limits, spent);
         self.keys.put(record);
     }
 
@@ -108,8 +118,9 @@ impl App {
         let Some(snapshot) = self.limiter.budget(&record.id) else {
             return serde_json::Value::Null;
         };
-        let capped = record.budget_usd.is_some();
+        let capped = snapshot.budget_usd.nanos() != i64::MAX;
         serde_json::json!({
+            "budget_usd": capped.then_some(snapshot.budget_usd),
             "spend_usd": snapshot.spend_usd,
             "reserved_usd": snapshot.reserved_usd,
             "remaining_usd": capped.then_some(snapshot.remaining_usd),
@@ -119,16 +130,19 @@ impl App {
     }
 }
 
-/// A key's limits; a key without a cap still gets an unreachable one so its spend is tracked.
-pub fn key_limits(record: &KeyRecord) -> KeyLimits {
+/// A key's limits. A key on a hard-stop credit pack is capped at the pack per month unless it
+/// has its own cap; a key without any cap gets an unreachable one so its spend is tracked.
+pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
+    let budget = match (record.budget_usd, plan_cap) {
+        (Some(cap), _) => (cap, record.budget_period),
+        (None, Some(pack)) => (pack, crate::limits::BudgetPeriod::Month),
+        (None, None) => (Money(i64::MAX), record.budget_period),
+    };
     KeyLimits {
         rpm: record.rpm,
         tpm: record.tpm,
         max_concurrency: record.max_concurrency,
-        budget: Some((
-            record.budget_usd.unwrap_or(Money(i64::MAX)),
-            record.budget_period,
-        )),
+        budget: Some(budget),
     }
 }
 

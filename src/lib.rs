@@ -16,6 +16,7 @@ pub mod mock_upstream;
 pub mod money;
 pub mod outcomes;
 pub mod proxy;
+pub mod rating;
 pub mod reload;
 pub mod server;
 pub mod stream;

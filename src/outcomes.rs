@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::app::App;
 use crate::error::GatewayError;
 use crate::meter::record::{MeterEvent, OutcomeEvent};
+use crate::money::Money;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +83,13 @@ fn accept(app: &App, headers: &HeaderMap, body: &str) -> Result<OutcomeEvent, Ga
         (None, Some(request_id)) => format!("{request_id}:{outcome_type}"),
         (None, None) => format!("out_{:032x}", rand::random::<u128>()),
     };
+    let charge = app
+        .config()
+        .plan(key.plan.as_deref())
+        .outcome_price(outcome_type)
+        .map_or(Money::ZERO, |price| price.times(request.quantity));
     Ok(OutcomeEvent {
+        charge,
         idempotency_key: format!("{}:{idempotency_key}", key.id),
         key_id: key.id.clone(),
         plan: key.plan.clone(),

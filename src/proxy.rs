@@ -24,11 +24,15 @@ use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
+use crate::meter::sink::WrittenAck;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::status_class;
 use crate::money::Money;
+use crate::rating::ledger::Durability;
+use crate::rating::plan::Rated;
 use crate::stream::{parse_usage, SseTap};
 use crate::upstream;
+use tokio::sync::oneshot;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
@@ -252,6 +256,8 @@ struct Exchange {
 }
 
 struct Ending {
+    /// The upstream answered with a success status, so its tokens are billable.
+    answered: bool,
     status: u16,
     outcome: Outcome,
     reported: Option<TokenUsage>,
@@ -318,13 +324,20 @@ impl Exchange {
             .as_u64()
             .or_else(|| body["max_tokens"].as_u64());
         let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 128);
+        let plan = self.config.plan(key.plan.as_deref());
         let mut demand = Demand::default();
         for model in candidates {
             let output = match self.endpoint {
                 Endpoint::Embeddings => 0,
                 _ => requested_output.unwrap_or(model.max_output_tokens) * choices,
             };
-            let cost = model.prices.cost(self.counted.input, 0, output);
+            let cost = plan.worst_case(
+                &model.name,
+                &model.tier,
+                &model.prices,
+                self.counted.input,
+                output,
+            );
             demand.tokens = demand.tokens.max(self.counted.input + output);
             demand.cost = demand.cost.max(cost);
         }
@@ -364,6 +377,7 @@ impl Exchange {
             _ => Outcome::Rejected,
         };
         self.settle(Ending {
+            answered: false,
             status: error.status().as_u16(),
             outcome,
             reported: None,
@@ -388,6 +402,7 @@ impl Exchange {
             _ => Bytes::new(),
         };
         self.settle(Ending {
+            answered: false,
             status: status.as_u16(),
             outcome: Outcome::UpstreamError,
             reported: None,
@@ -428,13 +443,18 @@ impl Exchange {
         let (reported, output, finish_reason) =
             meter_body(&self.app.tokenizer, &model, self.endpoint, body.clone()).await;
         self.counted.output = output;
-        self.settle(Ending {
+        let committed = self.settle(Ending {
+            answered: true,
             status: 200,
             outcome: Outcome::Completed,
             reported,
             finish_reason,
             ttft: Some(ttft),
         });
+        if let Some(committed) = committed {
+            // Strict durability: the client sees the answer only once its record is committed.
+            let _ = committed.await;
+        }
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -464,6 +484,9 @@ impl Exchange {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
             first_byte: None,
+            strict: self.config.durability == Durability::Strict,
+            ended: false,
+            held: None,
             exchange: Some(self),
         };
         let mut response = Response::new(Body::from_stream(body));
@@ -535,9 +558,10 @@ impl Exchange {
     }
 
     /// Ends the request: metrics and its one usage record. Idempotent by construction.
-    fn settle(&mut self, ending: Ending) {
+    /// Returns, in strict durability, the receiver that answers once the record is committed.
+    fn settle(&mut self, ending: Ending) -> Option<WrittenAck> {
         if self.settled {
-            return;
+            return None;
         }
         self.settled = true;
         let metrics = &self.app.metrics;
@@ -563,14 +587,27 @@ impl Exchange {
                 .with_label_values(&[model_label])
                 .observe(ttft.as_secs_f64());
         }
-        let billed = ending.reported.unwrap_or(self.counted);
-        let cost = self.model.as_ref().map_or(Money::ZERO, |model| {
-            model
-                .prices
-                .cost(billed.input, billed.cached_input, billed.output)
-        });
+        // Only an answered request is billed: providers do not charge for refusals and errors.
+        let billed = match ending.answered {
+            true => ending.reported.unwrap_or(self.counted),
+            false => TokenUsage::default(),
+        };
+        let (rated, list_cost) = match (&self.key, &self.model) {
+            (Some(key), Some(model)) => self.app.rater.rate(
+                &key.id,
+                self.config.plan(key.plan.as_deref()),
+                model,
+                billed,
+                key.seats,
+                self.accepted_ms,
+            ),
+            _ => (Rated::default(), Money::ZERO),
+        };
         if let Some(ticket) = self.ticket.take() {
-            let settlement = self.app.limiter.settle(ticket, billed.total(), cost);
+            let settlement = self
+                .app
+                .limiter
+                .settle(ticket, billed.total(), rated.charge);
             if settlement.overshoot > Money::ZERO {
                 metrics
                     .budget_overshoot_usd
@@ -592,7 +629,7 @@ impl Exchange {
             metrics
                 .cost_usd
                 .with_label_values(&[model_label])
-                .inc_by(cost.as_f64_usd());
+                .inc_by(rated.charge.as_f64_usd());
             if let Some(reported) = ending.reported {
                 let drift = |ours: u64, theirs: u64, direction: &str| {
                     metrics
@@ -627,6 +664,9 @@ impl Exchange {
             ttft_ms: ending
                 .ttft
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            charge: rated.charge,
+            list_cost,
+            micro_credits: rated.micro_credits,
         };
         tracing::info!(
             request_id = %record.request_id,
@@ -641,8 +681,16 @@ impl Exchange {
         );
         // A request that never authenticated is not anyone's usage: counting it would let
         // anonymous traffic fill the ledger.
-        if record.key_id.is_some() {
-            self.app.usage.submit(MeterEvent::Usage(record));
+        if record.key_id.is_none() {
+            return None;
+        }
+        let event = MeterEvent::Usage(record);
+        match self.config.durability {
+            Durability::Strict => self.app.usage.submit_acked(event),
+            Durability::Batched => {
+                self.app.usage.submit(event);
+                None
+            }
         }
     }
 }
@@ -724,31 +772,41 @@ struct MeteredStream {
     idle_timeout: Duration,
     first_byte: Option<Duration>,
     exchange: Option<Exchange>,
+    strict: bool,
+    ended: bool,
+    /// The final bytes, held until the record is committed (strict durability).
+    held: Option<(Bytes, oneshot::Receiver<()>)>,
 }
 
 impl MeteredStream {
-    fn settle(&mut self, outcome: Outcome, status: u16) {
-        let Some(mut exchange) = self.exchange.take() else {
-            return;
-        };
+    /// Settles the stream's request; the receiver answers once its record is durable enough
+    /// for the configured durability (at once in batched mode).
+    fn settle(&mut self, outcome: Outcome, status: u16) -> Option<oneshot::Receiver<()>> {
+        let mut exchange = self.exchange.take()?;
         let output = std::mem::take(&mut self.tap.output);
         let reported = self.tap.usage;
         let ttft = self.first_byte;
         let tokenizer = exchange.app.tokenizer;
         let settling = exchange.app.settling.clone();
+        let (durable, durable_rx) = oneshot::channel();
         // Counting the whole answer can take milliseconds; never on an async worker.
-        let mut finish = move || {
+        let finish = move || {
             if let Some(model) = &exchange.model {
                 exchange.counted.output = output.finish(&tokenizer, model.encoding);
             }
             let finish_reason = output.finish_reason().map(str::to_owned);
-            exchange.settle(Ending {
+            let committed = exchange.settle(Ending {
+                answered: true,
                 status,
                 outcome,
                 reported,
                 finish_reason,
                 ttft,
             });
+            if let Some(committed) = committed {
+                let _ = committed.blocking_recv();
+            }
+            let _ = durable.send(());
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -756,6 +814,7 @@ impl MeteredStream {
             }
             Err(_) => finish(),
         }
+        Some(durable_rx)
     }
 }
 
@@ -764,7 +823,16 @@ impl Stream for MeteredStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.exchange.is_none() {
+        if let Some((bytes, durable)) = &mut this.held {
+            // Strict durability: the last event waits for its record's commit.
+            if Pin::new(durable).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let bytes = std::mem::take(bytes);
+            this.held = None;
+            return Poll::Ready(Some(Ok(bytes)));
+        }
+        if this.ended {
             return Poll::Ready(None);
         }
         loop {
@@ -779,20 +847,30 @@ impl Stream for MeteredStream {
                     if this.first_byte.is_none() {
                         this.first_byte = this.exchange.as_ref().map(|e| e.accepted.elapsed());
                     }
+                    if this.tap.saw_done && this.strict {
+                        if let Some(durable) = this.settle(Outcome::Completed, 200) {
+                            this.held = Some((out, durable));
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                    }
                     return Poll::Ready(Some(Ok(out)));
                 }
                 Poll::Ready(Some(Err(_))) => {
+                    this.ended = true;
                     this.settle(Outcome::GatewayError, 502);
                     return Poll::Ready(Some(Err(std::io::Error::other(
                         "the upstream stream was cut",
                     ))));
                 }
                 Poll::Ready(None) => {
+                    this.ended = true;
                     this.settle(Outcome::Completed, 200);
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
+                        this.ended = true;
                         this.settle(Outcome::GatewayError, 504);
                         return Poll::Ready(Some(Err(std::io::Error::other(
                             "the upstream stream went idle",
@@ -808,7 +886,7 @@ impl Stream for MeteredStream {
 impl Drop for MeteredStream {
     /// The client went away before the end: what was sent is still metered.
     fn drop(&mut self) {
-        self.settle(Outcome::ClientDisconnected, 499);
+        let _ = self.settle(Outcome::ClientDisconnected, 499);
     }
 }
 

@@ -18,11 +18,14 @@ use crate::app::App;
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::limits::BudgetPeriod;
 use crate::limits::{Limiter, SystemClock};
-use crate::meter::sink::{JsonLinesWriter, UsagePipeline};
+use crate::meter::sink::UsagePipeline;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
+use crate::money::Money;
 use crate::proxy;
+use crate::rating::ledger::{LedgerReader, LedgerWriter};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -53,11 +56,10 @@ impl Gateway {
     pub fn start(config: Config, admin_token: Option<String>) -> Result<Gateway, StartError> {
         let tokenizer = Tokenizer::new().map_err(|e| StartError::Tokenizer(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let writer =
-            JsonLinesWriter::open(&config.server.data_dir).map_err(|source| StartError::Sink {
-                dir: config.server.data_dir.display().to_string(),
-                source,
-            })?;
+        let data_dir = config.server.data_dir.clone();
+        let writer = LedgerWriter::open(&data_dir, config.durability)
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let ledger = LedgerReader::new(&data_dir);
         let pipeline = UsagePipeline::start(
             Box::new(writer),
             config.server.usage_channel_capacity,
@@ -84,10 +86,9 @@ impl Gateway {
             Arc::new(key_store),
             admin_token,
             limiter,
+            ledger.clone(),
         ));
-        for key in keys {
-            app.key_activated(key, None);
-        }
+        restore(&app, &ledger, keys).map_err(|e| StartError::Store(e.to_string()))?;
         Ok(Gateway { app, pipeline })
     }
 
@@ -146,6 +147,35 @@ impl Gateway {
         tracing::info!("usage sink flushed; bye");
         Ok(())
     }
+}
+
+/// Brings live state back from the ledger: each key's spend in its current budget period and
+/// its running totals for the month. Reservations are never stored, so those of requests that
+/// a crash interrupted are simply gone.
+fn restore(
+    app: &App,
+    ledger: &LedgerReader,
+    keys: Vec<crate::auth::KeyRecord>,
+) -> Result<(), crate::rating::ledger::LedgerError> {
+    let now_ms = crate::unix_ms();
+    let month = BudgetPeriod::Month.start_ms(now_ms);
+    for (key_id, cursor) in ledger.cursors(month)? {
+        app.rater.seed(&key_id, month, cursor);
+    }
+    let mut spend_by_period = std::collections::HashMap::new();
+    for key in keys {
+        let start = key.budget_period.start_ms(now_ms);
+        if !spend_by_period.contains_key(&start) {
+            spend_by_period.insert(start, ledger.spend_since(start)?);
+        }
+        let spent = spend_by_period
+            .get(&start)
+            .and_then(|spend| spend.get(&key.id))
+            .copied()
+            .unwrap_or(Money::ZERO);
+        app.key_activated(key, Some(spent));
+    }
+    Ok(())
 }
 
 pub fn router(app: Arc<App>) -> Router {

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use crate::meter::tokenizer::Encoding;
 use crate::money::{Money, TokenPrice};
+use crate::rating::ledger::Durability;
+use crate::rating::plan::{build_plans, Plan};
 
 use raw::RawConfig;
 
@@ -30,6 +32,9 @@ pub struct Config {
     pub model_order: Vec<String>,
     pub retry: RetryPolicy,
     pub budget_alerts: BudgetAlerts,
+    /// Pricing plans by name; always holds `list` (per-token at list price).
+    pub plans: HashMap<String, Plan>,
+    pub durability: Durability,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +116,8 @@ pub struct BudgetAlerts {
     pub thresholds_pct: Vec<u8>,
     pub webhook: Option<reqwest::Url>,
 }
+
+static LIST_PLAN: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(Plan::list);
 
 /// Everything wrong with one configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +297,29 @@ impl Config {
                 "thresholds are percentages from 1 up",
             );
         }
+        let catalog: HashMap<String, (ModelPrices, String)> = models
+            .iter()
+            .map(|(name, model)| (name.clone(), (model.prices, model.tier.clone())))
+            .collect();
+        let mut plan_problems = Vec::new();
+        let plans = build_plans(&raw.plans, &catalog, &mut plan_problems);
+        for (path, message) in plan_problems {
+            problems.push_owned(path, message);
+        }
+        let durability = match raw.ledger.durability.as_str() {
+            "batched" => Durability::Batched,
+            "strict" => Durability::Strict,
+            other => {
+                problems.push(
+                    &["ledger", "durability"],
+                    format!("`{other}` is not `batched` or `strict`"),
+                );
+                Durability::Batched
+            }
+        };
         Config {
+            plans,
+            durability,
             budget_alerts: BudgetAlerts {
                 thresholds_pct: raw.budgets.alert_thresholds_pct.clone(),
                 webhook,
@@ -312,6 +341,14 @@ impl Config {
 
     pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
         self.models.get(name)
+    }
+
+    /// A key's plan; a key without one, or whose plan was removed from the config, is rated
+    /// at list price.
+    pub fn plan(&self, name: Option<&str>) -> &Plan {
+        name.and_then(|name| self.plans.get(name))
+            .or_else(|| self.plans.get("list"))
+            .unwrap_or(&LIST_PLAN)
     }
 
     /// The model the demo's example lines use: the routing model once one is configured,

@@ -19,6 +19,25 @@ pub struct RawConfig {
     pub retry: RawRetry,
     #[serde(default)]
     pub budgets: RawBudgets,
+    #[serde(default)]
+    pub plans: BTreeMap<String, crate::rating::plan::RawPlan>,
+    #[serde(default)]
+    pub ledger: RawLedger,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLedger {
+    /// `batched` (default) or `strict`.
+    pub durability: String,
+}
+
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger {
+            durability: "batched".to_owned(),
+        }
+    }
 }
 
 /// Retries and fallbacks before the first byte reaches the client.

@@ -272,6 +272,15 @@ impl Limiter {
         );
     }
 
+    /// Charges a cost that had no reservation (an outcome reported after the fact).
+    pub fn charge(&self, key_id: &str, cost: Money) {
+        let now_ms = self.clock.now_ms();
+        let state = self.keys.get(key_id).map(|entry| entry.value().clone());
+        if let Some(budget) = state.as_ref().and_then(|s| s.budget.as_ref()) {
+            budget.settle(Money::ZERO, cost, now_ms);
+        }
+    }
+
     pub fn budget(&self, key_id: &str) -> Option<BudgetSnapshot> {
         let now_ms = self.clock.now_ms();
         let state = self.keys.get(key_id).map(|entry| entry.value().clone())?;

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::money::Money;
+
 /// Token figures for one request. `cached_input` is the part of `input` served from the
 /// provider's prompt cache (it is included in `input`, as OpenAI reports it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +102,11 @@ pub struct UsageRecord {
     pub attempts: u32,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
+    /// What the request cost: rated under the key's plan when it settled.
+    pub charge: Money,
+    /// The same tokens at list price, and credits burned (credit plans), for reports.
+    pub list_cost: Money,
+    pub micro_credits: u64,
 }
 
 impl UsageRecord {
@@ -113,6 +120,8 @@ impl UsageRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutcomeEvent {
     pub idempotency_key: String,
+    /// Price × quantity under the key's plan when reported.
+    pub charge: Money,
     pub key_id: String,
     pub plan: Option<String>,
     pub outcome_type: String,

@@ -7,8 +7,6 @@
 //! alertable; the channel is sized (`server.usage_channel_capacity`) so that this only happens
 //! when the writer is down or far behind.
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -178,35 +176,5 @@ fn run_writer(
             let _ = done.send(());
             return;
         }
-    }
-}
-
-/// Appends one JSON object per line to `usage.jsonl` under the data dir.
-pub struct JsonLinesWriter {
-    file: std::io::BufWriter<std::fs::File>,
-}
-
-impl JsonLinesWriter {
-    pub fn open(data_dir: &Path) -> std::io::Result<JsonLinesWriter> {
-        std::fs::create_dir_all(data_dir)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("usage.jsonl"))?;
-        Ok(JsonLinesWriter {
-            file: std::io::BufWriter::new(file),
-        })
-    }
-}
-
-impl UsageWriter for JsonLinesWriter {
-    fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError> {
-        for event in events {
-            serde_json::to_writer(&mut self.file, event)
-                .map_err(|error| SinkError::Other(error.to_string()))?;
-            self.file.write_all(b"\n")?;
-        }
-        self.file.flush()?;
-        Ok(())
     }
 }

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tollgate::config::Config;
-use tollgate::meter::record::{MeterEvent, UsageRecord};
+use tollgate::meter::record::UsageRecord;
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
+use tollgate::rating::ledger::LedgerReader;
 use tollgate::server::Gateway;
 
 pub struct Harness {
@@ -180,15 +181,14 @@ impl Harness {
 
     /// Usage records written so far, waiting up to a second for `expected` of them.
     pub async fn usage_records(&self, expected: usize) -> Vec<UsageRecord> {
-        let path = self.data_dir.join("usage.jsonl");
         for _ in 0..100 {
-            let records = read_records(&path);
+            let records = read_records(&self.data_dir);
             if records.len() >= expected {
                 return records;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        read_records(&path)
+        read_records(&self.data_dir)
     }
 
     pub async fn metrics(&self) -> String {
@@ -203,15 +203,8 @@ impl Harness {
     }
 }
 
-fn read_records(path: &Path) -> Vec<UsageRecord> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| match serde_json::from_str::<MeterEvent>(line) {
-            Ok(MeterEvent::Usage(record)) => Some(record),
-            _ => None,
-        })
-        .collect()
+fn read_records(data_dir: &Path) -> Vec<UsageRecord> {
+    LedgerReader::new(data_dir).records().unwrap_or_default()
 }
 
 /// Parses an SSE body into its `data:` payloads.

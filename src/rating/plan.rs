@@ -1,0 +1,629 @@
+//! Pricing plans and the rating of one request under them.
+//!
+//! Every request's charge is computed once, when it settles, from the key's running totals for
+//! the calendar month (tokens, list cost, credits). Charges that depend on where a request
+//! falls — across a tier boundary, an allowance, a credit pack — are the difference of one
+//! exact function of the running totals before and after it, so the charges of a month always
+//! add up to that function of the month's totals: a key's spend, the ledger and the invoice
+//! agree to the nano-dollar. The one rounding rule: an amount that is not a whole number of
+//! nano-dollars is rounded half up, inside that function, and nowhere else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+
+use crate::config::ModelPrices;
+use crate::meter::record::TokenUsage;
+use crate::money::{Money, TokenPrice};
+
+/// `[plans.NAME]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum RawPlan {
+    PerToken {
+        #[serde(default)]
+        markup_pct: f64,
+        #[serde(default)]
+        tiers: Vec<RawTier>,
+        #[serde(default)]
+        tier_mode: TierMode,
+        /// Per-model prices replacing the list prices of `[models]`.
+        #[serde(default)]
+        prices: BTreeMap<String, RawPrice>,
+    },
+    PerSeat {
+        seat_fee_usd: f64,
+        included_tokens_per_seat: u64,
+        overage_per_1k_tokens_usd: f64,
+    },
+    PerOutcome {
+        #[serde(default)]
+        platform_fee_usd: f64,
+        outcomes: BTreeMap<String, f64>,
+    },
+    Credits {
+        /// Monthly price of the credit pack (or platform fee) and the credits it includes.
+        pack_price_usd: f64,
+        pack_credits: u64,
+        /// Credits burned per 1k tokens, by model tier (`cheap`, `frontier`, …).
+        credits_per_1k_tokens: BTreeMap<String, f64>,
+        #[serde(default)]
+        at_zero: AtZero,
+        /// Price of a credit beyond the pack, with `at_zero = "overage"`.
+        #[serde(default)]
+        overage_per_credit_usd: f64,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    /// Upper bound of the tier in tokens per month; the last tier has none.
+    pub up_to_tokens: Option<u64>,
+    /// Price as a percentage of the (marked-up) list price.
+    pub rate_pct: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub output_per_mtok: f64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierMode {
+    /// Each token at the rate of the tier it falls in.
+    #[default]
+    Graduated,
+    /// All of the month's tokens at the rate of the tier the total reached.
+    Volume,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AtZero {
+    /// The pack is the key's monthly budget: requests are refused once it is used up.
+    #[default]
+    Stop,
+    /// Credits beyond the pack are billed at the overage price.
+    Overage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    pub up_to_tokens: Option<u64>,
+    /// Rate in basis points of the list price (10_000 = 100%).
+    pub rate_bp: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    PerToken {
+        markup_bp: i64,
+        tiers: Vec<Tier>,
+        mode: TierMode,
+        prices: HashMap<String, ModelPrices>,
+    },
+    PerSeat {
+        seat_fee: Money,
+        included_tokens_per_seat: u64,
+        overage_per_token: TokenPrice,
+    },
+    PerOutcome {
+        platform_fee: Money,
+        outcomes: BTreeMap<String, Money>,
+    },
+    Credits {
+        pack_price: Money,
+        /// Micro-credits in the pack.
+        pack_micro: u64,
+        /// Micro-credits burned per token, by tier (credits per 1k tokens × 1000).
+        micro_per_token: HashMap<String, u64>,
+        at_zero: AtZero,
+        overage_per_credit: Money,
+    },
+}
+
+/// A key's running totals for one month.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub tokens: u64,
+    pub list_cost: Money,
+    pub micro_credits: u64,
+}
+
+/// What rating one request produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rated {
+    pub charge: Money,
+    pub micro_credits: u64,
+}
+
+const BP: i128 = 10_000;
+
+/// `value × numerator / denominator`, rounded half up (the one rounding rule).
+fn scale(value: i128, numerator: i128, denominator: i128) -> i64 {
+    if denominator == 0 {
+        return 0;
+    }
+    let product = value * numerator;
+    let rounded = (2 * product + denominator).div_euclid(2 * denominator);
+    i64::try_from(rounded).unwrap_or(i64::MAX)
+}
+
+impl Plan {
+    /// The default plan: list prices, no markup.
+    pub fn list() -> Plan {
+        Plan::PerToken {
+            markup_bp: 0,
+            tiers: Vec::new(),
+            mode: TierMode::Graduated,
+            prices: HashMap::new(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Plan::PerToken { .. } => "per_token",
+            Plan::PerSeat { .. } => "per_seat",
+            Plan::PerOutcome { .. } => "per_outcome",
+            Plan::Credits { .. } => "credits",
+        }
+    }
+
+    fn prices<'a>(&'a self, model: &str, list: &'a ModelPrices) -> &'a ModelPrices {
+        match self {
+            Plan::PerToken { prices, .. } => prices.get(model).unwrap_or(list),
+            _ => list,
+        }
+    }
+
+    /// The month-to-date charge as a function of the running totals (see the module docs).
+    fn charge_at(&self, cursor: Cursor) -> Money {
+        match self {
+            Plan::PerToken {
+                markup_bp,
+                tiers,
+                mode: TierMode::Volume,
+                ..
+            } => {
+                let rate = tiers
+                    .iter()
+                    .find(|t| t.up_to_tokens.is_none_or(|limit| cursor.tokens <= limit))
+                    .map_or(BP as i64, |t| t.rate_bp);
+                let marked = i128::from(BP as i64 + markup_bp);
+                Money(scale(
+                    i128::from(cursor.list_cost.nanos()) * i128::from(rate),
+                    marked,
+                    BP * BP,
+                ))
+            }
+            Plan::Credits {
+                pack_price,
+                pack_micro,
+                at_zero,
+                overage_per_credit,
+                ..
+            } => {
+                let within = cursor.micro_credits.min(*pack_micro);
+                let pack_value = scale(
+                    i128::from(within),
+                    i128::from(pack_price.nanos()),
+                    i128::from(*pack_micro),
+                );
+                let beyond = cursor.micro_credits.saturating_sub(*pack_micro);
+                let overage = match at_zero {
+                    AtZero::Overage => scale(
+                        i128::from(beyond),
+                        i128::from(overage_per_credit.nanos()),
+                        1_000_000,
+                    ),
+                    AtZero::Stop => 0,
+                };
+                Money(pack_value + overage)
+            }
+            _ => Money::ZERO,
+        }
+    }
+
+    /// Rates one request and advances the cursor. `seats` matters for per-seat plans only.
+    pub fn rate(
+        &self,
+        cursor: &mut Cursor,
+        model: &str,
+        tier: &str,
+        list: &ModelPrices,
+        usage: TokenUsage,
+        seats: u32,
+    ) -> Rated {
+        let prices = self.prices(model, list);
+        let tokens = usage.input + usage.output;
+        let cost = prices.cost(usage.input, usage.cached_input, usage.output);
+        let before = *cursor;
+        cursor.tokens += tokens;
+        cursor.list_cost += cost;
+        match self {
+            Plan::PerToken {
+                markup_bp,
+                tiers,
+                mode: TierMode::Graduated,
+                ..
+            } => {
+                let marked = i128::from(BP as i64 + markup_bp);
+                if tiers.is_empty() || tokens == 0 {
+                    return Rated {
+                        charge: Money(scale(i128::from(cost.nanos()), marked, BP)),
+                        micro_credits: 0,
+                    };
+                }
+                // The request's cost is split across tiers in proportion to its tokens in each.
+                let mut charge = 0i64;
+                let mut floor = 0u64;
+                for tier in tiers {
+                    let ceiling = tier.up_to_tokens.unwrap_or(u64::MAX);
+                    let start = before.tokens.max(floor);
+                    let end = cursor.tokens.min(ceiling);
+                    if end > start {
+                        let share = i128::from(end - start);
+                        charge += scale(
+                            i128::from(cost.nanos()) * share * i128::from(tier.rate_bp),
+                            marked,
+                            i128::from(tokens) * BP * BP,
+                        );
+                    }
+                    floor = ceiling;
+                }
+                Rated {
+                    charge: Money(charge),
+                    micro_credits: 0,
+                }
+            }
+            Plan::PerSeat {
+                included_tokens_per_seat,
+                overage_per_token,
+                ..
+            } => {
+                let allowance = included_tokens_per_seat.saturating_mul(u64::from(seats.max(1)));
+                let overage = cursor.tokens.saturating_sub(allowance)
+                    - before.tokens.saturating_sub(allowance);
+                Rated {
+                    charge: overage_per_token.cost(overage),
+                    micro_credits: 0,
+                }
+            }
+            Plan::Credits {
+                micro_per_token, ..
+            } => {
+                let burn = tokens.saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0));
+                cursor.micro_credits += burn;
+                Rated {
+                    charge: self.charge_at(*cursor) - self.charge_at(before),
+                    micro_credits: burn,
+                }
+            }
+            Plan::PerOutcome { .. } => Rated::default(),
+            Plan::PerToken { .. } => Rated {
+                charge: self.charge_at(*cursor) - self.charge_at(before),
+                micro_credits: 0,
+            },
+        }
+    }
+
+    /// The most a request of these tokens could be charged, for budget reservations.
+    pub fn worst_case(
+        &self,
+        model: &str,
+        tier: &str,
+        list: &ModelPrices,
+        input: u64,
+        output: u64,
+    ) -> Money {
+        let prices = self.prices(model, list);
+        let cost = prices.cost(input, 0, output);
+        match self {
+            Plan::PerToken {
+                markup_bp, tiers, ..
+            } => {
+                let top_rate = tiers
+                    .iter()
+                    .map(|t| t.rate_bp)
+                    .max()
+                    .unwrap_or(BP as i64)
+                    .max(BP as i64);
+                Money(scale(
+                    i128::from(cost.nanos()) * i128::from(top_rate),
+                    i128::from(BP as i64 + markup_bp),
+                    BP * BP,
+                ))
+            }
+            Plan::PerSeat {
+                overage_per_token, ..
+            } => overage_per_token.cost(input + output),
+            Plan::Credits {
+                pack_price,
+                pack_micro,
+                micro_per_token,
+                overage_per_credit,
+                ..
+            } => {
+                let burn = (input + output)
+                    .saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0));
+                let per_micro = Money(scale(
+                    1,
+                    i128::from(pack_price.nanos()),
+                    i128::from(*pack_micro),
+                ))
+                .max(Money(scale(
+                    1,
+                    i128::from(overage_per_credit.nanos()),
+                    1_000_000,
+                )));
+                // One nano-dollar per micro-credit of slack covers rounding inside the pack.
+                Money(per_micro.nanos() + 1).times(burn)
+            }
+            Plan::PerOutcome { .. } => Money::ZERO,
+        }
+    }
+
+    /// The part of a credit pack's price that `micro` micro-credits consumed.
+    pub fn pack_value(&self, micro: u64) -> Money {
+        match self {
+            Plan::Credits {
+                pack_price,
+                pack_micro,
+                ..
+            } => Money(scale(
+                i128::from(micro.min(*pack_micro)),
+                i128::from(pack_price.nanos()),
+                i128::from(*pack_micro),
+            )),
+            _ => Money::ZERO,
+        }
+    }
+
+    /// A monthly cap implied by the plan (a credit pack under hard stop).
+    pub fn implied_cap(&self) -> Option<Money> {
+        match self {
+            Plan::Credits {
+                pack_price,
+                at_zero: AtZero::Stop,
+                ..
+            } => Some(*pack_price),
+            _ => None,
+        }
+    }
+
+    pub fn outcome_price(&self, outcome: &str) -> Option<Money> {
+        match self {
+            Plan::PerOutcome { outcomes, .. } => outcomes.get(outcome).copied(),
+            _ => None,
+        }
+    }
+}
+
+/// Validation problems, by field path.
+pub type PlanProblem = (Vec<String>, String);
+
+fn money(value: f64, path: &[&str], problems: &mut Vec<PlanProblem>) -> Money {
+    match Money::from_config_float(value) {
+        Ok(money) if money >= Money::ZERO => money,
+        _ => {
+            problems.push((
+                path.iter().map(|s| (*s).to_owned()).collect(),
+                format!("`{value}` is not a non-negative dollar amount with at most nine decimals"),
+            ));
+            Money::ZERO
+        }
+    }
+}
+
+fn basis_points(pct: f64, path: &[&str], problems: &mut Vec<PlanProblem>) -> i64 {
+    let bp = pct * 100.0;
+    if !bp.is_finite() || (bp - bp.round()).abs() > 1e-6 || bp < -10_000.0 {
+        problems.push((
+            path.iter().map(|s| (*s).to_owned()).collect(),
+            format!("`{pct}` is not a percentage with at most two decimals"),
+        ));
+        return 0;
+    }
+    bp.round() as i64
+}
+
+/// Validates `[plans]` against the configured models (name → (list prices, tier)).
+pub fn build_plans(
+    raw: &BTreeMap<String, RawPlan>,
+    models: &HashMap<String, (ModelPrices, String)>,
+    problems: &mut Vec<PlanProblem>,
+) -> HashMap<String, Plan> {
+    let mut plans = HashMap::new();
+    plans.insert("list".to_owned(), Plan::list());
+    for (name, plan) in raw {
+        let at = |leaf: &str| vec!["plans".to_owned(), name.clone(), leaf.to_owned()];
+        let path = |leaf: &'static str| ["plans", name.as_str(), leaf];
+        let built = match plan {
+            RawPlan::PerToken {
+                markup_pct,
+                tiers,
+                tier_mode,
+                prices,
+            } => {
+                let mut built_tiers = Vec::new();
+                let mut last: Option<u64> = Some(0);
+                for (i, tier) in tiers.iter().enumerate() {
+                    let index = i.to_string();
+                    let tier_path = ["plans", name.as_str(), "tiers", index.as_str(), "rate_pct"];
+                    match (last, tier.up_to_tokens) {
+                        (None, _) => problems.push((
+                            at("tiers"),
+                            "only the last tier may omit `up_to_tokens`".to_owned(),
+                        )),
+                        (Some(previous), Some(limit)) if limit <= previous => {
+                            problems.push((at("tiers"), "tiers must grow".to_owned()))
+                        }
+                        _ => {}
+                    }
+                    last = tier.up_to_tokens;
+                    built_tiers.push(Tier {
+                        up_to_tokens: tier.up_to_tokens,
+                        rate_bp: basis_points(tier.rate_pct, &tier_path, problems),
+                    });
+                }
+                if !built_tiers.is_empty() && last.is_some() {
+                    problems.push((
+                        at("tiers"),
+                        "the last tier must have no `up_to_tokens`".to_owned(),
+                    ));
+                }
+                let mut overrides = HashMap::new();
+                for (model, price) in prices {
+                    if !models.contains_key(model) {
+                        problems.push((
+                            vec!["plans".into(), name.clone(), "prices".into(), model.clone()],
+                            format!("no model named `{model}` in [models]"),
+                        ));
+                        continue;
+                    }
+                    let per = |value: f64, leaf: &'static str, problems: &mut Vec<PlanProblem>| {
+                        TokenPrice::per_million(money(
+                            value,
+                            &["plans", name.as_str(), "prices", model.as_str(), leaf],
+                            problems,
+                        ))
+                        .unwrap_or_else(|_| {
+                            problems.push((
+                                vec![
+                                    "plans".into(),
+                                    name.clone(),
+                                    "prices".into(),
+                                    model.clone(),
+                                    leaf.into(),
+                                ],
+                                "prices per 1M tokens take at most three decimals".into(),
+                            ));
+                            TokenPrice::default()
+                        })
+                    };
+                    let input = per(price.input_per_mtok, "input_per_mtok", problems);
+                    overrides.insert(
+                        model.clone(),
+                        ModelPrices {
+                            input,
+                            cached_input: price
+                                .cached_input_per_mtok
+                                .map_or(input, |v| per(v, "cached_input_per_mtok", problems)),
+                            output: per(price.output_per_mtok, "output_per_mtok", problems),
+                        },
+                    );
+                }
+                Plan::PerToken {
+                    markup_bp: basis_points(*markup_pct, &path("markup_pct"), problems),
+                    tiers: built_tiers,
+                    mode: *tier_mode,
+                    prices: overrides,
+                }
+            }
+            RawPlan::PerSeat {
+                seat_fee_usd,
+                included_tokens_per_seat,
+                overage_per_1k_tokens_usd,
+            } => {
+                let per_1k = money(
+                    *overage_per_1k_tokens_usd,
+                    &path("overage_per_1k_tokens_usd"),
+                    problems,
+                );
+                if per_1k.nanos() % 1_000 != 0 {
+                    problems.push((
+                        at("overage_per_1k_tokens_usd"),
+                        "must be a whole number of nano-dollars per token (at most six decimals)"
+                            .to_owned(),
+                    ));
+                }
+                Plan::PerSeat {
+                    seat_fee: money(*seat_fee_usd, &path("seat_fee_usd"), problems),
+                    included_tokens_per_seat: *included_tokens_per_seat,
+                    overage_per_token: TokenPrice::from_nanos_per_token(per_1k.nanos() / 1_000),
+                }
+            }
+            RawPlan::PerOutcome {
+                platform_fee_usd,
+                outcomes,
+            } => {
+                if outcomes.is_empty() {
+                    problems.push((
+                        at("outcomes"),
+                        "list at least one outcome type and its price".to_owned(),
+                    ));
+                }
+                Plan::PerOutcome {
+                    platform_fee: money(*platform_fee_usd, &path("platform_fee_usd"), problems),
+                    outcomes: outcomes
+                        .iter()
+                        .map(|(kind, price)| {
+                            (
+                                kind.clone(),
+                                money(
+                                    *price,
+                                    &["plans", name.as_str(), "outcomes", kind.as_str()],
+                                    problems,
+                                ),
+                            )
+                        })
+                        .collect(),
+                }
+            }
+            RawPlan::Credits {
+                pack_price_usd,
+                pack_credits,
+                credits_per_1k_tokens,
+                at_zero,
+                overage_per_credit_usd,
+            } => {
+                if *pack_credits == 0 {
+                    problems.push((at("pack_credits"), "must be greater than 0".to_owned()));
+                }
+                let mut micro_per_token = HashMap::new();
+                for (tier, credits) in credits_per_1k_tokens {
+                    let milli = credits * 1_000.0;
+                    if !milli.is_finite() || milli < 0.0 || (milli - milli.round()).abs() > 1e-6 {
+                        problems.push((
+                            vec![
+                                "plans".into(),
+                                name.clone(),
+                                "credits_per_1k_tokens".into(),
+                                tier.clone(),
+                            ],
+                            "credits per 1k tokens take at most three decimals".into(),
+                        ));
+                    }
+                    micro_per_token.insert(tier.clone(), milli.round().max(0.0) as u64);
+                }
+                // Every model must burn credits: a model whose tier is missing would be free.
+                for (model, (_, tier)) in models {
+                    if !micro_per_token.contains_key(tier) {
+                        problems.push((
+                            at("credits_per_1k_tokens"),
+                            format!("no rate for tier `{tier}` (model `{model}`)"),
+                        ));
+                    }
+                }
+                Plan::Credits {
+                    pack_price: money(*pack_price_usd, &path("pack_price_usd"), problems),
+                    pack_micro: pack_credits.saturating_mul(1_000_000),
+                    micro_per_token,
+                    at_zero: *at_zero,
+                    overage_per_credit: money(
+                        *overage_per_credit_usd,
+                        &path("overage_per_credit_usd"),
+                        problems,
+                    ),
+                }
+            }
+        };
+        plans.insert(name.clone(), built);
+    }
+    plans
+}
