@@ -37,35 +37,37 @@ pub struct App {
     ready: AtomicBool,
 }
 
+/// What the gateway is built from, besides its configuration.
+pub struct Services {
+    pub tokenizer: Tokenizer,
+    pub metrics: Arc<Metrics>,
+    pub usage: UsageSender,
+    pub key_store: Arc<dyn KeyStore>,
+    pub ledger: LedgerReader,
+    pub limiter: Limiter,
+    pub admin_token: Option<String>,
+}
+
 impl App {
-    pub fn new(
-        config: Config,
-        tokenizer: Tokenizer,
-        metrics: Arc<Metrics>,
-        usage: UsageSender,
-        key_store: Arc<dyn KeyStore>,
-        admin_token: Option<String>,
-        limiter: Limiter,
-        ledger: LedgerReader,
-    ) -> App {
+    pub fn new(config: Config, services: Services) -> App {
         for name in &config.model_order {
             if let Some(model) = config.model(name) {
-                limiter.set_model(name, model.rpm, model.tpm);
+                services.limiter.set_model(name, model.rpm, model.tpm);
             }
         }
         App {
             config: ArcSwap::from_pointee(config),
-            tokenizer,
-            metrics,
-            usage,
+            tokenizer: services.tokenizer,
+            metrics: services.metrics,
+            usage: services.usage,
             keys: KeyIndex::default(),
-            limiter,
-            key_store,
-            admin_token,
+            limiter: services.limiter,
+            key_store: services.key_store,
+            admin_token: services.admin_token,
             settling: tokio_util::task::TaskTracker::new(),
             webhooks: reqwest::Client::new(),
             rater: Rater::default(),
-            ledger,
+            ledger: services.ledger,
             ready: AtomicBool::new(false),
         }
     }

@@ -681,9 +681,7 @@ impl Exchange {
         );
         // A request that never authenticated is not anyone's usage: counting it would let
         // anonymous traffic fill the ledger.
-        if record.key_id.is_none() {
-            return None;
-        }
+        record.key_id.as_ref()?;
         let event = MeterEvent::Usage(record);
         match self.config.durability {
             Durability::Strict => self.app.usage.submit_acked(event),

@@ -14,7 +14,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::app::App;
+use crate::app::{App, Services};
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -80,13 +80,15 @@ impl Gateway {
         );
         let app = Arc::new(App::new(
             config,
-            tokenizer,
-            metrics,
-            pipeline.sender(),
-            Arc::new(key_store),
-            admin_token,
-            limiter,
-            ledger.clone(),
+            Services {
+                tokenizer,
+                metrics,
+                usage: pipeline.sender(),
+                key_store: Arc::new(key_store),
+                ledger: ledger.clone(),
+                limiter,
+                admin_token,
+            },
         ));
         restore(&app, &ledger, keys).map_err(|e| StartError::Store(e.to_string()))?;
         Ok(Gateway { app, pipeline })
@@ -165,8 +167,8 @@ fn restore(
     let mut spend_by_period = std::collections::HashMap::new();
     for key in keys {
         let start = key.budget_period.start_ms(now_ms);
-        if !spend_by_period.contains_key(&start) {
-            spend_by_period.insert(start, ledger.spend_since(start)?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = spend_by_period.entry(start) {
+            slot.insert(ledger.spend_since(start)?);
         }
         let spent = spend_by_period
             .get(&start)
