@@ -17,6 +17,8 @@ use crate::auth::{self, KeyRecord};
 use crate::error::GatewayError;
 use crate::limits::BudgetPeriod;
 use crate::money::Money;
+use crate::rating::invoice;
+use crate::rating::ledger::GroupBy;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -25,6 +27,153 @@ pub fn routes() -> Router<Arc<App>> {
             "/admin/keys/{id}",
             get(show_key).patch(update_key).delete(revoke_key),
         )
+        .route("/admin/usage", get(usage))
+        .route("/admin/invoices/{key_id}", get(invoice))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    key_id: Option<String>,
+}
+
+/// `YYYY-MM-DD` (UTC midnight) or RFC 3339, to Unix milliseconds.
+fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if let Some(midnight) = day.and_hms_opt(0, 0, 0) {
+            return Ok(midnight.and_utc().timestamp_millis());
+        }
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| {
+            field_error(
+                field,
+                format!("`{text}` is not a date (YYYY-MM-DD) or an RFC 3339 time"),
+            )
+        })
+}
+
+/// `GET /admin/usage?from=&to=&group_by=key|model|day[&key_id=]`: requests, tokens and cost.
+/// `to` is exclusive; a bare date means that day's midnight, so `to=2026-11-26` includes the
+/// 25th. Defaults: the last 30 days, grouped by key.
+async fn usage(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        authorize(&app, &headers)?;
+        let axum::extract::Query(query) =
+            query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+        let now = crate::unix_ms();
+        let to = match &query.to {
+            Some(text) => parse_instant(text, "to")?,
+            None => now + 1,
+        };
+        let from = match &query.from {
+            Some(text) => parse_instant(text, "from")?,
+            None => to - 30 * 86_400_000,
+        };
+        let group = match query.group_by.as_deref().unwrap_or("key") {
+            "key" => GroupBy::Key,
+            "model" => GroupBy::Model,
+            "day" => GroupBy::Day,
+            other => {
+                return Err(field_error(
+                    "group_by",
+                    format!("`{other}` is not key, model or day"),
+                ))
+            }
+        };
+        let ledger = app.ledger.clone();
+        let key_id = query.key_id.clone();
+        let rows = blocking(move || {
+            ledger
+                .usage(from, to, group, key_id.as_deref())
+                .map_err(store_error)
+        })
+        .await?;
+        let totals = json!({
+            "requests": rows.iter().map(|r| r.requests).sum::<u64>(),
+            "input_tokens": rows.iter().map(|r| r.input_tokens).sum::<u64>(),
+            "output_tokens": rows.iter().map(|r| r.output_tokens).sum::<u64>(),
+            "cost_usd": rows.iter().map(|r| r.cost_usd).sum::<Money>(),
+        });
+        let group_name = query.group_by.unwrap_or_else(|| "key".to_owned());
+        Ok::<_, GatewayError>(
+            axum::Json(json!({
+                "object": "usage",
+                "group_by": group_name,
+                "from": from,
+                "to": to,
+                "data": rows,
+                "totals": totals,
+            }))
+            .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    period: Option<String>,
+}
+
+/// `GET /admin/invoices/{key_id}?period=YYYY-MM` (default: the current month).
+async fn invoice(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    query: Result<axum::extract::Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        authorize(&app, &headers)?;
+        let axum::extract::Query(query) =
+            query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+        let period = query
+            .period
+            .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
+        let start = chrono::NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
+            .map_err(|_| field_error("period", format!("`{period}` is not YYYY-MM")))?;
+        let from = start
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+            .unwrap_or_default();
+        let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
+        let record = load_key(&app, key_id.clone()).await?;
+        let ledger = app.ledger.clone();
+        let id = key_id.clone();
+        let usage =
+            blocking(move || ledger.period_usage(&id, from, to).map_err(store_error)).await?;
+        let config = app.config();
+        let plan_name = record.plan.clone().unwrap_or_else(|| "list".to_owned());
+        let plan = config.plan(record.plan.as_deref());
+        let (lines, total, extra) = invoice::lines(plan, &usage, record.seats);
+        let mut body = json!({
+            "object": "invoice",
+            "key_id": record.id,
+            "key_name": record.name,
+            "period": period,
+            "plan": plan_name,
+            "plan_kind": plan.kind(),
+            "currency": "usd",
+            "lines": lines,
+            "total_usd": total,
+        });
+        if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+            body.extend(extra);
+        }
+        Ok::<_, GatewayError>(axum::Json(body).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {
@@ -250,7 +399,17 @@ fn apply_fields(
                     }
                 }
             }
-            "plan" => record.plan = text(value, "plan")?,
+            "plan" => {
+                record.plan = text(value, "plan")?;
+                if let Some(plan) = &record.plan {
+                    if !app.config().plans.contains_key(plan) {
+                        return Err(field_error(
+                            "plan",
+                            format!("no plan named `{plan}` in the config"),
+                        ));
+                    }
+                }
+            }
             other => {
                 return Err(GatewayError::bad_request(format!(
                     "unknown key field `{other}`"

@@ -63,6 +63,32 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
     },
+    /// Usage over a time range, grouped by key, model or day.
+    Usage {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Start, inclusive: YYYY-MM-DD or RFC 3339 (default: 30 days before `--to`).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// key, model or day.
+        #[arg(long, default_value = "key")]
+        group_by: String,
+        /// Only this key.
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+    /// A key's invoice preview for a month.
+    Invoice {
+        #[command(flatten)]
+        admin: AdminArgs,
+        key_id: String,
+        /// YYYY-MM (default: the current month).
+        #[arg(long)]
+        period: Option<String>,
+    },
     /// Manage client keys through the admin API.
     Keys {
         #[command(flatten)]

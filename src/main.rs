@@ -77,6 +77,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keys { admin, command } => runtime()?.block_on(keys(admin, command)),
+        Command::Usage {
+            admin,
+            from,
+            to,
+            group_by,
+            key_id,
+        } => {
+            let mut query = vec![("group_by", group_by)];
+            query.extend(from.map(|v| ("from", v)));
+            query.extend(to.map(|v| ("to", v)));
+            query.extend(key_id.map(|v| ("key_id", v)));
+            runtime()?.block_on(report(
+                admin,
+                format!("/admin/usage?{}", encode_query(&query)),
+                &[
+                    "group",
+                    "key_name",
+                    "requests",
+                    "input_tokens",
+                    "cached_input_tokens",
+                    "output_tokens",
+                    "cost_usd",
+                ],
+                "data",
+            ))
+        }
+        Command::Invoice {
+            admin,
+            key_id,
+            period,
+        } => {
+            let query = period
+                .map(|p| format!("?{}", encode_query(&[("period", p)])))
+                .unwrap_or_default();
+            runtime()?.block_on(report(
+                admin,
+                format!("/admin/invoices/{key_id}{query}"),
+                &["description", "quantity", "unit_price_usd", "amount_usd"],
+                "lines",
+            ))
+        }
     }
 }
 
@@ -151,6 +192,36 @@ async fn keys(admin: AdminArgs, command: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fetches an admin report and prints its `rows_field` as a table or CSV (or all as JSON),
+/// with the report's totals after a table.
+async fn report(
+    admin: AdminArgs,
+    path: String,
+    columns: &[&str],
+    rows_field: &str,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(&admin)?;
+    let answer = client.call(reqwest::Method::GET, &path, None).await?;
+    let rows = answer[rows_field].as_array().cloned().unwrap_or_default();
+    print!("{}", render(&answer, &rows, columns, admin.format));
+    if admin.format == tollgate::cli::Format::Table {
+        if let Some(total) = answer.get("total_usd") {
+            println!("\ntotal_usd  {total}");
+        }
+        if let Some(totals) = answer.get("totals") {
+            println!("\ntotals  {totals}");
+        }
+    }
+    Ok(())
+}
+
+fn encode_query(pairs: &[(&str, String)]) -> String {
+    reqwest::Url::parse_with_params("http://x/", pairs)
+        .ok()
+        .and_then(|url| url.query().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -627,3 +627,211 @@ pub fn build_plans(
     }
     plans
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usd(text: &str) -> Money {
+        Money::parse_usd(text).unwrap()
+    }
+
+    fn flat(nanos_per_token: i64) -> ModelPrices {
+        let price = TokenPrice::from_nanos_per_token(nanos_per_token);
+        ModelPrices {
+            input: price,
+            cached_input: price,
+            output: price,
+        }
+    }
+
+    fn tokens(input: u64, output: u64) -> TokenUsage {
+        TokenUsage {
+            input,
+            cached_input: 0,
+            output,
+        }
+    }
+
+    fn plans(toml_text: &str, models: &[(&str, ModelPrices, &str)]) -> HashMap<String, Plan> {
+        let raw: BTreeMap<String, RawPlan> = toml::from_str(toml_text).unwrap();
+        let catalog = models
+            .iter()
+            .map(|(name, prices, tier)| ((*name).to_owned(), (*prices, (*tier).to_owned())))
+            .collect();
+        let mut problems = Vec::new();
+        let built = build_plans(&raw, &catalog, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        built
+    }
+
+    #[test]
+    fn per_token_list_price_with_markup() {
+        // gpt-4o list: $2.50 in, $10.00 out per 1M = 2,500 and 10,000 nano-dollars per token.
+        let gpt4o = ModelPrices {
+            input: TokenPrice::from_nanos_per_token(2_500),
+            cached_input: TokenPrice::from_nanos_per_token(1_250),
+            output: TokenPrice::from_nanos_per_token(10_000),
+        };
+        let plans = plans(
+            "[pro]\nkind = \"per_token\"\nmarkup_pct = 20\n",
+            &[("gpt-4o", gpt4o, "frontier")],
+        );
+        let mut cursor = Cursor::default();
+        // 1,000 in + 500 out = $0.0025 + $0.005 = $0.0075 at list; +20% = $0.009.
+        let list = plans["list"].rate(
+            &mut cursor,
+            "gpt-4o",
+            "frontier",
+            &gpt4o,
+            tokens(1_000, 500),
+            1,
+        );
+        assert_eq!(list.charge, usd("0.0075"));
+        let pro = plans["pro"].rate(
+            &mut Cursor::default(),
+            "gpt-4o",
+            "frontier",
+            &gpt4o,
+            tokens(1_000, 500),
+            1,
+        );
+        assert_eq!(pro.charge, usd("0.009"));
+        // 400 of the 1,000 input tokens cached at half price: 600 × 2,500 + 400 × 1,250 + 5M.
+        let cached = TokenUsage {
+            input: 1_000,
+            cached_input: 400,
+            output: 500,
+        };
+        let rated = plans["list"].rate(
+            &mut Cursor::default(),
+            "gpt-4o",
+            "frontier",
+            &gpt4o,
+            cached,
+            1,
+        );
+        assert_eq!(
+            rated.charge,
+            Money(600 * 2_500 + 400 * 1_250 + 500 * 10_000)
+        );
+    }
+
+    #[test]
+    fn graduated_and_volume_tiers_across_a_boundary() {
+        // 1,000 nano-dollars per token; the first 1,000 tokens a month at 100%, the rest at 50%.
+        let tiers = "tiers = [{ up_to_tokens = 1000, rate_pct = 100 }, { rate_pct = 50 }]\n";
+        let text = format!("[grad]\nkind = \"per_token\"\n{tiers}\n[vol]\nkind = \"per_token\"\ntier_mode = \"volume\"\n{tiers}");
+        let plans = plans(&text, &[("m", flat(1_000), "cheap")]);
+        let (mut g, mut v) = (Cursor::default(), Cursor::default());
+        // Request A: 800 tokens, all in the first tier: $0.0008 either way.
+        assert_eq!(
+            plans["grad"]
+                .rate(&mut g, "m", "cheap", &flat(1_000), tokens(500, 300), 1)
+                .charge,
+            Money(800_000)
+        );
+        assert_eq!(
+            plans["vol"]
+                .rate(&mut v, "m", "cheap", &flat(1_000), tokens(500, 300), 1)
+                .charge,
+            Money(800_000)
+        );
+        // Request B: 400 tokens across the boundary. Graduated: 200 × 1,000 + 200 × 500.
+        assert_eq!(
+            plans["grad"]
+                .rate(&mut g, "m", "cheap", &flat(1_000), tokens(300, 100), 1)
+                .charge,
+            Money(300_000)
+        );
+        // Volume: all 1,200 tokens now at 50% = $0.0006, so B is charged $0.0006 − $0.0008.
+        assert_eq!(
+            plans["vol"]
+                .rate(&mut v, "m", "cheap", &flat(1_000), tokens(300, 100), 1)
+                .charge,
+            Money(-200_000)
+        );
+    }
+
+    #[test]
+    fn per_seat_allowance_crossed_inside_one_request() {
+        // $80 per seat including 500k tokens, then $0.02 per 1k (20 nano-dollars per token).
+        let plans = plans(
+            "[team]\nkind = \"per_seat\"\nseat_fee_usd = 80\nincluded_tokens_per_seat = 500000\noverage_per_1k_tokens_usd = 0.02\n",
+            &[("m", flat(150), "cheap")],
+        );
+        let team = &plans["team"];
+        let mut cursor = Cursor {
+            tokens: 1_450_000,
+            ..Cursor::default()
+        };
+        // 3 seats: 1.5M included. A 100k-token request straddles: 50k inside, 50k over = $1.
+        let rated = team.rate(
+            &mut cursor,
+            "m",
+            "cheap",
+            &flat(150),
+            tokens(60_000, 40_000),
+            3,
+        );
+        assert_eq!(rated.charge, usd("1"));
+        let rated = team.rate(&mut cursor, "m", "cheap", &flat(150), tokens(50_000, 0), 3);
+        assert_eq!(rated.charge, usd("1"));
+        assert_eq!(cursor.tokens, 1_600_000);
+    }
+
+    #[test]
+    fn credits_run_out_under_hard_stop_and_overage() {
+        // $99 for 10,000 credits; cheap models burn 1 credit per 1k tokens, frontier 10.
+        let text = "[pack]\nkind = \"credits\"\npack_price_usd = 99\npack_credits = 10000\ncredits_per_1k_tokens = { cheap = 1, frontier = 10 }\n\n\
+                    [flex]\nkind = \"credits\"\npack_price_usd = 99\npack_credits = 10000\ncredits_per_1k_tokens = { cheap = 1, frontier = 10 }\nat_zero = \"overage\"\noverage_per_credit_usd = 0.012\n";
+        let plans = plans(
+            text,
+            &[
+                ("mini", flat(150), "cheap"),
+                ("big", flat(2_500), "frontier"),
+            ],
+        );
+        for (name, last_charge) in [("pack", usd("9.9")), ("flex", usd("21.9"))] {
+            let plan = &plans[name];
+            let mut cursor = Cursor::default();
+            // 900k frontier tokens = 9,000 credits = 90% of the pack = $89.10.
+            let first = plan.rate(
+                &mut cursor,
+                "big",
+                "frontier",
+                &flat(2_500),
+                tokens(600_000, 300_000),
+                1,
+            );
+            assert_eq!(first.micro_credits, 9_000_000_000);
+            assert_eq!(first.charge, usd("89.1"));
+            // 2M cheap tokens = 2,000 credits: 1,000 left in the pack ($9.90), 1,000 beyond it —
+            // free under hard stop (the budget refuses such requests up front), $12 as overage.
+            let second = plan.rate(
+                &mut cursor,
+                "mini",
+                "cheap",
+                &flat(150),
+                tokens(1_500_000, 500_000),
+                1,
+            );
+            assert_eq!(second.charge, last_charge, "{name}");
+        }
+        assert_eq!(plans["pack"].implied_cap(), Some(usd("99")));
+        assert_eq!(plans["flex"].implied_cap(), None);
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let raw: BTreeMap<String, RawPlan> = toml::from_str(
+            "[c]\nkind = \"credits\"\npack_price_usd = 99\npack_credits = 10\ncredits_per_1k_tokens = { cheap = 1 }\n",
+        )
+        .unwrap();
+        let catalog = HashMap::from([("big".to_owned(), (flat(1), "frontier".to_owned()))]);
+        let mut problems = Vec::new();
+        build_plans(&raw, &catalog, &mut problems);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, vec!["plans", "c", "credits_per_1k_tokens"]);
+    }
+}
