@@ -169,6 +169,26 @@ impl Harness {
             .unwrap()
     }
 
+    /// Stops the gateway gracefully and starts a new one on the same data dir and mock, as a
+    /// restart would. The test key keeps working: keys are durable.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let config = Config::load(&self.data_dir.join("routes.toml")).unwrap();
+        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(stop);
+        self.server = Some(tokio::spawn(async move {
+            gateway
+                .serve(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        }));
+    }
+
     /// Stops the gateway gracefully (which flushes the usage sink).
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
