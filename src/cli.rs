@@ -63,6 +63,14 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
     },
+    /// Show which model a request would be routed to, by which rule, with its signals.
+    Route {
+        /// A chat request JSON file, or `-` for one request per line on stdin.
+        #[arg(long)]
+        explain: PathBuf,
+        #[arg(long, default_value = "routes.toml")]
+        config: PathBuf,
+    },
     /// Usage over a time range, grouped by key, model or day.
     Usage {
         #[command(flatten)]

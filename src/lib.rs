@@ -18,6 +18,7 @@ pub mod outcomes;
 pub mod proxy;
 pub mod rating;
 pub mod reload;
+pub mod route;
 pub mod server;
 pub mod stream;
 pub mod upstream;

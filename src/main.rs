@@ -77,6 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keys { admin, command } => runtime()?.block_on(keys(admin, command)),
+        Command::Route { explain, config } => {
+            let loaded = Config::load(&config)?;
+            tollgate::route::explain::run(&loaded, &explain)
+        }
         Command::Usage {
             admin,
             from,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub usage_batch_duration: Histogram,
     pub config_reloads: IntCounterVec,
     pub budget_overshoot_usd: prometheus::Counter,
+    pub route_decisions: IntCounterVec,
+    pub fallbacks: IntCounterVec,
     pub budget_alerts: IntCounterVec,
 }
 
@@ -99,6 +101,18 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric("budget_overshoot_usd_total"));
         register(&registry, Box::new(budget_overshoot_usd.clone()));
         Metrics {
+            route_decisions: counter(
+                &registry,
+                "route_decisions_total",
+                "Routing decisions for the virtual model, by rule and tier",
+                &["rule", "tier"],
+            ),
+            fallbacks: counter(
+                &registry,
+                "fallbacks_total",
+                "Requests that fell back to another model, by the model fallen back to",
+                &["model"],
+            ),
             budget_overshoot_usd,
             budget_alerts: counter(
                 &registry,

@@ -25,11 +25,12 @@ use crate::error::GatewayError;
 use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
 use crate::meter::sink::WrittenAck;
-use crate::meter::tokenizer::Tokenizer;
+use crate::meter::tokenizer::{Encoding, Tokenizer};
 use crate::metrics::status_class;
 use crate::money::Money;
 use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
+use crate::route::KeyPolicy;
 use crate::stream::{parse_usage, SseTap};
 use crate::upstream;
 use tokio::sync::oneshot;
@@ -93,25 +94,44 @@ async fn proxy(
     if !key.allows_model(&request.model) {
         return Err(GatewayError::ModelNotAllowed(request.model));
     }
-    let model = config
-        .model(&request.model)
-        .cloned()
-        .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
-    exchange.route_rule = "direct";
-    exchange.model = Some(model.clone());
-
+    let direct = config.model(&request.model).cloned();
     let inline = bytes.len() <= config.server.inline_count_max_bytes;
+    // The routing model's prompt is measured with o200k_base, the encoding of every current
+    // OpenAI family; it is recounted below if the chosen model uses another.
+    let encoding = direct.as_ref().map_or(Encoding::O200kBase, |m| m.encoding);
     let (body, input_tokens) = count_input(
         &exchange.app.tokenizer,
         exchange.endpoint,
-        &model,
+        encoding,
         request.body,
         inline,
     )
     .await?;
     exchange.counted.input = input_tokens;
 
-    let candidates = [model];
+    let candidates = match direct {
+        Some(model) => {
+            exchange.route_rule = "direct".to_owned();
+            vec![model]
+        }
+        None => exchange.route(&config, &key, &body)?,
+    };
+    let chosen = candidates[0].clone();
+    exchange.model = Some(chosen.clone());
+    let body = if chosen.encoding == encoding {
+        body
+    } else {
+        let (body, tokens) = count_input(
+            &exchange.app.tokenizer,
+            exchange.endpoint,
+            chosen.encoding,
+            body,
+            inline,
+        )
+        .await?;
+        exchange.counted.input = tokens;
+        body
+    };
     exchange.admit(&key, &candidates, &body)?;
 
     let attempt = upstream::Attempt {
@@ -211,11 +231,10 @@ fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
 async fn count_input(
     tokenizer: &Tokenizer,
     endpoint: Endpoint,
-    model: &Model,
+    encoding: Encoding,
     body: Value,
     inline: bool,
 ) -> Result<(Value, u64), GatewayError> {
-    let encoding = model.encoding;
     let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
         Endpoint::ChatCompletions => tokenizer.count_chat_prompt(encoding, body),
         Endpoint::Completions => tokenizer.count_completion_prompt(encoding, &body["prompt"]),
@@ -249,7 +268,7 @@ struct Exchange {
     ticket: Option<Ticket>,
     rate_headers: RateLimitHeaders,
     model: Option<Arc<Model>>,
-    route_rule: &'static str,
+    route_rule: String,
     counted: TokenUsage,
     attempts: u32,
     settled: bool,
@@ -281,7 +300,7 @@ impl Exchange {
             ticket: None,
             rate_headers: RateLimitHeaders::default(),
             model: None,
-            route_rule: "none",
+            route_rule: String::new(),
             counted: TokenUsage::default(),
             attempts: 0,
             settled: false,
@@ -303,13 +322,55 @@ impl Exchange {
             ticket: self.ticket.take(),
             rate_headers: self.rate_headers,
             model: self.model.clone(),
-            route_rule: self.route_rule,
+            route_rule: std::mem::take(&mut self.route_rule),
             counted: self.counted,
             attempts: self.attempts,
             settled: false,
         };
         self.settled = true;
         taken
+    }
+
+    /// Routing for the virtual model: the chosen model first, then its fallbacks.
+    fn route(
+        &mut self,
+        config: &Config,
+        key: &KeyRecord,
+        body: &Value,
+    ) -> Result<Vec<Arc<Model>>, GatewayError> {
+        let Some(router) = &config.router else {
+            return Err(GatewayError::UnknownModel(self.requested_model.clone()));
+        };
+        // A key allowed the routing model may be served by any model it picks.
+        let allowed_models = key
+            .models
+            .clone()
+            .filter(|list| !list.iter().any(|m| router.is_virtual(m)));
+        let policy = KeyPolicy {
+            allowed_models,
+            ..KeyPolicy::default()
+        };
+        let decision = router
+            .decide(body, self.counted.input, &policy, &mut rand::rng())
+            .map_err(|error| GatewayError::ModelNotAllowed(error.to_string()))?;
+        self.app
+            .metrics
+            .route_decisions
+            .with_label_values(&[decision.rule.as_str(), decision.tier.as_str()])
+            .inc();
+        self.route_rule = decision.rule;
+        let mut candidates = Vec::with_capacity(1 + decision.fallbacks.len());
+        for name in std::iter::once(&decision.model).chain(&decision.fallbacks) {
+            if let Some(model) = config.model(name) {
+                candidates.push(model.clone());
+            }
+        }
+        if candidates.is_empty() {
+            return Err(GatewayError::Internal(
+                "the router chose no model".to_owned(),
+            ));
+        }
+        Ok(candidates)
     }
 
     /// Throttles and budget, before a cent is spent upstream. The budget reservation is the
@@ -510,7 +571,8 @@ impl Exchange {
         }
         headers.insert(
             X_TOLLGATE_ROUTE.clone(),
-            HeaderValue::from_static(self.route_rule),
+            HeaderValue::from_str(&self.route_rule)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
         );
         for (name, value) in self.rate_headers.pairs() {
             if let Ok(value) = HeaderValue::from_str(&value) {
@@ -652,7 +714,7 @@ impl Exchange {
             served_model: self.model.as_ref().map(|m| m.name.clone()),
             upstream: self.model.as_ref().map(|m| m.upstream.name.clone()),
             tier: self.model.as_ref().map(|m| m.tier.clone()),
-            route_rule: Some(self.route_rule.to_owned()),
+            route_rule: Some(self.route_rule.clone()),
             streamed: self.streamed,
             status: ending.status,
             outcome: ending.outcome,

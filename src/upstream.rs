@@ -49,6 +49,11 @@ pub async fn forward(
     'models: for (index, model) in candidates.iter().enumerate() {
         if index > 0 {
             tracing::warn!(model = %model.name, "falling back");
+            attempt
+                .metrics
+                .fallbacks
+                .with_label_values(&[model.name.as_str()])
+                .inc();
         }
         let (body, strip_usage_chunk) = upstream_body(
             attempt.body.clone(),

@@ -18,6 +18,7 @@ use crate::meter::tokenizer::Encoding;
 use crate::money::{Money, TokenPrice};
 use crate::rating::ledger::Durability;
 use crate::rating::plan::{build_plans, Plan};
+use crate::route::Router;
 
 use raw::RawConfig;
 
@@ -35,6 +36,7 @@ pub struct Config {
     /// Pricing plans by name; always holds `list` (per-token at list price).
     pub plans: HashMap<String, Plan>,
     pub durability: Durability,
+    pub router: Option<Router>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,7 +319,21 @@ impl Config {
                 Durability::Batched
             }
         };
+        let catalog: Vec<(String, String)> = model_order
+            .iter()
+            .filter_map(|name| models.get(name).map(|m| (name.clone(), m.tier.clone())))
+            .collect();
+        let router = match Router::build(&raw.router, &catalog) {
+            Ok(router) => Some(router),
+            Err(router_problems) => {
+                for (path, message) in router_problems {
+                    problems.push_owned(path, message);
+                }
+                None
+            }
+        };
         Config {
+            router,
             plans,
             durability,
             budget_alerts: BudgetAlerts {
@@ -354,17 +370,23 @@ impl Config {
     /// The model the demo's example lines use: the routing model once one is configured,
     /// else the first declared chat model.
     pub fn demo_model(&self) -> String {
-        self.model_order.first().cloned().unwrap_or_default()
+        match &self.router {
+            Some(router) => router.virtual_model.clone(),
+            None => self.model_order.first().cloned().unwrap_or_default(),
+        }
     }
 
     /// Every model name a client may use, in declaration order.
     pub fn client_models(&self) -> impl Iterator<Item = &str> {
-        self.model_order.iter().map(String::as_str)
+        self.router
+            .iter()
+            .map(|router| router.virtual_model.as_str())
+            .chain(self.model_order.iter().map(String::as_str))
     }
 
     /// Whether a client may name this model (a configured one or the routing model).
     pub fn knows_model(&self, name: &str) -> bool {
-        self.models.contains_key(name)
+        self.models.contains_key(name) || self.router.as_ref().is_some_and(|r| r.is_virtual(name))
     }
 }
 

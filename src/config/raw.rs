@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub plans: BTreeMap<String, crate::rating::plan::RawPlan>,
     #[serde(default)]
     pub ledger: RawLedger,
+    #[serde(default)]
+    pub router: crate::route::RawRouter,
 }
 
 #[derive(Debug, Deserialize)]
