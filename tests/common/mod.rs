@@ -19,6 +19,8 @@ pub struct Harness {
     pub url: String,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
+    /// The running gateway's shared state.
+    pub app: std::sync::Arc<tollgate::app::App>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -46,6 +48,7 @@ listen = "127.0.0.1:0"
 data_dir = "{data}"
 max_body_bytes = 4194304
 shutdown_grace_secs = 5
+reload_poll_secs = 1
 
 [upstreams.mock]
 base_url = "{mock_url}"
@@ -108,6 +111,7 @@ impl Harness {
         std::fs::write(&path, &text).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
+        let app = gateway.app.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -124,6 +128,7 @@ impl Harness {
             key: String::new(),
             url,
             data_dir,
+            app,
             http: reqwest::Client::new(),
             stop: Some(stop),
             server: Some(server),
@@ -175,6 +180,7 @@ impl Harness {
         self.stop().await;
         let config = Config::load(&self.data_dir.join("routes.toml")).unwrap();
         let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
+        self.app = gateway.app.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
