@@ -1,0 +1,73 @@
+//! Admission per request — authentication (hash and index lookup), throttles (RPM, TPM,
+//! concurrency) and the budget reservation, then settlement — with 10 and 100,000 keys.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use tollgate::auth::{hash_secret, KeyIndex, KeyRecord};
+use tollgate::limits::{BudgetPeriod, Demand, KeyLimits, Limiter, SystemClock};
+use tollgate::money::Money;
+
+fn key(i: usize) -> (String, KeyRecord) {
+    let secret = format!("sk-tg-{i:048}");
+    let record = KeyRecord {
+        id: format!("key_{i:016}"),
+        name: format!("team-{i}"),
+        prefix: secret[..10].to_owned(),
+        secret_hash: hash_secret(&secret),
+        owner: None,
+        team: None,
+        customer: None,
+        budget_usd: Some(Money::from_micros(1_000_000_000)),
+        budget_period: BudgetPeriod::Month,
+        rpm: Some(1_000_000_000),
+        tpm: Some(u64::MAX / 4),
+        max_concurrency: Some(1_000),
+        models: None,
+        plan: None,
+        seats: 1,
+        created_at_ms: 0,
+        revoked_at_ms: None,
+    };
+    (secret, record)
+}
+
+fn bench_admission(c: &mut Criterion) {
+    let mut group = c.benchmark_group("admission");
+    for keys in [10usize, 100_000] {
+        let index = KeyIndex::default();
+        let limiter = Limiter::new(Arc::new(SystemClock), vec![50, 80, 100]);
+        limiter.set_model("gpt-4o-mini", Some(1_000_000_000), Some(u64::MAX / 4));
+        let mut secrets = Vec::with_capacity(keys);
+        for i in 0..keys {
+            let (secret, record) = key(i);
+            let limits = KeyLimits {
+                rpm: record.rpm,
+                tpm: record.tpm,
+                max_concurrency: record.max_concurrency,
+                budget: record.budget_usd.map(|cap| (cap, record.budget_period)),
+            };
+            limiter.upsert_key(&record.id, &limits, None);
+            index.put(record);
+            secrets.push(secret);
+        }
+        let demand = Demand {
+            tokens: 1_500,
+            cost: Money(750_000),
+        };
+        let mut next = 0usize;
+        group.bench_with_input(BenchmarkId::new("auth+admit+settle", keys), &keys, |b, _| {
+            b.iter(|| {
+                next = (next + 7_919) % secrets.len();
+                let key = index.authenticate(&secrets[next]).unwrap();
+                let ticket = limiter.admit(&key.id, "gpt-4o-mini", demand).unwrap();
+                limiter.settle(ticket, 1_200, Money(600_000))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_admission);
+criterion_main!(benches);
