@@ -57,14 +57,18 @@ fn bench_admission(c: &mut Criterion) {
             cost: Money(750_000),
         };
         let mut next = 0usize;
-        group.bench_with_input(BenchmarkId::new("auth+admit+settle", keys), &keys, |b, _| {
-            b.iter(|| {
-                next = (next + 7_919) % secrets.len();
-                let key = index.authenticate(&secrets[next]).unwrap();
-                let ticket = limiter.admit(&key.id, "gpt-4o-mini", demand).unwrap();
-                limiter.settle(ticket, 1_200, Money(600_000))
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("auth+admit+settle", keys),
+            &keys,
+            |b, _| {
+                b.iter(|| {
+                    next = (next + 7_919) % secrets.len();
+                    let key = index.authenticate(&secrets[next]).unwrap();
+                    let ticket = limiter.admit(&key.id, "gpt-4o-mini", demand).unwrap();
+                    limiter.settle(ticket, 1_200, Money(600_000))
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -14,9 +14,20 @@ use tollgate::rating::Rater;
 const BATCH: usize = 1_024;
 
 fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecord {
-    let usage = TokenUsage { input: 900 + (i % 200) as u64, cached_input: 0, output: 300 };
+    let usage = TokenUsage {
+        input: 900 + (i % 200) as u64,
+        cached_input: 0,
+        output: 300,
+    };
     let key_id = format!("key_{:04}", i % 100);
-    let (rated, list_cost) = rater.rate(&key_id, config.plan(None), model, usage, 1, 1_795_000_000_000);
+    let (rated, list_cost) = rater.rate(
+        &key_id,
+        config.plan(None),
+        model,
+        usage,
+        1,
+        1_795_000_000_000,
+    );
     UsageRecord {
         request_id: format!("req_{i:032x}"),
         started_at_ms: 1_795_000_000_000 + i as i64,

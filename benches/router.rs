@@ -14,9 +14,10 @@ fn bench_router(c: &mut Criterion) {
     std::env::set_var("OPENAI_API_KEY", "sk-bench");
     let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("routes.toml")).unwrap();
     let router = config.router.as_ref().unwrap();
-    let context = "Our service handles payments for small shops. Refunds are processed nightly and the \
+    let context =
+        "Our service handles payments for small shops. Refunds are processed nightly and the \
                    ledger is reconciled against the bank statement every morning. "
-        .repeat(36);
+            .repeat(36);
     let body = json!({
         "model": "auto",
         "messages": [
@@ -24,7 +25,9 @@ fn bench_router(c: &mut Criterion) {
             {"role": "user", "content": format!("{context}\nGiven the above, why do refunds sometimes appear twice? List likely causes.")}
         ]
     });
-    let tokens = Tokenizer::new().unwrap().count_chat_prompt(Encoding::O200kBase, &body);
+    let tokens = Tokenizer::new()
+        .unwrap()
+        .count_chat_prompt(Encoding::O200kBase, &body);
     assert!((900..1_300).contains(&tokens), "{tokens} tokens");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
     let policy = KeyPolicy::default();

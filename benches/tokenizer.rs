@@ -7,8 +7,7 @@ use tollgate::meter::tokenizer::{Encoding, Tokenizer};
 
 fn text_of(tokens: usize) -> String {
     // ~10 tokens per sentence in both encodings.
-    "The gateway counts every token of the prompt before it goes upstream. "
-        .repeat(tokens / 13 + 1)
+    "The gateway counts every token of the prompt before it goes upstream. ".repeat(tokens / 13 + 1)
 }
 
 fn bench_counting(c: &mut Criterion) {
@@ -19,17 +18,26 @@ fn bench_counting(c: &mut Criterion) {
     for tokens in [1_000usize, 4_000, 32_000] {
         let text = text_of(tokens);
         group.throughput(Throughput::Bytes(text.len() as u64));
-        for (name, encoding) in [("o200k", Encoding::O200kBase), ("cl100k", Encoding::Cl100kBase)] {
-            group.bench_with_input(BenchmarkId::new(format!("bpe-openai/{name}"), tokens), &text, |b, t| {
-                b.iter(|| ours.count_text(encoding, t))
-            });
+        for (name, encoding) in [
+            ("o200k", Encoding::O200kBase),
+            ("cl100k", Encoding::Cl100kBase),
+        ] {
+            group.bench_with_input(
+                BenchmarkId::new(format!("bpe-openai/{name}"), tokens),
+                &text,
+                |b, t| b.iter(|| ours.count_text(encoding, t)),
+            );
         }
-        group.bench_with_input(BenchmarkId::new("tiktoken-rs/o200k", tokens), &text, |b, t| {
-            b.iter(|| o200k.encode_ordinary(t).len())
-        });
-        group.bench_with_input(BenchmarkId::new("tiktoken-rs/cl100k", tokens), &text, |b, t| {
-            b.iter(|| cl100k.encode_ordinary(t).len())
-        });
+        group.bench_with_input(
+            BenchmarkId::new("tiktoken-rs/o200k", tokens),
+            &text,
+            |b, t| b.iter(|| o200k.encode_ordinary(t).len()),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("tiktoken-rs/cl100k", tokens),
+            &text,
+            |b, t| b.iter(|| cl100k.encode_ordinary(t).len()),
+        );
     }
     group.finish();
 

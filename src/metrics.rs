@@ -3,8 +3,8 @@
 //! classes and static reason labels — never from client input.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Seconds, from a few milliseconds (a cached refusal) to many minutes (a long reasoning stream).
@@ -32,12 +32,25 @@ pub struct Metrics {
     pub budget_overshoot_usd: prometheus::Counter,
     pub route_decisions: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// Per-key families, labelled by key name; off with `server.per_key_metrics = false`.
+    pub key_spend_usd: GaugeVec,
+    pub key_budget_remaining_usd: GaugeVec,
+    pub key_budget_used_ratio: GaugeVec,
+    pub key_remaining_requests: GaugeVec,
+    pub key_remaining_tokens: GaugeVec,
     pub budget_alerts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let family = IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|_| unreachable_metric(name));
+    register(registry, Box::new(family.clone()));
+    family
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    let family =
+        GaugeVec::new(Opts::new(name, help), &["key"]).unwrap_or_else(|_| unreachable_metric(name));
     register(registry, Box::new(family.clone()));
     family
 }
@@ -101,6 +114,31 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric("budget_overshoot_usd_total"));
         register(&registry, Box::new(budget_overshoot_usd.clone()));
         Metrics {
+            key_spend_usd: gauge(
+                &registry,
+                "key_spend_usd",
+                "Spend of the key in its current budget period",
+            ),
+            key_budget_remaining_usd: gauge(
+                &registry,
+                "key_budget_remaining_usd",
+                "Budget left in the key's current period (capped keys)",
+            ),
+            key_budget_used_ratio: gauge(
+                &registry,
+                "key_budget_used_ratio",
+                "Share of the key's budget spent this period (capped keys)",
+            ),
+            key_remaining_requests: gauge(
+                &registry,
+                "key_remaining_requests",
+                "Requests left in the key's tightest request-rate window",
+            ),
+            key_remaining_tokens: gauge(
+                &registry,
+                "key_remaining_tokens",
+                "Tokens left in the key's tightest token-rate window",
+            ),
             route_decisions: counter(
                 &registry,
                 "route_decisions_total",
@@ -195,6 +233,44 @@ impl Metrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Every family this gateway can export (with its prefix), whether or not it has samples
+    /// yet; dashboards and alert rules are checked against this list.
+    pub fn family_names(&self) -> Vec<String> {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.input_tokens.clone()),
+            Box::new(self.output_tokens.clone()),
+            Box::new(self.cost_usd.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.time_to_first_token.clone()),
+            Box::new(self.upstream_duration.clone()),
+            Box::new(self.upstream_attempts.clone()),
+            Box::new(self.rejections.clone()),
+            Box::new(self.token_count_drift.clone()),
+            Box::new(self.usage_events.clone()),
+            Box::new(self.usage_pending.clone()),
+            Box::new(self.usage_batch_duration.clone()),
+            Box::new(self.config_reloads.clone()),
+            Box::new(self.budget_overshoot_usd.clone()),
+            Box::new(self.budget_alerts.clone()),
+            Box::new(self.route_decisions.clone()),
+            Box::new(self.fallbacks.clone()),
+            Box::new(self.key_spend_usd.clone()),
+            Box::new(self.key_budget_remaining_usd.clone()),
+            Box::new(self.key_budget_used_ratio.clone()),
+            Box::new(self.key_remaining_requests.clone()),
+            Box::new(self.key_remaining_tokens.clone()),
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| {
+                c.desc()
+                    .into_iter()
+                    .map(|d| format!("tollgate_{}", d.fq_name))
+            })
+            .collect()
     }
 
     pub fn render(&self) -> String {

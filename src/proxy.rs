@@ -581,6 +581,44 @@ impl Exchange {
         }
     }
 
+    /// The per-key gauges, refreshed whenever one of the key's requests settles.
+    fn export_key_gauges(&self) {
+        let Some(key) = &self.key else {
+            return;
+        };
+        let metrics = &self.app.metrics;
+        let label = [key.name.as_str()];
+        if let Some(budget) = self.app.limiter.budget(&key.id) {
+            metrics
+                .key_spend_usd
+                .with_label_values(&label)
+                .set(budget.spend_usd.as_f64_usd());
+            if budget.budget_usd.nanos() != i64::MAX {
+                metrics
+                    .key_budget_remaining_usd
+                    .with_label_values(&label)
+                    .set(budget.remaining_usd.as_f64_usd());
+                let used = budget.spend_usd.as_f64_usd() / budget.budget_usd.as_f64_usd().max(1e-9);
+                metrics
+                    .key_budget_used_ratio
+                    .with_label_values(&label)
+                    .set(used);
+            }
+        }
+        if let Some(requests) = self.rate_headers.requests {
+            metrics
+                .key_remaining_requests
+                .with_label_values(&label)
+                .set(requests.remaining as f64);
+        }
+        if let Some(tokens) = self.rate_headers.tokens {
+            metrics
+                .key_remaining_tokens
+                .with_label_values(&label)
+                .set(tokens.remaining as f64);
+        }
+    }
+
     /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
     fn announce(&self, alert: AlertCrossing) {
         let Some(key) = &self.key else {
@@ -677,6 +715,9 @@ impl Exchange {
             }
             for alert in settlement.alerts {
                 self.announce(alert);
+            }
+            if self.config.server.per_key_metrics {
+                self.export_key_gauges();
             }
         }
         if self.model.is_some() {
