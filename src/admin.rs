@@ -206,25 +206,7 @@ async fn create_key(State(app): State<Arc<App>>, headers: HeaderMap, body: Strin
         authorize(&app, &headers)?;
         let fields = parse_object(&body)?;
         let secret = auth::new_secret();
-        let mut record = KeyRecord {
-            id: auth::new_key_id(),
-            name: String::new(),
-            prefix: secret[..10].to_owned(),
-            secret_hash: auth::hash_secret(&secret),
-            owner: None,
-            team: None,
-            customer: None,
-            budget_usd: None,
-            budget_period: BudgetPeriod::Month,
-            rpm: None,
-            tpm: None,
-            max_concurrency: None,
-            models: None,
-            plan: None,
-            seats: 1,
-            created_at_ms: crate::unix_ms(),
-            revoked_at_ms: None,
-        };
+        let mut record = KeyRecord::new("", &secret);
         apply_fields(&app, &mut record, &fields)?;
         if record.name.is_empty() {
             return Err(field_error("name", "a key needs a non-empty `name`"));

@@ -50,23 +50,12 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
     let addr = listener.local_addr()?;
     let secret = auth::new_secret();
     let key = KeyRecord {
-        id: auth::new_key_id(),
-        name: "demo".to_owned(),
-        prefix: secret[..10].to_owned(),
-        secret_hash: auth::hash_secret(&secret),
-        owner: None,
-        team: None,
-        customer: None,
         budget_usd: Some(Money::from_micros(5_000_000)),
         budget_period: BudgetPeriod::Day,
         rpm: Some(600),
         tpm: Some(1_000_000),
         max_concurrency: Some(16),
-        models: None,
-        plan: None,
-        seats: 1,
-        created_at_ms: crate::unix_ms(),
-        revoked_at_ms: None,
+        ..KeyRecord::new("demo", &secret)
     };
     let store = gateway.app.key_store.clone();
     let stored = key.clone();

@@ -95,7 +95,8 @@ impl Gateway {
     }
 
     pub fn router(&self) -> Router {
-        router(self.app.clone())
+        let separate_admin = self.app.config().server.admin_listen.is_some();
+        router(self.app.clone(), !separate_admin)
     }
 
     /// Serves until `shutdown` resolves, then drains within the configured grace period and
@@ -113,6 +114,23 @@ impl Gateway {
             })
             .into_future();
         let mut server = tokio::spawn(server);
+        // With `server.admin_listen`, the admin API (and the operational endpoints) get their
+        // own listener, e.g. one that only the platform network reaches.
+        let admin_server = match self.app.config().server.admin_listen {
+            Some(addr) => {
+                let admin_listener = TcpListener::bind(addr).await?;
+                tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
+                let mut admin_stop = stop_tx.subscribe();
+                Some(tokio::spawn(
+                    axum::serve(admin_listener, admin_router(self.app.clone()))
+                        .with_graceful_shutdown(async move {
+                            let _ = admin_stop.wait_for(|stop| *stop).await;
+                        })
+                        .into_future(),
+                ))
+            }
+            None => None,
+        };
         let watcher = tokio::spawn(crate::reload::watch(
             self.app.clone(),
             self.app.config().source.clone(),
@@ -141,6 +159,9 @@ impl Gateway {
             }
         }
         watcher.abort();
+        if let Some(admin_server) = admin_server {
+            admin_server.abort();
+        }
         // Streams that ended (or were cut by the abort) settle on the blocking pool; their
         // records must reach the channel before it is flushed and closed.
         self.app.settling.close();
@@ -180,8 +201,9 @@ fn restore(
     Ok(())
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+/// The client API, with the admin API merged in unless it has its own listener.
+pub fn router(app: Arc<App>, with_admin: bool) -> Router {
+    let routes = Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/embeddings", post(proxy::embeddings))
@@ -189,8 +211,27 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/outcomes", post(crate::outcomes::report))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    let routes = if with_admin {
+        routes.merge(admin::routes())
+    } else {
+        routes
+    };
+    finish(routes, app)
+}
+
+/// The admin listener's routes: the admin API and the operational endpoints.
+fn admin_router(app: Arc<App>) -> Router {
+    let routes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(admin::routes())
+        .merge(admin::routes());
+    finish(routes, app)
+}
+
+fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_id))

@@ -327,3 +327,116 @@ async fn the_sdk_does_not_retry_quota_but_retries_throttles() {
     );
     assert!(metrics.contains("tollgate_rejections_total{reason=\"concurrency\"}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_alerts_reach_the_webhook_once_per_threshold() {
+    // A one-shot HTTP receiver standing in for the team's alerting endpoint.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = receiver.accept().await else {
+                return;
+            };
+            let events_tx = events_tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buffer).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            events_tx
+                                .send(serde_json::from_str(&body[..length]).unwrap())
+                                .unwrap();
+                            let _ = socket
+                                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let extra = format!("[budgets]\nalert_thresholds_pct = [50, 80]\nalert_webhook = \"{hook}\"\n");
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    // Four actual requests' worth: the third crosses 50%, the fourth 80%... but only while a
+    // reservation (max_tokens 16, so equal to the actual cost) still fits.
+    let created = gw
+        .create_key(json!({"name": "alerted", "budget_usd": (4 * ACTUAL) as f64 / 1e9}))
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    for _ in 0..4 {
+        assert_eq!(send_as(&gw, &key, &request(16)).await.status(), 200);
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), events_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(std::time::Duration::from_secs(5), events_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first["event"], "budget_threshold_crossed");
+    assert_eq!(first["key_name"], "alerted");
+    let mut thresholds = vec![
+        first["threshold_pct"].as_u64().unwrap(),
+        second["threshold_pct"].as_u64().unwrap(),
+    ];
+    thresholds.sort_unstable();
+    assert_eq!(thresholds, vec![50, 80]);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), events_rx.recv())
+            .await
+            .is_err(),
+        "each threshold is announced once"
+    );
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("tollgate_budget_alerts_total{threshold=\"50\"} 1"));
+}
+
+#[tokio::test]
+async fn the_admin_api_can_live_on_its_own_listener() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let extra_server = format!("admin_listen = \"127.0.0.1:{port}\"\n");
+    let gw = Harness::start_separate_admin(&extra_server).await;
+    let on_client = gw
+        .http
+        .get(format!("{}/admin/keys", gw.url))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        on_client.status(),
+        404,
+        "the client listener has no admin API"
+    );
+    let on_admin = gw
+        .http
+        .get(format!("http://127.0.0.1:{port}/admin/keys"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_admin.status(), 200);
+}

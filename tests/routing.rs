@@ -203,10 +203,10 @@ output_per_mtok = 0.60
 [router]
 default = "cheap"
 [router.tiers.cheap]
-models = [{ model = "flaky-mini" }, { model = "gpt-4o-mini" }]
+models = [{ model = "flaky-mini" }]
 fallback_tier = "frontier"
 [router.tiers.frontier]
-models = [{ model = "gpt-4o" }]
+models = [{ model = "gpt-4o-mini" }]
 "#;
 
 async fn with_flaky(mode: FailMode) -> (Harness, MockUpstream) {
@@ -229,7 +229,7 @@ async fn with_flaky(mode: FailMode) -> (Harness, MockUpstream) {
 }
 
 #[tokio::test]
-async fn a_failing_model_falls_back_along_the_tier() {
+async fn a_failing_model_falls_back_to_the_next_tier() {
     let (mut gw, flaky) = with_flaky(FailMode::Status(503)).await;
     let response = gw.chat(chat("hi")).await;
     assert_eq!(response.status(), 200);

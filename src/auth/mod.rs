@@ -44,6 +44,29 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A new key for `secret` with no limits, no plan and a monthly budget period.
+    pub fn new(name: &str, secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: new_key_id(),
+            name: name.to_owned(),
+            prefix: secret.chars().take(10).collect(),
+            secret_hash: hash_secret(secret),
+            owner: None,
+            team: None,
+            customer: None,
+            budget_usd: None,
+            budget_period: BudgetPeriod::Month,
+            rpm: None,
+            tpm: None,
+            max_concurrency: None,
+            models: None,
+            plan: None,
+            seats: 1,
+            created_at_ms: crate::unix_ms(),
+            revoked_at_ms: None,
+        }
+    }
+
     pub fn is_revoked(&self) -> bool {
         self.revoked_at_ms.is_some()
     }
@@ -135,23 +158,8 @@ mod tests {
 
     pub fn record(secret: &str) -> KeyRecord {
         KeyRecord {
-            id: new_key_id(),
-            name: "team-a".into(),
-            prefix: secret[..10].to_owned(),
-            secret_hash: hash_secret(secret),
-            owner: None,
-            team: None,
-            customer: None,
-            budget_usd: None,
-            budget_period: BudgetPeriod::Month,
-            rpm: None,
-            tpm: None,
-            max_concurrency: None,
             models: Some(vec!["gpt-4o-mini".into()]),
-            plan: None,
-            seats: 1,
-            created_at_ms: 0,
-            revoked_at_ms: None,
+            ..KeyRecord::new("team-a", secret)
         }
     }
 

@@ -323,7 +323,9 @@ impl Config {
             .iter()
             .filter_map(|name| models.get(name).map(|m| (name.clone(), m.tier.clone())))
             .collect();
+        // With no valid model, the model problems are the ones worth reading.
         let router = match Router::build(&raw.router, &catalog) {
+            _ if catalog.is_empty() => None,
             Ok(router) => Some(router),
             Err(router_problems) => {
                 for (path, message) in router_problems {

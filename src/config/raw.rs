@@ -93,7 +93,7 @@ impl Default for RawServer {
             max_body_bytes: 8 * 1024 * 1024,
             shutdown_grace_secs: 30,
             usage_channel_capacity: 65_536,
-            inline_count_max_bytes: 16 * 1024,
+            inline_count_max_bytes: 4 * 1024,
             log_format: "text".to_owned(),
             per_key_metrics: true,
             reload_poll_secs: 2,

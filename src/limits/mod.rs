@@ -133,6 +133,23 @@ impl Refusal {
     }
 }
 
+/// Takes units from one throttle, or says which limit refused and how long to wait.
+fn throttle(
+    limit: &Gcra,
+    units: u64,
+    now_us: i64,
+    limit_kind: &'static str,
+    scope: &'static str,
+) -> Result<Snapshot, Refusal> {
+    limit
+        .acquire(units, now_us)
+        .map_err(|retry_after| Refusal::RateLimited {
+            limit_kind,
+            scope,
+            retry_after,
+        })
+}
+
 /// OpenAI's six `x-ratelimit-*` values, for the tightest limit that applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateLimitHeaders {
@@ -340,48 +357,24 @@ impl Limiter {
                 ticket.holds_slot = true;
             }
             if let Some(rpm) = &key.rpm {
-                let snapshot = rpm
-                    .acquire(1, now_us)
-                    .map_err(|wait| Refusal::RateLimited {
-                        limit_kind: "requests",
-                        scope: "key",
-                        retry_after: wait,
-                    })?;
+                let snapshot = throttle(rpm, 1, now_us, "requests", "key")?;
                 ticket.requests_taken.0 = true;
                 ticket.headers.requests = Some(snapshot);
             }
             if let Some(tpm) = &key.tpm {
-                let snapshot =
-                    tpm.acquire(demand.tokens, now_us)
-                        .map_err(|wait| Refusal::RateLimited {
-                            limit_kind: "tokens",
-                            scope: "key",
-                            retry_after: wait,
-                        })?;
+                let snapshot = throttle(tpm, demand.tokens, now_us, "tokens", "key")?;
                 ticket.tokens = demand.tokens;
                 ticket.headers.tokens = Some(snapshot);
             }
         }
         if let Some(model_state) = model_state {
             if let Some(rpm) = &model_state.rpm {
-                let snapshot = rpm
-                    .acquire(1, now_us)
-                    .map_err(|wait| Refusal::RateLimited {
-                        limit_kind: "requests",
-                        scope: "model",
-                        retry_after: wait,
-                    })?;
+                let snapshot = throttle(rpm, 1, now_us, "requests", "model")?;
                 ticket.requests_taken.1 = true;
                 ticket.headers.requests = tighter(ticket.headers.requests, Some(snapshot));
             }
             if let Some(tpm) = &model_state.tpm {
-                let snapshot =
-                    tpm.acquire(demand.tokens, now_us)
-                        .map_err(|wait| Refusal::RateLimited {
-                            limit_kind: "tokens",
-                            scope: "model",
-                            retry_after: wait,
-                        })?;
+                let snapshot = throttle(tpm, demand.tokens, now_us, "tokens", "model")?;
                 ticket.model_tokens = demand.tokens;
                 ticket.headers.tokens = tighter(ticket.headers.tokens, Some(snapshot));
             }

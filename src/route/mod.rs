@@ -22,8 +22,9 @@ use signals::{measure, Detectors};
 #[serde(deny_unknown_fields, default)]
 pub struct RawRouter {
     pub virtual_model: String,
-    /// Target when no rule matches: a tier or a model.
-    pub default: String,
+    /// Target when no rule matches: a tier or a model. Unset: `cheap` if there is such a
+    /// tier, else the tier of the first model.
+    pub default: Option<String>,
     pub tiers: BTreeMap<String, RawTier>,
     pub rules: Option<Vec<RawRule>>,
     pub score: RawScore,
@@ -33,7 +34,7 @@ impl Default for RawRouter {
     fn default() -> Self {
         RawRouter {
             virtual_model: "auto".to_owned(),
-            default: "cheap".to_owned(),
+            default: None,
             tiers: BTreeMap::new(),
             rules: None,
             score: RawScore::default(),
@@ -443,9 +444,10 @@ impl Router {
                 .models
                 .push((model.clone(), 1));
         }
-        // Undeclared cheap tiers fall back to frontier, the usual safety net.
+        // An undeclared cheap tier falls back to frontier, the usual safety net.
+        let has_frontier = tiers.contains_key("frontier");
         if let Some(cheap) = tiers.get_mut("cheap") {
-            if cheap.fallback.is_none() && !raw.tiers.contains_key("cheap") {
+            if has_frontier && cheap.fallback.is_none() && !raw.tiers.contains_key("cheap") {
                 cheap.fallback = Some("frontier".to_owned());
             }
         }
@@ -474,7 +476,17 @@ impl Router {
                 Target::Tier(text.to_owned())
             }
         };
-        let default = target(&raw.default, path(&["router", "default"]), &mut problems);
+        let default_name = raw.default.clone().unwrap_or_else(|| {
+            if tiers.contains_key("cheap") {
+                "cheap".to_owned()
+            } else {
+                catalog
+                    .first()
+                    .map(|(_, tier)| tier.clone())
+                    .unwrap_or_default()
+            }
+        });
+        let default = target(&default_name, path(&["router", "default"]), &mut problems);
         let raw_rules = raw.rules.clone().unwrap_or_else(default_rules);
         let mut rules = Vec::new();
         for (i, rule) in raw_rules.iter().enumerate() {

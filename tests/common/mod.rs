@@ -41,9 +41,20 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// The standard test config: one upstream (the mock), a cheap and a frontier model, an
 /// embedding model, plus whatever `extra` TOML the test adds.
 pub fn config_text(mock_url: &str, data_dir: &Path, extra: &str) -> String {
+    config_text_with_server(mock_url, data_dir, "", extra)
+}
+
+/// Like [`config_text`], with extra lines in `[server]`.
+pub fn config_text_with_server(
+    mock_url: &str,
+    data_dir: &Path,
+    server: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
+{server}
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 max_body_bytes = 4194304
@@ -101,12 +112,22 @@ impl Harness {
     }
 
     pub async fn start_with(options: MockOptions, extra: &str) -> Harness {
+        Harness::start_full(options, "", extra).await
+    }
+
+    /// A gateway whose admin API is on its own listener (given in `server_lines`). The test
+    /// key is created directly in the store, since the harness only knows the client URL.
+    pub async fn start_separate_admin(server_lines: &str) -> Harness {
+        Harness::start_full(MockOptions::default(), server_lines, "").await
+    }
+
+    async fn start_full(options: MockOptions, server_lines: &str, extra: &str) -> Harness {
         // Set once, identically, by every test in the process.
         std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY);
         let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = MockUpstream::start(mock_listener, options).await.unwrap();
         let data_dir = temp_dir("gw");
-        let text = config_text(&mock.base_url(), &data_dir, extra);
+        let text = config_text_with_server(&mock.base_url(), &data_dir, server_lines, extra);
         let path = data_dir.join("routes.toml");
         std::fs::write(&path, &text).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -133,6 +154,9 @@ impl Harness {
             stop: Some(stop),
             server: Some(server),
         };
+        if server_lines.contains("admin_listen") {
+            return harness;
+        }
         harness.key = harness
             .create_key(serde_json::json!({"name": "test"}))
             .await["key"]
