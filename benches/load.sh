@@ -2,7 +2,8 @@
 # Load comparison on loopback, all in one run so the figures share one machine state:
 #   (a) direct calls to the mock upstream,
 #   (b) nginx proxy_pass in front of the same mock (the plain-proxy reference),
-#   (c) tollgate with auth, caps, routing, metering and rating on,
+#   (c) tollgate with auth, caps, routing, metering and rating on (batched ledger),
+#   (d) the same with `durability = "strict"` (group commit before the end of each response),
 # for non-streaming and streaming 1 KB chat requests at 1 and 64 connections. Prints p50, p99
 # and requests/s with ratios to (a) and (b). Installs wrk and nginx from Debian if missing.
 #
@@ -35,18 +36,27 @@ MOCK_PORT=$(free_port)
 PIDS+=($!)
 wait_port "$MOCK_PORT"
 
-GW_PORT=$(free_port)
-sed -e "s#http://127.0.0.1:9099/v1#http://127.0.0.1:$MOCK_PORT/v1#" \
-    -e "s#^data_dir = .*#data_dir = \"$WORK/data\"#" \
-    -e "s#^log_format = .*#log_format = \"json\"#" routes.toml >"$WORK/routes.toml"
 export TOLLGATE_ADMIN_TOKEN=bench-admin
-TOLLGATE_LOG=warn "$BIN" serve --config "$WORK/routes.toml" --listen "127.0.0.1:$GW_PORT" >"$WORK/gw.log" 2>&1 &
-PIDS+=($!)
-wait_port "$GW_PORT"
-KEY=$(curl -s "http://127.0.0.1:$GW_PORT/admin/keys" -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
-  -H 'content-type: application/json' \
-  -d '{"name":"bench","budget_usd":1000000,"budget_period":"month","rpm":100000000,"tpm":100000000000}' |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+start_gateway() { # durability; sets PORT and KEY
+  local dir="$WORK/$1"
+  PORT=$(free_port)
+  mkdir -p "$dir"
+  sed -e "s#http://127.0.0.1:9099/v1#http://127.0.0.1:$MOCK_PORT/v1#" \
+      -e "s#^data_dir = .*#data_dir = \"$dir/data\"#" \
+      -e "s#^log_format = .*#log_format = \"json\"#" routes.toml >"$dir/routes.toml"
+  printf '\n[ledger]\ndurability = "%s"\n' "$1" >>"$dir/routes.toml"
+  TOLLGATE_LOG=warn "$BIN" serve --config "$dir/routes.toml" --listen "127.0.0.1:$PORT" >"$dir/gw.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$PORT"
+  KEY=$(curl -s "http://127.0.0.1:$PORT/admin/keys" -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
+    -H 'content-type: application/json' \
+    -d '{"name":"bench","budget_usd":1000000,"budget_period":"month","rpm":100000000,"tpm":100000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+}
+start_gateway strict
+STRICT_PORT=$PORT STRICT_KEY=$KEY
+start_gateway batched
+GW_PORT=$PORT
 
 NGINX_PORT=$(free_port)
 mkdir -p "$WORK/nginx"
@@ -77,18 +87,22 @@ wait_port "$NGINX_PORT"
 
 # A ~1 KB chat request.
 PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
-for stream in false true; do
-  cat >"$WORK/post_$stream.lua" <<LUA
+write_script() { # name stream key
+  cat >"$WORK/post_$1_$2.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-wrk.body = '{"model":"gpt-4o-mini","stream":$stream,"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"$PROMPT"}]}'
+wrk.headers["Authorization"] = "Bearer $3"
+wrk.body = '{"model":"gpt-4o-mini","stream":$2,"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"$PROMPT"}]}'
 LUA
+}
+for stream in false true; do
+  write_script batched "$stream" "$KEY"
+  write_script strict "$stream" "$STRICT_KEY"
 done
 
-run() { # name url stream connections
+run() { # name url stream connections [script]
   local threads=$(( $4 < 2 ? 1 : 2 ))
-  wrk -t"$threads" -c"$4" -d"${DURATION}s" --latency -s "$WORK/post_$3.lua" "$2/v1/chat/completions" 2>&1 |
+  wrk -t"$threads" -c"$4" -d"${DURATION}s" --latency -s "$WORK/post_${5:-batched}_$3.lua" "$2/v1/chat/completions" 2>&1 |
     python3 -c '
 import re, sys
 text = sys.stdin.read()
@@ -108,6 +122,7 @@ for stream in false true; do
     run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
     run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
     run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+    run tollgate-strict "http://127.0.0.1:$STRICT_PORT" "$stream" "$conns" strict | sed "s/^/$stream $conns /" >>"$RESULTS"
   done
 done
 
@@ -124,4 +139,10 @@ for r in rows:
         stream, conns, name, float(p50), float(p99), float(rps),
         float(rps) / float(d[5]), float(rps) / float(n[5]),
         float(p50) - float(n[3]), float(p99) - float(n[4]), errs))
+print()
+print("strict durability vs batched (same traffic): added p50 / p99 in ms")
+for r in rows:
+    if r[2] == "tollgate-strict":
+        b = by[(r[0], r[1], "tollgate")]
+        print("  stream=%s conns=%s: %+.3f / %+.3f" % (r[0], r[1], float(r[3]) - float(b[3]), float(r[4]) - float(b[4])))
 PY

@@ -64,60 +64,54 @@ async fn usage(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let axum::extract::Query(query) =
-            query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
-        let now = crate::unix_ms();
-        let to = match &query.to {
-            Some(text) => parse_instant(text, "to")?,
-            None => now + 1,
-        };
-        let from = match &query.from {
-            Some(text) => parse_instant(text, "from")?,
-            None => to - 30 * 86_400_000,
-        };
-        let group = match query.group_by.as_deref().unwrap_or("key") {
-            "key" => GroupBy::Key,
-            "model" => GroupBy::Model,
-            "day" => GroupBy::Day,
-            other => {
-                return Err(field_error(
-                    "group_by",
-                    format!("`{other}` is not key, model or day"),
-                ))
-            }
-        };
-        let ledger = app.ledger.clone();
-        let key_id = query.key_id.clone();
-        let rows = blocking(move || {
-            ledger
-                .usage(from, to, group, key_id.as_deref())
-                .map_err(store_error)
-        })
-        .await?;
-        let totals = json!({
-            "requests": rows.iter().map(|r| r.requests).sum::<u64>(),
-            "input_tokens": rows.iter().map(|r| r.input_tokens).sum::<u64>(),
-            "output_tokens": rows.iter().map(|r| r.output_tokens).sum::<u64>(),
-            "cost_usd": rows.iter().map(|r| r.cost_usd).sum::<Money>(),
-        });
-        let group_name = query.group_by.unwrap_or_else(|| "key".to_owned());
-        Ok::<_, GatewayError>(
-            axum::Json(json!({
-                "object": "usage",
-                "group_by": group_name,
-                "from": from,
-                "to": to,
-                "data": rows,
-                "totals": totals,
-            }))
-            .into_response(),
-        )
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let axum::extract::Query(query) =
+        query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+    let now = crate::unix_ms();
+    let to = match &query.to {
+        Some(text) => parse_instant(text, "to")?,
+        None => now + 1,
+    };
+    let from = match &query.from {
+        Some(text) => parse_instant(text, "from")?,
+        None => to - 30 * 86_400_000,
+    };
+    let group = match query.group_by.as_deref().unwrap_or("key") {
+        "key" => GroupBy::Key,
+        "model" => GroupBy::Model,
+        "day" => GroupBy::Day,
+        other => {
+            return Err(field_error(
+                "group_by",
+                format!("`{other}` is not key, model or day"),
+            ))
+        }
+    };
+    let ledger = app.ledger.clone();
+    let key_id = query.key_id.clone();
+    let rows = blocking(move || {
+        ledger
+            .usage(from, to, group, key_id.as_deref())
+            .map_err(store_error)
+    })
+    .await?;
+    let totals = json!({
+        "requests": rows.iter().map(|r| r.requests).sum::<u64>(),
+        "input_tokens": rows.iter().map(|r| r.input_tokens).sum::<u64>(),
+        "output_tokens": rows.iter().map(|r| r.output_tokens).sum::<u64>(),
+        "cost_usd": rows.iter().map(|r| r.cost_usd).sum::<Money>(),
+    });
+    let group_name = query.group_by.unwrap_or_else(|| "key".to_owned());
+    Ok(axum::Json(json!({
+        "object": "usage",
+        "group_by": group_name,
+        "from": from,
+        "to": to,
+        "data": rows,
+        "totals": totals,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -132,48 +126,43 @@ async fn invoice(
     headers: HeaderMap,
     Path(key_id): Path<String>,
     query: Result<axum::extract::Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let axum::extract::Query(query) =
-            query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
-        let period = query
-            .period
-            .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
-        let start = chrono::NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
-            .map_err(|_| field_error("period", format!("`{period}` is not YYYY-MM")))?;
-        let from = start
-            .and_hms_opt(0, 0, 0)
-            .map(|t| t.and_utc().timestamp_millis())
-            .unwrap_or_default();
-        let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
-        let record = load_key(&app, key_id.clone()).await?;
-        let ledger = app.ledger.clone();
-        let id = key_id.clone();
-        let usage =
-            blocking(move || ledger.period_usage(&id, from, to).map_err(store_error)).await?;
-        let config = app.config();
-        let plan_name = record.plan.clone().unwrap_or_else(|| "list".to_owned());
-        let plan = config.plan(record.plan.as_deref());
-        let (lines, total, extra) = invoice::lines(plan, &usage, record.seats);
-        let mut body = json!({
-            "object": "invoice",
-            "key_id": record.id,
-            "key_name": record.name,
-            "period": period,
-            "plan": plan_name,
-            "plan_kind": plan.kind(),
-            "currency": "usd",
-            "lines": lines,
-            "total_usd": total,
-        });
-        if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
-            body.extend(extra);
-        }
-        Ok::<_, GatewayError>(axum::Json(body).into_response())
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let axum::extract::Query(query) =
+        query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+    let period = query
+        .period
+        .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
+    let start = chrono::NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
+        .map_err(|_| field_error("period", format!("`{period}` is not YYYY-MM")))?;
+    let from = start
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp_millis())
+        .unwrap_or_default();
+    let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
+    let record = load_key(&app, key_id.clone()).await?;
+    let ledger = app.ledger.clone();
+    let id = key_id.clone();
+    let usage = blocking(move || ledger.period_usage(&id, from, to).map_err(store_error)).await?;
+    let config = app.config();
+    let plan_name = record.plan.clone().unwrap_or_else(|| "list".to_owned());
+    let plan = config.plan(record.plan.as_deref());
+    let (lines, total, extra) = invoice::lines(plan, &usage, record.seats);
+    let mut body = json!({
+        "object": "invoice",
+        "key_id": record.id,
+        "key_name": record.name,
+        "period": period,
+        "plan": plan_name,
+        "plan_kind": plan.kind(),
+        "currency": "usd",
+        "lines": lines,
+        "total_usd": total,
+    });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    Ok(axum::Json(body).into_response())
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {
@@ -201,38 +190,37 @@ fn store_error(error: impl std::fmt::Display) -> GatewayError {
     GatewayError::Internal(error.to_string())
 }
 
-async fn create_key(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let fields = parse_object(&body)?;
-        let secret = auth::new_secret();
-        let mut record = KeyRecord::new("", &secret);
-        apply_fields(&app, &mut record, &fields)?;
-        if record.name.is_empty() {
-            return Err(field_error("name", "a key needs a non-empty `name`"));
-        }
-        let store = app.key_store.clone();
-        let stored = record.clone();
-        blocking(move || store.insert(&stored).map_err(store_error)).await?;
-        app.key_activated(record.clone(), None);
-        let mut view = key_view(&app, &record);
-        view["key"] = Value::String(secret);
-        Ok::<_, GatewayError>((StatusCode::CREATED, axum::Json(view)).into_response())
+async fn create_key(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let fields = parse_object(&body)?;
+    let secret = auth::new_secret();
+    let mut record = KeyRecord::new("", &secret);
+    apply_fields(&app, &mut record, &fields)?;
+    if record.name.is_empty() {
+        return Err(field_error("name", "a key needs a non-empty `name`"));
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let store = app.key_store.clone();
+    let stored = record.clone();
+    blocking(move || store.insert(&stored).map_err(store_error)).await?;
+    app.key_activated(record.clone(), None);
+    let mut view = key_view(&app, &record);
+    view["key"] = Value::String(secret);
+    Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
-async fn list_keys(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let store = app.key_store.clone();
-        let records = blocking(move || store.list().map_err(store_error)).await?;
-        let data: Vec<Value> = records.iter().map(|r| key_view(&app, r)).collect();
-        Ok::<_, GatewayError>(axum::Json(json!({"object": "list", "data": data})).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+async fn list_keys(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let store = app.key_store.clone();
+    let records = blocking(move || store.list().map_err(store_error)).await?;
+    let data: Vec<Value> = records.iter().map(|r| key_view(&app, r)).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn load_key(app: &App, id: String) -> Result<KeyRecord, GatewayError> {
@@ -247,14 +235,10 @@ async fn show_key(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let record = load_key(&app, id).await?;
-        Ok::<_, GatewayError>(axum::Json(key_view(&app, &record)).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let record = load_key(&app, id).await?;
+    Ok(axum::Json(key_view(&app, &record)).into_response())
 }
 
 async fn update_key(
@@ -262,44 +246,36 @@ async fn update_key(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: String,
-) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let fields = parse_object(&body)?;
-        let mut record = load_key(&app, id).await?;
-        apply_fields(&app, &mut record, &fields)?;
-        if record.name.is_empty() {
-            return Err(field_error("name", "`name` cannot be empty"));
-        }
-        let store = app.key_store.clone();
-        let stored = record.clone();
-        blocking(move || store.update(&stored).map_err(store_error)).await?;
-        app.key_activated(record.clone(), None);
-        Ok::<_, GatewayError>(axum::Json(key_view(&app, &record)).into_response())
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let fields = parse_object(&body)?;
+    let mut record = load_key(&app, id).await?;
+    apply_fields(&app, &mut record, &fields)?;
+    if record.name.is_empty() {
+        return Err(field_error("name", "`name` cannot be empty"));
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let store = app.key_store.clone();
+    let stored = record.clone();
+    blocking(move || store.update(&stored).map_err(store_error)).await?;
+    app.key_activated(record.clone(), None);
+    Ok(axum::Json(key_view(&app, &record)).into_response())
 }
 
 async fn revoke_key(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        authorize(&app, &headers)?;
-        let mut record = load_key(&app, id).await?;
-        if record.revoked_at_ms.is_none() {
-            record.revoked_at_ms = Some(crate::unix_ms());
-            let store = app.key_store.clone();
-            let stored = record.clone();
-            blocking(move || store.update(&stored).map_err(store_error)).await?;
-        }
-        app.key_revoked(&record.id);
-        Ok::<_, GatewayError>(axum::Json(key_view(&app, &record)).into_response())
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let mut record = load_key(&app, id).await?;
+    if record.revoked_at_ms.is_none() {
+        record.revoked_at_ms = Some(crate::unix_ms());
+        let store = app.key_store.clone();
+        let stored = record.clone();
+        blocking(move || store.update(&stored).map_err(store_error)).await?;
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    app.key_revoked(&record.id);
+    Ok(axum::Json(key_view(&app, &record)).into_response())
 }
 
 fn parse_object(body: &str) -> Result<Map<String, Value>, GatewayError> {

@@ -534,6 +534,10 @@ mod tests {
         Limiter::new(clock, vec![50, 80, 100])
     }
 
+    fn demand(tokens: u64, cost: Money) -> Demand {
+        Demand { tokens, cost }
+    }
+
     #[test]
     fn go_durations() {
         assert_eq!(go_duration(Duration::from_millis(20)), "20ms");
@@ -554,36 +558,13 @@ mod tests {
             budget: Some((Money(100), BudgetPeriod::Day)),
         };
         limiter.upsert_key("k", &limits, None);
-        let refused = limiter.admit(
-            "k",
-            "m",
-            Demand {
-                tokens: 10,
-                cost: Money(101),
-            },
-        );
+        let refused = limiter.admit("k", "m", demand(10, Money(101)));
         assert!(matches!(refused, Err(Refusal::InsufficientQuota { .. })));
         // Nothing stayed taken: the slot, the tokens and the request are all free again.
-        let ticket = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 1_000,
-                    cost: Money(100),
-                },
-            )
-            .unwrap();
+        let ticket = limiter.admit("k", "m", demand(1_000, Money(100))).unwrap();
         assert_eq!(ticket.headers().requests.unwrap().remaining, 9);
         assert_eq!(ticket.headers().tokens.unwrap().remaining, 0);
-        let busy = limiter.admit(
-            "k",
-            "m",
-            Demand {
-                tokens: 1,
-                cost: Money(0),
-            },
-        );
+        let busy = limiter.admit("k", "m", demand(1, Money(0)));
         assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
         let settlement = limiter.settle(ticket, 400, Money(60));
         assert_eq!(settlement.alerts.len(), 1);
@@ -591,16 +572,7 @@ mod tests {
         let budget = limiter.budget("k").unwrap();
         assert_eq!(budget.spend_usd, Money(60));
         assert_eq!(budget.reserved_usd, Money::ZERO);
-        let again = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 600,
-                    cost: Money(40),
-                },
-            )
-            .unwrap();
+        let again = limiter.admit("k", "m", demand(600, Money(40))).unwrap();
         assert_eq!(again.headers().tokens.unwrap().remaining, 0);
     }
 
@@ -615,27 +587,9 @@ mod tests {
             ..KeyLimits::default()
         };
         limiter.upsert_key("k", &limits, None);
-        let ticket = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 100,
-                    cost: Money(10),
-                },
-            )
-            .unwrap();
+        let ticket = limiter.admit("k", "m", demand(100, Money(10))).unwrap();
         drop(ticket);
-        assert!(limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 100,
-                    cost: Money(10)
-                }
-            )
-            .is_ok());
+        assert!(limiter.admit("k", "m", demand(100, Money(10))).is_ok());
     }
 
     #[test]
@@ -660,16 +614,7 @@ mod tests {
             ..KeyLimits::default()
         };
         limiter.upsert_key("k", &limits, None);
-        let t = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 0,
-                    cost: Money(90),
-                },
-            )
-            .unwrap();
+        let t = limiter.admit("k", "m", demand(0, Money(90))).unwrap();
         let crossed: Vec<u8> = limiter
             .settle(t, 0, Money(90))
             .alerts
@@ -677,28 +622,10 @@ mod tests {
             .map(|a| a.threshold_pct)
             .collect();
         assert_eq!(crossed, vec![50, 80]);
-        let t = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 0,
-                    cost: Money(5),
-                },
-            )
-            .unwrap();
+        let t = limiter.admit("k", "m", demand(0, Money(5))).unwrap();
         assert!(limiter.settle(t, 0, Money(5)).alerts.is_empty());
         clock.advance(Duration::from_secs(86_400));
-        let t = limiter
-            .admit(
-                "k",
-                "m",
-                Demand {
-                    tokens: 0,
-                    cost: Money(60),
-                },
-            )
-            .unwrap();
+        let t = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
         assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
     }
 }
