@@ -11,7 +11,7 @@ use tollgate::meter::sink::UsageWriter;
 use tollgate::rating::ledger::{Durability, LedgerWriter};
 use tollgate::rating::Rater;
 
-const BATCH: usize = 1_024;
+use tollgate::meter::sink::MAX_BATCH as BATCH;
 
 fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecord {
     let usage = TokenUsage {
@@ -29,7 +29,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         1_795_000_000_000,
     );
     UsageRecord {
-        request_id: format!("req_{i:032x}"),
+        request_id: tollgate::server::new_request_id(),
         started_at_ms: 1_795_000_000_000 + i as i64,
         key_id: Some(key_id),
         key_name: Some("bench".to_owned()),
@@ -67,7 +67,7 @@ fn bench_rating(c: &mut Criterion) {
     let mut next = 0usize;
     let mut group = c.benchmark_group("rating");
     group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("rate+write/batched/1024-records", |b| {
+    group.bench_function("rate+write/batched/full-batch", |b| {
         b.iter_batched(
             || {
                 let start = next;

@@ -89,7 +89,10 @@ pub struct UsagePipeline {
     thread: Option<JoinHandle<()>>,
 }
 
-const MAX_BATCH: usize = 1024;
+/// The most events one commit takes. The ledger's cost per commit is dominated by the index
+/// pages it dirties, so under saturation bigger batches are cheaper per record (1,024 reached
+/// about 60,000 records/s in `cargo bench --bench rating`, 4,096 about 80,000).
+pub const MAX_BATCH: usize = 4096;
 
 impl UsagePipeline {
     pub fn start(

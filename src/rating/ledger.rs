@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::meter::record::{MeterEvent, UsageRecord};
+use crate::meter::record::{MeterEvent, TokenUsage, UsageRecord};
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::plan::Cursor;
@@ -45,7 +47,14 @@ CREATE TABLE IF NOT EXISTS usage (
     charge_nanos INTEGER NOT NULL,
     list_cost_nanos INTEGER NOT NULL,
     micro_credits INTEGER NOT NULL,
-    record TEXT NOT NULL
+    finish_reason TEXT,
+    reported_input_tokens INTEGER,
+    reported_cached_input_tokens INTEGER,
+    reported_output_tokens INTEGER,
+    counted_cached_input_tokens INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    ttft_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -94,22 +103,65 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> 
             Durability::Strict => "FULL",
         },
     )?;
+    connection.pragma_update(None, "cache_size", -65_536)?;
+    connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     connection.execute_batch(SCHEMA)?;
     Ok(connection)
 }
 
-/// The writing side; lives on the usage thread.
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// The writer checkpoints by itself only when the WAL grows past this many pages (256 MiB),
+/// which happens when the checkpointer is starved by a writer that never pauses.
+const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
+
+/// The writing side; lives on the usage thread. Checkpoints run on a thread of their own so
+/// that a commit never waits for the WAL to be copied into the database file: with SQLite's
+/// automatic checkpoints on the writer, every thousandth page stalled the whole batch.
 pub struct LedgerWriter {
     connection: Connection,
+    checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl LedgerWriter {
     pub fn open(data_dir: &Path, durability: Durability) -> Result<LedgerWriter, LedgerError> {
         std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join(FILE);
+        let connection = open(&path, durability)?;
+        connection.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpoints = open(&path, durability)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ledger-checkpoint".to_owned())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_INTERVAL)
+                {
+                    checkpoint(&checkpoints, "PASSIVE");
+                }
+                checkpoint(&checkpoints, "TRUNCATE");
+            })?;
         Ok(LedgerWriter {
-            connection: open(&data_dir.join(FILE), durability)?,
+            connection,
+            checkpointer: Some((stop, thread)),
         })
+    }
+}
+
+fn checkpoint(connection: &Connection, mode: &str) {
+    let pragma = format!("PRAGMA wal_checkpoint({mode})");
+    if let Err(error) = connection.query_row(&pragma, [], |_| Ok(())) {
+        tracing::warn!(%error, "ledger checkpoint failed; the writer will checkpoint by itself");
+    }
+}
+
+impl Drop for LedgerWriter {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -118,7 +170,7 @@ fn insert_usage(
     record: &UsageRecord,
 ) -> rusqlite::Result<usize> {
     let billed = record.billed();
-    let json = serde_json::to_string(record).unwrap_or_default();
+    let reported = record.reported;
     statement.execute(params![
         record.request_id,
         record.started_at_ms,
@@ -143,8 +195,78 @@ fn insert_usage(
         record.charge.nanos(),
         record.list_cost.nanos(),
         record.micro_credits as i64,
-        json,
+        record.finish_reason,
+        reported.map(|r| r.input as i64),
+        reported.map(|r| r.cached_input as i64),
+        reported.map(|r| r.output as i64),
+        record.counted.cached_input as i64,
+        record.attempts,
+        record.latency_ms as i64,
+        record.ttft_ms.map(|ms| ms as i64),
     ])
+}
+
+const RECORD_COLUMNS: &str = "request_id, at_ms, key_id, key_name, plan, endpoint, requested_model,
+    served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
+    reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
+    counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
+    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits";
+
+/// An enum stored by its serde name.
+fn named<T: serde::de::DeserializeOwned>(
+    row: &rusqlite::Row<'_>,
+    column: usize,
+) -> rusqlite::Result<T> {
+    use serde::de::IntoDeserializer;
+    let text: String = row.get(column)?;
+    T::deserialize(text.as_str().into_deserializer()).map_err(|error: serde::de::value::Error| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            Box::new(error),
+        )
+    })
+}
+
+fn usage_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
+    let reported_input: Option<i64> = row.get(15)?;
+    let reported = match reported_input {
+        Some(input) => Some(TokenUsage {
+            input: input as u64,
+            cached_input: row.get::<_, i64>(16)? as u64,
+            output: row.get::<_, i64>(17)? as u64,
+        }),
+        None => None,
+    };
+    Ok(UsageRecord {
+        request_id: row.get(0)?,
+        started_at_ms: row.get(1)?,
+        key_id: row.get(2)?,
+        key_name: row.get(3)?,
+        plan: row.get(4)?,
+        endpoint: named(row, 5)?,
+        requested_model: row.get(6)?,
+        served_model: row.get(7)?,
+        upstream: row.get(8)?,
+        tier: row.get(9)?,
+        route_rule: row.get(10)?,
+        streamed: row.get(11)?,
+        status: row.get(12)?,
+        outcome: named(row, 13)?,
+        finish_reason: row.get(14)?,
+        reported,
+        counted: TokenUsage {
+            input: row.get::<_, i64>(18)? as u64,
+            cached_input: row.get::<_, i64>(19)? as u64,
+            output: row.get::<_, i64>(20)? as u64,
+        },
+        attempts: row.get(21)?,
+        latency_ms: row.get::<_, i64>(22)? as u64,
+        ttft_ms: row.get::<_, Option<i64>>(23)?.map(|ms| ms as u64),
+        charge: Money(row.get(24)?),
+        list_cost: Money(row.get(25)?),
+        micro_credits: row.get::<_, i64>(26)? as u64,
+    })
 }
 
 impl UsageWriter for LedgerWriter {
@@ -156,7 +278,7 @@ impl UsageWriter for LedgerWriter {
         {
             let mut usage = transaction
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
                 )
                 .map_err(|e| SinkError::Other(e.to_string()))?;
             let mut outcomes = transaction
@@ -367,28 +489,92 @@ impl LedgerReader {
     /// One usage record by request id, as written.
     pub fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
         let connection = self.connect()?;
-        let json: Option<String> = connection
+        Ok(connection
             .query_row(
-                "SELECT record FROM usage WHERE request_id = ?1",
+                &format!("SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = ?1"),
                 [request_id],
-                |row| row.get(0),
+                usage_record,
             )
-            .optional()?;
-        Ok(json.and_then(|text| serde_json::from_str(&text).ok()))
+            .optional()?)
     }
 
     /// Every usage record in time order (tests and exports).
     pub fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {
         let connection = self.connect()?;
-        let mut statement =
-            connection.prepare("SELECT record FROM usage ORDER BY at_ms, request_id")?;
-        let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
-        let mut records = Vec::new();
-        for row in rows {
-            if let Ok(record) = serde_json::from_str(&row?) {
-                records.push(record);
-            }
-        }
+        let mut statement = connection.prepare(&format!(
+            "SELECT {RECORD_COLUMNS} FROM usage ORDER BY at_ms, request_id"
+        ))?;
+        let records = statement
+            .query_map([], usage_record)?
+            .collect::<Result<_, _>>()?;
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::record::{Endpoint, Outcome};
+
+    fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
+        UsageRecord {
+            request_id: request_id.to_owned(),
+            started_at_ms: 1_795_000_000_123,
+            key_id: Some("key_1".to_owned()),
+            key_name: Some("team-a".to_owned()),
+            plan: Some("seats".to_owned()),
+            endpoint: Endpoint::ChatCompletions,
+            requested_model: "auto".to_owned(),
+            served_model: Some("gpt-4o-mini".to_owned()),
+            upstream: Some("openai".to_owned()),
+            tier: Some("cheap".to_owned()),
+            route_rule: Some("short".to_owned()),
+            streamed: true,
+            status: 200,
+            outcome: Outcome::ClientDisconnected,
+            finish_reason: None,
+            reported,
+            counted: TokenUsage {
+                input: 12,
+                cached_input: 0,
+                output: 7,
+            },
+            attempts: 2,
+            latency_ms: 840,
+            ttft_ms: Some(95),
+            charge: Money(1_234_567),
+            list_cost: Money(1_000_000),
+            micro_credits: 42,
+        }
+    }
+
+    #[test]
+    fn records_read_back_as_written_and_a_replay_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("tollgate-ledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut writer = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        let counted_only = record("req_a", None);
+        let reported = record(
+            "req_b",
+            Some(TokenUsage {
+                input: 13,
+                cached_input: 8,
+                output: 9,
+            }),
+        );
+        let events = [
+            MeterEvent::Usage(counted_only.clone()),
+            MeterEvent::Usage(reported.clone()),
+        ];
+        writer.write_batch(&events).unwrap();
+        writer.write_batch(&events).unwrap();
+        let reader = LedgerReader::new(&dir);
+        assert_eq!(
+            reader.records().unwrap(),
+            vec![counted_only, reported.clone()]
+        );
+        assert_eq!(reader.record("req_b").unwrap(), Some(reported));
+        assert_eq!(reader.record("req_c").unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
