@@ -501,8 +501,15 @@ impl Exchange {
             Err(_) => return Err(GatewayError::UpstreamTimeout),
         };
         let ttft = self.accepted.elapsed();
-        let (reported, output, finish_reason) =
-            meter_body(&self.app.tokenizer, &model, self.endpoint, body.clone()).await;
+        let inline_max = self.config.server.inline_count_max_bytes;
+        let (reported, output, finish_reason) = meter_body(
+            &self.app.tokenizer,
+            &model,
+            self.endpoint,
+            body.clone(),
+            inline_max,
+        )
+        .await;
         self.counted.output = output;
         let committed = self.settle(Ending {
             answered: true,
@@ -830,16 +837,18 @@ fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
     }
 }
 
-/// Reads usage, output count and finish reason from a whole JSON answer; tokenizing a large
-/// answer runs on the blocking pool.
+/// Reads usage, output count and finish reason from a whole JSON answer; tokenizing an answer
+/// over `inline_max` bytes runs on the blocking pool, a smaller one costs less than the hop.
 async fn meter_body(
     tokenizer: &Tokenizer,
     model: &Model,
     endpoint: Endpoint,
     body: Bytes,
+    inline_max: usize,
 ) -> (Option<TokenUsage>, u64, Option<String>) {
     let tokenizer = *tokenizer;
     let encoding = model.encoding;
+    let inline = endpoint == Endpoint::Embeddings || body.len() <= inline_max;
     let work = move || {
         let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
             return (None, 0, None);
@@ -854,7 +863,7 @@ async fn meter_body(
             .map(str::to_owned);
         (reported, output, finish_reason)
     };
-    if endpoint == Endpoint::Embeddings {
+    if inline {
         return work();
     }
     tokio::task::spawn_blocking(work)
@@ -884,6 +893,8 @@ impl MeteredStream {
     /// for the configured durability (at once in batched mode).
     fn settle(&mut self, outcome: Outcome, status: u16) -> Option<oneshot::Receiver<()>> {
         let mut exchange = self.exchange.take()?;
+        let inline_max = exchange.config.server.inline_count_max_bytes;
+        let inline = !self.strict && self.tap.output.text_len() <= inline_max;
         let output = std::mem::take(&mut self.tap.output);
         let reported = self.tap.usage;
         let ttft = self.first_byte;
@@ -909,11 +920,13 @@ impl MeteredStream {
             }
             let _ = durable.send(());
         };
+        // A short answer in batched mode neither waits nor takes long to count: finishing it
+        // here saves two thread hops per request.
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
+            Ok(runtime) if !inline => {
                 settling.spawn_blocking_on(finish, &runtime);
             }
-            Err(_) => finish(),
+            _ => finish(),
         }
         Some(durable_rx)
     }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,6 +21,12 @@ pub trait UsageWriter: Send + 'static {
     /// Writes a batch durably enough for the writer's own guarantee. The batch is lost if
     /// this fails, and the failure is counted; it is never retried into a double write.
     fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError>;
+
+    /// The least time between two commits. Waiting lets events gather into one commit instead
+    /// of one each; a writer whose callers wait for the commit keeps the default of none.
+    fn commit_interval(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,5 +185,6 @@ fn run_writer(
             let _ = done.send(());
             return;
         }
+        std::thread::sleep(writer.commit_interval());
     }
 }

@@ -110,6 +110,11 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> 
     Ok(connection)
 }
 
+/// In batched mode at most one commit per interval: under load a commit per request cost the
+/// writer thread a core's worth of small transactions. This is also what a killed process can
+/// lose beyond what was still queued.
+pub const BATCHED_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The writer checkpoints by itself only when the WAL grows past this many pages (256 MiB),
@@ -121,6 +126,7 @@ const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
 /// automatic checkpoints on the writer, every thousandth page stalled the whole batch.
 pub struct LedgerWriter {
     connection: Connection,
+    durability: Durability,
     checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -144,6 +150,7 @@ impl LedgerWriter {
             })?;
         Ok(LedgerWriter {
             connection,
+            durability,
             checkpointer: Some((stop, thread)),
         })
     }
@@ -270,6 +277,13 @@ fn usage_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
 }
 
 impl UsageWriter for LedgerWriter {
+    fn commit_interval(&self) -> std::time::Duration {
+        match self.durability {
+            Durability::Batched => BATCHED_COMMIT_INTERVAL,
+            Durability::Strict => std::time::Duration::ZERO,
+        }
+    }
+
     fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError> {
         let transaction = self
             .connection
