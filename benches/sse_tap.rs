@@ -29,36 +29,27 @@ fn bench_tap(c: &mut Criterion) {
     let bytes: usize = chunks.iter().map(Bytes::len).sum();
     let mut group = c.benchmark_group("sse_tap");
     group.throughput(Throughput::Bytes(bytes as u64));
-    group.bench_function("256_chunks_strip_usage", |b| {
-        b.iter_batched(
-            || chunks.clone(),
-            |chunks| {
-                let mut tap = SseTap::new(true);
-                let mut out = 0;
-                for chunk in chunks {
-                    out += tap.feed(chunk).len();
-                }
-                (out, tap.usage)
-            },
-            BatchSize::SmallInput,
-        );
-    });
     let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
     let split: Vec<Bytes> = joined.chunks(1000).map(Bytes::copy_from_slice).collect();
-    group.bench_function("256_chunks_split_mid_event", |b| {
-        b.iter_batched(
-            || split.clone(),
-            |chunks| {
-                let mut tap = SseTap::new(true);
-                let mut out = 0;
-                for chunk in chunks {
-                    out += tap.feed(chunk).len();
-                }
-                (out, tap.usage)
-            },
-            BatchSize::SmallInput,
-        );
-    });
+    for (name, input) in [
+        ("256_chunks_strip_usage", &chunks),
+        ("256_chunks_split_mid_event", &split),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || input.clone(),
+                |chunks| {
+                    let mut tap = SseTap::new(true);
+                    let mut out = 0;
+                    for chunk in chunks {
+                        out += tap.feed(chunk).len();
+                    }
+                    (out, tap.usage)
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
     group.finish();
 }
 

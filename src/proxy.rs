@@ -901,7 +901,6 @@ impl MeteredStream {
         let tokenizer = exchange.app.tokenizer;
         let settling = exchange.app.settling.clone();
         let (durable, durable_rx) = oneshot::channel();
-        // Counting the whole answer can take milliseconds; never on an async worker.
         let finish = move || {
             if let Some(model) = &exchange.model {
                 exchange.counted.output = output.finish(&tokenizer, model.encoding);
@@ -920,8 +919,9 @@ impl MeteredStream {
             }
             let _ = durable.send(());
         };
-        // A short answer in batched mode neither waits nor takes long to count: finishing it
-        // here saves two thread hops per request.
+        // Counting a long answer can take milliseconds and strict mode waits for the commit:
+        // neither may happen on an async worker. A short answer in batched mode does neither,
+        // and finishing it here saves two thread hops per request.
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if !inline => {
                 settling.spawn_blocking_on(finish, &runtime);

@@ -113,7 +113,7 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> 
 /// In batched mode at most one commit per interval: under load a commit per request cost the
 /// writer thread a core's worth of small transactions. This is also what a killed process can
 /// lose beyond what was still queued.
-pub const BATCHED_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+const BATCHED_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
