@@ -132,7 +132,7 @@ impl MockUpstream {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let _ = axum::serve(crate::server::no_delay(listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stopped.await;
                 })
@@ -172,9 +172,12 @@ pub async fn serve(
     options: MockOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(new_shared(options)))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        crate::server::no_delay(listener),
+        router(new_shared(options)),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 fn new_shared(options: MockOptions) -> Arc<Shared> {

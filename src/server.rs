@@ -108,7 +108,7 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let grace = self.app.config().server.shutdown_grace;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, self.router())
+        let server = axum::serve(no_delay(listener), self.router())
             .with_graceful_shutdown(async move {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             })
@@ -122,7 +122,7 @@ impl Gateway {
                 tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
                 let mut admin_stop = stop_tx.subscribe();
                 Some(tokio::spawn(
-                    axum::serve(admin_listener, admin_router(self.app.clone()))
+                    axum::serve(no_delay(admin_listener), admin_router(self.app.clone()))
                         .with_graceful_shutdown(async move {
                             let _ = admin_stop.wait_for(|stop| *stop).await;
                         })
@@ -338,6 +338,17 @@ pub async fn termination() {
         () = ctrl_c => {}
         () = term => {}
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: a streamed answer's small SSE events must
+/// leave as they are written, not wait for the client's delayed ACK (up to 40 ms).
+pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    })
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{config_text, temp_dir, Harness, ADMIN_TOKEN};
 use serde_json::{json, Value};
@@ -166,7 +166,14 @@ fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String) {
     (child, url)
 }
 
-async fn crash_under_load(durability: &str) -> (usize, usize, Vec<String>, Vec<String>) {
+/// What a crash under load left: each request the client saw complete, with how long before
+/// the kill it completed, and the request ids in the ledger after a restart.
+struct Crash {
+    completed: Vec<(String, Duration)>,
+    ledger_ids: std::collections::HashSet<String>,
+}
+
+async fn crash_under_load(durability: &str) -> Crash {
     let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mock = MockUpstream::start(mock_listener, MockOptions::default())
         .await
@@ -216,13 +223,14 @@ async fn crash_under_load(durability: &str) -> (usize, usize, Vec<String>, Vec<S
                     if text.contains("chat.completion")
                         && (n % 2 == 1 || text.ends_with("data: [DONE]\n\n"))
                     {
-                        completed.lock().unwrap().push(id);
+                        completed.lock().unwrap().push((id, Instant::now()));
                     }
                 }
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
+    let killed_at = Instant::now();
     child.kill().unwrap(); // SIGKILL: no shutdown, no flush
     child.wait().unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -234,45 +242,57 @@ async fn crash_under_load(durability: &str) -> (usize, usize, Vec<String>, Vec<S
     child.kill().unwrap();
     child.wait().unwrap();
     let records = LedgerReader::new(&data_dir).records().unwrap();
-    let ids: Vec<String> = records.into_iter().map(|r| r.request_id).collect();
-    let completed = completed.lock().unwrap().clone();
-    (completed.len(), ids.len(), completed, ids)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strict_mode_loses_no_completed_request_in_a_crash() {
-    let (completed, _, completed_ids, ledger_ids) = crash_under_load("strict").await;
-    assert!(
-        completed > 20,
-        "only {completed} requests completed before the kill"
-    );
-    let mut unique = ledger_ids.clone();
-    unique.sort();
-    unique.dedup();
+    let ledger_ids: Vec<String> = records.into_iter().map(|r| r.request_id).collect();
+    let unique: std::collections::HashSet<String> = ledger_ids.iter().cloned().collect();
     assert_eq!(
         unique.len(),
         ledger_ids.len(),
         "a request was charged twice"
     );
-    for id in &completed_ids {
+    let completed = completed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, at)| (id.clone(), killed_at.saturating_duration_since(*at)))
+        .collect();
+    Crash {
+        completed,
+        ledger_ids: unique,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_loses_no_completed_request_in_a_crash() {
+    let crash = crash_under_load("strict").await;
+    assert!(
+        crash.completed.len() > 20,
+        "only {} requests completed before the kill",
+        crash.completed.len()
+    );
+    for (id, _) in &crash.completed {
         assert!(
-            ledger_ids.contains(id),
+            crash.ledger_ids.contains(id),
             "{id} completed for the client but is not in the ledger"
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_mode_loses_at_most_what_was_queued() {
-    let (completed, _, completed_ids, ledger_ids) = crash_under_load("batched").await;
-    let missing = completed_ids
-        .iter()
-        .filter(|id| !ledger_ids.contains(id))
-        .count();
-    // A killed process loses only records still in the channel: a handful at most under
-    // this load (8 clients), never a committed batch.
+async fn batched_mode_loses_at_most_the_stated_window() {
+    let crash = crash_under_load("batched").await;
     assert!(
-        missing <= 16,
-        "{missing} of {completed} completed requests lost"
+        crash.completed.len() > 20,
+        "only {} requests completed before the kill",
+        crash.completed.len()
     );
+    // The README's window is the 20 ms commit interval plus the batch being written; the
+    // rest of this allowance is scheduling slack on a loaded 2-core machine. A lost record
+    // older than that would mean a committed batch went missing.
+    let window = Duration::from_millis(100);
+    for (id, before_kill) in &crash.completed {
+        assert!(
+            crash.ledger_ids.contains(id) || *before_kill <= window,
+            "{id} completed {before_kill:?} before the kill and is not in the ledger"
+        );
+    }
 }

@@ -10,6 +10,8 @@
 //! Tool definitions use the cookbook's function-calling estimate. These are estimates where
 //! OpenAI publishes none; when the upstream reports usage, its figure is the one billed.
 
+use std::cell::RefCell;
+
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,6 +75,42 @@ impl Encoding {
     }
 }
 
+/// Token counts of pre-tokenized pieces seen recently on this thread. Prompts and answers are
+/// mostly common words, each a piece the regex splits off; looking one up costs a hash where
+/// encoding it costs an allocation and a backtracking search. Bounded in entries and piece
+/// length so that hostile text can neither grow it nor make its lookups slow.
+struct PieceCache {
+    counts: foldhash::HashMap<Box<str>, u32>,
+}
+
+impl PieceCache {
+    const MAX_ENTRIES: usize = 16_384;
+    const MAX_PIECE_BYTES: usize = 24;
+
+    fn count(&mut self, piece: &str, encode: impl FnOnce(&str) -> usize) -> usize {
+        if piece.len() > Self::MAX_PIECE_BYTES {
+            return encode(piece);
+        }
+        if let Some(&count) = self.counts.get(piece) {
+            return count as usize;
+        }
+        let count = encode(piece);
+        if self.counts.len() >= Self::MAX_ENTRIES {
+            self.counts.clear();
+        }
+        self.counts.insert(piece.into(), count as u32);
+        count
+    }
+}
+
+thread_local! {
+    /// One cache per [`Encoding`], indexed by its discriminant.
+    static PIECE_COUNTS: RefCell<[PieceCache; 2]> = RefCell::new([
+        PieceCache { counts: foldhash::HashMap::default() },
+        PieceCache { counts: foldhash::HashMap::default() },
+    ]);
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("tokenizer unavailable: {0}")]
 pub struct TokenizerError(String);
@@ -110,7 +148,14 @@ impl Tokenizer {
             Encoding::O200kBase => self.o200k,
             Encoding::Cl100kBase => self.cl100k,
         };
-        encoder.count(text) as u64
+        let text = encoder.normalize(text);
+        PIECE_COUNTS.with_borrow_mut(|caches| {
+            let cache = &mut caches[encoding as usize];
+            encoder
+                .split(text.as_str())
+                .map(|piece| cache.count(piece, |piece| encoder.bpe.count(piece.as_bytes())))
+                .sum::<usize>() as u64
+        })
     }
 
     /// Input tokens of a chat request body (messages, plus tool definitions if any).
