@@ -3,7 +3,10 @@
 //! output (for our own token count), the finish reason and the upstream's usage figures, and
 //! removes the trailing usage-only chunk when the gateway asked for it on the client's behalf.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
 
 use crate::meter::record::TokenUsage;
 use crate::meter::tokenizer::OutputCounter;
@@ -82,14 +85,38 @@ impl SseTap {
             self.saw_done = true;
             return true;
         }
-        let Ok(chunk) = serde_json::from_slice::<serde_json::Value>(data) else {
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
             return true;
         };
-        if let Some(usage) = parse_usage(&chunk["usage"]) {
+        if let Some(usage) = chunk.usage.as_ref().and_then(WireUsage::figures) {
             self.usage = Some(usage);
         }
-        self.output.push_delta_chunk(&chunk);
-        !(self.strip_usage_chunk && usage_only(&chunk))
+        let usage_only = chunk.is_usage_only();
+        for choice in chunk.choices.unwrap_or_default() {
+            let index = choice.index;
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content {
+                    self.output.push_text(index, &text);
+                }
+                if let Some(text) = delta.refusal {
+                    self.output.push_refusal(index, &text);
+                }
+                for (position, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate()
+                {
+                    let tool = call.index.unwrap_or(position as u64);
+                    if let Some(arguments) = call.function.and_then(|f| f.arguments) {
+                        self.output.push_tool_arguments(index, tool, &arguments);
+                    }
+                }
+            }
+            if let Some(text) = choice.text {
+                self.output.push_text(index, &text);
+            }
+            if let Some(reason) = choice.finish_reason {
+                self.output.set_finish_reason(index, &reason);
+            }
+        }
+        !(self.strip_usage_chunk && usage_only)
     }
 
     /// Bytes still held because their event never ended (the stream was cut).
@@ -98,44 +125,99 @@ impl SseTap {
     }
 }
 
-fn usage_only(chunk: &serde_json::Value) -> bool {
-    chunk["choices"].as_array().is_some_and(Vec::is_empty) && !chunk["usage"].is_null()
+/// The parts of a `chat.completion.chunk` (or legacy completion chunk) the tap reads. Borrowed
+/// where the JSON has no escapes, and everything else is skipped unallocated: a chunk per token
+/// made a full `Value` parse the bulk of a stream's cost.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    usage: Option<WireUsage>,
+}
+
+impl Chunk<'_> {
+    fn is_usage_only(&self) -> bool {
+        self.choices.as_ref().is_some_and(Vec::is_empty) && self.usage.is_some()
+    }
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta<'a> {
+    index: Option<u64>,
+    #[serde(borrow)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    cached_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    fn figures(&self) -> Option<TokenUsage> {
+        Some(TokenUsage {
+            input: self.prompt_tokens?,
+            cached_input: self
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|details| details.cached_tokens)
+                .unwrap_or(0),
+            output: self.completion_tokens.unwrap_or(0),
+        })
+    }
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
     event_data(event)
-        .and_then(|data| serde_json::from_slice::<serde_json::Value>(data).ok())
-        .is_some_and(|chunk| usage_only(&chunk))
+        .and_then(|data| serde_json::from_slice::<Chunk<'_>>(data).ok())
+        .is_some_and(|chunk| chunk.is_usage_only())
 }
 
 /// OpenAI's usage object (chat, completions and embeddings share the names).
 pub fn parse_usage(usage: &serde_json::Value) -> Option<TokenUsage> {
-    let input = usage["prompt_tokens"].as_u64()?;
-    Some(TokenUsage {
-        input,
-        cached_input: usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0),
-        output: usage["completion_tokens"].as_u64().unwrap_or(0),
-    })
+    WireUsage::deserialize(usage).ok()?.figures()
 }
 
-/// End of the last complete event: just past its blank line (`\n\n` or `\r\n\r\n`).
+/// End of the last complete event: just past its blank line (`\n\n` or `\n\r\n`).
 fn last_event_end(bytes: &[u8]) -> usize {
-    let mut end = 0;
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        if bytes[i] == b'\n' && bytes[i + 1] == b'\n' {
-            end = i + 2;
-            i += 2;
-        } else if bytes[i] == b'\n' && bytes[i + 1] == b'\r' && bytes.get(i + 2) == Some(&b'\n') {
-            end = i + 3;
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    end
+    memchr::memrchr_iter(b'\n', bytes)
+        .find_map(|newline| blank_line_end(bytes, newline))
+        .unwrap_or(0)
 }
 
 /// Splits complete events, each slice keeping its terminating blank line.
@@ -145,34 +227,35 @@ fn events(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let end = last_event_end_first(rest);
+        let end = memchr::memchr_iter(b'\n', rest)
+            .find_map(|newline| blank_line_end(rest, newline))
+            .unwrap_or(rest.len());
         let (event, tail) = rest.split_at(end);
         rest = tail;
         Some(event)
     })
 }
 
-fn last_event_end_first(bytes: &[u8]) -> usize {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        if bytes[i] == b'\n' && bytes[i + 1] == b'\n' {
-            return i + 2;
-        }
-        if bytes[i] == b'\n' && bytes[i + 1] == b'\r' && bytes.get(i + 2) == Some(&b'\n') {
-            return i + 3;
-        }
-        i += 1;
+/// Where a blank line that follows the line ending at `newline` ends, if one does.
+fn blank_line_end(bytes: &[u8], newline: usize) -> Option<usize> {
+    match bytes.get(newline + 1..) {
+        Some([b'\n', ..]) => Some(newline + 2),
+        Some([b'\r', b'\n', ..]) => Some(newline + 3),
+        _ => None,
     }
-    bytes.len()
 }
 
 /// The payload of an event's `data:` line. OpenAI sends one data line per event; multi-line
 /// data would be joined with newlines, which no OpenAI-compatible provider emits.
 fn event_data(event: &[u8]) -> Option<&[u8]> {
-    event
-        .split(|b| *b == b'\n')
-        .find_map(|line| line.strip_prefix(b"data:"))
-        .map(|data| data.trim_ascii())
+    let mut rest = event;
+    loop {
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        if let Some(data) = rest[..end].strip_prefix(b"data:") {
+            return Some(data.trim_ascii());
+        }
+        rest = rest.get(end + 1..)?;
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +302,32 @@ mod tests {
         assert_eq!(out, format!("{CHUNK}{DONE}").as_bytes());
         assert!(tap.saw_done);
         assert_eq!(tap.unfinished(), 0);
+    }
+
+    #[test]
+    fn reads_escaped_text_tool_arguments_and_the_finish_reason() {
+        use crate::meter::tokenizer::{Encoding, Tokenizer};
+        let events = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"say \\\"hi\\\"\\n\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"1}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        );
+        let mut tap = SseTap::new(false);
+        assert_eq!(
+            tap.feed(Bytes::from_static(events.as_bytes())),
+            events.as_bytes()
+        );
+        let tokenizer = Tokenizer::new().unwrap();
+        let expected = tokenizer.count_text(Encoding::O200kBase, "say \"hi\"\n")
+            + tokenizer.count_text(Encoding::O200kBase, "{\"a\":1}");
+        assert_eq!(tap.output.finish(&tokenizer, Encoding::O200kBase), expected);
+        assert_eq!(
+            tap.output.text_len(),
+            "say \"hi\"\n".len() + "{\"a\":1}".len()
+        );
+        assert_eq!(tap.output.finish_reason(), Some("tool_calls"));
+        assert_eq!(tap.events, 4);
     }
 
     #[test]

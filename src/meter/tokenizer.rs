@@ -11,6 +11,10 @@
 //! OpenAI publishes none; when the upstream reports usage, its figure is the one billed.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::LazyLock;
+
+use dashmap::DashMap;
 
 use serde_json::Value;
 
@@ -103,6 +107,46 @@ impl PieceCache {
     }
 }
 
+/// Token counts of whole prompt texts, shared by every thread. Applications resend the same
+/// system prompt, tool definitions and conversation history with each request; counting a
+/// text costs some 200 instructions per byte where a hit costs a hash and a compare. Answers
+/// are not cached: they rarely repeat. Bounded in bytes, and it starts over when full, so a
+/// client sending unique texts only costs itself the lookups.
+struct PromptCache {
+    counts: [DashMap<Box<str>, u64, foldhash::fast::RandomState>; 2],
+    held_bytes: AtomicUsize,
+}
+
+impl PromptCache {
+    const MIN_TEXT_BYTES: usize = 64;
+    const MAX_TEXT_BYTES: usize = 256 * 1024;
+    const BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+    fn count(&self, encoding: Encoding, text: &str, count: impl FnOnce(&str) -> u64) -> u64 {
+        if !(Self::MIN_TEXT_BYTES..=Self::MAX_TEXT_BYTES).contains(&text.len()) {
+            return count(text);
+        }
+        let counts = &self.counts[encoding as usize];
+        if let Some(known) = counts.get(text) {
+            return *known;
+        }
+        let tokens = count(text);
+        if self.held_bytes.fetch_add(text.len(), Ordering::Relaxed) > Self::BUDGET_BYTES {
+            self.held_bytes.store(text.len(), Ordering::Relaxed);
+            for counts in &self.counts {
+                counts.clear();
+            }
+        }
+        counts.insert(text.into(), tokens);
+        tokens
+    }
+}
+
+static PROMPT_COUNTS: LazyLock<PromptCache> = LazyLock::new(|| PromptCache {
+    counts: Default::default(),
+    held_bytes: AtomicUsize::new(0),
+});
+
 thread_local! {
     /// One cache per [`Encoding`], indexed by its discriminant.
     static PIECE_COUNTS: RefCell<[PieceCache; 2]> = RefCell::new([
@@ -158,6 +202,11 @@ impl Tokenizer {
         })
     }
 
+    /// A prompt text's tokens, through the shared cache of recent prompt texts.
+    fn count_prompt_text(&self, encoding: Encoding, text: &str) -> u64 {
+        PROMPT_COUNTS.count(encoding, text, |text| self.count_text(encoding, text))
+    }
+
     /// Input tokens of a chat request body (messages, plus tool definitions if any).
     pub fn count_chat_prompt(&self, encoding: Encoding, body: &Value) -> u64 {
         let mut total = 0;
@@ -177,7 +226,7 @@ impl Tokenizer {
         let mut total = TOKENS_PER_MESSAGE;
         for (field, value) in fields {
             total += match value {
-                Value::String(text) => self.count_text(encoding, text),
+                Value::String(text) => self.count_prompt_text(encoding, text),
                 Value::Array(parts) if field == "content" => self.count_parts(encoding, parts),
                 Value::Array(calls) if field == "tool_calls" => calls
                     .iter()
@@ -212,12 +261,12 @@ impl Tokenizer {
             .iter()
             .map(|part| match part["type"].as_str() {
                 Some("text") | Some("input_text") => {
-                    self.count_text(encoding, part["text"].as_str().unwrap_or(""))
+                    self.count_prompt_text(encoding, part["text"].as_str().unwrap_or(""))
                 }
                 Some("image_url") | Some("input_image") => IMAGE_PART,
                 _ => part["text"]
                     .as_str()
-                    .map_or(0, |text| self.count_text(encoding, text)),
+                    .map_or(0, |text| self.count_prompt_text(encoding, text)),
             })
             .sum()
     }
@@ -237,7 +286,7 @@ impl Tokenizer {
         const ENUM_INIT: i64 = -3;
         const ENUM_ITEM: i64 = 3;
         const FUNC_END: i64 = 12;
-        let count = |text: &str| self.count_text(encoding, text) as i64;
+        let count = |text: &str| self.count_prompt_text(encoding, text) as i64;
         let mut total: i64 = 0;
         for function in functions {
             total += encoding.function_init() as i64;
@@ -334,22 +383,24 @@ pub struct OutputCounter {
 }
 
 impl OutputCounter {
-    /// Takes one parsed `chat.completion.chunk` (or legacy completion chunk).
-    pub fn push_delta_chunk(&mut self, chunk: &Value) {
-        let Some(choices) = chunk["choices"].as_array() else {
-            return;
-        };
-        for choice in choices {
-            let index = choice["index"].as_u64().unwrap_or(0);
-            self.push_choice(index, &choice["delta"]);
-            if let Some(text) = choice["text"].as_str() {
-                self.push(index, Part::Text, text);
-            }
-            if let Some(reason) = choice["finish_reason"].as_str() {
-                if index == 0 || self.finish_reason.is_none() {
-                    self.finish_reason = Some(reason.to_owned());
-                }
-            }
+    /// Streamed answer text of choice `index` (a delta's content, or a legacy completion's
+    /// text).
+    pub fn push_text(&mut self, index: u64, text: &str) {
+        self.push(index, Part::Text, text);
+    }
+
+    pub fn push_refusal(&mut self, index: u64, text: &str) {
+        self.push(index, Part::Refusal, text);
+    }
+
+    pub fn push_tool_arguments(&mut self, index: u64, tool: u64, arguments: &str) {
+        self.push(index, Part::ToolArguments(tool), arguments);
+    }
+
+    /// The answer's finish reason is the first choice's, or else the first one given.
+    pub fn set_finish_reason(&mut self, index: u64, reason: &str) {
+        if index == 0 || self.finish_reason.is_none() {
+            self.finish_reason = Some(reason.to_owned());
         }
     }
 
@@ -473,12 +524,9 @@ mod tests {
         let t = tokenizer();
         let mut counter = OutputCounter::default();
         for piece in ["Hel", "lo", " wor", "ld"] {
-            counter
-                .push_delta_chunk(&json!({"choices": [{"index": 0, "delta": {"content": piece}}]}));
+            counter.push_text(0, piece);
         }
-        counter.push_delta_chunk(
-            &json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-        );
+        counter.set_finish_reason(0, "stop");
         assert_eq!(counter.finish(&t, Encoding::O200kBase), 2);
         assert_eq!(counter.finish_reason(), Some("stop"));
     }
