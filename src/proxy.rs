@@ -31,7 +31,7 @@ use crate::money::Money;
 use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
 use crate::route::KeyPolicy;
-use crate::stream::{parse_usage, SseTap};
+use crate::stream::{parse_usage, Gathered, SseTap};
 use crate::upstream;
 use tokio::sync::oneshot;
 
@@ -554,6 +554,9 @@ impl Exchange {
             first_byte: None,
             strict: self.config.durability == Durability::Strict,
             ended: false,
+            failure: None,
+            gathered: Gathered::default(),
+            yielded: 0,
             held: None,
             exchange: Some(self),
         };
@@ -875,6 +878,10 @@ async fn meter_body(
 /// request settles exactly once — at the end of the stream, on an upstream error or timeout,
 /// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
 /// request.
+/// Scheduler turns a stream waits for events already read upstream before it sends what it
+/// has: handing one event over takes hyper's connection task about two turns.
+const GATHER_TURNS: u8 = 2;
+
 struct MeteredStream {
     upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     tap: SseTap,
@@ -884,6 +891,11 @@ struct MeteredStream {
     exchange: Option<Exchange>,
     strict: bool,
     ended: bool,
+    /// How the upstream failed, told to the client after the bytes gathered before it.
+    failure: Option<std::io::Error>,
+    gathered: Gathered,
+    /// Scheduler turns given since the stream last gathered bytes.
+    yielded: u8,
     /// The final bytes, held until the record is committed (strict durability).
     held: Option<(Bytes, oneshot::Receiver<()>)>,
 }
@@ -947,7 +959,7 @@ impl Stream for MeteredStream {
             return Poll::Ready(Some(Ok(bytes)));
         }
         if this.ended {
-            return Poll::Ready(None);
+            return Poll::Ready(this.failure.take().map(Err));
         }
         loop {
             match this.upstream.as_mut().poll_next(cx) {
@@ -961,26 +973,49 @@ impl Stream for MeteredStream {
                     if this.first_byte.is_none() {
                         this.first_byte = this.exchange.as_ref().map(|e| e.accepted.elapsed());
                     }
+                    this.gathered.push(out);
+                    this.yielded = 0;
                     if this.tap.saw_done && this.strict {
+                        let out = this.gathered.take();
                         if let Some(durable) = this.settle(Outcome::Completed, 200) {
                             this.held = Some((out, durable));
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
                         }
+                        return Poll::Ready(Some(Ok(out)));
                     }
-                    return Poll::Ready(Some(Ok(out)));
+                    if this.gathered.len() >= Gathered::FLUSH_BYTES {
+                        return Poll::Ready(Some(Ok(this.gathered.take())));
+                    }
                 }
                 Poll::Ready(Some(Err(_))) => {
                     this.ended = true;
                     this.settle(Outcome::GatewayError, 502);
-                    return Poll::Ready(Some(Err(std::io::Error::other(
-                        "the upstream stream was cut",
-                    ))));
+                    let failure = std::io::Error::other("the upstream stream was cut");
+                    if this.gathered.is_empty() {
+                        return Poll::Ready(Some(Err(failure)));
+                    }
+                    this.failure = Some(failure);
+                    return Poll::Ready(Some(Ok(this.gathered.take())));
                 }
                 Poll::Ready(None) => {
                     this.ended = true;
                     this.settle(Outcome::Completed, 200);
-                    return Poll::Ready(None);
+                    return Poll::Ready(
+                        (!this.gathered.is_empty()).then(|| Ok(this.gathered.take())),
+                    );
+                }
+                Poll::Pending if !this.gathered.is_empty() => {
+                    if this.yielded < GATHER_TURNS {
+                        // The upstream connection's task often holds more events it already
+                        // read; a turn of the scheduler or two lets it hand them over, so they
+                        // leave in the same write. When the turns bring nothing, send.
+                        this.yielded += 1;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    this.yielded = 0;
+                    return Poll::Ready(Some(Ok(this.gathered.take())));
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {

@@ -125,6 +125,47 @@ impl SseTap {
     }
 }
 
+/// Answer bytes taken from upstream and not yet sent: events that arrive together leave in one
+/// write. One write per event cost a syscall and a wakeup of the client each, which is most of a
+/// fast stream's cost.
+#[derive(Default)]
+pub struct Gathered {
+    first: Option<Bytes>,
+    rest: BytesMut,
+}
+
+impl Gathered {
+    /// Past this many bytes the gathered answer is sent without waiting for more.
+    pub const FLUSH_BYTES: usize = 64 * 1024;
+
+    pub fn push(&mut self, bytes: Bytes) {
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(bytes),
+            first => {
+                if let Some(first) = first {
+                    self.rest.extend_from_slice(&first);
+                }
+                self.rest.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything gathered, in order; a lone chunk is passed on without a copy.
+    pub fn take(&mut self) -> Bytes {
+        self.first
+            .take()
+            .unwrap_or_else(|| self.rest.split().freeze())
+    }
+}
+
 /// The parts of a `chat.completion.chunk` (or legacy completion chunk) the tap reads. Borrowed
 /// where the JSON has no escapes, and everything else is skipped unallocated: a chunk per token
 /// made a full `Value` parse the bulk of a stream's cost.
@@ -328,6 +369,19 @@ mod tests {
         );
         assert_eq!(tap.output.finish_reason(), Some("tool_calls"));
         assert_eq!(tap.events, 4);
+    }
+
+    #[test]
+    fn gathered_chunks_leave_in_order_as_one() {
+        let mut gathered = Gathered::default();
+        gathered.push(Bytes::from_static(b"ab"));
+        assert_eq!(gathered.len(), 2);
+        gathered.push(Bytes::from_static(b"cd"));
+        gathered.push(Bytes::from_static(b"e"));
+        assert_eq!(gathered.take(), &b"abcde"[..]);
+        assert!(gathered.is_empty());
+        gathered.push(Bytes::from_static(b"f"));
+        assert_eq!(gathered.take(), &b"f"[..]);
     }
 
     #[test]
