@@ -23,15 +23,16 @@ use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
+use crate::meter::answer::Answer;
 use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
 use crate::meter::sink::WrittenAck;
-use crate::meter::tokenizer::{Encoding, Tokenizer};
+use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
 use crate::metrics::status_class;
 use crate::money::Money;
 use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
 use crate::route::KeyPolicy;
-use crate::stream::{parse_usage, Gathered, SseTap};
+use crate::stream::{Gathered, SseTap};
 use crate::upstream;
 use tokio::sync::oneshot;
 
@@ -853,18 +854,17 @@ async fn meter_body(
     let encoding = model.encoding;
     let inline = endpoint == Endpoint::Embeddings || body.len() <= inline_max;
     let work = move || {
-        let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
+        let Some(answer) = Answer::parse(&body) else {
             return (None, 0, None);
         };
-        let reported = parse_usage(&answer["usage"]);
-        let output = match endpoint {
+        let reported = answer.usage();
+        let mut output = OutputCounter::default();
+        answer.read_output(&mut output);
+        let tokens = match endpoint {
             Endpoint::Embeddings => 0,
-            _ => tokenizer.count_response_output(encoding, &answer),
+            _ => output.finish(&tokenizer, encoding),
         };
-        let finish_reason = answer["choices"][0]["finish_reason"]
-            .as_str()
-            .map(str::to_owned);
-        (reported, output, finish_reason)
+        (reported, tokens, output.finish_reason().map(str::to_owned))
     };
     if inline {
         return work();
@@ -874,14 +874,14 @@ async fn meter_body(
         .unwrap_or((None, 0, None))
 }
 
-/// The client's body for a streamed answer. Bytes pass through the tap as they arrive; the
-/// request settles exactly once — at the end of the stream, on an upstream error or timeout,
-/// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
-/// request.
 /// Scheduler turns a stream waits for events already read upstream before it sends what it
 /// has: handing one event over takes hyper's connection task about two turns.
 const GATHER_TURNS: u8 = 2;
 
+/// The client's body for a streamed answer. Bytes pass through the tap as they arrive; the
+/// request settles exactly once — at the end of the stream, on an upstream error or timeout,
+/// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
+/// request.
 struct MeteredStream {
     upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     tap: SseTap,

@@ -3,11 +3,9 @@
 //! output (for our own token count), the finish reason and the upstream's usage figures, and
 //! removes the trailing usage-only chunk when the gateway asked for it on the client's behalf.
 
-use std::borrow::Cow;
-
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
 
+use crate::meter::answer::Answer;
 use crate::meter::record::TokenUsage;
 use crate::meter::tokenizer::OutputCounter;
 
@@ -85,37 +83,14 @@ impl SseTap {
             self.saw_done = true;
             return true;
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
+        let Some(chunk) = Answer::parse(data) else {
             return true;
         };
-        if let Some(usage) = chunk.usage.as_ref().and_then(WireUsage::figures) {
+        if let Some(usage) = chunk.usage() {
             self.usage = Some(usage);
         }
         let usage_only = chunk.is_usage_only();
-        for choice in chunk.choices.unwrap_or_default() {
-            let index = choice.index;
-            if let Some(delta) = choice.delta {
-                if let Some(text) = delta.content {
-                    self.output.push_text(index, &text);
-                }
-                if let Some(text) = delta.refusal {
-                    self.output.push_refusal(index, &text);
-                }
-                for (position, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate()
-                {
-                    let tool = call.index.unwrap_or(position as u64);
-                    if let Some(arguments) = call.function.and_then(|f| f.arguments) {
-                        self.output.push_tool_arguments(index, tool, &arguments);
-                    }
-                }
-            }
-            if let Some(text) = choice.text {
-                self.output.push_text(index, &text);
-            }
-            if let Some(reason) = choice.finish_reason {
-                self.output.set_finish_reason(index, &reason);
-            }
-        }
+        chunk.read_output(&mut self.output);
         !(self.strip_usage_chunk && usage_only)
     }
 
@@ -166,92 +141,10 @@ impl Gathered {
     }
 }
 
-/// The parts of a `chat.completion.chunk` (or legacy completion chunk) the tap reads. Borrowed
-/// where the JSON has no escapes, and everything else is skipped unallocated: a chunk per token
-/// made a full `Value` parse the bulk of a stream's cost.
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow)]
-    choices: Option<Vec<ChunkChoice<'a>>>,
-    usage: Option<WireUsage>,
-}
-
-impl Chunk<'_> {
-    fn is_usage_only(&self) -> bool {
-        self.choices.as_ref().is_some_and(Vec::is_empty) && self.usage.is_some()
-    }
-}
-
-#[derive(Deserialize)]
-struct ChunkChoice<'a> {
-    #[serde(default)]
-    index: u64,
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    refusal: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct ToolCallDelta<'a> {
-    index: Option<u64>,
-    #[serde(borrow)]
-    function: Option<FunctionDelta<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionDelta<'a> {
-    #[serde(borrow)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct WireUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    prompt_tokens_details: Option<PromptTokensDetails>,
-}
-
-#[derive(Deserialize)]
-struct PromptTokensDetails {
-    cached_tokens: Option<u64>,
-}
-
-impl WireUsage {
-    fn figures(&self) -> Option<TokenUsage> {
-        Some(TokenUsage {
-            input: self.prompt_tokens?,
-            cached_input: self
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|details| details.cached_tokens)
-                .unwrap_or(0),
-            output: self.completion_tokens.unwrap_or(0),
-        })
-    }
-}
-
 fn is_usage_only(event: &[u8]) -> bool {
     event_data(event)
-        .and_then(|data| serde_json::from_slice::<Chunk<'_>>(data).ok())
+        .and_then(Answer::parse)
         .is_some_and(|chunk| chunk.is_usage_only())
-}
-
-/// OpenAI's usage object (chat, completions and embeddings share the names).
-pub fn parse_usage(usage: &serde_json::Value) -> Option<TokenUsage> {
-    WireUsage::deserialize(usage).ok()?.figures()
 }
 
 /// End of the last complete event: just past its blank line (`\n\n` or `\n\r\n`).

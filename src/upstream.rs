@@ -167,10 +167,9 @@ async fn send(
     metrics: &Metrics,
 ) -> Result<reqwest::Response, GatewayError> {
     let upstream = &model.upstream;
-    let url = format!("{}{}", upstream.base_url, endpoint.upstream_path());
     let mut request = upstream
         .client
-        .post(url)
+        .post(upstream.url(endpoint))
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header("x-request-id", request_id.clone())
         .body(body);

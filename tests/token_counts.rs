@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 
 use serde_json::Value;
-use tollgate::meter::tokenizer::{Encoding, Tokenizer};
+use tollgate::meter::answer::Answer;
+use tollgate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
 
 fn ours(tokenizer: &Tokenizer, encoding: Encoding, entry: &Value) -> u64 {
     let input = &entry["input"];
@@ -16,7 +17,14 @@ fn ours(tokenizer: &Tokenizer, encoding: Encoding, entry: &Value) -> u64 {
         "chat" => tokenizer.count_chat_prompt(encoding, input),
         "completion" => tokenizer.count_completion_prompt(encoding, input),
         "embedding" => tokenizer.count_embedding_input(encoding, input),
-        "output" => tokenizer.count_response_output(encoding, input),
+        "output" => {
+            let body = serde_json::to_vec(input).unwrap();
+            let mut output = OutputCounter::default();
+            if let Some(answer) = Answer::parse(&body) {
+                answer.read_output(&mut output);
+            }
+            output.finish(tokenizer, encoding)
+        }
         other => panic!("unknown corpus kind {other}"),
     }
 }

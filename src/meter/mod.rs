@@ -1,5 +1,6 @@
 //! Metering: counting tokens inline and carrying one usage record per request to the sink.
 
+pub mod answer;
 pub mod record;
 pub mod sink;
 pub mod tokenizer;

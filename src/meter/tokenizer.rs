@@ -348,23 +348,6 @@ impl Tokenizer {
             _ => 0,
         }
     }
-
-    /// Output tokens of a whole (non-streamed) answer: every choice's content, refusal and
-    /// tool-call arguments (chat), or text (completions).
-    pub fn count_response_output(&self, encoding: Encoding, body: &Value) -> u64 {
-        let Some(choices) = body["choices"].as_array() else {
-            return 0;
-        };
-        let mut counter = OutputCounter::default();
-        for choice in choices {
-            let index = choice["index"].as_u64().unwrap_or(0);
-            counter.push_choice(index, &choice["message"]);
-            if let Some(text) = choice["text"].as_str() {
-                counter.push(index, Part::Text, text);
-            }
-        }
-        counter.finish(self, encoding)
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -401,23 +384,6 @@ impl OutputCounter {
     pub fn set_finish_reason(&mut self, index: u64, reason: &str) {
         if index == 0 || self.finish_reason.is_none() {
             self.finish_reason = Some(reason.to_owned());
-        }
-    }
-
-    fn push_choice(&mut self, index: u64, message: &Value) {
-        if let Some(text) = message["content"].as_str() {
-            self.push(index, Part::Text, text);
-        }
-        if let Some(text) = message["refusal"].as_str() {
-            self.push(index, Part::Refusal, text);
-        }
-        if let Some(calls) = message["tool_calls"].as_array() {
-            for (position, call) in calls.iter().enumerate() {
-                let tool = call["index"].as_u64().unwrap_or(position as u64);
-                if let Some(arguments) = call["function"]["arguments"].as_str() {
-                    self.push(index, Part::ToolArguments(tool), arguments);
-                }
-            }
         }
     }
 
@@ -511,7 +477,6 @@ mod tests {
             json!({"tools": [{"function": {"parameters": {"properties": {"a": {"enum": [1]}}}}}]}),
         ] {
             t.count_chat_prompt(Encoding::O200kBase, &body);
-            t.count_response_output(Encoding::O200kBase, &body);
         }
         assert_eq!(
             t.count_embedding_input(Encoding::Cl100kBase, &json!([[1, 2, 3], [4]])),

@@ -1,0 +1,120 @@
+//! What metering reads of an upstream answer: a whole chat completion or completion, or one
+//! streamed chunk of either (a chunk's `delta` has a message's shape). Strings are borrowed
+//! where the JSON has no escapes and every other field is skipped unallocated: parsing answers
+//! into `serde_json::Value` was a fifth of a request's instructions.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::record::TokenUsage;
+use super::tokenizer::OutputCounter;
+
+#[derive(Deserialize)]
+pub struct Answer<'a> {
+    #[serde(borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    index: Option<u64>,
+    #[serde(borrow, alias = "delta")]
+    message: Option<Message<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    index: Option<u64>,
+    #[serde(borrow)]
+    function: Option<Function<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// OpenAI's usage object (chat, completions and embeddings share the names).
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    cached_tokens: Option<u64>,
+}
+
+impl<'a> Answer<'a> {
+    /// `None` when the bytes are not an answer-shaped JSON object.
+    pub fn parse(bytes: &'a [u8]) -> Option<Answer<'a>> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The upstream's own usage figures, when it reported them.
+    pub fn usage(&self) -> Option<TokenUsage> {
+        let usage = self.usage.as_ref()?;
+        Some(TokenUsage {
+            input: usage.prompt_tokens?,
+            cached_input: usage
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|details| details.cached_tokens)
+                .unwrap_or(0),
+            output: usage.completion_tokens.unwrap_or(0),
+        })
+    }
+
+    /// The trailing chunk that carries only usage (`stream_options.include_usage`).
+    pub fn is_usage_only(&self) -> bool {
+        self.choices.as_ref().is_some_and(Vec::is_empty) && self.usage.is_some()
+    }
+
+    /// Hands every choice's text, refusal and tool-call arguments, and its finish reason, to
+    /// the counter.
+    pub fn read_output(self, output: &mut OutputCounter) {
+        for choice in self.choices.unwrap_or_default() {
+            let index = choice.index.unwrap_or(0);
+            if let Some(message) = choice.message {
+                if let Some(text) = message.content {
+                    output.push_text(index, &text);
+                }
+                if let Some(text) = message.refusal {
+                    output.push_refusal(index, &text);
+                }
+                let calls = message.tool_calls.unwrap_or_default();
+                for (position, call) in calls.into_iter().enumerate() {
+                    let tool = call.index.unwrap_or(position as u64);
+                    if let Some(arguments) = call.function.and_then(|f| f.arguments) {
+                        output.push_tool_arguments(index, tool, &arguments);
+                    }
+                }
+            }
+            if let Some(text) = choice.text {
+                output.push_text(index, &text);
+            }
+            if let Some(reason) = choice.finish_reason {
+                output.set_finish_reason(index, &reason);
+            }
+        }
+    }
+}
