@@ -901,46 +901,48 @@ struct MeteredStream {
 }
 
 impl MeteredStream {
-    /// Settles the stream's request; the receiver answers once its record is durable enough
-    /// for the configured durability (at once in batched mode).
-    fn settle(&mut self, outcome: Outcome, status: u16) -> Option<oneshot::Receiver<()>> {
+    /// Settles the stream's request. In strict durability the receiver answers once its
+    /// record is committed; `None` means there is nothing to wait for.
+    fn settle(&mut self, outcome: Outcome, status: u16) -> Option<WrittenAck> {
         let mut exchange = self.exchange.take()?;
-        let inline_max = exchange.config.server.inline_count_max_bytes;
-        let inline = !self.strict && self.tap.output.text_len() <= inline_max;
+        let inline = self.tap.output.text_len() <= exchange.config.server.inline_count_max_bytes;
         let output = std::mem::take(&mut self.tap.output);
         let reported = self.tap.usage;
         let ttft = self.first_byte;
         let tokenizer = exchange.app.tokenizer;
         let settling = exchange.app.settling.clone();
-        let (durable, durable_rx) = oneshot::channel();
-        let finish = move || {
+        let mut finish = move || {
             if let Some(model) = &exchange.model {
                 exchange.counted.output = output.finish(&tokenizer, model.encoding);
             }
             let finish_reason = output.finish_reason().map(str::to_owned);
-            let committed = exchange.settle(Ending {
+            exchange.settle(Ending {
                 answered: true,
                 status,
                 outcome,
                 reported,
                 finish_reason,
                 ttft,
-            });
-            if let Some(committed) = committed {
-                let _ = committed.blocking_recv();
-            }
-            let _ = durable.send(());
+            })
         };
-        // Counting a long answer can take milliseconds and strict mode waits for the commit:
-        // neither may happen on an async worker. A short answer in batched mode does neither,
-        // and finishing it here saves two thread hops per request.
+        // Counting a long answer can take milliseconds, which must not happen on an async
+        // worker; a short one is counted here, saving two thread hops per request.
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if !inline => {
-                settling.spawn_blocking_on(finish, &runtime);
+                let (durable, durable_rx) = oneshot::channel();
+                settling.spawn_blocking_on(
+                    move || {
+                        if let Some(committed) = finish() {
+                            let _ = committed.blocking_recv();
+                        }
+                        let _ = durable.send(());
+                    },
+                    &runtime,
+                );
+                Some(durable_rx)
             }
             _ => finish(),
         }
-        Some(durable_rx)
     }
 }
 
