@@ -536,6 +536,8 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .tcp_nodelay(true)
+        // A provider's redirect is passed to the client, not followed with our provider key.
+        .redirect(reqwest::redirect::Policy::none())
         .build();
     let client = match client {
         Ok(client) => client,
