@@ -83,6 +83,7 @@ impl Encoding {
 /// mostly common words, each a piece the regex splits off; looking one up costs a hash where
 /// encoding it costs an allocation and a backtracking search. Bounded in entries and piece
 /// length so that hostile text can neither grow it nor make its lookups slow.
+#[derive(Default)]
 struct PieceCache {
     counts: foldhash::HashMap<Box<str>, u32>,
 }
@@ -149,10 +150,7 @@ static PROMPT_COUNTS: LazyLock<PromptCache> = LazyLock::new(|| PromptCache {
 
 thread_local! {
     /// One cache per [`Encoding`], indexed by its discriminant.
-    static PIECE_COUNTS: RefCell<[PieceCache; 2]> = RefCell::new([
-        PieceCache { counts: foldhash::HashMap::default() },
-        PieceCache { counts: foldhash::HashMap::default() },
-    ]);
+    static PIECE_COUNTS: RefCell<[PieceCache; 2]> = RefCell::default();
 }
 
 #[derive(Debug, thiserror::Error)]
