@@ -29,48 +29,32 @@ impl SseTap {
         }
     }
 
-    /// Takes the next upstream bytes and returns what the client should get now. In the common
-    /// case (whole events, nothing to strip) that is the same buffer, not a copy.
+    /// Takes the next upstream bytes and returns what the client should get now: its complete
+    /// events, each read once. Unless an event is dropped that is a slice of the input, not a
+    /// copy.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        if self.partial.is_empty() {
+        let ready = if self.partial.is_empty() {
             let complete = last_event_end(&chunk);
-            let mut keep_all = true;
-            for event in events(&chunk[..complete]) {
-                keep_all &= self.observe(event);
-            }
-            if keep_all {
-                if complete == chunk.len() {
-                    return chunk;
-                }
-                self.partial.extend_from_slice(&chunk[complete..]);
-                return chunk.slice(..complete);
-            }
+            self.partial.extend_from_slice(&chunk[complete..]);
+            chunk.slice(..complete)
+        } else {
             self.partial.extend_from_slice(&chunk);
-            return self.rebuild_without_replaying();
-        }
-        self.partial.extend_from_slice(&chunk);
-        let complete = last_event_end(&self.partial);
-        let ready = self.partial.split_to(complete).freeze();
-        let mut out = BytesMut::with_capacity(ready.len());
+            let complete = last_event_end(&self.partial);
+            self.partial.split_to(complete).freeze()
+        };
+        let mut kept: Option<BytesMut> = None;
+        let mut start = 0;
         for event in events(&ready) {
-            if self.observe(event) {
-                out.extend_from_slice(event);
+            let end = start + event.len();
+            let keep = self.observe(event);
+            match &mut kept {
+                Some(out) if keep => out.extend_from_slice(event),
+                None if !keep => kept = Some(BytesMut::from(&ready[..start])),
+                _ => {}
             }
+            start = end;
         }
-        out.freeze()
-    }
-
-    /// The events of `partial` were already observed by the fast path; keep the ones to send.
-    fn rebuild_without_replaying(&mut self) -> Bytes {
-        let complete = last_event_end(&self.partial);
-        let ready = self.partial.split_to(complete).freeze();
-        let mut out = BytesMut::with_capacity(ready.len());
-        for event in events(&ready) {
-            if !(self.strip_usage_chunk && is_usage_only(event)) {
-                out.extend_from_slice(event);
-            }
-        }
-        out.freeze()
+        kept.map_or(ready, BytesMut::freeze)
     }
 
     /// Reads one complete event; returns whether it goes to the client.
@@ -139,12 +123,6 @@ impl Gathered {
             .take()
             .unwrap_or_else(|| self.rest.split().freeze())
     }
-}
-
-fn is_usage_only(event: &[u8]) -> bool {
-    event_data(event)
-        .and_then(Answer::parse)
-        .is_some_and(|chunk| chunk.is_usage_only())
 }
 
 /// End of the last complete event: just past its blank line (`\n\n` or `\n\r\n`).
