@@ -137,7 +137,7 @@ async fn proxy(
 
     let attempt = upstream::Attempt {
         endpoint: exchange.endpoint,
-        body: &body,
+        body: &bytes,
         stream: request.stream,
         request_id: &exchange.request_id,
         policy: &config.retry,

@@ -4,12 +4,15 @@
 //! candidate list, all before the first byte reaches the client and within a time budget.
 //! Timeouts map to 504, connection failures to 502.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::{Model, RetryPolicy};
@@ -27,7 +30,8 @@ pub struct Forwarded {
 /// Everything [`forward`] needs besides the candidates.
 pub struct Attempt<'a> {
     pub endpoint: Endpoint,
-    pub body: &'a Value,
+    /// The client's body as received (already parsed and checked to be an object).
+    pub body: &'a [u8],
     pub stream: bool,
     pub request_id: &'a HeaderValue,
     pub policy: &'a RetryPolicy,
@@ -56,8 +60,8 @@ pub async fn forward(
                 .inc();
         }
         let (body, strip_usage_chunk) = upstream_body(
-            attempt.body.clone(),
-            model,
+            attempt.body,
+            &model.upstream_model,
             attempt.endpoint,
             attempt.stream,
         )?;
@@ -134,28 +138,99 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=millis))
 }
 
-/// The body sent upstream: the client's, field for field, with the upstream's model name and,
-/// for streams, `stream_options.include_usage` so the provider reports what it bills. Returns
+/// The body sent upstream: the client's bytes, member for member and in the client's order,
+/// with the upstream's model name and, for streams, `stream_options.include_usage` so the
+/// provider reports what it bills. Values are copied as they arrived, never re-encoded, so
+/// numbers, escapes and fields this gateway does not know reach the provider unchanged. Returns
 /// whether the usage chunk must be removed again because the client did not ask for it.
 fn upstream_body(
-    mut body: Value,
-    model: &Model,
+    client: &[u8],
+    upstream_model: &str,
     endpoint: Endpoint,
     stream: bool,
 ) -> Result<(Bytes, bool), GatewayError> {
-    body["model"] = Value::String(model.upstream_model.clone());
-    let mut strip_usage_chunk = false;
-    if stream && endpoint != Endpoint::Embeddings {
-        let options = &mut body["stream_options"];
-        if !options.is_object() {
-            *options = Value::Object(serde_json::Map::new());
+    let encode_error = |error: serde_json::Error| {
+        GatewayError::Internal(format!("cannot encode the request: {error}"))
+    };
+    let Members(members) = serde_json::from_slice(client).map_err(encode_error)?;
+    let usage_option = stream && endpoint != Endpoint::Embeddings;
+    let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
+    body.extend_from_slice(b"{\"model\":");
+    serde_json::to_writer(&mut body, upstream_model).map_err(encode_error)?;
+    let mut stream_options = None;
+    for (index, (name, value)) in members.iter().enumerate() {
+        // A repeated member counts once, as its last occurrence: that is the one the request
+        // was parsed, routed and counted with.
+        let repeated = members[index + 1..].iter().any(|(later, _)| later == name);
+        if repeated || name == "model" {
+            continue;
         }
-        strip_usage_chunk = options["include_usage"] != Value::Bool(true);
-        options["include_usage"] = Value::Bool(true);
+        if usage_option && name == "stream_options" {
+            stream_options = Some(*value);
+            continue;
+        }
+        body.push(b',');
+        serde_json::to_writer(&mut body, name.as_ref()).map_err(encode_error)?;
+        body.push(b':');
+        body.extend_from_slice(value.get().as_bytes());
     }
-    serde_json::to_vec(&body)
-        .map(|bytes| (Bytes::from(bytes), strip_usage_chunk))
-        .map_err(|error| GatewayError::Internal(format!("cannot encode the request: {error}")))
+    let mut strip_usage_chunk = false;
+    if usage_option {
+        let mut options = stream_options
+            .and_then(|raw| serde_json::from_str::<serde_json::Map<String, Value>>(raw.get()).ok())
+            .unwrap_or_default();
+        strip_usage_chunk = options.get("include_usage") != Some(&Value::Bool(true));
+        options.insert("include_usage".to_owned(), Value::Bool(true));
+        body.extend_from_slice(b",\"stream_options\":");
+        serde_json::to_writer(&mut body, &options).map_err(encode_error)?;
+    }
+    body.push(b'}');
+    Ok((Bytes::from(body), strip_usage_chunk))
+}
+
+/// A JSON object's members with their values left as the client's text.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some((MemberName(name), value)) = map.next_entry()? {
+                    members.push((name, value));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// A member name, borrowed from the body unless it holds escapes.
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = MemberName<'de>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
 }
 
 /// Sends one attempt and waits for the response headers (not the body).
@@ -215,5 +290,80 @@ fn describe(error: &reqwest::Error) -> String {
         "request failed".to_owned()
     } else {
         "protocol error".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(client: &str, endpoint: Endpoint, stream: bool) -> (String, bool) {
+        let (body, strip) = upstream_body(client.as_bytes(), "gpt-4o-2024-08-06", endpoint, stream)
+            .expect("a JSON object");
+        (String::from_utf8(body.to_vec()).unwrap(), strip)
+    }
+
+    #[test]
+    fn members_reach_the_provider_as_the_client_wrote_them() {
+        let client = r#"{ "messages": [{"role": "user", "content": "caf\u00e9 \"x\""}],
+            "model" : "auto", "temperature": 1.0, "seed": 123456789012345678901234567890,
+            "logit_bias": {"50256": -100}, "x_\u0041": null }"#;
+        let (body, strip) = rewrite(client, Endpoint::ChatCompletions, false);
+        assert_eq!(
+            body,
+            r#"{"model":"gpt-4o-2024-08-06","messages":[{"role": "user", "content": "caf\u00e9 \"x\""}],"temperature":1.0,"seed":123456789012345678901234567890,"logit_bias":{"50256": -100},"x_A":null}"#
+        );
+        assert!(!strip);
+    }
+
+    #[test]
+    fn a_repeated_member_is_sent_once_as_its_last_value() {
+        let (body, _) = rewrite(
+            r#"{"model":"a","max_tokens":5,"model":"b","max_tokens":7}"#,
+            Endpoint::ChatCompletions,
+            false,
+        );
+        assert_eq!(body, r#"{"model":"gpt-4o-2024-08-06","max_tokens":7}"#);
+    }
+
+    #[test]
+    fn streams_ask_for_usage_and_keep_the_clients_other_options() {
+        let (body, strip) = rewrite(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"include_obfuscation":false}}"#,
+            Endpoint::ChatCompletions,
+            true,
+        );
+        let sent: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"model": "gpt-4o-2024-08-06", "stream": true,
+                "stream_options": {"include_usage": true, "include_obfuscation": false}})
+        );
+        assert!(strip, "the client did not ask for the usage chunk");
+
+        let (body, strip) = rewrite(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+            Endpoint::Completions,
+            true,
+        );
+        assert_eq!(
+            body,
+            r#"{"model":"gpt-4o-2024-08-06","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        assert!(!strip);
+    }
+
+    #[test]
+    fn stream_options_are_left_alone_where_usage_is_not_streamed() {
+        let client = r#"{"model":"m","input":"hi","stream_options":{"include_usage":false}}"#;
+        let expected = r#"{"model":"gpt-4o-2024-08-06","input":"hi","stream_options":{"include_usage":false}}"#;
+        assert_eq!(
+            rewrite(client, Endpoint::Embeddings, true),
+            (expected.to_owned(), false)
+        );
+        assert_eq!(
+            rewrite(client, Endpoint::ChatCompletions, false),
+            (expected.to_owned(), false)
+        );
     }
 }
