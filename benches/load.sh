@@ -6,11 +6,14 @@
 #   (d) the same with `durability = "strict"` (group commit before the end of each response),
 # for non-streaming and streaming 1 KB chat requests at 1 and 64 connections. Prints p50, p99
 # and requests/s with ratios to (a) and (b). Installs wrk and nginx from Debian if missing.
+# Every run is repeated ROUNDS times, the targets taking turns within a round, and the table
+# shows each figure's median: on a shared 2-core machine one run can be off by 20 %.
 #
-#   benches/load.sh [seconds per run, default 10]
+#   benches/load.sh [seconds per run, default 5] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION="${1:-10}"
+DURATION="${1:-5}"
+ROUNDS="${2:-3}"
 
 need() { command -v "$1" >/dev/null 2>&1 || NEED_APT+=("$2"); }
 NEED_APT=()
@@ -101,8 +104,9 @@ for stream in false true; do
 done
 
 run() { # name url stream connections [script]
-  local threads=$(( $4 < 2 ? 1 : 2 ))
-  wrk -t"$threads" -c"$4" -d"${DURATION}s" --latency -s "$WORK/post_${5:-batched}_$3.lua" "$2/v1/chat/completions" 2>&1 |
+  local threads=$(( $4 < 2 ? 1 : 2 )) seconds=$DURATION
+  [ "$1" = warm-up ] && seconds=1
+  wrk -t"$threads" -c"$4" -d"${seconds}s" --latency -s "$WORK/post_${5:-batched}_$3.lua" "$2/v1/chat/completions" 2>&1 |
     python3 -c '
 import re, sys
 text = sys.stdin.read()
@@ -116,21 +120,40 @@ print("%s %.3f %.3f %.1f %s" % (sys.argv[1], lat(50), lat(99), rps, errs.group(1
 ' "$1"
 }
 
-RESULTS="$WORK/results.txt"
+# A process's first requests pay for its lazily built state (thread-local caches, allocator
+# pages, upstream connections), and wrk corrects for coordinated omission, so one slow request
+# at 1 connection shows as a p99 of its whole duration: every target gets a discarded second
+# of traffic first.
 for stream in false true; do
-  for conns in 1 64; do
-    run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-    run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-    run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-    run tollgate-strict "http://127.0.0.1:$STRICT_PORT" "$stream" "$conns" strict | sed "s/^/$stream $conns /" >>"$RESULTS"
+  run warm-up "http://127.0.0.1:$MOCK_PORT" "$stream" 64 >/dev/null
+  run warm-up "http://127.0.0.1:$NGINX_PORT" "$stream" 64 >/dev/null
+  run warm-up "http://127.0.0.1:$GW_PORT" "$stream" 64 >/dev/null
+  run warm-up "http://127.0.0.1:$STRICT_PORT" "$stream" 64 strict >/dev/null
+done
+
+RESULTS="$WORK/results.txt"
+for round in $(seq "$ROUNDS"); do
+  for stream in false true; do
+    for conns in 1 64; do
+      run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+      run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+      run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
+      run tollgate-strict "http://127.0.0.1:$STRICT_PORT" "$stream" "$conns" strict | sed "s/^/$stream $conns /" >>"$RESULTS"
+    done
   done
 done
 
 python3 - "$RESULTS" <<'PY'
-import sys
-rows = [l.split() for l in open(sys.argv[1])]
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    stream, conns, name, *figures = line.split()
+    runs.setdefault((stream, conns, name), []).append([float(f) for f in figures])
+# Medians of the latencies and rates; the non-2xx column counts every round's errors.
+rows = [[*key, *(statistics.median(run[i] for run in group) for i in range(3)),
+         sum(run[3] for run in group)] for key, group in runs.items()]
 by = {(r[0], r[1], r[2]): r for r in rows}
-print("| stream | conns | target | p50 ms | p99 ms | req/s | req/s vs direct | req/s vs nginx | p50 +ms vs nginx | p99 +ms vs nginx | non-2xx |")
+print("| stream | conns | target | p50 ms | p99 ms | req/s | req/s vs direct | req/s vs nginx | p50 +ms vs nginx | p99 +ms vs nginx | non-2xx (all rounds) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     stream, conns, name, p50, p99, rps, errs = r
@@ -138,8 +161,9 @@ for r in rows:
     print("| %s | %s | %s | %.3f | %.3f | %.0f | %.2f | %.2f | %+.3f | %+.3f | %s |" % (
         stream, conns, name, float(p50), float(p99), float(rps),
         float(rps) / float(d[5]), float(rps) / float(n[5]),
-        float(p50) - float(n[3]), float(p99) - float(n[4]), errs))
+        float(p50) - float(n[3]), float(p99) - float(n[4]), int(errs)))
 print()
+print("medians of %d rounds" % len(next(iter(runs.values()))))
 print("strict durability vs batched (same traffic): added p50 / p99 in ms")
 for r in rows:
     if r[2] == "tollgate-strict":
