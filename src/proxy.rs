@@ -115,6 +115,17 @@ async fn proxy(
             exchange.route_rule = "direct".to_owned();
             vec![model]
         }
+        None if exchange.endpoint != Endpoint::ChatCompletions => {
+            // The routing rules judge chat conversations, and the tiers are chat models: a
+            // completion or embedding sent to one would be refused by the provider.
+            return Err(GatewayError::BadRequest {
+                message: format!(
+                    "`{}` routes chat completions only; name a model for this endpoint",
+                    request.model
+                ),
+                param: Some("model"),
+            });
+        }
         None => exchange.route(&config, &key, &body)?,
     };
     let chosen = candidates[0].clone();
@@ -149,12 +160,22 @@ async fn proxy(
     if !forwarded.response.status().is_success() {
         return Ok(exchange.pass_through_error(forwarded.response).await);
     }
-    if request.stream {
+    // The answer's type decides, not the request's flag: a provider may answer a stream
+    // request with one JSON body (embeddings have no streaming at all).
+    if request.stream && !is_json(forwarded.response.headers()) {
         return Ok(exchange
             .take()
             .stream(forwarded.response, forwarded.strip_usage_chunk));
     }
+    exchange.streamed = false;
     exchange.buffered(forwarded.response).await
+}
+
+fn is_json(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim_start().starts_with("application/json"))
 }
 
 struct ParsedRequest {
@@ -220,6 +241,12 @@ fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
             })
         }
     };
+    if !matches!(&body["stream_options"], Value::Object(_) | Value::Null) {
+        return Err(GatewayError::BadRequest {
+            message: "`stream_options` must be an object".to_owned(),
+            param: Some("stream_options"),
+        });
+    }
     Ok(ParsedRequest {
         body,
         model,

@@ -14,7 +14,6 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use crate::config::{Model, RetryPolicy};
 use crate::error::GatewayError;
@@ -140,8 +139,8 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
 }
 
 /// The body sent upstream: the client's bytes, member for member and in the client's order,
-/// with the upstream's model name and, for streams, `stream_options.include_usage` so the
-/// provider reports what it bills. Values are copied as they arrived, never re-encoded, so
+/// with the upstream's model name and, for streams, `stream_options.include_usage` (in place,
+/// the client's other options kept as written) so the provider reports what it bills. Values are copied as they arrived, never re-encoded, so
 /// numbers, escapes and fields this gateway does not know reach the provider unchanged. Returns
 /// whether the usage chunk must be removed again because the client did not ask for it.
 fn upstream_body(
@@ -153,44 +152,75 @@ fn upstream_body(
     let encode_error = |error: serde_json::Error| {
         GatewayError::Internal(format!("cannot encode the request: {error}"))
     };
-    let Members(members) = serde_json::from_slice(client).map_err(encode_error)?;
+    let members: Members = serde_json::from_slice(client).map_err(encode_error)?;
     let usage_option = stream && endpoint != Endpoint::Embeddings;
     let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
     body.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut body, upstream_model).map_err(encode_error)?;
-    let mut stream_options = None;
-    for (index, (name, value)) in members.iter().enumerate() {
-        // A repeated member counts once, as its last occurrence: that is the one the request
-        // was parsed, routed and counted with.
-        let repeated = members[index + 1..].iter().any(|(later, _)| later == name);
-        if repeated || name == "model" {
-            continue;
-        }
-        if usage_option && name == "stream_options" {
-            stream_options = Some(*value);
+    let mut strip_usage_chunk = false;
+    let mut asked_for_usage = false;
+    for (name, value) in members.distinct() {
+        if name == "model" {
             continue;
         }
         body.push(b',');
-        serde_json::to_writer(&mut body, name.as_ref()).map_err(encode_error)?;
+        serde_json::to_writer(&mut body, name).map_err(encode_error)?;
         body.push(b':');
-        body.extend_from_slice(value.get().as_bytes());
+        if usage_option && name == "stream_options" {
+            asked_for_usage = true;
+            strip_usage_chunk = !with_usage(&mut body, value).map_err(encode_error)?;
+        } else {
+            body.extend_from_slice(value.get().as_bytes());
+        }
     }
-    let mut strip_usage_chunk = false;
-    if usage_option {
-        let mut options = stream_options
-            .and_then(|raw| serde_json::from_str::<serde_json::Map<String, Value>>(raw.get()).ok())
-            .unwrap_or_default();
-        strip_usage_chunk = options.get("include_usage") != Some(&Value::Bool(true));
-        options.insert("include_usage".to_owned(), Value::Bool(true));
-        body.extend_from_slice(b",\"stream_options\":");
-        serde_json::to_writer(&mut body, &options).map_err(encode_error)?;
+    if usage_option && !asked_for_usage {
+        body.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+        strip_usage_chunk = true;
     }
     body.push(b'}');
     Ok((Bytes::from(body), strip_usage_chunk))
 }
 
+/// Writes the client's `stream_options` (an object or null, checked on arrival) with
+/// `include_usage` set and its other members as written. Returns whether the client had asked
+/// for usage itself.
+fn with_usage(body: &mut Vec<u8>, options: &RawValue) -> Result<bool, serde_json::Error> {
+    let members = match options.get() {
+        "null" => Members(Vec::new()),
+        text => serde_json::from_str(text)?,
+    };
+    let mut asked = false;
+    body.extend_from_slice(b"{\"include_usage\":true");
+    for (name, value) in members.distinct() {
+        if name == "include_usage" {
+            asked = value.get() == "true";
+            continue;
+        }
+        body.push(b',');
+        serde_json::to_writer(&mut *body, name)?;
+        body.push(b':');
+        body.extend_from_slice(value.get().as_bytes());
+    }
+    body.push(b'}');
+    Ok(asked)
+}
+
 /// A JSON object's members with their values left as the client's text.
 struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    /// The members in order, a repeated one only at its last occurrence: that is the value
+    /// the request was parsed, routed and counted with.
+    fn distinct(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(index, (name, _))| {
+                !self.0[index + 1..].iter().any(|(later, _)| later == name)
+            })
+            .map(|(_, (name, value))| (name.as_ref(), *value))
+    }
+}
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -279,6 +309,7 @@ fn describe(error: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn rewrite(client: &str, endpoint: Endpoint, stream: bool) -> (String, bool) {
         let (body, strip) = upstream_body(client.as_bytes(), "gpt-4o-2024-08-06", endpoint, stream)
@@ -334,6 +365,30 @@ mod tests {
             r#"{"model":"gpt-4o-2024-08-06","stream":true,"stream_options":{"include_usage":true}}"#
         );
         assert!(!strip);
+    }
+
+    #[test]
+    fn stream_options_change_in_place_and_only_in_include_usage() {
+        let (body, strip) = rewrite(
+            r#"{"model":"m","stream_options":{"x":1.50,"include_usage":false,"s":"caf\u00e9"},"stream":true}"#,
+            Endpoint::ChatCompletions,
+            true,
+        );
+        assert_eq!(
+            body,
+            r#"{"model":"gpt-4o-2024-08-06","stream_options":{"include_usage":true,"x":1.50,"s":"caf\u00e9"},"stream":true}"#
+        );
+        assert!(strip);
+        let (body, strip) = rewrite(
+            r#"{"model":"m","stream_options":null,"stream":true}"#,
+            Endpoint::ChatCompletions,
+            true,
+        );
+        assert_eq!(
+            body,
+            r#"{"model":"gpt-4o-2024-08-06","stream_options":{"include_usage":true},"stream":true}"#
+        );
+        assert!(strip);
     }
 
     #[test]

@@ -168,15 +168,25 @@ async fn completions_embeddings_and_models() {
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
 
+    // Embeddings do not stream: a client's `stream: true` still gets the provider's JSON.
     let response = gw
         .post("/v1/embeddings")
-        .json(&json!({"model": "text-embedding-3-small", "input": ["hello world", "tollgate"]}))
+        .json(&json!({"model": "text-embedding-3-small", "input": ["hello world", "tollgate"], "stream": true}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
+
+    let routed = gw
+        .post("/v1/completions")
+        .json(&json!({"model": "auto", "prompt": "Once upon a time"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(routed, 400).await["error"]["param"], "model");
 
     let models: Value = gw
         .http
@@ -241,6 +251,14 @@ async fn bad_requests_get_openai_errors() {
         .as_str()
         .unwrap()
         .contains("parse the JSON"));
+
+    let options = gw
+        .chat(json!({"model": "gpt-4o-mini", "stream": true, "stream_options": [true], "messages": []}))
+        .await;
+    assert_eq!(
+        error_of(options, 400).await["error"]["param"],
+        "stream_options"
+    );
 
     let no_model = gw.chat(json!({"messages": []})).await;
     assert_eq!(error_of(no_model, 400).await["error"]["param"], "model");
