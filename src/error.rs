@@ -1,7 +1,8 @@
 //! The one error type at the edge. Each variant knows its HTTP status, OpenAI's error `type`
 //! and `code`, and a static label for metrics; [`GatewayError::into_response`] is the single
-//! place that turns an error into OpenAI's JSON shape. Errors that came from the upstream are
-//! not here: those pass through with the upstream's own status and body.
+//! place that turns an error into OpenAI's JSON shape. A provider's own JSON errors are not
+//! here: those pass through with the provider's status and body; only a provider answer that
+//! a client could not read as an error (no JSON, a redirect) becomes [`GatewayError::UpstreamAnswer`].
 
 use std::time::Duration;
 
@@ -42,6 +43,10 @@ pub enum GatewayError {
     UpstreamUnreachable(String),
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// The provider answered an error status without a JSON body, or a redirect. Keeps the
+    /// provider's 4xx/5xx status (SDKs decide on retries by it); anything else is a 502.
+    #[error("{message}")]
+    UpstreamAnswer { status: StatusCode, message: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -70,6 +75,12 @@ impl GatewayError {
             }
             GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamAnswer { status, .. }
+                if status.is_client_error() || status.is_server_error() =>
+            {
+                *status
+            }
+            GatewayError::UpstreamAnswer { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -88,7 +99,11 @@ impl GatewayError {
             GatewayError::ModelNotAllowed(_) => "permission_error",
             GatewayError::RateLimited { limit_kind, .. } => limit_kind,
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",
+            GatewayError::UpstreamAnswer { status, .. } if status.is_client_error() => {
+                "invalid_request_error"
+            }
             GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamAnswer { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::ShuttingDown
             | GatewayError::Internal(_) => "server_error",
@@ -110,6 +125,7 @@ impl GatewayError {
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamAnswer { .. } => "upstream_error",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::Internal(_) => "internal_error",
         }
@@ -125,13 +141,19 @@ impl GatewayError {
 
     /// Whether retrying the same request later may succeed; drives `x-should-retry`.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            GatewayError::RateLimited { .. }
-                | GatewayError::UpstreamUnreachable(_)
-                | GatewayError::UpstreamTimeout
-                | GatewayError::ShuttingDown
-        )
+        match self {
+            GatewayError::UpstreamAnswer { .. } => {
+                let status = self.status();
+                status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+            }
+            _ => matches!(
+                self,
+                GatewayError::RateLimited { .. }
+                    | GatewayError::UpstreamUnreachable(_)
+                    | GatewayError::UpstreamTimeout
+                    | GatewayError::ShuttingDown
+            ),
+        }
     }
 
     pub fn body(&self) -> serde_json::Value {

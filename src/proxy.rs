@@ -171,6 +171,45 @@ async fn proxy(
     exchange.buffered(forwarded.response).await
 }
 
+/// A provider's error that an OpenAI client could not read — a body that is not JSON (a
+/// proxy's HTML page, plain text, nothing) or a redirect we do not follow — as a gateway error
+/// in OpenAI's shape. Plain text is quoted, cut to a line: it is usually the reason.
+fn unreadable_answer(
+    status: StatusCode,
+    content_type: Option<&HeaderValue>,
+    body: &[u8],
+) -> Option<GatewayError> {
+    let reason = status.canonical_reason().unwrap_or("");
+    if status.is_redirection() {
+        return Some(GatewayError::UpstreamAnswer {
+            status,
+            message: format!(
+                "the upstream answered {} {reason}, a redirect the gateway does not follow",
+                status.as_u16()
+            ),
+        });
+    }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return None;
+    }
+    let plain = content_type
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/plain"));
+    let quoted = std::str::from_utf8(body)
+        .ok()
+        .filter(|_| plain)
+        .and_then(|text| text.lines().map(str::trim).find(|line| !line.is_empty()))
+        .map(|line| format!(": {}", line.chars().take(200).collect::<String>()))
+        .unwrap_or_default();
+    Some(GatewayError::UpstreamAnswer {
+        status,
+        message: format!(
+            "the upstream answered {} {reason} without a JSON error{quoted}",
+            status.as_u16()
+        ),
+    })
+}
+
 fn is_json(headers: &reqwest::header::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -475,7 +514,8 @@ impl Exchange {
         });
     }
 
-    /// An upstream error status: the client gets the upstream's status and body as they are.
+    /// An upstream error status: the client gets the upstream's status and body as they are,
+    /// unless no client could read the body as an error (see [`unreadable_answer`]).
     async fn pass_through_error(&mut self, reply: reqwest::Response) -> Response {
         let status = reply.status();
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
@@ -490,22 +530,29 @@ impl Exchange {
             Ok(Ok(body)) => body,
             _ => Bytes::new(),
         };
+        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let unreadable = unreadable_answer(status, content_type.as_ref(), &body);
+        let mut response = match unreadable {
+            Some(error) => error.into_response(),
+            None => {
+                let mut response = Response::new(Body::from(body));
+                *response.status_mut() = status;
+                if let Some(content_type) = content_type {
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, content_type);
+                }
+                response
+            }
+        };
         self.settle(Ending {
             answered: false,
-            status: status.as_u16(),
+            status: response.status().as_u16(),
             outcome: Outcome::UpstreamError,
             reported: None,
             finish_reason: None,
             ttft: None,
         });
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() =
-            StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        if let Some(content_type) = content_type {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, content_type);
-        }
         if let Some(retry_after) = retry_after {
             response
                 .headers_mut()
@@ -1088,4 +1135,54 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
         })
         .collect();
     axum::Json(serde_json::json!({ "object": "list", "data": data })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, content_type: &'static str, body: &str) -> Option<(u16, Value)> {
+        let status = StatusCode::from_u16(status).unwrap();
+        let content_type = HeaderValue::from_static(content_type);
+        unreadable_answer(status, Some(&content_type), body.as_bytes())
+            .map(|error| (error.status().as_u16(), error.body()))
+    }
+
+    #[test]
+    fn provider_json_errors_pass_and_the_rest_become_openai_errors() {
+        let openai = r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#;
+        assert_eq!(answer(400, "application/json", openai), None);
+        assert_eq!(
+            answer(500, "application/json", r#"{"object":"error"}"#),
+            None
+        );
+
+        let (status, body) = answer(500, "text/plain", "\n oops: database down \nmore").unwrap();
+        assert_eq!(status, 500);
+        assert_eq!(
+            body["error"]["message"],
+            "the upstream answered 500 Internal Server Error without a JSON error: oops: database down"
+        );
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(body["error"]["code"], "upstream_error");
+
+        let (status, body) = answer(503, "text/html", "<html>busy</html>").unwrap();
+        assert_eq!(status, 503);
+        assert_eq!(
+            body["error"]["message"],
+            "the upstream answered 503 Service Unavailable without a JSON error"
+        );
+        let (status, body) = answer(404, "application/json", "").unwrap();
+        assert_eq!(
+            (status, body["error"]["type"].as_str()),
+            (404, Some("invalid_request_error"))
+        );
+
+        let (status, body) = answer(302, "text/html", "").unwrap();
+        assert_eq!(status, 502);
+        assert_eq!(
+            body["error"]["message"],
+            "the upstream answered 302 Found, a redirect the gateway does not follow"
+        );
+    }
 }
