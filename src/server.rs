@@ -208,6 +208,7 @@ pub fn router(app: Arc<App>, with_admin: bool) -> Router {
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(proxy::models))
+        .route("/v1/models/{id}", get(proxy::model))
         .route("/v1/outcomes", post(crate::outcomes::report))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -54,6 +54,7 @@ async fn the_official_sdk_works_unchanged() {
             .unwrap()
             >= 2
     );
+    assert_eq!(seen["retrieved_model"], "gpt-4o-mini");
     let models: Vec<&str> = seen["models"]
         .as_array()
         .unwrap()

@@ -205,6 +205,22 @@ async fn completions_embeddings_and_models() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"));
+    let model = |id: &str| {
+        gw.http
+            .get(format!("{}/v1/models/{id}", gw.url))
+            .bearer_auth(&gw.key)
+            .send()
+    };
+    let one: Value = model("gpt-4o-mini").await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some("gpt-4o-mini"), Some("model"))
+    );
+    let missing = model("gpt-9-ultra").await.unwrap();
+    assert_eq!(
+        error_of(missing, 404).await["error"]["code"],
+        "model_not_found"
+    );
 
     gw.stop().await;
     let records = gw.usage_records(2).await;

@@ -69,6 +69,7 @@ seen["embeddings"] = {
 
 models = client.models.list()
 seen["models"] = sorted(m.id for m in models.data)
+seen["retrieved_model"] = client.models.retrieve("gpt-4o-mini").id
 
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
