@@ -67,7 +67,12 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Bod
         Ok(response) => response,
         Err(error) => {
             exchange.reject(&error);
-            error.into_response()
+            let mut response = error.into_response();
+            // Once a model was chosen, an error says which, as the proxied answers do.
+            if !exchange.route_rule.is_empty() {
+                exchange.decorate(&mut response);
+            }
+            response
         }
     }
 }

@@ -375,10 +375,15 @@ output_per_mtok = 1
     assert!(started.elapsed() < Duration::from_secs(10));
 
     let response = gw.chat(hello("dead-model")).await;
+    assert_eq!(response.headers()["x-tollgate-model"], "dead-model");
+    assert_eq!(response.headers()["x-tollgate-route"], "direct");
     assert_eq!(
         error_of(response, 502).await["error"]["code"],
         "upstream_unreachable"
     );
+
+    let response = gw.chat(json!({"messages": []})).await;
+    assert!(!response.headers().contains_key("x-tollgate-route"));
 }
 
 #[tokio::test]
