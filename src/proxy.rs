@@ -101,6 +101,17 @@ async fn proxy(
         return Err(GatewayError::ModelNotAllowed(request.model));
     }
     let direct = config.model(&request.model).cloned();
+    if direct.is_none() && exchange.endpoint != Endpoint::ChatCompletions {
+        // The routing rules judge chat conversations, and the tiers are chat models: a
+        // completion or embedding sent to one would be refused by the provider.
+        return Err(GatewayError::BadRequest {
+            message: format!(
+                "`{}` routes chat completions only; name a model for this endpoint",
+                request.model
+            ),
+            param: Some("model"),
+        });
+    }
     let inline = bytes.len() <= config.server.inline_count_max_bytes;
     // The routing model's prompt is measured with o200k_base, the encoding of every current
     // OpenAI family; it is recounted below if the chosen model uses another.
@@ -119,17 +130,6 @@ async fn proxy(
         Some(model) => {
             exchange.route_rule = "direct".to_owned();
             vec![model]
-        }
-        None if exchange.endpoint != Endpoint::ChatCompletions => {
-            // The routing rules judge chat conversations, and the tiers are chat models: a
-            // completion or embedding sent to one would be refused by the provider.
-            return Err(GatewayError::BadRequest {
-                message: format!(
-                    "`{}` routes chat completions only; name a model for this endpoint",
-                    request.model
-                ),
-                param: Some("model"),
-            });
         }
         None => exchange.route(&config, &key, &body)?,
     };
@@ -535,7 +535,6 @@ impl Exchange {
             Ok(Ok(body)) => body,
             _ => Bytes::new(),
         };
-        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let unreadable = unreadable_answer(status, content_type.as_ref(), &body);
         let mut response = match unreadable {
             Some(error) => error.into_response(),

@@ -140,9 +140,10 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
 
 /// The body sent upstream: the client's bytes, member for member and in the client's order,
 /// with the upstream's model name and, for streams, `stream_options.include_usage` (in place,
-/// the client's other options kept as written) so the provider reports what it bills. Values are copied as they arrived, never re-encoded, so
-/// numbers, escapes and fields this gateway does not know reach the provider unchanged. Returns
-/// whether the usage chunk must be removed again because the client did not ask for it.
+/// the client's other options kept as written) so the provider reports what it bills. Values
+/// are copied as they arrived, never re-encoded, so numbers, escapes and fields this gateway
+/// does not know reach the provider unchanged. Returns whether the usage chunk must be removed
+/// again because the client did not ask for it.
 fn upstream_body(
     client: &[u8],
     upstream_model: &str,
@@ -163,14 +164,12 @@ fn upstream_body(
         if name == "model" {
             continue;
         }
-        body.push(b',');
-        serde_json::to_writer(&mut body, name).map_err(encode_error)?;
-        body.push(b':');
         if usage_option && name == "stream_options" {
             asked_for_usage = true;
+            push_name(&mut body, name).map_err(encode_error)?;
             strip_usage_chunk = !with_usage(&mut body, value).map_err(encode_error)?;
         } else {
-            body.extend_from_slice(value.get().as_bytes());
+            push_member(&mut body, name, value).map_err(encode_error)?;
         }
     }
     if usage_option && !asked_for_usage {
@@ -196,13 +195,24 @@ fn with_usage(body: &mut Vec<u8>, options: &RawValue) -> Result<bool, serde_json
             asked = value.get() == "true";
             continue;
         }
-        body.push(b',');
-        serde_json::to_writer(&mut *body, name)?;
-        body.push(b':');
-        body.extend_from_slice(value.get().as_bytes());
+        push_member(body, name, value)?;
     }
     body.push(b'}');
     Ok(asked)
+}
+
+/// `,"name":` then the value as the client wrote it.
+fn push_member(body: &mut Vec<u8>, name: &str, value: &RawValue) -> Result<(), serde_json::Error> {
+    push_name(body, name)?;
+    body.extend_from_slice(value.get().as_bytes());
+    Ok(())
+}
+
+fn push_name(body: &mut Vec<u8>, name: &str) -> Result<(), serde_json::Error> {
+    body.push(b',');
+    serde_json::to_writer(&mut *body, name)?;
+    body.push(b':');
+    Ok(())
 }
 
 /// A JSON object's members with their values left as the client's text.
