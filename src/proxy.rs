@@ -14,7 +14,8 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
-use http_body_util::BodyExt;
+use http_body_util::{BodyDataStream, BodyExt};
+use hyper::body::Incoming;
 use serde_json::Value;
 use std::future::Future;
 
@@ -32,11 +33,11 @@ use crate::money::Money;
 use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
 use crate::route::KeyPolicy;
+use crate::server::X_REQUEST_ID;
 use crate::stream::{Gathered, SseTap};
 use crate::upstream;
 use tokio::sync::oneshot;
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
 static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
 
@@ -215,7 +216,7 @@ fn unreadable_answer(
     })
 }
 
-fn is_json(headers: &reqwest::header::HeaderMap) -> bool {
+fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -521,18 +522,18 @@ impl Exchange {
 
     /// An upstream error status: the client gets the upstream's status and body as they are,
     /// unless no client could read the body as an error (see [`unreadable_answer`]).
-    async fn pass_through_error(&mut self, reply: reqwest::Response) -> Response {
+    async fn pass_through_error(&mut self, reply: upstream::Reply) -> Response {
         let status = reply.status();
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
         let retry_after = reply.headers().get(header::RETRY_AFTER).cloned();
         let idle = self.model.as_ref().map(|m| m.upstream.idle_timeout);
         let body = match tokio::time::timeout(
             idle.unwrap_or(Duration::from_secs(30)),
-            reply.bytes(),
+            reply.into_body().collect(),
         )
         .await
         {
-            Ok(Ok(body)) => body,
+            Ok(Ok(body)) => body.to_bytes(),
             _ => Bytes::new(),
         };
         let unreadable = unreadable_answer(status, content_type.as_ref(), &body);
@@ -567,11 +568,12 @@ impl Exchange {
     }
 
     /// A non-streamed answer: read whole, usage and output read from it, sent on unchanged.
-    async fn buffered(&mut self, reply: reqwest::Response) -> Result<Response, GatewayError> {
+    async fn buffered(&mut self, reply: upstream::Reply) -> Result<Response, GatewayError> {
         let model = self.served_model()?;
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
-        let body = match tokio::time::timeout(model.upstream.idle_timeout, reply.bytes()).await {
-            Ok(Ok(body)) => body,
+        let reading = reply.into_body().collect();
+        let body = match tokio::time::timeout(model.upstream.idle_timeout, reading).await {
+            Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(_)) => {
                 return Err(GatewayError::UpstreamUnreachable(
                     "the upstream closed the connection mid-answer".to_owned(),
@@ -611,7 +613,7 @@ impl Exchange {
         Ok(response)
     }
 
-    fn stream(self, reply: reqwest::Response, strip_usage_chunk: bool) -> Response {
+    fn stream(self, reply: upstream::Reply, strip_usage_chunk: bool) -> Response {
         let idle_timeout = self
             .model
             .as_ref()
@@ -626,7 +628,7 @@ impl Exchange {
         self.decorate(&mut shell);
         response_headers.extend(shell.headers().clone());
         let body = MeteredStream {
-            upstream: Box::pin(reply.bytes_stream()),
+            upstream: reply.into_body().into_data_stream(),
             tap: SseTap::new(strip_usage_chunk),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
@@ -961,7 +963,7 @@ const GATHER_TURNS: u8 = 2;
 /// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
 /// request.
 struct MeteredStream {
-    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    upstream: BodyDataStream<Incoming>,
     tap: SseTap,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
@@ -1042,7 +1044,7 @@ impl Stream for MeteredStream {
             return Poll::Ready(this.failure.take().map(Err));
         }
         loop {
-            match this.upstream.as_mut().poll_next(cx) {
+            match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(deadline);

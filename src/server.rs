@@ -27,7 +27,7 @@ use crate::money::Money;
 use crate::proxy;
 use crate::rating::ledger::{LedgerReader, LedgerWriter};
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

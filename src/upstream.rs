@@ -9,8 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::Full;
+use hyper::http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::http::{Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -19,11 +24,40 @@ use crate::config::{Model, RetryPolicy};
 use crate::error::GatewayError;
 use crate::meter::record::Endpoint;
 use crate::metrics::Metrics;
+use crate::server::X_REQUEST_ID;
+
+/// The pooled HTTP/1.1 and HTTP/2 client (rustls, Mozilla's roots) requests to providers go
+/// through. hyper's own client rather than reqwest: reqwest re-parsed each request's URL for
+/// its redirect policy even with redirects off, a sixteenth of the gateway's instructions.
+pub type ProviderClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A provider's answer, its body not yet read.
+pub type Reply = hyper::http::Response<hyper::body::Incoming>;
+
+/// A client for one upstream. Redirects are never followed: a provider's redirect must not
+/// take our provider key elsewhere.
+pub fn provider_client(connect_timeout: Duration) -> ProviderClient {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
 
 /// The upstream answer that will be sent to the client (success or the last error status).
 pub struct Forwarded {
     pub model: Arc<Model>,
-    pub response: reqwest::Response,
+    pub response: Reply,
     pub strip_usage_chunk: bool,
 }
 
@@ -117,7 +151,7 @@ fn retryable_status(status: u16) -> bool {
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from LLM providers and is ignored),
 /// or OpenAI's `retry-after-ms`.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+fn retry_after(headers: &hyper::http::HeaderMap) -> Option<Duration> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
@@ -263,26 +297,29 @@ async fn send(
     body: Bytes,
     request_id: &HeaderValue,
     metrics: &Metrics,
-) -> Result<reqwest::Response, GatewayError> {
+) -> Result<Reply, GatewayError> {
     let upstream = &model.upstream;
-    let mut request = upstream
-        .client
-        .post(upstream.url(endpoint))
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header("x-request-id", request_id.clone())
-        .body(body);
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = upstream.uri(endpoint);
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     if let Some(authorization) = &upstream.authorization {
-        request = request.header(AUTHORIZATION, authorization.clone());
+        headers.insert(AUTHORIZATION, authorization.clone());
     }
     let started = Instant::now();
-    let result = tokio::time::timeout(upstream.first_byte_timeout, request.send()).await;
+    let result = tokio::time::timeout(
+        upstream.first_byte_timeout,
+        upstream.client.request(request),
+    )
+    .await;
     metrics
         .upstream_duration
         .with_label_values(&[upstream.name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     let (label, outcome) = match result {
         Err(_) => ("timeout", Err(GatewayError::UpstreamTimeout)),
-        Ok(Err(error)) if error.is_timeout() => ("timeout", Err(GatewayError::UpstreamTimeout)),
         Ok(Err(error)) => (
             "unreachable",
             Err(GatewayError::UpstreamUnreachable(describe(&error))),
@@ -305,12 +342,11 @@ fn status_label(status: u16) -> &'static str {
     }
 }
 
-/// A reqwest error without its URL: the URL is config, but the message goes to clients.
-fn describe(error: &reqwest::Error) -> String {
+/// Only the kind of failure: the error's text names the provider's address, which is config,
+/// and the message goes to clients.
+fn describe(error: &hyper_util::client::legacy::Error) -> String {
     if error.is_connect() {
         "connection failed".to_owned()
-    } else if error.is_request() {
-        "request failed".to_owned()
     } else {
         "protocol error".to_owned()
     }

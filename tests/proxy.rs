@@ -386,6 +386,50 @@ output_per_mtok = 1
     assert!(!response.headers().contains_key("x-tollgate-route"));
 }
 
+/// No certificate the gateway would trust is at hand, so the "provider" only records what
+/// the gateway opens with: a TLS ClientHello naming the host and offering HTTP/2 and 1.1.
+#[tokio::test]
+async fn an_https_upstream_is_spoken_to_over_tls() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hello_bytes = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut received = vec![0u8; 4096];
+        let read = socket.read(&mut received).await.unwrap();
+        received.truncate(read);
+        received
+    });
+    let tls = format!(
+        r#"
+[upstreams.tls]
+base_url = "https://localhost:{port}/v1"
+
+[models."tls-model"]
+upstream = "tls"
+tier = "cheap"
+encoding = "o200k_base"
+input_per_mtok = 1
+output_per_mtok = 1
+"#
+    );
+    let gw = Harness::start_with(MockOptions::default(), &tls).await;
+    let response = gw.chat(hello("tls-model")).await;
+    assert_eq!(
+        error_of(response, 502).await["error"]["code"],
+        "upstream_unreachable"
+    );
+    let hello_bytes = hello_bytes.await.unwrap();
+    assert_eq!(&hello_bytes[..2], &[0x16, 0x03], "a TLS handshake record");
+    assert_eq!(hello_bytes[5], 0x01, "a ClientHello");
+    let holds = |needle: &[u8]| hello_bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(b"localhost"), "SNI names the host");
+    assert!(
+        holds(b"\x02h2") && holds(b"\x08http/1.1"),
+        "ALPN offers h2 and http/1.1"
+    );
+}
+
 #[tokio::test]
 async fn a_cut_stream_is_still_metered_for_what_was_sent() {
     let mut gw = Harness::start().await;

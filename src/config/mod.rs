@@ -20,6 +20,7 @@ use crate::money::{Money, TokenPrice};
 use crate::rating::ledger::Durability;
 use crate::rating::plan::{build_plans, Plan};
 use crate::route::Router;
+use crate::upstream::{provider_client, ProviderClient};
 
 use raw::RawConfig;
 
@@ -70,22 +71,22 @@ pub struct Upstream {
     pub base_url: String,
     /// The chat, completions and embeddings URLs, parsed once: parsing one per request was
     /// a twelfth of the gateway's instructions.
-    endpoint_urls: [reqwest::Url; 3],
+    endpoint_uris: [hyper::http::Uri; 3],
     /// The `Authorization` header value for the provider, resolved from the environment.
     pub authorization: Option<reqwest::header::HeaderValue>,
-    pub client: reqwest::Client,
+    pub client: ProviderClient,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn url(&self, endpoint: Endpoint) -> reqwest::Url {
+    pub fn uri(&self, endpoint: Endpoint) -> hyper::http::Uri {
         let index = match endpoint {
             Endpoint::ChatCompletions => 0,
             Endpoint::Completions => 1,
             Endpoint::Embeddings => 2,
         };
-        self.endpoint_urls[index].clone()
+        self.endpoint_uris[index].clone()
     }
 }
 
@@ -484,6 +485,7 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
         reqwest::Url::parse(&format!("{base_url}{}", endpoint.upstream_path()))
             .ok()
             .filter(|url| matches!(url.scheme(), "http" | "https"))
+            .and_then(|url| url.as_str().parse::<hyper::http::Uri>().ok())
     };
     let (Some(chat), Some(completions), Some(embeddings)) = (
         endpoint_url(Endpoint::ChatCompletions),
@@ -531,28 +533,11 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
             problems.push(&field(leaf), "must be greater than 0");
         }
     }
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(raw.connect_timeout_ms.max(1)))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        // A provider's redirect is passed to the client, not followed with our provider key.
-        .redirect(reqwest::redirect::Policy::none())
-        .build();
-    let client = match client {
-        Ok(client) => client,
-        Err(error) => {
-            problems.push(
-                &field("base_url"),
-                format!("cannot build an HTTP client: {error}"),
-            );
-            return None;
-        }
-    };
+    let client = provider_client(Duration::from_millis(raw.connect_timeout_ms.max(1)));
     Some(Upstream {
         name: name.to_owned(),
         base_url,
-        endpoint_urls: [chat, completions, embeddings],
+        endpoint_uris: [chat, completions, embeddings],
         authorization,
         client,
         first_byte_timeout: Duration::from_millis(raw.first_byte_timeout_ms.max(1)),
