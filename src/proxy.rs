@@ -483,6 +483,7 @@ impl Exchange {
                 Ok(())
             }
             Err(refusal) => {
+                self.rate_headers = self.app.limiter.headers(&key.id, model_name);
                 self.app
                     .metrics
                     .rejections
@@ -665,11 +666,7 @@ impl Exchange {
             HeaderValue::from_str(&self.route_rule)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
         );
-        for (name, value) in self.rate_headers.pairs() {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(name, value);
-            }
-        }
+        self.rate_headers.write_to(headers);
     }
 
     /// The per-key gauges, refreshed whenever one of the key's requests settles.

@@ -320,6 +320,7 @@ async fn send(
         .observe(started.elapsed().as_secs_f64());
     let (label, outcome) = match result {
         Err(_) => ("timeout", Err(GatewayError::UpstreamTimeout)),
+        Ok(Err(error)) if timed_out(&error) => ("timeout", Err(GatewayError::UpstreamTimeout)),
         Ok(Err(error)) => (
             "unreachable",
             Err(GatewayError::UpstreamUnreachable(describe(&error))),
@@ -340,6 +341,15 @@ fn status_label(status: u16) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
+}
+
+/// A connect timeout is answered as a timeout (504), as a silent provider is.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |error| error.source()).any(|error| {
+        error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
 }
 
 /// Only the kind of failure: the error's text names the provider's address, which is config,

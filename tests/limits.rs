@@ -107,6 +107,16 @@ async fn tokens_per_minute_hold_under_concurrency() {
     let refused = responses.iter().find(|r| r.status() == 429).unwrap();
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(refused.headers()["x-should-retry"], "true");
+    // The throttle headers come with the refusal, as OpenAI sends them on its 429s.
+    assert_eq!(refused.headers()["x-ratelimit-limit-tokens"], "740");
+    let remaining: u64 = refused.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining < 37, "{remaining} tokens left, yet refused");
+    assert!(refused.headers().contains_key("x-ratelimit-reset-tokens"));
+    assert!(!refused.headers().contains_key("x-ratelimit-limit-requests"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

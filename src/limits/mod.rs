@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use dashmap::DashMap;
 
 pub use budget::{Budget, BudgetPeriod, BudgetSnapshot};
@@ -157,20 +158,34 @@ pub struct RateLimitHeaders {
     pub tokens: Option<Snapshot>,
 }
 
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
 impl RateLimitHeaders {
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
-        let mut pairs = Vec::with_capacity(6);
-        if let Some(s) = self.requests {
-            pairs.push(("x-ratelimit-limit-requests", s.limit.to_string()));
-            pairs.push(("x-ratelimit-remaining-requests", s.remaining.to_string()));
-            pairs.push(("x-ratelimit-reset-requests", go_duration(s.reset)));
+    /// Adds the headers of the dimensions that have a limit.
+    pub fn write_to(&self, headers: &mut HeaderMap) {
+        let dimensions = [
+            (
+                self.requests,
+                [&LIMIT_REQUESTS, &REMAINING_REQUESTS, &RESET_REQUESTS],
+            ),
+            (
+                self.tokens,
+                [&LIMIT_TOKENS, &REMAINING_TOKENS, &RESET_TOKENS],
+            ),
+        ];
+        for (snapshot, [limit, remaining, reset]) in dimensions {
+            let Some(snapshot) = snapshot else { continue };
+            headers.insert(limit.clone(), HeaderValue::from(snapshot.limit));
+            headers.insert(remaining.clone(), HeaderValue::from(snapshot.remaining));
+            if let Ok(value) = HeaderValue::try_from(go_duration(snapshot.reset)) {
+                headers.insert(reset.clone(), value);
+            }
         }
-        if let Some(s) = self.tokens {
-            pairs.push(("x-ratelimit-limit-tokens", s.limit.to_string()));
-            pairs.push(("x-ratelimit-remaining-tokens", s.remaining.to_string()));
-            pairs.push(("x-ratelimit-reset-tokens", go_duration(s.reset)));
-        }
-        pairs
     }
 }
 
@@ -334,6 +349,25 @@ impl Limiter {
                 ticket.rollback_requests();
                 Err(refusal)
             }
+        }
+    }
+
+    /// The throttle headers as they stand now, for a refused request: OpenAI sends them on
+    /// its 429s too, and clients pace themselves by them.
+    pub fn headers(&self, key_id: &str, model: &str) -> RateLimitHeaders {
+        let now_us = self.clock.now_us();
+        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
+        let model_state = self.models.get(model).map(|entry| entry.value().clone());
+        let snapshot = |limit: Option<&Gcra>| limit.map(|limit| limit.snapshot(now_us));
+        RateLimitHeaders {
+            requests: tighter(
+                key.as_ref().and_then(|k| snapshot(k.rpm.as_ref())),
+                model_state.as_ref().and_then(|m| snapshot(m.rpm.as_ref())),
+            ),
+            tokens: tighter(
+                key.as_ref().and_then(|k| snapshot(k.tpm.as_ref())),
+                model_state.as_ref().and_then(|m| snapshot(m.tpm.as_ref())),
+            ),
         }
     }
 
