@@ -9,6 +9,8 @@
 # Every run is repeated ROUNDS times, the targets taking turns within a round, and the table
 # shows each figure's median: on a shared 2-core machine one run can be off by 20 %.
 #
+# Ends with a 5 s fsync probe of the disk under the data dir.
+#
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -169,4 +171,24 @@ for r in rows:
     if r[2] == "tollgate-strict":
         b = by[(r[0], r[1], "tollgate")]
         print("  stream=%s conns=%s: %+.3f / %+.3f" % (r[0], r[1], float(r[3]) - float(b[3]), float(r[4]) - float(b[4])))
+PY
+
+# Strict durability waits for an fsync per commit, so its tail is bounded below by the disk's:
+# the same probe every run, for reading the strict rows against.
+python3 - "$WORK" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+latencies, offset, started = [], 0, time.monotonic()
+while time.monotonic() - started < 5:
+    os.pwrite(fd, b"x" * 4096, offset % (16 << 20))
+    offset += 4096
+    before = time.perf_counter()
+    os.fsync(fd)
+    latencies.append(time.perf_counter() - before)
+os.close(fd)
+latencies.sort()
+at = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1e3
+print("disk: fsync after a 4 KiB write, %d in 5 s: p50 %.3f / p99 %.3f / p99.9 %.3f / max %.1f ms, %d over 10 ms"
+      % (len(latencies), at(0.5), at(0.99), at(0.999), latencies[-1] * 1e3, sum(l > 0.01 for l in latencies)))
 PY
