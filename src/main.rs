@@ -46,10 +46,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 loaded.server.listen = listen;
             }
             init_logging(loaded.server.log_json);
+            raise_open_file_limit();
             runtime()?.block_on(serve(loaded))
         }
         Command::Demo { config, listen } => {
             init_logging(false);
+            raise_open_file_limit();
             runtime()?.block_on(tollgate::demo::run(&config, listen))
         }
         Command::MockUpstream {
@@ -69,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?,
                 seed,
             };
+            raise_open_file_limit();
             runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
@@ -231,6 +234,16 @@ fn encode_query(pairs: &[(&str, String)]) -> String {
         .ok()
         .and_then(|url| url.query().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// Every proxied request holds two sockets, and a soft limit of 1,024 open files (still a
+/// common default) would refuse connections at ~500 concurrent requests: the soft limit is
+/// raised to the hard one, as Go's runtime and nginx's `worker_rlimit_nofile` do.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -213,3 +213,44 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Started under a soft limit of 256 open files (hard limit higher), the binary raises its soft
+/// limit to the hard one before it listens: each proxied request holds two sockets.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(4))
+        .unwrap()
+        .to_owned();
+    if hard == "unlimited" || hard.parse::<u64>().unwrap() <= 256 {
+        return;
+    }
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} mock-upstream --listen 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_tollgate")
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut banner,
+    )
+    .unwrap();
+    assert!(banner.contains("listening"), "{banner}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let soft = open_files.split_whitespace().nth(3).unwrap();
+    assert_eq!(soft, hard, "{open_files}");
+}
