@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod lanes;
 pub mod limits;
 pub mod meter;
 pub mod metrics;

@@ -229,25 +229,60 @@ struct ParsedRequest {
     stream: bool,
 }
 
-/// The body, refused with 413 before reading past the limit (and before any parsing).
+/// The body, refused with 413 before keeping more than the limit (and before any parsing).
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = body;
     if declared.is_some_and(|length| length > limit as u64) {
+        discard(body, declared).await;
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge { limit })
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut length = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame
+            .map_err(|_| GatewayError::bad_request("the request body could not be read"))?
+            .into_data()
+        else {
+            continue;
+        };
+        length += data.len();
+        if length > limit {
+            discard(body, None).await;
+            return Err(GatewayError::BodyTooLarge { limit });
         }
-        Err(_) => Err(GatewayError::bad_request(
-            "the request body could not be read",
-        )),
+        chunks.push(data);
     }
+    Ok(match chunks.len() {
+        0 | 1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// How much of a refused body is still read and dropped, and for how long: a server that
+/// closes a connection with unread data resets it, and a client still sending then sees a
+/// broken pipe instead of the 413 (as nginx's lingering close avoids). Past either bound the
+/// connection is cut.
+const DISCARD_MAX_BYTES: u64 = 64 * 1024 * 1024;
+const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
+
+async fn discard(mut body: Body, declared: Option<u64>) {
+    if declared.is_some_and(|length| length > DISCARD_MAX_BYTES) {
+        return;
+    }
+    let drain = async {
+        let mut read = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if read > DISCARD_MAX_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_MAX_TIME, drain).await;
 }
 
 fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {

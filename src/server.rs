@@ -18,6 +18,7 @@ use crate::app::{App, Services};
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::lanes::Lanes;
 use crate::limits::BudgetPeriod;
 use crate::limits::{Limiter, SystemClock};
 use crate::meter::sink::UsagePipeline;
@@ -107,13 +108,8 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let grace = self.app.config().server.shutdown_grace;
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(no_delay(listener), self.router())
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .into_future();
-        let mut server = tokio::spawn(server);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let lanes = Lanes::start(listener, self.router(), stop_rx, grace)?;
         // With `server.admin_listen`, the admin API (and the operational endpoints) get their
         // own listener, e.g. one that only the platform network reaches.
         let admin_server = match self.app.config().server.admin_listen {
@@ -136,27 +132,15 @@ impl Gateway {
             self.app.config().source.clone(),
         ));
         self.app.set_ready(true);
-        tokio::select! {
-            result = &mut server => {
-                watcher.abort();
-                self.pipeline.close().await;
-                return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            }
-            () = shutdown => {}
-        }
+        shutdown.await;
         tracing::info!(
             grace_secs = grace.as_secs(),
             "shutting down: draining in-flight requests"
         );
         self.app.set_ready(false);
         let _ = stop_tx.send(true);
-        match tokio::time::timeout(grace, &mut server).await {
-            Ok(_) => tracing::info!("all connections drained"),
-            Err(_) => {
-                tracing::warn!("grace period over: closing the remaining connections");
-                server.abort();
-                let _ = server.await;
-            }
+        if lanes.drained().await {
+            tracing::info!("all connections drained");
         }
         watcher.abort();
         if let Some(admin_server) = admin_server {

@@ -311,7 +311,7 @@ async fn send(
     let started = Instant::now();
     let result = tokio::time::timeout(
         upstream.first_byte_timeout,
-        upstream.client.request(request),
+        upstream.client().request(request),
     )
     .await;
     metrics

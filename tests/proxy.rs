@@ -522,6 +522,52 @@ async fn an_adversarial_prompt_does_not_stall_the_gateway() {
     );
 }
 
+/// A stop while a stream is in flight: the stream finishes whole within the grace period (5 s
+/// in the test config); one that would outlast it is cut at its end and still metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_streams_finish_within_the_grace_period() {
+    let options = MockOptions {
+        tokens_per_sec: Some(20),
+        ..MockOptions::default()
+    };
+    let mut gw = Harness::start_with(options, "").await;
+    let stream = |tokens: u32| {
+        let mut body = hello("gpt-4o-mini");
+        body["stream"] = json!(true);
+        body["mock"] = json!({"reply_tokens": tokens});
+        let request = gw.post("/v1/chat/completions").json(&body);
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await
+        })
+    };
+    let short = stream(16);
+    let long = stream(400);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    gw.stop().await;
+    let stopped_after = stopping.elapsed();
+    let short = short.await.unwrap().expect("the short stream ends normally");
+    assert_eq!(sse_data(&short).last().map(String::as_str), Some("[DONE]"));
+    assert!(long.await.unwrap().is_err(), "the long stream is cut");
+    assert!(
+        (Duration::from_secs(4)..Duration::from_secs(8)).contains(&stopped_after),
+        "stopped after {stopped_after:?}"
+    );
+    let mut records = gw.usage_records(2).await;
+    records.sort_by_key(|record| record.counted.output);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].outcome, Outcome::Completed);
+    assert_eq!(records[0].counted.output, 16);
+    assert_eq!(records[1].outcome, Outcome::ClientDisconnected);
+    assert!(
+        (50..400).contains(&records[1].counted.output),
+        "{:?}",
+        records[1].counted
+    );
+}
+
 #[tokio::test]
 async fn graceful_stop_flushes_every_record() {
     let mut gw = Harness::start().await;

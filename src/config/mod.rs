@@ -23,6 +23,7 @@ use crate::route::Router;
 use crate::upstream::{provider_client, ProviderClient};
 
 use raw::RawConfig;
+use thread_local::ThreadLocal;
 
 /// A whole validated configuration.
 #[derive(Debug)]
@@ -74,12 +75,20 @@ pub struct Upstream {
     endpoint_uris: [hyper::http::Uri; 3],
     /// The `Authorization` header value for the provider, resolved from the environment.
     pub authorization: Option<reqwest::header::HeaderValue>,
-    pub client: ProviderClient,
+    /// One pooled client per thread: a lane's requests use only connections whose tasks run
+    /// on that lane (see `server::lanes`).
+    clients: ThreadLocal<ProviderClient>,
+    connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
 impl Upstream {
+    pub fn client(&self) -> &ProviderClient {
+        self.clients
+            .get_or(|| provider_client(self.connect_timeout))
+    }
+
     pub fn uri(&self, endpoint: Endpoint) -> hyper::http::Uri {
         let index = match endpoint {
             Endpoint::ChatCompletions => 0,
@@ -533,13 +542,13 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
             problems.push(&field(leaf), "must be greater than 0");
         }
     }
-    let client = provider_client(Duration::from_millis(raw.connect_timeout_ms.max(1)));
     Some(Upstream {
         name: name.to_owned(),
         base_url,
         endpoint_uris: [chat, completions, embeddings],
         authorization,
-        client,
+        clients: ThreadLocal::new(),
+        connect_timeout: Duration::from_millis(raw.connect_timeout_ms.max(1)),
         first_byte_timeout: Duration::from_millis(raw.first_byte_timeout_ms.max(1)),
         idle_timeout: Duration::from_millis(raw.idle_timeout_ms.max(1)),
     })
