@@ -49,6 +49,9 @@ pub enum GatewayError {
     UpstreamAnswer { status: StatusCode, message: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// Strict durability: the answer is withheld because its usage record was not committed.
+    #[error("the answer is withheld: its usage could not be recorded")]
+    UsageNotRecorded,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -81,7 +84,9 @@ impl GatewayError {
                 *status
             }
             GatewayError::UpstreamAnswer { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::ShuttingDown | GatewayError::UsageNotRecorded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +111,7 @@ impl GatewayError {
             | GatewayError::UpstreamAnswer { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::ShuttingDown
+            | GatewayError::UsageNotRecorded
             | GatewayError::Internal(_) => "server_error",
         }
     }
@@ -127,6 +133,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamAnswer { .. } => "upstream_error",
             GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::UsageNotRecorded => "usage_not_recorded",
             GatewayError::Internal(_) => "internal_error",
         }
     }

@@ -638,7 +638,9 @@ impl Exchange {
         });
         if let Some(committed) = committed {
             // Strict durability: the client sees the answer only once its record is committed.
-            let _ = committed.await;
+            if committed.await.is_err() {
+                return Err(GatewayError::UsageNotRecorded);
+            }
         }
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
@@ -910,7 +912,7 @@ impl Exchange {
         record.key_id.as_ref()?;
         let event = MeterEvent::Usage(record);
         match self.config.durability {
-            Durability::Strict => self.app.usage.submit_acked(event),
+            Durability::Strict => Some(self.app.usage.submit_acked(event)),
             Durability::Batched => {
                 self.app.usage.submit(event);
                 None
@@ -1044,10 +1046,11 @@ impl MeteredStream {
                 let (durable, durable_rx) = oneshot::channel();
                 settling.spawn_blocking_on(
                     move || {
-                        if let Some(committed) = finish() {
-                            let _ = committed.blocking_recv();
+                        let written =
+                            finish().is_none_or(|committed| committed.blocking_recv().is_ok());
+                        if written {
+                            let _ = durable.send(());
                         }
-                        let _ = durable.send(());
                     },
                     &runtime,
                 );
@@ -1064,12 +1067,19 @@ impl Stream for MeteredStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some((bytes, durable)) = &mut this.held {
-            // Strict durability: the last event waits for its record's commit.
-            if Pin::new(durable).poll(cx).is_pending() {
+            // Strict durability: the last event waits for its record's commit, and is never
+            // sent when the record could not be committed (the client sees a cut stream).
+            let Poll::Ready(written) = Pin::new(durable).poll(cx) else {
                 return Poll::Pending;
-            }
+            };
             let bytes = std::mem::take(bytes);
             this.held = None;
+            if written.is_err() {
+                this.ended = true;
+                return Poll::Ready(Some(Err(std::io::Error::other(
+                    "the usage record could not be committed",
+                ))));
+            }
             return Poll::Ready(Some(Ok(bytes)));
         }
         if this.ended {

@@ -548,7 +548,10 @@ async fn a_stop_lets_streams_finish_within_the_grace_period() {
     let stopping = Instant::now();
     gw.stop().await;
     let stopped_after = stopping.elapsed();
-    let short = short.await.unwrap().expect("the short stream ends normally");
+    let short = short
+        .await
+        .unwrap()
+        .expect("the short stream ends normally");
     assert_eq!(sse_data(&short).last().map(String::as_str), Some("[DONE]"));
     assert!(long.await.unwrap().is_err(), "the long stream is cut");
     assert!(

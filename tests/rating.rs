@@ -296,3 +296,33 @@ async fn batched_mode_loses_at_most_the_stated_window() {
         );
     }
 }
+
+/// Strict durability never hands out an answer whose usage record was not committed: with the
+/// ledger's table dropped under the running gateway, a non-streamed answer becomes a 503 and a
+/// stream is cut before its last event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_withholds_an_answer_it_could_not_record() {
+    let gw = Harness::start_with(
+        MockOptions::default(),
+        "[ledger]\ndurability = \"strict\"\n",
+    )
+    .await;
+    assert_eq!(gw.chat(request()).await.status(), 200);
+
+    let ledger = rusqlite::Connection::open(gw.data_dir.join("ledger.sqlite")).unwrap();
+    ledger.execute_batch("DROP TABLE usage").unwrap();
+
+    let refused = gw.chat(request()).await;
+    assert_eq!(refused.status(), 503);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "usage_not_recorded");
+
+    let mut streamed = request();
+    streamed["stream"] = json!(true);
+    let cut = gw.chat(streamed).await;
+    assert_eq!(cut.status(), 200);
+    match cut.text().await {
+        Err(_) => {}
+        Ok(text) => panic!("the stream ended normally: {text}"),
+    }
+}

@@ -37,7 +37,8 @@ pub enum SinkError {
     Other(String),
 }
 
-/// Answers once the event has been written (strict durability).
+/// Answers `Ok` once the event has been committed, `Err` when it never will be (dropped on a
+/// full channel, or its batch failed to write): strict durability withholds the answer then.
 pub type WrittenAck = oneshot::Receiver<()>;
 
 #[allow(clippy::large_enum_variant)] // see MeterEvent
@@ -59,12 +60,12 @@ impl UsageSender {
         self.send(Envelope::Event(event, None))
     }
 
-    /// Queues an event and returns a receiver that resolves once it has been written, or
-    /// `None` when it was dropped.
-    pub fn submit_acked(&self, event: MeterEvent) -> Option<WrittenAck> {
+    /// Queues an event and returns a receiver that resolves once it has been written. A
+    /// dropped event drops its sender with it, so the receiver reports it unwritten.
+    pub fn submit_acked(&self, event: MeterEvent) -> WrittenAck {
         let (ack, written) = oneshot::channel();
-        self.send(Envelope::Event(event, Some(ack)))
-            .then_some(written)
+        self.send(Envelope::Event(event, Some(ack)));
+        written
     }
 
     fn send(&self, envelope: Envelope) -> bool {
@@ -173,12 +174,18 @@ fn run_writer(
                 .usage_events
                 .with_label_values(&[label])
                 .inc_by(events.len() as u64);
-            if let Err(error) = result {
-                tracing::error!(%error, lost = events.len(), "usage batch write failed");
-            }
             events.clear();
-            for ack in acks.drain(..) {
-                let _ = ack.send(());
+            match result {
+                Ok(()) => {
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, lost = events.len(), "usage batch write failed");
+                    // Dropped unanswered: strict requests waiting on them fail.
+                    acks.clear();
+                }
             }
         }
         if let Some(done) = close {
