@@ -85,11 +85,7 @@ async fn accept(
         };
         match accepted {
             Ok((stream, _)) => {
-                // A streamed answer's small SSE events must leave as they are written, not
-                // wait for the client's delayed ACK (up to 40 ms).
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot set TCP_NODELAY");
-                }
+                crate::server::set_no_delay(&stream);
                 match stream.into_std() {
                     Ok(stream) => {
                         let _ = lanes[lane].send(stream);

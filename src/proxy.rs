@@ -230,12 +230,15 @@ struct ParsedRequest {
 }
 
 /// The body, refused with 413 before keeping more than the limit (and before any parsing).
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut body = body;
     if declared.is_some_and(|length| length > limit as u64) {
         discard(body, declared).await;
         return Err(GatewayError::BodyTooLarge { limit });

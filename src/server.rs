@@ -325,15 +325,18 @@ pub async fn termination() {
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: a streamed answer's small SSE events must
-/// leave as they are written, not wait for the client's delayed ACK (up to 40 ms).
+/// Accepted connections with Nagle's algorithm off (see [`set_no_delay`]).
 pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
     use axum::serve::ListenerExt;
-    listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    })
+    listener.tap_io(|stream| set_no_delay(stream))
+}
+
+/// A streamed answer's small SSE events must leave as they are written, not wait for the
+/// client's delayed ACK (up to 40 ms).
+pub fn set_no_delay(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -76,7 +76,7 @@ pub struct Upstream {
     /// The `Authorization` header value for the provider, resolved from the environment.
     pub authorization: Option<reqwest::header::HeaderValue>,
     /// One pooled client per thread: a lane's requests use only connections whose tasks run
-    /// on that lane (see `server::lanes`).
+    /// on that lane (see `crate::lanes`).
     clients: ThreadLocal<ProviderClient>,
     connect_timeout: Duration,
     pub first_byte_timeout: Duration,

@@ -174,7 +174,6 @@ fn run_writer(
                 .usage_events
                 .with_label_values(&[label])
                 .inc_by(events.len() as u64);
-            events.clear();
             match result {
                 Ok(()) => {
                     for ack in acks.drain(..) {
@@ -187,6 +186,7 @@ fn run_writer(
                     acks.clear();
                 }
             }
+            events.clear();
         }
         if let Some(done) = close {
             let _ = done.send(());
