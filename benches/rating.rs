@@ -30,6 +30,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
     );
     UsageRecord {
         request_id: tollgate::server::new_request_id(),
+        client_request_id: None,
         started_at_ms: 1_795_000_000_000 + i as i64,
         key_id: Some(key_id),
         key_name: Some("bench".to_owned()),

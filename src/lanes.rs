@@ -28,7 +28,7 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Starts one lane per available core and the acceptor feeding them from `listener`.
+    /// Starts `count` lanes and the acceptor feeding them from `listener`.
     /// Once `stop` turns true the acceptor stops, every connection is asked to finish (HTTP
     /// keep-alive ends after the request in flight) and each lane waits up to `grace` before
     /// cutting what is left.
@@ -37,8 +37,9 @@ impl Lanes {
         router: Router,
         stop: watch::Receiver<bool>,
         grace: Duration,
+        count: usize,
     ) -> std::io::Result<Lanes> {
-        let count = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let count = count.max(1);
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {

@@ -6,7 +6,8 @@
 //! Behaviour can be steered per request with a `mock` object in the body, which a gateway
 //! forwards like any unknown field: `reply_tokens`, `reply`, `prompt_tokens`, `cached_tokens`,
 //! `fail` (`"500"`, `"503"`, `"429"`, `"hang"`, `"cut"`), `cut_after` (chunks), `retry_after`,
-//! `fail_first` (fail only the first N attempts with the same `x-request-id`) and `tool_call`.
+//! `fail_first` (fail only the first N attempts with the same `x-request-id`), `tool_call` and
+//! `no_done` (end a stream without `data: [DONE]`, as some compatible servers do).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -471,7 +472,7 @@ async fn generate(
     };
     if body["stream"] == json!(true) {
         let include_usage = body["stream_options"]["include_usage"] == json!(true);
-        let frames = stream_frames(&StreamPlan {
+        let mut frames = stream_frames(&StreamPlan {
             kind,
             id: &id,
             model: &model,
@@ -482,6 +483,9 @@ async fn generate(
             tool_call: tool_call.then_some(tool_name.as_str()),
             usage: include_usage.then_some(usage),
         });
+        if body["mock"]["no_done"] == json!(true) {
+            frames.pop();
+        }
         return stream_response(shared, frames, cut_after);
     }
     if cut_after.is_some() {

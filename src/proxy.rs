@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body_util::{BodyDataStream, BodyExt};
@@ -33,7 +34,7 @@ use crate::money::Money;
 use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
 use crate::route::KeyPolicy;
-use crate::server::X_REQUEST_ID;
+use crate::server::{ClientChoseRequestId, X_REQUEST_ID};
 use crate::stream::{Gathered, SseTap};
 use crate::upstream;
 use tokio::sync::oneshot;
@@ -43,27 +44,65 @@ static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route"
 
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
+    client_chose_id: Option<Extension<ClientChoseRequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(app, Endpoint::ChatCompletions, headers, body).await
+    handle(
+        app,
+        Endpoint::ChatCompletions,
+        client_chose_id.is_some(),
+        headers,
+        body,
+    )
+    .await
 }
 
-pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    handle(app, Endpoint::Completions, headers, body).await
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    client_chose_id: Option<Extension<ClientChoseRequestId>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        app,
+        Endpoint::Completions,
+        client_chose_id.is_some(),
+        headers,
+        body,
+    )
+    .await
 }
 
-pub async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    handle(app, Endpoint::Embeddings, headers, body).await
+pub async fn embeddings(
+    State(app): State<Arc<App>>,
+    client_chose_id: Option<Extension<ClientChoseRequestId>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        app,
+        Endpoint::Embeddings,
+        client_chose_id.is_some(),
+        headers,
+        body,
+    )
+    .await
 }
 
-async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    client_chose_id: bool,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     // Set by the server's request-id layer before any handler runs.
     let request_id = headers
         .get(&X_REQUEST_ID)
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("req_unknown"));
-    let mut exchange = Exchange::accept(app, endpoint, request_id);
+    let mut exchange = Exchange::accept(app, endpoint, request_id, client_chose_id);
     match proxy(&mut exchange, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
@@ -371,6 +410,7 @@ struct Exchange {
     config: Arc<Config>,
     endpoint: Endpoint,
     request_id: HeaderValue,
+    client_chose_id: bool,
     accepted: Instant,
     accepted_ms: i64,
     requested_model: String,
@@ -396,13 +436,19 @@ struct Ending {
 }
 
 impl Exchange {
-    fn accept(app: Arc<App>, endpoint: Endpoint, request_id: HeaderValue) -> Exchange {
+    fn accept(
+        app: Arc<App>,
+        endpoint: Endpoint,
+        request_id: HeaderValue,
+        client_chose_id: bool,
+    ) -> Exchange {
         let config = app.config();
         Exchange {
             app,
             config,
             endpoint,
             request_id,
+            client_chose_id,
             accepted: Instant::now(),
             accepted_ms: crate::unix_ms(),
             requested_model: String::new(),
@@ -425,6 +471,7 @@ impl Exchange {
             config: self.config.clone(),
             endpoint: self.endpoint,
             request_id: self.request_id.clone(),
+            client_chose_id: self.client_chose_id,
             accepted: self.accepted,
             accepted_ms: self.accepted_ms,
             requested_model: std::mem::take(&mut self.requested_model),
@@ -872,8 +919,15 @@ impl Exchange {
                 drift(self.counted.output, reported.output, "output");
             }
         }
+        let header_id = self.request_id.to_str().unwrap_or_default().to_owned();
+        let (request_id, client_request_id) = if self.client_chose_id {
+            (crate::server::new_request_id(), Some(header_id))
+        } else {
+            (header_id, None)
+        };
         let record = UsageRecord {
-            request_id: self.request_id.to_str().unwrap_or_default().to_owned(),
+            request_id,
+            client_request_id,
             started_at_ms: self.accepted_ms,
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             key_name: self.key.as_ref().map(|k| k.name.clone()),
@@ -1083,7 +1137,7 @@ impl Stream for MeteredStream {
                     "the usage record could not be committed",
                 ))));
             }
-            return Poll::Ready(Some(Ok(bytes)));
+            return Poll::Ready((!bytes.is_empty()).then_some(Ok(bytes)));
         }
         if this.ended {
             return Poll::Ready(this.failure.take().map(Err));
@@ -1126,11 +1180,17 @@ impl Stream for MeteredStream {
                     return Poll::Ready(Some(Ok(this.gathered.take())));
                 }
                 Poll::Ready(None) => {
+                    // A provider may end without `[DONE]`: the body's end is then the end the
+                    // client sees, and strict durability holds it back the same way.
                     this.ended = true;
-                    this.settle(Outcome::Completed, 200);
-                    return Poll::Ready(
-                        (!this.gathered.is_empty()).then(|| Ok(this.gathered.take())),
-                    );
+                    let out = this.gathered.take();
+                    let durable = this.settle(Outcome::Completed, 200);
+                    if let (true, Some(durable)) = (this.strict, durable) {
+                        this.held = Some((out, durable));
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
                 }
                 Poll::Pending if !this.gathered.is_empty() => {
                     if this.yielded < GATHER_TURNS {

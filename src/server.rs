@@ -107,9 +107,15 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let grace = self.app.config().server.shutdown_grace;
+        let config = self.app.config();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let lanes = Lanes::start(listener, self.router(), stop_rx, grace)?;
+        let lanes = Lanes::start(
+            listener,
+            self.router(),
+            stop_rx,
+            config.server.shutdown_grace,
+            config.server.workers,
+        )?;
         // With `server.admin_listen`, the admin API (and the operational endpoints) get their
         // own listener, e.g. one that only the platform network reaches.
         let admin_server = match self.app.config().server.admin_listen {
@@ -134,7 +140,7 @@ impl Gateway {
         self.app.set_ready(true);
         shutdown.await;
         tracing::info!(
-            grace_secs = grace.as_secs(),
+            grace_secs = config.server.shutdown_grace.as_secs(),
             "shutting down: draining in-flight requests"
         );
         self.app.set_ready(false);
@@ -232,21 +238,24 @@ pub fn new_request_id() -> String {
     format!("req_{:032x}", (ms << 80) | (random >> 48))
 }
 
+/// Marks a request whose `x-request-id` is the client's own rather than the gateway's.
+#[derive(Clone, Copy)]
+pub struct ClientChoseRequestId;
+
 /// Every request carries a usable `x-request-id` from here on: the client's when it is a sane
 /// token (1 to 128 visible ASCII characters), else a fresh one. It is sent upstream and echoed
 /// on every response.
 async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let headers = request.headers_mut();
-    let usable = headers.get(&X_REQUEST_ID).is_some_and(|value| {
+    let usable = request.headers().get(&X_REQUEST_ID).is_some_and(|value| {
         let bytes = value.as_bytes();
         (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
     });
-    if !usable {
-        if let Ok(value) = HeaderValue::from_str(&new_request_id()) {
-            headers.insert(X_REQUEST_ID.clone(), value);
-        }
+    if usable {
+        request.extensions_mut().insert(ClientChoseRequestId);
+    } else if let Ok(value) = HeaderValue::from_str(&new_request_id()) {
+        request.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
-    let id = headers.get(&X_REQUEST_ID).cloned();
+    let id = request.headers().get(&X_REQUEST_ID).cloned();
     let mut response = next.run(request).await;
     if let Some(id) = id {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id);
@@ -267,8 +276,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "models": config.models.len(),
         "upstreams": config.upstreams.len(),
         "accepting": app.is_ready(),
+        "usage_recording": if app.usage.failing() { "failing" } else { "ok" },
     });
-    let ready = app.is_ready() && !config.models.is_empty();
+    let ready = app.is_ready() && !config.models.is_empty() && !app.usage.failing();
     let status = if ready {
         StatusCode::OK
     } else {

@@ -53,6 +53,51 @@ async fn chat_as(gw: &Harness, key: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// A client may choose its `x-request-id`, and may reuse it: its own retries, or (by accident
+/// or not) an id another tenant used. Each request reached the provider, so each is billed.
+#[tokio::test]
+async fn a_reused_client_request_id_is_billed_every_time() {
+    let mut gw = Harness::start().await;
+    let mut keys = Vec::new();
+    for (name, requests) in [("first", 2), ("second", 1)] {
+        let key = gw.create_key(json!({"name": name})).await;
+        for _ in 0..requests {
+            let response = gw
+                .http
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .bearer_auth(key["key"].as_str().unwrap())
+                .header("x-request-id", "retry-7")
+                .json(&request())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-request-id"], "retry-7");
+        }
+        keys.push((key["id"].as_str().unwrap().to_owned(), requests));
+    }
+    gw.stop().await;
+    gw.restart().await;
+
+    let records = gw.usage_records(3).await;
+    let reused: Vec<_> = records
+        .iter()
+        .filter(|r| r.client_request_id.as_deref() == Some("retry-7"))
+        .collect();
+    assert_eq!(reused.len(), 3);
+    let ids: std::collections::HashSet<_> = reused.iter().map(|r| &r.request_id).collect();
+    assert_eq!(ids.len(), 3, "each request has its own ledger id");
+    // gpt-4o-mini at list price: 21 input tokens × $0.15 + 16 output × $0.60 per 1M.
+    for (id, requests) in keys {
+        let expected = json!(requests as f64 * 12_750.0 / 1e9);
+        let state = get(&gw, &format!("/admin/keys/{id}")).await;
+        assert_eq!(state["spend_usd"], expected, "{id}");
+        let usage = get(&gw, &format!("/admin/usage?group_by=key&key_id={id}")).await;
+        assert_eq!(usage["data"][0]["requests"], requests);
+        assert_eq!(usage["data"][0]["cost_usd"], expected);
+    }
+}
+
 #[tokio::test]
 async fn usage_reports_invoices_and_spend_agree() {
     let mut gw = Harness::start_with(MockOptions::default(), PLANS).await;
@@ -242,7 +287,10 @@ async fn crash_under_load(durability: &str) -> Crash {
     child.kill().unwrap();
     child.wait().unwrap();
     let records = LedgerReader::new(&data_dir).records().unwrap();
-    let ledger_ids: Vec<String> = records.into_iter().map(|r| r.request_id).collect();
+    let ledger_ids: Vec<String> = records
+        .into_iter()
+        .filter_map(|r| r.client_request_id)
+        .collect();
     let unique: std::collections::HashSet<String> = ledger_ids.iter().cloned().collect();
     assert_eq!(
         unique.len(),
@@ -298,8 +346,8 @@ async fn batched_mode_loses_at_most_the_stated_window() {
 }
 
 /// Strict durability never hands out an answer whose usage record was not committed: with the
-/// ledger's table dropped under the running gateway, a non-streamed answer becomes a 503 and a
-/// stream is cut before its last event.
+/// ledger's table dropped under the running gateway, a non-streamed answer becomes a 503, a
+/// stream is cut before its end, and the replica reports itself not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_withholds_an_answer_it_could_not_record() {
     let gw = Harness::start_with(
@@ -308,6 +356,13 @@ async fn strict_mode_withholds_an_answer_it_could_not_record() {
     )
     .await;
     assert_eq!(gw.chat(request()).await.status(), 200);
+    let ready = gw
+        .http
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 
     let ledger = rusqlite::Connection::open(gw.data_dir.join("ledger.sqlite")).unwrap();
     ledger.execute_batch("DROP TABLE usage").unwrap();
@@ -317,12 +372,27 @@ async fn strict_mode_withholds_an_answer_it_could_not_record() {
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["code"], "usage_not_recorded");
 
-    let mut streamed = request();
-    streamed["stream"] = json!(true);
-    let cut = gw.chat(streamed).await;
-    assert_eq!(cut.status(), 200);
-    match cut.text().await {
-        Err(_) => {}
-        Ok(text) => panic!("the stream ended normally: {text}"),
+    // A provider that ends its stream without `[DONE]` gets the same treatment.
+    for no_done in [false, true] {
+        let mut streamed = request();
+        streamed["stream"] = json!(true);
+        streamed["mock"] = json!({"no_done": no_done});
+        let cut = gw.chat(streamed).await;
+        assert_eq!(cut.status(), 200);
+        match cut.text().await {
+            Err(_) => {}
+            Ok(text) => panic!("the stream ended normally (no_done: {no_done}): {text}"),
+        }
     }
+
+    // A load balancer should take this replica out while it cannot record usage.
+    let unready = gw
+        .http
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unready.status(), 503);
+    let body: Value = unready.json().await.unwrap();
+    assert_eq!(body["checks"]["usage_recording"], "failing");
 }

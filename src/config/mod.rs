@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub log_json: bool,
     pub per_key_metrics: bool,
     pub reload_poll: Duration,
+    /// Threads serving client connections (each a single-threaded runtime, see `lanes`).
+    pub workers: usize,
 }
 
 /// A provider endpoint. Holds its own pooled HTTP client so timeouts are per upstream.
@@ -442,6 +444,16 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
             "must be greater than 0",
         );
     }
+    if raw.workers > MAX_WORKERS {
+        problems.push(
+            &["server", "workers"],
+            format!("must be 0 (one per core) to {MAX_WORKERS}"),
+        );
+    }
+    let workers = match raw.workers {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n.min(MAX_WORKERS),
+    };
     let log_json = match raw.log_format.as_str() {
         "json" => true,
         "text" => false,
@@ -474,8 +486,12 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
         log_json,
         per_key_metrics: raw.per_key_metrics,
         reload_poll: Duration::from_secs(raw.reload_poll_secs.max(1)),
+        workers,
     }
 }
+
+/// Past a few per core, more lanes only add threads that contend for the same cores.
+const MAX_WORKERS: usize = 1024;
 
 fn parse_addr(text: &str, path: &[&str], problems: &mut Problems) -> SocketAddr {
     text.parse().unwrap_or_else(|_| {
@@ -680,6 +696,22 @@ output_per_mtok = 0.60
         assert!(
             text.starts_with("routes.toml:8:1: typo: unknown field `typo`"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let config = Config::parse(GOOD, Path::new("routes.toml")).unwrap();
+        assert_eq!(config.server.workers, cores);
+        let three = format!("[server]\nworkers = 3\n{GOOD}");
+        let config = Config::parse(&three, Path::new("routes.toml")).unwrap();
+        assert_eq!(config.server.workers, 3);
+        let many = format!("[server]\nworkers = 5000\n{GOOD}");
+        let error = Config::parse(&many, Path::new("routes.toml")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "routes.toml:2:1: server.workers: must be 0 (one per core) to 1024"
         );
     }
 

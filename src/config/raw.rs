@@ -82,6 +82,8 @@ pub struct RawServer {
     pub log_format: String,
     pub per_key_metrics: bool,
     pub reload_poll_secs: u64,
+    /// Threads serving client connections; 0 means one per core.
+    pub workers: usize,
 }
 
 impl Default for RawServer {
@@ -97,6 +99,7 @@ impl Default for RawServer {
             log_format: "text".to_owned(),
             per_key_metrics: true,
             reload_poll_secs: 2,
+            workers: 0,
         }
     }
 }

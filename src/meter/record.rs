@@ -78,7 +78,13 @@ impl Outcome {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
+    /// The gateway's own id for the request, unique in the ledger.
     pub request_id: String,
+    /// The `x-request-id` the client chose, when it chose one. Kept beside the gateway's id,
+    /// never in its place: a client that reuses an id (its retries, or another tenant's id)
+    /// must not make a billable request collide with one already recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     /// Unix time in milliseconds when the gateway accepted the request.
     pub started_at_ms: i64,
     pub key_id: Option<String>,

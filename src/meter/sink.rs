@@ -7,6 +7,7 @@
 //! alertable; the channel is sized (`server.usage_channel_capacity`) so that this only happens
 //! when the writer is down or far behind.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,14 +48,42 @@ enum Envelope {
     Close(oneshot::Sender<()>),
 }
 
+/// Whether usage is being recorded, for readiness: a replica whose ledger fails should be
+/// drained by its load balancer rather than keep serving unbilled (or, strict, refused) traffic.
+#[derive(Default)]
+struct Health {
+    /// When an event was last lost (a failed batch or a full channel), in Unix ms; 0 after a
+    /// batch is written.
+    last_loss_ms: AtomicI64,
+}
+
+/// How long after a loss the sink reports itself failing. Past it, readiness returns so that
+/// traffic finds out whether the ledger has recovered: a replica drained for good would never
+/// write again to learn that it can.
+const FAILING_FOR: Duration = Duration::from_secs(10);
+
+impl Health {
+    fn lost(&self) {
+        self.last_loss_ms.store(crate::unix_ms(), Ordering::Relaxed);
+    }
+}
+
 /// The hot path's end of the channel. Cheap to clone.
 #[derive(Clone)]
 pub struct UsageSender {
     tx: mpsc::Sender<Envelope>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl UsageSender {
+    /// True while events were lost in the last few seconds and none written since.
+    pub fn failing(&self) -> bool {
+        let last_loss = self.health.last_loss_ms.load(Ordering::Relaxed);
+        last_loss != 0
+            && crate::unix_ms().saturating_sub(last_loss) < FAILING_FOR.as_millis() as i64
+    }
+
     /// Queues an event without waiting. Returns `false` when it was dropped (see module docs).
     pub fn submit(&self, event: MeterEvent) -> bool {
         self.send(Envelope::Event(event, None))
@@ -79,6 +108,7 @@ impl UsageSender {
                 true
             }
             Err(_) => {
+                self.health.lost();
                 self.metrics
                     .usage_events
                     .with_label_values(&["dropped"])
@@ -109,11 +139,17 @@ impl UsagePipeline {
     ) -> std::io::Result<UsagePipeline> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let thread_metrics = metrics.clone();
+        let health = Arc::new(Health::default());
+        let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-usage".to_owned())
-            .spawn(move || run_writer(writer, rx, &thread_metrics))?;
+            .spawn(move || run_writer(writer, rx, &thread_metrics, &thread_health))?;
         Ok(UsagePipeline {
-            sender: UsageSender { tx, metrics },
+            sender: UsageSender {
+                tx,
+                metrics,
+                health,
+            },
             thread: Some(thread),
         })
     }
@@ -139,6 +175,7 @@ fn run_writer(
     mut writer: Box<dyn UsageWriter>,
     mut rx: mpsc::Receiver<Envelope>,
     metrics: &Metrics,
+    health: &Health,
 ) {
     let mut events = Vec::with_capacity(MAX_BATCH);
     let mut acks = Vec::new();
@@ -176,12 +213,14 @@ fn run_writer(
                 .inc_by(events.len() as u64);
             match result {
                 Ok(()) => {
+                    health.last_loss_ms.store(0, Ordering::Relaxed);
                     for ack in acks.drain(..) {
                         let _ = ack.send(());
                     }
                 }
                 Err(error) => {
                     tracing::error!(%error, lost = events.len(), "usage batch write failed");
+                    health.lost();
                     // Dropped unanswered: strict requests waiting on them fail.
                     acks.clear();
                 }

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS usage (
     counted_cached_input_tokens INTEGER NOT NULL,
     attempts INTEGER NOT NULL,
     latency_ms INTEGER NOT NULL,
-    ttft_ms INTEGER
+    ttft_ms INTEGER,
+    client_request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -92,8 +93,39 @@ fn day_of(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Changes to a ledger written by an earlier version, in order; `PRAGMA user_version` counts
+/// those applied. `SCHEMA` always creates the latest shape, so a new ledger starts counted.
+const MIGRATIONS: &[&str] = &[
+    // Before this, a client's own `x-request-id` was the ledger's unique key.
+    "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
+];
+
+/// Creates the tables, or brings an older ledger up to date, in one transaction so that the
+/// writer and a reader opening at once cannot both migrate.
+fn prepare_schema(connection: &mut Connection) -> Result<(), LedgerError> {
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let existed: bool = transaction.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage')",
+        [],
+        |row| row.get(0),
+    )?;
+    let applied = if existed {
+        transaction.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize
+    } else {
+        MIGRATIONS.len()
+    };
+    for migration in MIGRATIONS.iter().skip(applied) {
+        transaction.execute_batch(migration)?;
+    }
+    transaction.execute_batch(SCHEMA)?;
+    transaction.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    transaction.commit()?;
+    Ok(())
+}
+
 fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> {
-    let connection = Connection::open(path)?;
+    let mut connection = Connection::open(path)?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(
         None,
@@ -106,7 +138,7 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> 
     connection.pragma_update(None, "cache_size", -65_536)?;
     connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
-    connection.execute_batch(SCHEMA)?;
+    prepare_schema(&mut connection)?;
     Ok(connection)
 }
 
@@ -215,6 +247,7 @@ fn insert_usage(
         record.attempts,
         record.latency_ms as i64,
         record.ttft_ms.map(|ms| ms as i64),
+        record.client_request_id,
     ])
 }
 
@@ -222,7 +255,7 @@ const RECORD_COLUMNS: &str = "request_id, at_ms, key_id, key_name, plan, endpoin
     served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
-    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits";
+    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id";
 
 /// An enum stored by its serde name.
 fn named<T: serde::de::DeserializeOwned>(
@@ -252,6 +285,7 @@ fn usage_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
     };
     Ok(UsageRecord {
         request_id: row.get(0)?,
+        client_request_id: row.get(27)?,
         started_at_ms: row.get(1)?,
         key_id: row.get(2)?,
         key_name: row.get(3)?,
@@ -297,7 +331,7 @@ impl UsageWriter for LedgerWriter {
         {
             let mut usage = transaction
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
+                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)",
                 )
                 .map_err(|e| SinkError::Other(e.to_string()))?;
             let mut outcomes = transaction
@@ -373,9 +407,9 @@ impl LedgerReader {
     }
 
     fn connect(&self) -> Result<Connection, LedgerError> {
-        let connection = Connection::open(&self.path)?;
+        let mut connection = Connection::open(&self.path)?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.execute_batch(SCHEMA)?;
+        prepare_schema(&mut connection)?;
         Ok(connection)
     }
 
@@ -538,6 +572,7 @@ mod tests {
     fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
         UsageRecord {
             request_id: request_id.to_owned(),
+            client_request_id: Some(format!("client-{request_id}")),
             started_at_ms: 1_795_000_000_123,
             key_id: Some("key_1".to_owned()),
             key_name: Some("team-a".to_owned()),
@@ -594,6 +629,27 @@ mod tests {
         );
         assert_eq!(reader.record("req_b").unwrap(), Some(reported));
         assert_eq!(reader.record("req_c").unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_ledger_from_before_client_request_ids_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("tollgate-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(LedgerWriter::open(&dir, Durability::Batched).unwrap());
+        let old = Connection::open(dir.join(FILE)).unwrap();
+        old.execute_batch(
+            "ALTER TABLE usage DROP COLUMN client_request_id; PRAGMA user_version = 0",
+        )
+        .unwrap();
+        drop(old);
+        let mut writer = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        let written = record("req_a", None);
+        writer
+            .write_batch(&[MeterEvent::Usage(written.clone())])
+            .unwrap();
+        assert_eq!(LedgerReader::new(&dir).records().unwrap(), vec![written]);
+        drop(writer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
