@@ -542,13 +542,22 @@ impl Exchange {
         let requested_output = body["max_completion_tokens"]
             .as_u64()
             .or_else(|| body["max_tokens"].as_u64());
-        let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 128);
+        // Legacy completions generate `best_of` answers server-side and bill them all.
+        let choices = body["n"]
+            .as_u64()
+            .unwrap_or(1)
+            .max(body["best_of"].as_u64().unwrap_or(1))
+            .clamp(1, 128);
         let plan = self.config.plan(key.plan.as_deref());
         let mut demand = Demand::default();
         for model in candidates {
             let output = match self.endpoint {
                 Endpoint::Embeddings => 0,
-                _ => requested_output.unwrap_or(model.max_output_tokens) * choices,
+                // Saturating: a wrapped product of a huge `max_tokens` and `n` would reserve
+                // next to nothing and let the request past the budget.
+                _ => requested_output
+                    .unwrap_or(model.max_output_tokens)
+                    .saturating_mul(choices),
             };
             let cost = plan.worst_case(
                 &model.name,
@@ -557,7 +566,7 @@ impl Exchange {
                 self.counted.input,
                 output,
             );
-            demand.tokens = demand.tokens.max(self.counted.input + output);
+            demand.tokens = demand.tokens.max(self.counted.input.saturating_add(output));
             demand.cost = demand.cost.max(cost);
         }
         let model_name = candidates.first().map_or("", |m| m.name.as_str());

@@ -94,6 +94,24 @@ async fn two_hundred_concurrent_requests_never_pass_the_cap() {
     assert_eq!(admitted + more, 19);
 }
 
+/// The reservation of `max_tokens × n` must not wrap around: 2^63 × 2 would be 0 tokens.
+#[tokio::test]
+async fn a_huge_max_tokens_cannot_wrap_the_reservation() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "wrap", "budget_usd": 1, "budget_period": "day"}))
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let mut body = request(32);
+    body["max_tokens"] = json!(1u64 << 63);
+    body["n"] = json!(2);
+    let response = send_as(&gw, &key, &body).await;
+    assert_eq!(response.status(), 429);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert_eq!(gw.mock.stats().requests, 0, "nothing reached the provider");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_per_minute_hold_under_concurrency() {
     let gw = Harness::start().await;
