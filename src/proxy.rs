@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
 use axum::Extension;
 use bytes::Bytes;
 use futures_util::Stream;
@@ -42,52 +43,16 @@ use tokio::sync::oneshot;
 static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
 static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
 
-pub async fn chat_completions(
-    State(app): State<Arc<App>>,
-    client_chose_id: Option<Extension<ClientChoseRequestId>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(
-        app,
-        Endpoint::ChatCompletions,
-        client_chose_id.is_some(),
-        headers,
-        body,
+/// The route of a proxied endpoint: every one takes the same path through the gateway.
+pub fn endpoint(endpoint: Endpoint) -> MethodRouter<Arc<App>> {
+    post(
+        move |State(app): State<Arc<App>>,
+              client_chose_id: Option<Extension<ClientChoseRequestId>>,
+              headers: HeaderMap,
+              body: Body| {
+            handle(app, endpoint, client_chose_id.is_some(), headers, body)
+        },
     )
-    .await
-}
-
-pub async fn completions(
-    State(app): State<Arc<App>>,
-    client_chose_id: Option<Extension<ClientChoseRequestId>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(
-        app,
-        Endpoint::Completions,
-        client_chose_id.is_some(),
-        headers,
-        body,
-    )
-    .await
-}
-
-pub async fn embeddings(
-    State(app): State<Arc<App>>,
-    client_chose_id: Option<Extension<ClientChoseRequestId>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(
-        app,
-        Endpoint::Embeddings,
-        client_chose_id.is_some(),
-        headers,
-        body,
-    )
-    .await
 }
 
 async fn handle(

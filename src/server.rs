@@ -21,6 +21,7 @@ use crate::error::GatewayError;
 use crate::lanes::Lanes;
 use crate::limits::BudgetPeriod;
 use crate::limits::{Limiter, SystemClock};
+use crate::meter::record::Endpoint;
 use crate::meter::sink::UsagePipeline;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
@@ -194,9 +195,12 @@ fn restore(
 /// The client API, with the admin API merged in unless it has its own listener.
 pub fn router(app: Arc<App>, with_admin: bool) -> Router {
     let routes = Router::new()
-        .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/completions", post(proxy::completions))
-        .route("/v1/embeddings", post(proxy::embeddings))
+        .route(
+            "/v1/chat/completions",
+            proxy::endpoint(Endpoint::ChatCompletions),
+        )
+        .route("/v1/completions", proxy::endpoint(Endpoint::Completions))
+        .route("/v1/embeddings", proxy::endpoint(Endpoint::Embeddings))
         .route("/v1/models", get(proxy::models))
         .route("/v1/models/{id}", get(proxy::model))
         .route("/v1/outcomes", post(crate::outcomes::report))
