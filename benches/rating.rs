@@ -48,6 +48,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         reported: Some(usage),
         counted: usage,
         attempts: 1,
+        answered: true,
         latency_ms: 120,
         ttft_ms: Some(40),
         charge: rated.charge,

@@ -181,6 +181,24 @@ async fn proxy(
     exchange.buffered(forwarded.response).await
 }
 
+impl Drop for Exchange {
+    /// The client went away while its request was in the gateway (the server dropped the
+    /// handler): once forwarded, the provider bills the prompt whether or not anyone reads the
+    /// answer, so the request is recorded and its prompt billed as counted.
+    fn drop(&mut self) {
+        if !self.settled && self.key.is_some() {
+            self.settle(Ending {
+                answered: self.attempts > 0,
+                status: 499,
+                outcome: Outcome::ClientDisconnected,
+                reported: None,
+                finish_reason: None,
+                ttft: None,
+            });
+        }
+    }
+}
+
 /// A provider's error that an OpenAI client could not read — a body that is not JSON (a
 /// proxy's HTML page, plain text, nothing) or a redirect we do not follow — as a gateway error
 /// in OpenAI's shape. Plain text is quoted, cut to a line: it is usually the reason.
@@ -919,6 +937,7 @@ impl Exchange {
             reported: ending.reported,
             counted: self.counted,
             attempts: self.attempts,
+            answered: ending.answered,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             ttft_ms: ending
                 .ttft

@@ -490,6 +490,40 @@ async fn client_disconnect_cancels_upstream_and_is_metered() {
     );
 }
 
+/// A client that gives up on a whole-body answer while the provider is still working on it
+/// is billed for its prompt: the provider charges for it all the same.
+#[tokio::test]
+async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "hang"});
+    let gave_up = gw
+        .post("/v1/chat/completions")
+        .json(&body)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    for _ in 0..200 {
+        if !gw.usage_records(1).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.stop().await;
+    let records = gw.usage_records(1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record.outcome, Outcome::ClientDisconnected);
+    assert_eq!(record.status, 499);
+    assert_eq!(record.attempts, 1);
+    assert!(record.counted.input > 0);
+    assert_eq!(record.billed().input, record.counted.input);
+    assert_eq!(record.billed().output, 0);
+    // gpt-4o-mini's list price: $0.15 per 1M input tokens = 150 nano-dollars a token.
+    assert_eq!(record.charge.nanos(), 150 * record.counted.input as i64);
+}
+
 #[tokio::test]
 async fn an_adversarial_prompt_does_not_stall_the_gateway() {
     let mut gw = Harness::start().await;

@@ -98,6 +98,50 @@ async fn a_reused_client_request_id_is_billed_every_time() {
     }
 }
 
+/// A request the provider did not answer is recorded with its counted prompt but bills
+/// nothing: not in the usage report's tokens, not against a seat's allowance, before or after a
+/// restart.
+#[tokio::test]
+async fn an_unanswered_request_uses_no_allowance() {
+    let mut gw = Harness::start_with(MockOptions::default(), PLANS).await;
+    let key = gw
+        .create_key(json!({"name": "acme", "plan": "team", "seats": 1}))
+        .await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    let mut failing = request();
+    failing["mock"] = json!({"fail": "500"});
+    let failed = gw
+        .http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&secret)
+        .json(&failing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 500);
+    assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    gw.stop().await;
+    gw.restart().await;
+
+    let records = gw.usage_records(2).await;
+    let unanswered = records.iter().find(|r| !r.answered).unwrap();
+    assert!(unanswered.counted.input > 0);
+    assert_eq!(unanswered.billed().input, 0);
+    let usage = get(&gw, &format!("/admin/usage?group_by=key&key_id={id}")).await;
+    assert_eq!(usage["data"][0]["requests"], 2);
+    assert_eq!(usage["data"][0]["input_tokens"], 21);
+    assert_eq!(usage["data"][0]["output_tokens"], 16);
+    // One seat includes 20 tokens: 37 used, 17 over at $0.02 per 1k = $0.00034. The failed
+    // request's 21 counted tokens must not have been taken from the allowance (after the
+    // restart the month's totals are read back from the ledger).
+    assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
+    assert_eq!(invoice["used_tokens"], 74);
+    assert_eq!(invoice["total_usd"], json!(80.00108));
+}
+
 #[tokio::test]
 async fn usage_reports_invoices_and_spend_agree() {
     let mut gw = Harness::start_with(MockOptions::default(), PLANS).await;

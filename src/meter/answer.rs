@@ -51,6 +51,11 @@ struct Function<'a> {
     arguments: Option<Cow<'a, str>>,
 }
 
+/// The most tokens one request is billed for on the provider's word: a thousand times any
+/// model's context. A broken or hostile provider reporting more would otherwise overflow the
+/// month's totals (and the ledger's sums) and, wrapped negative, lift the key's budget cap.
+pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
+
 /// OpenAI's usage object (chat, completions and embeddings share the names).
 #[derive(Deserialize)]
 struct WireUsage {
@@ -70,17 +75,23 @@ impl<'a> Answer<'a> {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// The upstream's own usage figures, when it reported them.
+    /// The upstream's own usage figures, when it reported them, each held to
+    /// [`MAX_REPORTED_TOKENS`] and cached input to at most the input.
     pub fn usage(&self) -> Option<TokenUsage> {
         let usage = self.usage.as_ref()?;
+        let input = usage.prompt_tokens?.min(MAX_REPORTED_TOKENS);
         Some(TokenUsage {
-            input: usage.prompt_tokens?,
+            input,
             cached_input: usage
                 .prompt_tokens_details
                 .as_ref()
                 .and_then(|details| details.cached_tokens)
-                .unwrap_or(0),
-            output: usage.completion_tokens.unwrap_or(0),
+                .unwrap_or(0)
+                .min(input),
+            output: usage
+                .completion_tokens
+                .unwrap_or(0)
+                .min(MAX_REPORTED_TOKENS),
         })
     }
 
@@ -116,5 +127,27 @@ impl<'a> Answer<'a> {
                 output.set_finish_reason(index, &reason);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_reported_usage_is_held_to_a_bound() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":100000000000000000,"prompt_tokens_details":{"cached_tokens":18446744073709551615}}}"#;
+        let usage = Answer::parse(body).unwrap().usage().unwrap();
+        assert_eq!(
+            usage,
+            TokenUsage {
+                input: MAX_REPORTED_TOKENS,
+                cached_input: MAX_REPORTED_TOKENS,
+                output: MAX_REPORTED_TOKENS,
+            }
+        );
+        let cached_over_input = br#"{"usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+        let usage = Answer::parse(cached_over_input).unwrap().usage().unwrap();
+        assert_eq!((usage.input, usage.cached_input, usage.output), (10, 10, 2));
     }
 }

@@ -106,6 +106,10 @@ pub struct UsageRecord {
     /// What tollgate counted itself with the model's tokenizer.
     pub counted: TokenUsage,
     pub attempts: u32,
+    /// The provider answered (with a success status), so the tokens are billable; refused
+    /// and failed requests are recorded with their counts but bill nothing.
+    #[serde(default = "answered_by_default")]
+    pub answered: bool,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
     /// What the request cost: rated under the key's plan when it settled.
@@ -116,10 +120,18 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
-    /// The figures that are billed: the upstream's when it reported them, else our own count.
+    /// The figures that are billed: none for a request the provider did not answer, else the
+    /// upstream's when it reported them, else our own count.
     pub fn billed(&self) -> TokenUsage {
-        self.reported.unwrap_or(self.counted)
+        match self.answered {
+            true => self.reported.unwrap_or(self.counted),
+            false => TokenUsage::default(),
+        }
     }
+}
+
+fn answered_by_default() -> bool {
+    true
 }
 
 /// A billable outcome reported by an application through `POST /v1/outcomes`.

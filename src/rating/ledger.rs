@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS usage (
     attempts INTEGER NOT NULL,
     latency_ms INTEGER NOT NULL,
     ttft_ms INTEGER,
-    client_request_id TEXT
+    client_request_id TEXT,
+    answered INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -98,6 +99,8 @@ fn day_of(ms: i64) -> String {
 const MIGRATIONS: &[&str] = &[
     // Before this, a client's own `x-request-id` was the ledger's unique key.
     "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
+    // Before this, a refused request's counted prompt stood in the billed token columns.
+    "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -248,6 +251,7 @@ fn insert_usage(
         record.latency_ms as i64,
         record.ttft_ms.map(|ms| ms as i64),
         record.client_request_id,
+        record.answered,
     ])
 }
 
@@ -255,7 +259,7 @@ const RECORD_COLUMNS: &str = "request_id, at_ms, key_id, key_name, plan, endpoin
     served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
-    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id";
+    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered";
 
 /// An enum stored by its serde name.
 fn named<T: serde::de::DeserializeOwned>(
@@ -307,6 +311,7 @@ fn usage_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
             output: row.get::<_, i64>(20)? as u64,
         },
         attempts: row.get(21)?,
+        answered: row.get(28)?,
         latency_ms: row.get::<_, i64>(22)? as u64,
         ttft_ms: row.get::<_, Option<i64>>(23)?.map(|ms| ms as u64),
         charge: Money(row.get(24)?),
@@ -331,7 +336,7 @@ impl UsageWriter for LedgerWriter {
         {
             let mut usage = transaction
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)",
+                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
                 )
                 .map_err(|e| SinkError::Other(e.to_string()))?;
             let mut outcomes = transaction
@@ -594,6 +599,7 @@ mod tests {
                 output: 7,
             },
             attempts: 2,
+            answered: true,
             latency_ms: 840,
             ttft_ms: Some(95),
             charge: Money(1_234_567),
@@ -633,13 +639,15 @@ mod tests {
     }
 
     #[test]
-    fn a_ledger_from_before_client_request_ids_is_migrated() {
+    fn a_ledger_from_an_earlier_version_is_migrated() {
         let dir = std::env::temp_dir().join(format!("tollgate-migrate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         drop(LedgerWriter::open(&dir, Durability::Batched).unwrap());
         let old = Connection::open(dir.join(FILE)).unwrap();
         old.execute_batch(
-            "ALTER TABLE usage DROP COLUMN client_request_id; PRAGMA user_version = 0",
+            "ALTER TABLE usage DROP COLUMN answered;
+             ALTER TABLE usage DROP COLUMN client_request_id;
+             PRAGMA user_version = 0",
         )
         .unwrap();
         drop(old);

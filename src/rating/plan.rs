@@ -341,7 +341,7 @@ impl Plan {
             }
             Plan::PerSeat {
                 overage_per_token, ..
-            } => overage_per_token.cost(input + output),
+            } => overage_per_token.cost(input.saturating_add(output)),
             Plan::Credits {
                 pack_price,
                 pack_micro,
@@ -349,7 +349,8 @@ impl Plan {
                 overage_per_credit,
                 ..
             } => {
-                let burn = (input + output)
+                let burn = input
+                    .saturating_add(output)
                     .saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0));
                 let per_micro = Money(scale(
                     1,
