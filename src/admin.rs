@@ -257,8 +257,26 @@ async fn update_key(
     let store = app.key_store.clone();
     let stored = record.clone();
     blocking(move || store.update(&stored).map_err(store_error)).await?;
-    app.key_activated(record.clone(), None);
+    let spent = period_spend_if_changed(&app, &record).await?;
+    app.key_activated(record.clone(), spent);
     Ok(axum::Json(key_view(&app, &record)).into_response())
+}
+
+/// A budget that now runs over another period starts from that period's spend in the ledger;
+/// one over the same period keeps its live spend and reservations.
+async fn period_spend_if_changed(
+    app: &App,
+    record: &KeyRecord,
+) -> Result<Option<Money>, GatewayError> {
+    let period = app.budget_period(record);
+    if app.limiter.budget_period(&record.id) == Some(period) {
+        return Ok(None);
+    }
+    let ledger = app.ledger.clone();
+    let id = record.id.clone();
+    let from_ms = period.start_ms(crate::unix_ms());
+    let spend = blocking(move || ledger.spend_since(from_ms).map_err(store_error)).await?;
+    Ok(Some(spend.get(&id).copied().unwrap_or(Money::ZERO)))
 }
 
 async fn revoke_key(

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
-use crate::limits::{KeyLimits, Limiter};
+use crate::limits::{BudgetPeriod, KeyLimits, Limiter};
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
@@ -101,12 +101,23 @@ impl App {
             self.key_revoked(&record.id);
             return;
         }
-        let limits = key_limits(
-            &record,
-            self.config().plan(record.plan.as_deref()).implied_cap(),
-        );
+        let limits = self.key_limits(&record);
         self.limiter.upsert_key(&record.id, &limits, spent);
         self.keys.put(record);
+    }
+
+    fn key_limits(&self, record: &KeyRecord) -> KeyLimits {
+        key_limits(
+            record,
+            self.config().plan(record.plan.as_deref()).implied_cap(),
+        )
+    }
+
+    /// The period a key's budget runs over: its own, or a month for a hard-stop credit pack.
+    pub fn budget_period(&self, record: &KeyRecord) -> BudgetPeriod {
+        self.key_limits(record)
+            .budget
+            .map_or(record.budget_period, |(_, period)| period)
     }
 
     pub fn key_revoked(&self, id: &str) {
@@ -137,7 +148,7 @@ impl App {
 pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
     let budget = match (record.budget_usd, plan_cap) {
         (Some(cap), _) => (cap, record.budget_period),
-        (None, Some(pack)) => (pack, crate::limits::BudgetPeriod::Month),
+        (None, Some(pack)) => (pack, BudgetPeriod::Month),
         (None, None) => (Money(i64::MAX), record.budget_period),
     };
     KeyLimits {

@@ -522,14 +522,16 @@ impl Exchange {
         candidates: &[Arc<Model>],
         body: &Value,
     ) -> Result<(), GatewayError> {
-        let requested_output = body["max_completion_tokens"]
-            .as_u64()
-            .or_else(|| body["max_tokens"].as_u64());
+        // A body may carry both limits; which one a provider honours varies, so the larger
+        // is reserved.
+        let requested_output = [&body["max_completion_tokens"], &body["max_tokens"]]
+            .into_iter()
+            .filter_map(whole_number)
+            .max();
         // Legacy completions generate `best_of` answers server-side and bill them all.
-        let choices = body["n"]
-            .as_u64()
+        let choices = whole_number(&body["n"])
             .unwrap_or(1)
-            .max(body["best_of"].as_u64().unwrap_or(1))
+            .max(whole_number(&body["best_of"]).unwrap_or(1))
             .clamp(1, 128);
         let plan = self.config.plan(key.plan.as_deref());
         let mut demand = Demand::default();
@@ -972,6 +974,16 @@ impl Exchange {
 }
 
 /// A throttle or budget refusal as the client sees it.
+/// A count as a client may write it: `4` or `4.0` (a float never truncates a limit down).
+fn whole_number(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+            .map(|n| n.ceil() as u64)
+    })
+}
+
 fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
     match refusal {
         Refusal::RateLimited {

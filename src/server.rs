@@ -178,7 +178,7 @@ fn restore(
     }
     let mut spend_by_period = std::collections::HashMap::new();
     for key in keys {
-        let start = key.budget_period.start_ms(now_ms);
+        let start = app.budget_period(&key).start_ms(now_ms);
         if let std::collections::hash_map::Entry::Vacant(slot) = spend_by_period.entry(start) {
             slot.insert(ledger.spend_since(start)?);
         }

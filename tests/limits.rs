@@ -112,6 +112,33 @@ async fn a_huge_max_tokens_cannot_wrap_the_reservation() {
     assert_eq!(gw.mock.stats().requests, 0, "nothing reached the provider");
 }
 
+/// Both output limits, and counts written as floats, reserve the most the request may use.
+#[tokio::test]
+async fn the_larger_output_limit_is_reserved() {
+    let gw = Harness::start().await;
+    let created = gw.create_key(json!({"name": "both", "tpm": 1_000})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let mut body = request(16);
+    body["max_completion_tokens"] = json!(16);
+    body["max_tokens"] = json!(2_000);
+    let response = send_as(&gw, &key, &body).await;
+    assert_eq!(
+        response.status(),
+        429,
+        "21 + 2,000 tokens exceed 1,000 per minute"
+    );
+    let mut body = request(16);
+    body["max_tokens"] = json!(100.0);
+    body["n"] = json!(9.5);
+    let response = send_as(&gw, &key, &body).await;
+    assert_eq!(
+        response.status(),
+        429,
+        "21 + 100 × 10 tokens exceed 1,000 per minute"
+    );
+    assert_eq!(gw.mock.stats().requests, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_per_minute_hold_under_concurrency() {
     let gw = Harness::start().await;

@@ -196,6 +196,39 @@ async fn usage_reports_invoices_and_spend_agree() {
     assert_eq!(bad.status(), 400);
 }
 
+/// Under volume tiers a request that takes the month into a cheaper tier re-prices it lower:
+/// its charge is negative, and the key's spend must fall with it to stay equal to the invoice.
+#[tokio::test]
+async fn a_volume_discount_lowers_spend_as_it_lowers_the_invoice() {
+    let plans = r#"
+[plans.bulk]
+kind = "per_token"
+tier_mode = "volume"
+tiers = [{ up_to_tokens = 50, rate_pct = 100 }, { rate_pct = 10 }]
+"#;
+    let mut gw = Harness::start_with(MockOptions::default(), plans).await;
+    let key = gw
+        .create_key(json!({"name": "bulk", "plan": "bulk", "budget_usd": 1}))
+        .await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    // 21 input × $0.15/M + 16 output × $0.60/M = 12,750 nano-dollars at the full rate.
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.00001275));
+    assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    // 74 tokens pass the 50-token tier: the month is 2 × 12,750 at 10% = 2,550.
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.00000255));
+    gw.stop().await;
+    gw.restart().await;
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
+    assert_eq!(invoice["total_usd"], json!(0.00000255));
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.00000255));
+}
+
 #[tokio::test]
 async fn an_outcome_reported_twice_is_billed_once() {
     let mut gw = Harness::start_with(MockOptions::default(), PLANS).await;

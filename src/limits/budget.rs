@@ -7,7 +7,7 @@
 //! Periods are UTC calendar periods (days, ISO weeks from Monday, months) or `total`. A cost
 //! is charged to the period in which its request settles.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -80,12 +80,16 @@ fn midnight_ms(day: NaiveDate) -> i64 {
 /// A key's live budget. All amounts in nano-dollars.
 #[derive(Debug)]
 pub struct Budget {
-    cap: Money,
+    /// Nano-dollars; changed in place when an operator changes the cap.
+    cap: AtomicI64,
     period: BudgetPeriod,
     period_start_ms: AtomicI64,
     /// Spent this period plus everything reserved and not yet settled.
     committed: AtomicI64,
     spent: AtomicI64,
+    /// Alert thresholds already announced (bit i = threshold i) and the period they belong to.
+    alerted: AtomicU64,
+    alerted_period_ms: AtomicI64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,16 +122,31 @@ impl Budget {
     /// `spent` is what the ledger says was already spent in the current period.
     pub fn new(cap: Money, period: BudgetPeriod, spent: Money, now_ms: i64) -> Budget {
         Budget {
-            cap,
+            cap: AtomicI64::new(cap.nanos()),
             period,
             period_start_ms: AtomicI64::new(period.start_ms(now_ms)),
             committed: AtomicI64::new(spent.nanos()),
             spent: AtomicI64::new(spent.nanos()),
+            alerted: AtomicU64::new(0),
+            alerted_period_ms: AtomicI64::new(0),
         }
     }
 
-    pub fn cap(&self) -> Money {
-        self.cap
+    /// A new cap for the same period: spend and reservations stay, and thresholds are
+    /// announced afresh against the new cap.
+    pub fn set_cap(&self, cap: Money) {
+        if self.cap.swap(cap.nanos(), Ordering::AcqRel) != cap.nanos() {
+            self.alerted.store(0, Ordering::Release);
+        }
+    }
+
+    /// Marks thresholds (a bit mask) as announced this period; returns those that were not.
+    pub fn first_crossings(&self, crossed: u64, now_ms: i64) -> u64 {
+        let period = self.period.start_ms(now_ms);
+        if self.alerted_period_ms.swap(period, Ordering::AcqRel) != period {
+            self.alerted.store(0, Ordering::Release);
+        }
+        crossed & !self.alerted.fetch_or(crossed, Ordering::AcqRel)
     }
 
     pub fn period(&self) -> BudgetPeriod {
@@ -153,12 +172,13 @@ impl Budget {
     pub fn reserve(&self, amount: Money, now_ms: i64) -> Result<(), BudgetExceeded> {
         self.roll(now_ms);
         let amount = amount.nanos().max(0);
+        let cap = self.cap.load(Ordering::Acquire);
         let mut committed = self.committed.load(Ordering::Acquire);
         loop {
             let after = committed.saturating_add(amount);
-            if after > self.cap.nanos() {
+            if after > cap {
                 return Err(BudgetExceeded {
-                    remaining: Money(self.cap.nanos() - committed).max(Money::ZERO),
+                    remaining: Money(cap.saturating_sub(committed)).max(Money::ZERO),
                     needed: Money(amount),
                 });
             }
@@ -174,16 +194,17 @@ impl Budget {
         }
     }
 
-    /// Replaces a reservation by the actual cost.
+    /// Replaces a reservation by the actual cost. A negative cost (a volume tier re-pricing
+    /// the month lower) lowers spend, as it lowers the ledger's sum and the invoice.
     pub fn settle(&self, reserved: Money, actual: Money, now_ms: i64) -> Settled {
         self.roll(now_ms);
-        let actual = actual.nanos().max(0);
+        let actual = actual.nanos();
         self.committed
             .fetch_add(actual - reserved.nanos(), Ordering::AcqRel);
         let spent = self.spent.fetch_add(actual, Ordering::AcqRel) + actual;
         Settled {
             overshoot: Money((actual - reserved.nanos()).max(0)),
-            used_pct: percent(spent, self.cap.nanos()),
+            used_pct: percent(spent, self.cap.load(Ordering::Acquire)),
         }
     }
 
@@ -194,13 +215,14 @@ impl Budget {
 
     pub fn snapshot(&self, now_ms: i64) -> BudgetSnapshot {
         self.roll(now_ms);
+        let cap = self.cap.load(Ordering::Acquire);
         let committed = self.committed.load(Ordering::Acquire);
         let spent = self.spent.load(Ordering::Acquire);
         BudgetSnapshot {
-            budget_usd: self.cap,
+            budget_usd: Money(cap),
             spend_usd: Money(spent),
             reserved_usd: Money(committed - spent),
-            remaining_usd: Money(self.cap.nanos() - committed).max(Money::ZERO),
+            remaining_usd: Money(cap.saturating_sub(committed)).max(Money::ZERO),
             period_start_ms: self.period_start_ms.load(Ordering::Acquire),
             resets_at_ms: self.period.reset_ms(now_ms),
         }
@@ -278,6 +300,17 @@ mod tests {
         assert_eq!(settled.overshoot, Money(700));
         assert_eq!(settled.used_pct, 120);
         assert!(budget.reserve(Money(1), now).is_err());
+    }
+
+    #[test]
+    fn a_negative_charge_lowers_spend() {
+        let budget = Budget::new(Money(1_000), BudgetPeriod::Total, Money(500), 0);
+        budget.reserve(Money(100), 0).unwrap();
+        budget.settle(Money(100), Money(-40), 0);
+        let snapshot = budget.snapshot(0);
+        assert_eq!(snapshot.spend_usd, Money(460));
+        assert_eq!(snapshot.reserved_usd, Money::ZERO);
+        assert_eq!(snapshot.remaining_usd, Money(540));
     }
 
     #[test]

@@ -41,6 +41,17 @@ impl Gcra {
         self.per_minute
     }
 
+    /// A new limit that starts with this one's use of the last minute, so changing a key's
+    /// limit neither forgives nor doubles what it already took.
+    pub fn resized(&self, per_minute: u64, now_us: i64) -> Gcra {
+        let resized = Gcra::per_minute(per_minute);
+        let used_us = (self.tat_us.load(Ordering::Acquire) - now_us).max(0);
+        let used_units = used_us as f64 / self.interval_us;
+        let carried_us = (used_units * resized.interval_us).ceil() as i64;
+        resized.tat_us.store(now_us + carried_us, Ordering::Release);
+        resized
+    }
+
     fn cost_us(&self, units: u64) -> i64 {
         (self.interval_us * units as f64).ceil() as i64
     }
@@ -142,6 +153,18 @@ mod tests {
         let snapshot = limit.acquire(300, now).unwrap();
         assert_eq!(snapshot.remaining, 400);
         assert_eq!(limit.acquire(5_000, now), Err(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_resized_limit_keeps_what_was_used() {
+        let now = 90 * SECOND;
+        let limit = Gcra::per_minute(100);
+        limit.acquire(50, now).unwrap();
+        let doubled = limit.resized(200, now);
+        assert_eq!(doubled.snapshot(now).remaining, 150);
+        let halved = limit.resized(50, now);
+        assert_eq!(halved.snapshot(now).remaining, 0);
+        assert!(halved.acquire(1, now).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 pub mod budget;
 pub mod gcra;
 
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,19 +83,31 @@ pub struct Demand {
     pub cost: Money,
 }
 
+/// A key's limits. The counters are shared `Arc`s so that changing a key's limits keeps what
+/// its requests already took, and requests admitted before the change settle into the same
+/// counters as those admitted after it.
 struct KeyState {
-    rpm: Option<Gcra>,
-    tpm: Option<Gcra>,
-    concurrency: Option<(u32, AtomicU32)>,
-    budget: Option<Budget>,
-    /// Alert thresholds already announced this period (bit i = threshold i), and the period.
-    alerted: AtomicU64,
-    alerted_period_ms: AtomicI64,
+    rpm: Option<Arc<Gcra>>,
+    tpm: Option<Arc<Gcra>>,
+    max_concurrency: Option<u32>,
+    /// Counted with or without a limit, so that a limit set later starts from the truth.
+    in_flight: Arc<AtomicU32>,
+    budget: Option<Arc<Budget>>,
 }
 
 struct ModelState {
-    rpm: Option<Gcra>,
-    tpm: Option<Gcra>,
+    rpm: Option<Arc<Gcra>>,
+    tpm: Option<Arc<Gcra>>,
+}
+
+/// The throttle for a (possibly changed) per-minute limit, keeping the old one's use.
+fn carried(old: Option<&Arc<Gcra>>, per_minute: Option<u64>, now_us: i64) -> Option<Arc<Gcra>> {
+    let per_minute = per_minute?.max(1);
+    Some(match old {
+        Some(old) if old.limit() == per_minute => old.clone(),
+        Some(old) => Arc::new(old.resized(per_minute, now_us)),
+        None => Arc::new(Gcra::per_minute(per_minute)),
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,53 +276,72 @@ impl Limiter {
         self.clock.as_ref()
     }
 
-    /// Installs or replaces a key's limits. `spent` is the spend of the current period (from
-    /// the ledger at start-up, or carried over from the replaced state on an update).
+    /// Installs a key's limits, or changes them keeping its live counters: throttles keep
+    /// their last minute's use, requests in flight stay counted, and a budget over the same
+    /// period keeps its spend and reservations. `spent` is the period's spend from the ledger;
+    /// it is needed at start-up and when the budget period changes, and replaces the live
+    /// budget when given.
     pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
-        let now_ms = self.clock.now_ms();
-        let carried = self
-            .keys
-            .get(id)
-            .and_then(|old| old.budget.as_ref().map(|b| b.snapshot(now_ms).spend_usd));
-        let spent = spent.or(carried).unwrap_or(Money::ZERO);
+        let now_us = self.clock.now_us();
+        let now_ms = now_us / 1_000;
+        let old = self.keys.get(id).map(|entry| entry.value().clone());
+        let old = old.as_deref();
+        let budget =
+            limits.budget.map(
+                |(cap, period)| match (spent, old.and_then(|o| o.budget.as_ref())) {
+                    (None, Some(live)) if live.period() == period => {
+                        live.set_cap(cap);
+                        live.clone()
+                    }
+                    _ => Arc::new(Budget::new(
+                        cap,
+                        period,
+                        spent.unwrap_or(Money::ZERO),
+                        now_ms,
+                    )),
+                },
+            );
         let state = KeyState {
-            rpm: limits.rpm.map(|n| Gcra::per_minute(u64::from(n))),
-            tpm: limits.tpm.map(Gcra::per_minute),
-            concurrency: limits.max_concurrency.map(|n| (n, AtomicU32::new(0))),
-            budget: limits
-                .budget
-                .map(|(cap, period)| Budget::new(cap, period, spent, now_ms)),
-            alerted: AtomicU64::new(0),
-            alerted_period_ms: AtomicI64::new(0),
+            rpm: carried(
+                old.and_then(|o| o.rpm.as_ref()),
+                limits.rpm.map(u64::from),
+                now_us,
+            ),
+            tpm: carried(old.and_then(|o| o.tpm.as_ref()), limits.tpm, now_us),
+            max_concurrency: limits.max_concurrency,
+            in_flight: old.map_or_else(Arc::default, |o| o.in_flight.clone()),
+            budget,
         };
         self.keys.insert(id.to_owned(), Arc::new(state));
+    }
+
+    /// The period of a key's live budget, to tell whether a change needs the ledger's spend.
+    pub fn budget_period(&self, key_id: &str) -> Option<BudgetPeriod> {
+        let state = self.keys.get(key_id)?;
+        state.budget.as_ref().map(|b| b.period())
     }
 
     pub fn remove_key(&self, id: &str) {
         self.keys.remove(id);
     }
 
+    /// Sets a model's throttles; a reload that leaves them unchanged keeps their state.
     pub fn set_model(&self, name: &str, rpm: Option<u32>, tpm: Option<u64>) {
         if rpm.is_none() && tpm.is_none() {
             self.models.remove(name);
             return;
         }
-        self.models.insert(
-            name.to_owned(),
-            Arc::new(ModelState {
-                rpm: rpm.map(|n| Gcra::per_minute(u64::from(n))),
-                tpm: tpm.map(Gcra::per_minute),
-            }),
-        );
-    }
-
-    /// Charges a cost that had no reservation (an outcome reported after the fact).
-    pub fn charge(&self, key_id: &str, cost: Money) {
-        let now_ms = self.clock.now_ms();
-        let state = self.keys.get(key_id).map(|entry| entry.value().clone());
-        if let Some(budget) = state.as_ref().and_then(|s| s.budget.as_ref()) {
-            budget.settle(Money::ZERO, cost, now_ms);
-        }
+        let now_us = self.clock.now_us();
+        let old = self.models.get(name).map(|entry| entry.value().clone());
+        let state = ModelState {
+            rpm: carried(
+                old.as_ref().and_then(|o| o.rpm.as_ref()),
+                rpm.map(u64::from),
+                now_us,
+            ),
+            tpm: carried(old.as_ref().and_then(|o| o.tpm.as_ref()), tpm, now_us),
+        };
+        self.models.insert(name.to_owned(), Arc::new(state));
     }
 
     pub fn budget(&self, key_id: &str) -> Option<BudgetSnapshot> {
@@ -358,7 +389,7 @@ impl Limiter {
         let now_us = self.clock.now_us();
         let key = self.keys.get(key_id).map(|entry| entry.value().clone());
         let model_state = self.models.get(model).map(|entry| entry.value().clone());
-        let snapshot = |limit: Option<&Gcra>| limit.map(|limit| limit.snapshot(now_us));
+        let snapshot = |limit: Option<&Arc<Gcra>>| limit.map(|limit| limit.snapshot(now_us));
         RateLimitHeaders {
             requests: tighter(
                 key.as_ref().and_then(|k| snapshot(k.rpm.as_ref())),
@@ -379,17 +410,16 @@ impl Limiter {
         now_us: i64,
     ) -> Result<(), Refusal> {
         if let Some(key) = key {
-            if let Some((limit, in_flight)) = &key.concurrency {
-                if in_flight.fetch_add(1, Ordering::AcqRel) >= *limit {
-                    in_flight.fetch_sub(1, Ordering::AcqRel);
-                    return Err(Refusal::RateLimited {
-                        limit_kind: "requests",
-                        scope: "concurrency",
-                        retry_after: Duration::from_secs(1),
-                    });
-                }
-                ticket.holds_slot = true;
+            let before = key.in_flight.fetch_add(1, Ordering::AcqRel);
+            if key.max_concurrency.is_some_and(|limit| before >= limit) {
+                key.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::RateLimited {
+                    limit_kind: "requests",
+                    scope: "concurrency",
+                    retry_after: Duration::from_secs(1),
+                });
             }
+            ticket.holds_slot = true;
             if let Some(rpm) = &key.rpm {
                 let snapshot = throttle(rpm, 1, now_us, "requests", "key")?;
                 ticket.requests_taken.0 = true;
@@ -445,12 +475,10 @@ impl Limiter {
             if let Some(budget) = &key.budget {
                 let settled = budget.settle(ticket.reserved, cost, now_ms);
                 settlement.overshoot = settled.overshoot;
-                settlement.alerts = self.crossings(&key, budget, settled.used_pct, now_ms);
+                settlement.alerts = self.crossings(budget, settled.used_pct, now_ms);
             }
             if ticket.holds_slot {
-                if let Some((_, in_flight)) = &key.concurrency {
-                    in_flight.fetch_sub(1, Ordering::AcqRel);
-                }
+                key.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
         if let Some(model) = ticket.model.take() {
@@ -462,30 +490,23 @@ impl Limiter {
     }
 
     /// Thresholds newly crossed this period; each is reported once per period.
-    fn crossings(
-        &self,
-        key: &KeyState,
-        budget: &Budget,
-        used_pct: u64,
-        now_ms: i64,
-    ) -> Vec<AlertCrossing> {
-        let period = budget.period().start_ms(now_ms);
-        if key.alerted_period_ms.swap(period, Ordering::AcqRel) != period {
-            key.alerted.store(0, Ordering::Release);
-        }
-        let mut crossed = Vec::new();
-        for (bit, threshold) in self.alert_thresholds_pct.iter().enumerate() {
-            if used_pct >= u64::from(*threshold) {
-                let mask = 1u64 << bit;
-                if key.alerted.fetch_or(mask, Ordering::AcqRel) & mask == 0 {
-                    crossed.push(AlertCrossing {
-                        threshold_pct: *threshold,
-                        used_pct,
-                    });
-                }
-            }
-        }
-        crossed
+    fn crossings(&self, budget: &Budget, used_pct: u64, now_ms: i64) -> Vec<AlertCrossing> {
+        let reached = self
+            .alert_thresholds_pct
+            .iter()
+            .enumerate()
+            .filter(|(_, threshold)| used_pct >= u64::from(**threshold))
+            .fold(0u64, |mask, (bit, _)| mask | 1 << bit);
+        let first = budget.first_crossings(reached, now_ms);
+        self.alert_thresholds_pct
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| first & (1 << bit) != 0)
+            .map(|(_, threshold)| AlertCrossing {
+                threshold_pct: *threshold,
+                used_pct,
+            })
+            .collect()
     }
 }
 
@@ -529,9 +550,7 @@ impl Drop for Ticket {
                 budget.release(self.reserved);
             }
             if self.holds_slot {
-                if let Some((_, in_flight)) = &key.concurrency {
-                    in_flight.fetch_sub(1, Ordering::AcqRel);
-                }
+                key.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
         if let Some(model) = &self.model {
@@ -624,6 +643,49 @@ mod tests {
         let ticket = limiter.admit("k", "m", demand(100, Money(10))).unwrap();
         drop(ticket);
         assert!(limiter.admit("k", "m", demand(100, Money(10))).is_ok());
+    }
+
+    #[test]
+    fn changing_a_keys_limits_keeps_what_its_requests_took() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock);
+        let mut limits = KeyLimits {
+            rpm: Some(10),
+            max_concurrency: Some(1),
+            budget: Some((Money(100), BudgetPeriod::Day)),
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        let before = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
+        limits.max_concurrency = Some(2);
+        limits.rpm = Some(20);
+        limits.budget = Some((Money(150), BudgetPeriod::Day));
+        limiter.upsert_key("k", &limits, None);
+        let after = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
+        assert_eq!(after.headers().requests.unwrap().remaining, 18);
+        let busy = limiter.admit("k", "m", demand(0, Money(0)));
+        assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
+        limiter.settle(before, 0, Money(50));
+        let budget = limiter.budget("k").unwrap();
+        assert_eq!(budget.spend_usd, Money(50));
+        assert_eq!(budget.reserved_usd, Money(60));
+        assert_eq!(budget.remaining_usd, Money(40));
+        drop(after);
+        limits.budget = Some((Money(150), BudgetPeriod::Month));
+        limiter.upsert_key("k", &limits, Some(Money(7)));
+        assert_eq!(limiter.budget("k").unwrap().spend_usd, Money(7));
+        assert_eq!(limiter.budget_period("k"), Some(BudgetPeriod::Month));
+    }
+
+    #[test]
+    fn a_reload_keeps_model_throttles() {
+        let clock = Arc::new(ManualClock::at_ms(0));
+        let limiter = limiter(clock);
+        limiter.set_model("gpt", Some(1), None);
+        assert!(limiter.admit("a", "gpt", Demand::default()).is_ok());
+        limiter.set_model("gpt", Some(1), None);
+        let refused = limiter.admit("a", "gpt", Demand::default()).err().unwrap();
+        assert_eq!(refused.reason(), "model_rpm");
     }
 
     #[test]
