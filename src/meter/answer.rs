@@ -61,6 +61,7 @@ pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
 struct WireUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
     prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
@@ -76,10 +77,16 @@ impl<'a> Answer<'a> {
     }
 
     /// The upstream's own usage figures, when it reported them, each held to
-    /// [`MAX_REPORTED_TOKENS`] and cached input to at most the input.
+    /// [`MAX_REPORTED_TOKENS`] and cached input to at most the input. Output is
+    /// `completion_tokens`, or `total_tokens` less the prompt (embeddings send only those); a
+    /// usage object that gives neither is not believed, and the gateway's own count is billed.
     pub fn usage(&self) -> Option<TokenUsage> {
         let usage = self.usage.as_ref()?;
-        let input = usage.prompt_tokens?.min(MAX_REPORTED_TOKENS);
+        let prompt = usage.prompt_tokens?;
+        let output = usage
+            .completion_tokens
+            .or_else(|| usage.total_tokens.map(|total| total.saturating_sub(prompt)))?;
+        let input = prompt.min(MAX_REPORTED_TOKENS);
         Some(TokenUsage {
             input,
             cached_input: usage
@@ -88,10 +95,7 @@ impl<'a> Answer<'a> {
                 .and_then(|details| details.cached_tokens)
                 .unwrap_or(0)
                 .min(input),
-            output: usage
-                .completion_tokens
-                .unwrap_or(0)
-                .min(MAX_REPORTED_TOKENS),
+            output: output.min(MAX_REPORTED_TOKENS),
         })
     }
 
@@ -135,7 +139,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn absurd_reported_usage_is_held_to_a_bound() {
+    fn reported_usage_is_bounded_and_believed_only_when_it_gives_output() {
         let body = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":100000000000000000,"prompt_tokens_details":{"cached_tokens":18446744073709551615}}}"#;
         let usage = Answer::parse(body).unwrap().usage().unwrap();
         assert_eq!(
@@ -146,6 +150,11 @@ mod tests {
                 output: MAX_REPORTED_TOKENS,
             }
         );
+        let partial = br#"{"usage":{"prompt_tokens":10}}"#;
+        assert_eq!(Answer::parse(partial).unwrap().usage(), None);
+        let embedding = br#"{"usage":{"prompt_tokens":10,"total_tokens":10}}"#;
+        let usage = Answer::parse(embedding).unwrap().usage().unwrap();
+        assert_eq!((usage.input, usage.output), (10, 0));
         let cached_over_input = br#"{"usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":64}}}"#;
         let usage = Answer::parse(cached_over_input).unwrap().usage().unwrap();
         assert_eq!((usage.input, usage.cached_input, usage.output), (10, 10, 2));
