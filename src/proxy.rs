@@ -164,7 +164,7 @@ async fn proxy(
         policy: &config.retry,
         metrics: &exchange.app.metrics,
     };
-    let forwarded = upstream::forward(&candidates, &attempt, &mut exchange.attempts).await?;
+    let forwarded = upstream::forward(&candidates, &attempt, &mut exchange.progress).await?;
     exchange.model = Some(forwarded.model);
 
     if !forwarded.response.status().is_success() {
@@ -183,12 +183,17 @@ async fn proxy(
 
 impl Drop for Exchange {
     /// The client went away while its request was in the gateway (the server dropped the
-    /// handler): once forwarded, the provider bills the prompt whether or not anyone reads the
-    /// answer, so the request is recorded and its prompt billed as counted.
+    /// handler): a provider holding the prompt bills it whether or not anyone reads the answer,
+    /// so the request is recorded and that prompt billed as counted, at that model's prices.
     fn drop(&mut self) {
         if !self.settled && self.key.is_some() {
+            let billing = self.progress.billing.take();
+            let answered = billing.is_some();
+            if billing.is_some() {
+                self.model = billing;
+            }
             self.settle(Ending {
-                answered: self.attempts > 0,
+                answered,
                 status: 499,
                 outcome: Outcome::ClientDisconnected,
                 reported: None,
@@ -404,7 +409,7 @@ struct Exchange {
     model: Option<Arc<Model>>,
     route_rule: String,
     counted: TokenUsage,
-    attempts: u32,
+    progress: upstream::Progress,
     settled: bool,
 }
 
@@ -442,7 +447,7 @@ impl Exchange {
             model: None,
             route_rule: String::new(),
             counted: TokenUsage::default(),
-            attempts: 0,
+            progress: upstream::Progress::default(),
             settled: false,
         }
     }
@@ -465,7 +470,7 @@ impl Exchange {
             model: self.model.clone(),
             route_rule: std::mem::take(&mut self.route_rule),
             counted: self.counted,
-            attempts: self.attempts,
+            progress: std::mem::take(&mut self.progress),
             settled: false,
         };
         self.settled = true;
@@ -938,7 +943,7 @@ impl Exchange {
             finish_reason: ending.finish_reason,
             reported: ending.reported,
             counted: self.counted,
-            attempts: self.attempts,
+            attempts: self.progress.attempts,
             answered: ending.answered,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             ttft_ms: ending

@@ -72,13 +72,23 @@ pub struct Attempt<'a> {
     pub metrics: &'a Metrics,
 }
 
-/// Tries `candidates` in order. `attempts` counts every request sent, for the usage record.
-/// On exhaustion the last upstream error status is returned as the answer (it passes through
+/// How far forwarding got, kept by the caller so that a request abandoned part-way (the client
+/// left) is recorded truthfully.
+#[derive(Default)]
+pub struct Progress {
+    /// Every request sent, for the usage record.
+    pub attempts: u32,
+    /// The model whose provider holds the prompt and will bill it: set while a request is out
+    /// and after a success status, cleared when an attempt fails (providers bill no errors).
+    pub billing: Option<Arc<Model>>,
+}
+
+/// Tries `candidates` in order, noting its progress in `progress`. On exhaustion the last upstream error status is returned as the answer (it passes through
 /// to the client), or the last gateway error when no upstream ever answered.
 pub async fn forward(
     candidates: &[Arc<Model>],
     attempt: &Attempt<'_>,
-    attempts: &mut u32,
+    progress: &mut Progress,
 ) -> Result<Forwarded, GatewayError> {
     let deadline = Instant::now() + attempt.policy.budget;
     let mut last: Result<Forwarded, GatewayError> = Err(GatewayError::UpstreamUnreachable(
@@ -100,10 +110,11 @@ pub async fn forward(
             attempt.stream,
         )?;
         for try_on_model in 0..attempt.policy.attempts_per_model {
-            if *attempts >= attempt.policy.max_attempts {
+            if progress.attempts >= attempt.policy.max_attempts {
                 break 'models;
             }
-            *attempts += 1;
+            progress.attempts += 1;
+            progress.billing = Some(model.clone());
             let result = send(
                 model,
                 attempt.endpoint,
@@ -112,6 +123,9 @@ pub async fn forward(
                 attempt.metrics,
             )
             .await;
+            if !result.as_ref().is_ok_and(|r| r.status().is_success()) {
+                progress.billing = None;
+            }
             let retry_after = match &result {
                 Ok(response) if !retryable_status(response.status().as_u16()) => {
                     return result.map(|response| Forwarded {

@@ -524,6 +524,37 @@ async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
     assert_eq!(record.charge.nanos(), 150 * record.counted.input as i64);
 }
 
+/// A client that leaves while the gateway waits to retry a provider's 429 owes nothing: the
+/// provider billed no prompt for its refusal.
+#[tokio::test]
+async fn a_client_that_leaves_during_a_retry_wait_is_not_billed() {
+    let mut gw = Harness::start().await;
+    let mut body = hello("gpt-4o-mini");
+    body["mock"] = json!({"fail": "429", "retry_after": 1});
+    let gave_up = gw
+        .post("/v1/chat/completions")
+        .json(&body)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    for _ in 0..200 {
+        if !gw.usage_records(1).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.stop().await;
+    let records = gw.usage_records(1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record.outcome, Outcome::ClientDisconnected);
+    assert_eq!(record.attempts, 1);
+    assert!(record.counted.input > 0);
+    assert_eq!(record.billed().input, 0);
+    assert_eq!(record.charge.nanos(), 0);
+}
+
 #[tokio::test]
 async fn an_adversarial_prompt_does_not_stall_the_gateway() {
     let mut gw = Harness::start().await;
