@@ -131,7 +131,7 @@ impl App {
         let Some(snapshot) = self.limiter.budget(&record.id) else {
             return serde_json::Value::Null;
         };
-        let capped = snapshot.budget_usd.nanos() != i64::MAX;
+        let capped = snapshot.budget_usd != crate::limits::UNCAPPED;
         serde_json::json!({
             "budget_usd": capped.then_some(snapshot.budget_usd),
             "spend_usd": snapshot.spend_usd,
@@ -149,7 +149,7 @@ pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
     let budget = match (record.budget_usd, plan_cap) {
         (Some(cap), _) => (cap, record.budget_period),
         (None, Some(pack)) => (pack, BudgetPeriod::Month),
-        (None, None) => (Money(i64::MAX), record.budget_period),
+        (None, None) => (crate::limits::UNCAPPED, record.budget_period),
     };
     KeyLimits {
         rpm: record.rpm,

@@ -767,7 +767,7 @@ impl Exchange {
                 .key_spend_usd
                 .with_label_values(&label)
                 .set(budget.spend_usd.as_f64_usd());
-            if budget.budget_usd.nanos() != i64::MAX {
+            if budget.budget_usd != crate::limits::UNCAPPED {
                 metrics
                     .key_budget_remaining_usd
                     .with_label_values(&label)

@@ -136,7 +136,15 @@ async fn the_larger_output_limit_is_reserved() {
         429,
         "21 + 100 × 10 tokens exceed 1,000 per minute"
     );
+    let mut body = request(16);
+    body["max_tokens"] = json!(1e300);
+    let response = send_as(&gw, &key, &body).await;
+    assert_eq!(response.status(), 429);
     assert_eq!(gw.mock.stats().requests, 0);
+    // None of the refused demands took anything: the whole minute is still there.
+    let response = send_as(&gw, &key, &request(16)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ratelimit-remaining-tokens"], "963");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

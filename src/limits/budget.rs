@@ -77,6 +77,9 @@ fn midnight_ms(day: NaiveDate) -> i64 {
     })
 }
 
+/// The cap of a key without one: its spend is tracked, nothing is reserved or refused.
+pub const UNCAPPED: Money = Money(i64::MAX);
+
 /// A key's live budget. All amounts in nano-dollars.
 #[derive(Debug)]
 pub struct Budget {
@@ -169,10 +172,15 @@ impl Budget {
         }
     }
 
-    pub fn reserve(&self, amount: Money, now_ms: i64) -> Result<(), BudgetExceeded> {
+    /// Reserves `amount` and returns what was reserved: nothing under no cap (whose spend is
+    /// tracked, not limited), so that an absurd worst case cannot saturate the sum.
+    pub fn reserve(&self, amount: Money, now_ms: i64) -> Result<Money, BudgetExceeded> {
         self.roll(now_ms);
-        let amount = amount.nanos().max(0);
         let cap = self.cap.load(Ordering::Acquire);
+        if cap == UNCAPPED.nanos() {
+            return Ok(Money::ZERO);
+        }
+        let amount = amount.nanos().max(0);
         let mut committed = self.committed.load(Ordering::Acquire);
         loop {
             let after = committed.saturating_add(amount);
@@ -188,7 +196,7 @@ impl Budget {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(Money(amount)),
                 Err(actual) => committed = actual,
             }
         }
@@ -300,6 +308,16 @@ mod tests {
         assert_eq!(settled.overshoot, Money(700));
         assert_eq!(settled.used_pct, 120);
         assert!(budget.reserve(Money(1), now).is_err());
+    }
+
+    #[test]
+    fn no_cap_reserves_nothing_so_a_cap_set_later_starts_true() {
+        let budget = Budget::new(UNCAPPED, BudgetPeriod::Total, Money(5), 0);
+        assert_eq!(budget.reserve(Money(i64::MAX), 0), Ok(Money::ZERO));
+        assert_eq!(budget.reserve(Money(10), 0), Ok(Money::ZERO));
+        budget.set_cap(Money(100));
+        assert_eq!(budget.reserve(Money(95), 0), Ok(Money(95)));
+        assert!(budget.reserve(Money(1), 0).is_err());
     }
 
     #[test]

@@ -52,6 +52,7 @@ impl Gcra {
         resized
     }
 
+    /// Saturates (a float-to-int cast does) rather than wrapping for absurd unit counts.
     fn cost_us(&self, units: u64) -> i64 {
         (self.interval_us * units as f64).ceil() as i64
     }
@@ -59,18 +60,16 @@ impl Gcra {
     /// Takes `units` now, or says how long until they would fit. A request larger than the
     /// whole limit can never fit; it is refused with a full window as its wait.
     pub fn acquire(&self, units: u64, now_us: i64) -> Result<Snapshot, Duration> {
+        if units > self.per_minute {
+            return Err(Duration::from_micros(WINDOW_US as u64));
+        }
         let cost = self.cost_us(units);
         let mut current = self.tat_us.load(Ordering::Acquire);
         loop {
-            let new_tat = current.max(now_us) + cost;
+            let new_tat = current.max(now_us).saturating_add(cost);
             let ahead = new_tat - now_us;
             if ahead > WINDOW_US {
-                let wait = if cost > WINDOW_US {
-                    WINDOW_US
-                } else {
-                    ahead - WINDOW_US
-                };
-                return Err(Duration::from_micros(wait.max(1) as u64));
+                return Err(Duration::from_micros((ahead - WINDOW_US).max(1) as u64));
             }
             match self.tat_us.compare_exchange_weak(
                 current,
@@ -95,7 +94,7 @@ impl Gcra {
         let cost = self.cost_us(units);
         let mut current = self.tat_us.load(Ordering::Acquire);
         loop {
-            let new_tat = current.max(now_us) + cost;
+            let new_tat = current.max(now_us).saturating_add(cost);
             match self.tat_us.compare_exchange_weak(
                 current,
                 new_tat,
@@ -153,6 +152,17 @@ mod tests {
         let snapshot = limit.acquire(300, now).unwrap();
         assert_eq!(snapshot.remaining, 400);
         assert_eq!(limit.acquire(5_000, now), Err(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn an_absurd_demand_is_refused_and_leaves_the_limit_whole() {
+        let limit = Gcra::per_minute(1_000);
+        let now = 50 * SECOND;
+        limit.acquire(900, now).unwrap();
+        assert_eq!(limit.acquire(u64::MAX, now), Err(Duration::from_secs(60)));
+        assert!(limit.acquire(101, now).is_err());
+        limit.charge(u64::MAX, now);
+        assert!(limit.acquire(1, now + 3_600 * SECOND).is_err());
     }
 
     #[test]

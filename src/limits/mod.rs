@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use dashmap::DashMap;
 
-pub use budget::{Budget, BudgetPeriod, BudgetSnapshot};
+pub use budget::{Budget, BudgetPeriod, BudgetSnapshot, UNCAPPED};
 use gcra::{Gcra, Snapshot};
 
 use crate::money::Money;
@@ -444,13 +444,12 @@ impl Limiter {
             }
         }
         if let Some(budget) = key.and_then(|k| k.budget.as_ref()) {
-            budget
+            ticket.reserved = budget
                 .reserve(demand.cost, now_us / 1_000)
                 .map_err(|exceeded| Refusal::InsufficientQuota {
                     remaining: exceeded.remaining,
                     needed: exceeded.needed,
                 })?;
-            ticket.reserved = demand.cost;
         }
         Ok(())
     }

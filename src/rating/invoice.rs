@@ -27,7 +27,12 @@ fn line(description: String, quantity: Value, unit: Option<Money>, amount: Money
 
 /// Micro-credits as a JSON decimal number of credits.
 fn credits(micro: u64) -> Value {
-    let text = Money(i64::try_from(micro).unwrap_or(i64::MAX) * 1_000).to_usd_string();
+    let text = Money(
+        i64::try_from(micro)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000),
+    )
+    .to_usd_string();
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
