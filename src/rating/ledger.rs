@@ -99,13 +99,26 @@ fn day_of(ms: i64) -> String {
 const MIGRATIONS: &[&str] = &[
     // Before this, a client's own `x-request-id` was the ledger's unique key.
     "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
-    // Before this, a refused request's counted prompt stood in the billed token columns.
-    "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1",
+    // Before this, a refused or failed request's counted prompt stood in the billed token
+    // columns (its charge was zero all the same, and the provider had billed nothing).
+    "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
+     UPDATE usage SET answered = 0, input_tokens = 0, cached_input_tokens = 0, output_tokens = 0
+         WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
-/// writer and a reader opening at once cannot both migrate.
+/// writer and a reader opening at once cannot both migrate. An up-to-date ledger is only read:
+/// readers must not take the write lock from the usage writer.
 fn prepare_schema(connection: &mut Connection) -> Result<(), LedgerError> {
+    let version = connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?;
+    let has_usage: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage')",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_usage && version == MIGRATIONS.len() as i64 {
+        return Ok(());
+    }
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let existed: bool = transaction.query_row(
@@ -642,7 +655,18 @@ mod tests {
     fn a_ledger_from_an_earlier_version_is_migrated() {
         let dir = std::env::temp_dir().join(format!("tollgate-migrate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        drop(LedgerWriter::open(&dir, Durability::Batched).unwrap());
+        let mut refused = record("req_refused", None);
+        refused.status = 429;
+        refused.outcome = Outcome::Rejected;
+        refused.charge = Money::ZERO;
+        refused.list_cost = Money::ZERO;
+        refused.micro_credits = 0;
+        // Written as the earlier version did: answered, its counted prompt in the billed columns.
+        let mut earlier = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        earlier
+            .write_batch(&[MeterEvent::Usage(refused.clone())])
+            .unwrap();
+        drop(earlier);
         let old = Connection::open(dir.join(FILE)).unwrap();
         old.execute_batch(
             "ALTER TABLE usage DROP COLUMN answered;
@@ -656,7 +680,16 @@ mod tests {
         writer
             .write_batch(&[MeterEvent::Usage(written.clone())])
             .unwrap();
-        assert_eq!(LedgerReader::new(&dir).records().unwrap(), vec![written]);
+        refused.answered = false;
+        refused.client_request_id = None;
+        let reader = LedgerReader::new(&dir);
+        assert_eq!(reader.records().unwrap(), vec![written, refused]);
+        let cursor = reader.cursors(0).unwrap()["key_1"];
+        assert_eq!(
+            cursor.tokens,
+            12 + 7,
+            "the refused request's prompt is not in the totals"
+        );
         drop(writer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
