@@ -136,6 +136,11 @@ async fn an_unanswered_request_uses_no_allowance() {
     // request's 21 counted tokens must not have been taken from the allowance (after the
     // restart the month's totals are read back from the ledger).
     assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    assert_eq!(
+        gw.usage_records(3).await.len(),
+        3,
+        "the batched commit came"
+    );
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
     assert_eq!(invoice["used_tokens"], 74);

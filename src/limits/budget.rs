@@ -7,7 +7,7 @@
 //! Periods are UTC calendar periods (days, ISO weeks from Monday, months) or `total`. A cost
 //! is charged to the period in which its request settles.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,18 @@ pub enum BudgetPeriod {
     Total,
 }
 
+const PERIODS: [BudgetPeriod; 4] = [
+    BudgetPeriod::Day,
+    BudgetPeriod::Week,
+    BudgetPeriod::Month,
+    BudgetPeriod::Total,
+];
+
 impl BudgetPeriod {
+    fn index(self) -> u8 {
+        PERIODS.iter().position(|p| *p == self).unwrap_or(0) as u8
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             BudgetPeriod::Day => "day",
@@ -85,7 +96,8 @@ pub const UNCAPPED: Money = Money(i64::MAX);
 pub struct Budget {
     /// Nano-dollars; changed in place when an operator changes the cap.
     cap: AtomicI64,
-    period: BudgetPeriod,
+    /// A [`BudgetPeriod`] as its index in [`PERIODS`]; changed in place by [`Budget::rebase`].
+    period: AtomicU8,
     period_start_ms: AtomicI64,
     /// Spent this period plus everything reserved and not yet settled.
     committed: AtomicI64,
@@ -126,7 +138,7 @@ impl Budget {
     pub fn new(cap: Money, period: BudgetPeriod, spent: Money, now_ms: i64) -> Budget {
         Budget {
             cap: AtomicI64::new(cap.nanos()),
-            period,
+            period: AtomicU8::new(period.index()),
             period_start_ms: AtomicI64::new(period.start_ms(now_ms)),
             committed: AtomicI64::new(spent.nanos()),
             spent: AtomicI64::new(spent.nanos()),
@@ -143,9 +155,21 @@ impl Budget {
         }
     }
 
+    /// Moves the budget to another period, starting from that period's spend (read from the
+    /// ledger). Reservations in flight stay, and their requests settle here as before.
+    pub fn rebase(&self, period: BudgetPeriod, spent: Money, now_ms: i64) {
+        self.period.store(period.index(), Ordering::Release);
+        self.period_start_ms
+            .store(period.start_ms(now_ms), Ordering::Release);
+        let before = self.spent.swap(spent.nanos(), Ordering::AcqRel);
+        self.committed
+            .fetch_add(spent.nanos() - before, Ordering::AcqRel);
+        self.alerted.store(0, Ordering::Release);
+    }
+
     /// Marks thresholds (a bit mask) as announced this period; returns those that were not.
     pub fn first_crossings(&self, crossed: u64, now_ms: i64) -> u64 {
-        let period = self.period.start_ms(now_ms);
+        let period = self.period().start_ms(now_ms);
         if self.alerted_period_ms.swap(period, Ordering::AcqRel) != period {
             self.alerted.store(0, Ordering::Release);
         }
@@ -153,13 +177,13 @@ impl Budget {
     }
 
     pub fn period(&self) -> BudgetPeriod {
-        self.period
+        PERIODS[usize::from(self.period.load(Ordering::Acquire)) % PERIODS.len()]
     }
 
     /// Starts a new period when the clock has passed the reset. Reservations in flight stay
     /// reserved; only the spent part is forgotten.
     fn roll(&self, now_ms: i64) {
-        let start = self.period.start_ms(now_ms);
+        let start = self.period().start_ms(now_ms);
         let known = self.period_start_ms.load(Ordering::Acquire);
         if start > known
             && self
@@ -232,7 +256,7 @@ impl Budget {
             reserved_usd: Money(committed - spent),
             remaining_usd: Money(cap.saturating_sub(committed)).max(Money::ZERO),
             period_start_ms: self.period_start_ms.load(Ordering::Acquire),
-            resets_at_ms: self.period.reset_ms(now_ms),
+            resets_at_ms: self.period().reset_ms(now_ms),
         }
     }
 }

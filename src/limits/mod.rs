@@ -280,27 +280,30 @@ impl Limiter {
     /// their last minute's use, requests in flight stay counted, and a budget over the same
     /// period keeps its spend and reservations. `spent` is the period's spend from the ledger;
     /// it is needed at start-up and when the budget period changes, and replaces the live
-    /// budget when given.
+    /// spend when given (reservations in flight still stay).
     pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
         let now_us = self.clock.now_us();
         let now_ms = now_us / 1_000;
         let old = self.keys.get(id).map(|entry| entry.value().clone());
         let old = old.as_deref();
-        let budget =
-            limits.budget.map(
-                |(cap, period)| match (spent, old.and_then(|o| o.budget.as_ref())) {
-                    (None, Some(live)) if live.period() == period => {
-                        live.set_cap(cap);
-                        live.clone()
-                    }
-                    _ => Arc::new(Budget::new(
-                        cap,
-                        period,
-                        spent.unwrap_or(Money::ZERO),
-                        now_ms,
-                    )),
-                },
-            );
+        let live = old.and_then(|o| o.budget.as_ref());
+        let budget = limits.budget.map(|(cap, period)| match (spent, live) {
+            (None, Some(live)) if live.period() == period => {
+                live.set_cap(cap);
+                live.clone()
+            }
+            (Some(spent), Some(live)) => {
+                live.set_cap(cap);
+                live.rebase(period, spent, now_ms);
+                live.clone()
+            }
+            _ => Arc::new(Budget::new(
+                cap,
+                period,
+                spent.unwrap_or(Money::ZERO),
+                now_ms,
+            )),
+        });
         let state = KeyState {
             rpm: carried(
                 old.and_then(|o| o.rpm.as_ref()),
@@ -669,11 +672,16 @@ mod tests {
         assert_eq!(budget.spend_usd, Money(50));
         assert_eq!(budget.reserved_usd, Money(60));
         assert_eq!(budget.remaining_usd, Money(40));
-        drop(after);
         limits.budget = Some((Money(150), BudgetPeriod::Month));
         limiter.upsert_key("k", &limits, Some(Money(7)));
-        assert_eq!(limiter.budget("k").unwrap().spend_usd, Money(7));
         assert_eq!(limiter.budget_period("k"), Some(BudgetPeriod::Month));
+        let budget = limiter.budget("k").unwrap();
+        assert_eq!(budget.spend_usd, Money(7));
+        assert_eq!(budget.reserved_usd, Money(60), "still reserved for `after`");
+        limiter.settle(after, 0, Money(30));
+        let budget = limiter.budget("k").unwrap();
+        assert_eq!(budget.spend_usd, Money(37));
+        assert_eq!(budget.reserved_usd, Money::ZERO);
     }
 
     #[test]
