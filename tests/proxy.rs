@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{sse_data, Harness, PROVIDER_KEY};
 use serde_json::{json, Value};
-use tollgate::meter::record::Outcome;
+use tollgate::meter::record::{Outcome, UsageRecord};
 use tollgate::mock_upstream::MockOptions;
 
 fn hello(model: &str) -> Value {
@@ -490,13 +490,12 @@ async fn client_disconnect_cancels_upstream_and_is_metered() {
     );
 }
 
-/// A client that gives up on a whole-body answer while the provider is still working on it
-/// is billed for its prompt: the provider charges for it all the same.
-#[tokio::test]
-async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
+/// Sends a request the mock answers as `steer` says, gives up on it after 300 ms, and returns
+/// the one record the gateway wrote for it, with its outcome and status checked.
+async fn record_of_a_client_that_left(steer: Value) -> UsageRecord {
     let mut gw = Harness::start().await;
     let mut body = hello("gpt-4o-mini");
-    body["mock"] = json!({"fail": "hang"});
+    body["mock"] = steer;
     let gave_up = gw
         .post("/v1/chat/completions")
         .json(&body)
@@ -511,13 +510,21 @@ async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gw.stop().await;
-    let records = gw.usage_records(1).await;
+    let mut records = gw.usage_records(1).await;
     assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
+    let record = records.remove(0);
     assert_eq!(record.outcome, Outcome::ClientDisconnected);
     assert_eq!(record.status, 499);
     assert_eq!(record.attempts, 1);
     assert!(record.counted.input > 0);
+    record
+}
+
+/// A client that gives up on a whole-body answer while the provider is still working on it
+/// is billed for its prompt: the provider charges for it all the same.
+#[tokio::test]
+async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
+    let record = record_of_a_client_that_left(json!({"fail": "hang"})).await;
     assert_eq!(record.billed().input, record.counted.input);
     assert_eq!(record.billed().output, 0);
     // gpt-4o-mini's list price: $0.15 per 1M input tokens = 150 nano-dollars a token.
@@ -528,29 +535,7 @@ async fn a_client_that_leaves_before_a_whole_answer_is_billed_its_prompt() {
 /// provider billed no prompt for its refusal.
 #[tokio::test]
 async fn a_client_that_leaves_during_a_retry_wait_is_not_billed() {
-    let mut gw = Harness::start().await;
-    let mut body = hello("gpt-4o-mini");
-    body["mock"] = json!({"fail": "429", "retry_after": 1});
-    let gave_up = gw
-        .post("/v1/chat/completions")
-        .json(&body)
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await;
-    assert!(gave_up.unwrap_err().is_timeout());
-    for _ in 0..200 {
-        if !gw.usage_records(1).await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    gw.stop().await;
-    let records = gw.usage_records(1).await;
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
-    assert_eq!(record.outcome, Outcome::ClientDisconnected);
-    assert_eq!(record.attempts, 1);
-    assert!(record.counted.input > 0);
+    let record = record_of_a_client_that_left(json!({"fail": "429", "retry_after": 1})).await;
     assert_eq!(record.billed().input, 0);
     assert_eq!(record.charge.nanos(), 0);
 }
