@@ -4,18 +4,23 @@
 //! has no boundary bursts; unlike `governor` it supports weighted units, refunds (TPM is
 //! corrected when the real output is known) and reports remaining capacity for OpenAI's headers.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 const WINDOW_US: i64 = 60_000_000;
 
 #[derive(Debug)]
 pub struct Gcra {
-    per_minute: u64,
-    /// Microseconds per unit.
-    interval_us: f64,
+    /// Changed in place by [`Gcra::resize`], so that requests admitted under the old limit
+    /// refund into the same state.
+    per_minute: AtomicU64,
     /// Theoretical arrival time, in microseconds since the Unix epoch.
     tat_us: AtomicI64,
+}
+
+/// Microseconds per unit.
+fn interval_us(per_minute: u64) -> f64 {
+    WINDOW_US as f64 / per_minute as f64
 }
 
 /// The state of one limit, for the `x-ratelimit-*` headers.
@@ -29,38 +34,40 @@ pub struct Snapshot {
 
 impl Gcra {
     pub fn per_minute(per_minute: u64) -> Gcra {
-        let per_minute = per_minute.max(1);
         Gcra {
-            per_minute,
-            interval_us: WINDOW_US as f64 / per_minute as f64,
+            per_minute: AtomicU64::new(per_minute.max(1)),
             tat_us: AtomicI64::new(0),
         }
     }
 
     pub fn limit(&self) -> u64 {
-        self.per_minute
+        self.per_minute.load(Ordering::Acquire)
     }
 
-    /// A new limit that starts with this one's use of the last minute, so changing a key's
-    /// limit neither forgives nor doubles what it already took.
-    pub fn resized(&self, per_minute: u64, now_us: i64) -> Gcra {
-        let resized = Gcra::per_minute(per_minute);
+    /// Changes the limit keeping the last minute's use, so that changing a key's limit
+    /// neither forgives nor doubles what it already took.
+    pub fn resize(&self, per_minute: u64, now_us: i64) {
+        let per_minute = per_minute.max(1);
+        let before = self.per_minute.swap(per_minute, Ordering::AcqRel);
+        if before == per_minute {
+            return;
+        }
         let used_us = (self.tat_us.load(Ordering::Acquire) - now_us).max(0);
-        let used_units = used_us as f64 / self.interval_us;
-        let carried_us = (used_units * resized.interval_us).ceil() as i64;
-        resized.tat_us.store(now_us + carried_us, Ordering::Release);
-        resized
+        let used_units = used_us as f64 / interval_us(before);
+        let carried_us = (used_units * interval_us(per_minute)).ceil() as i64;
+        self.tat_us
+            .store(now_us.saturating_add(carried_us), Ordering::Release);
     }
 
     /// Saturates (a float-to-int cast does) rather than wrapping for absurd unit counts.
     fn cost_us(&self, units: u64) -> i64 {
-        (self.interval_us * units as f64).ceil() as i64
+        (interval_us(self.limit()) * units as f64).ceil() as i64
     }
 
     /// Takes `units` now, or says how long until they would fit. A request larger than the
     /// whole limit can never fit; it is refused with a full window as its wait.
     pub fn acquire(&self, units: u64, now_us: i64) -> Result<Snapshot, Duration> {
-        if units > self.per_minute {
+        if units > self.limit() {
             return Err(Duration::from_micros(WINDOW_US as u64));
         }
         let cost = self.cost_us(units);
@@ -113,10 +120,11 @@ impl Gcra {
 
     fn snapshot_at(&self, tat_us: i64, now_us: i64) -> Snapshot {
         let used_us = (tat_us - now_us).clamp(0, WINDOW_US);
-        let remaining = ((WINDOW_US - used_us) as f64 / self.interval_us).floor() as u64;
+        let limit = self.limit();
+        let remaining = ((WINDOW_US - used_us) as f64 / interval_us(limit)).floor() as u64;
         Snapshot {
-            limit: self.per_minute,
-            remaining: remaining.min(self.per_minute),
+            limit,
+            remaining: remaining.min(limit),
             reset: Duration::from_micros(used_us as u64),
         }
     }
@@ -170,11 +178,14 @@ mod tests {
         let now = 90 * SECOND;
         let limit = Gcra::per_minute(100);
         limit.acquire(50, now).unwrap();
-        let doubled = limit.resized(200, now);
-        assert_eq!(doubled.snapshot(now).remaining, 150);
-        let halved = limit.resized(50, now);
-        assert_eq!(halved.snapshot(now).remaining, 0);
-        assert!(halved.acquire(1, now).is_err());
+        limit.resize(200, now);
+        assert_eq!(limit.snapshot(now).remaining, 150);
+        limit.resize(50, now);
+        assert_eq!(limit.snapshot(now).remaining, 0);
+        assert!(limit.acquire(1, now).is_err());
+        // A request admitted before the change refunds what it did not use, in units.
+        limit.release(20);
+        assert_eq!(limit.snapshot(now).remaining, 20);
     }
 
     #[test]

@@ -100,12 +100,14 @@ struct ModelState {
     tpm: Option<Arc<Gcra>>,
 }
 
-/// The throttle for a (possibly changed) per-minute limit, keeping the old one's use.
+/// The throttle for a (possibly changed) per-minute limit: the live one, resized in place.
 fn carried(old: Option<&Arc<Gcra>>, per_minute: Option<u64>, now_us: i64) -> Option<Arc<Gcra>> {
-    let per_minute = per_minute?.max(1);
+    let per_minute = per_minute?;
     Some(match old {
-        Some(old) if old.limit() == per_minute => old.clone(),
-        Some(old) => Arc::new(old.resized(per_minute, now_us)),
+        Some(old) => {
+            old.resize(per_minute, now_us);
+            old.clone()
+        }
         None => Arc::new(Gcra::per_minute(per_minute)),
     })
 }
