@@ -164,7 +164,29 @@ async fn proxy(
         policy: &config.retry,
         metrics: &exchange.app.metrics,
     };
-    let forwarded = upstream::forward(&candidates, &attempt, &mut exchange.progress).await?;
+    let (app, ticket) = (&exchange.app, &mut exchange.ticket);
+    let mut admit_fallback = |model: &Model| {
+        let Some(ticket) = ticket.as_mut() else {
+            return true;
+        };
+        match app.limiter.fall_back_to(ticket, &model.name) {
+            Ok(()) => true,
+            Err(refusal) => {
+                app.metrics
+                    .rejections
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                false
+            }
+        }
+    };
+    let forwarded = upstream::forward(
+        &candidates,
+        &attempt,
+        &mut exchange.progress,
+        &mut admit_fallback,
+    )
+    .await?;
     exchange.model = Some(forwarded.model);
 
     if !forwarded.response.status().is_success() {

@@ -83,12 +83,15 @@ pub struct Progress {
     pub billing: Option<Arc<Model>>,
 }
 
-/// Tries `candidates` in order, noting its progress in `progress`. On exhaustion the last upstream error status is returned as the answer (it passes through
-/// to the client), or the last gateway error when no upstream ever answered.
+/// Tries `candidates` in order, noting its progress in `progress`; a fallback is tried only
+/// when `admit_fallback` lets it (its own throttles). On exhaustion the last upstream error
+/// status is returned as the answer (it passes through to the client), or the last gateway
+/// error when no upstream ever answered.
 pub async fn forward(
     candidates: &[Arc<Model>],
     attempt: &Attempt<'_>,
     progress: &mut Progress,
+    admit_fallback: &mut (dyn FnMut(&Model) -> bool + Send),
 ) -> Result<Forwarded, GatewayError> {
     let deadline = Instant::now() + attempt.policy.budget;
     let mut last: Result<Forwarded, GatewayError> = Err(GatewayError::UpstreamUnreachable(
@@ -96,6 +99,10 @@ pub async fn forward(
     ));
     'models: for (index, model) in candidates.iter().enumerate() {
         if index > 0 {
+            if !admit_fallback(model) {
+                tracing::warn!(model = %model.name, "fallback skipped: its throttle is full");
+                continue;
+            }
             tracing::warn!(model = %model.name, "falling back");
             attempt
                 .metrics

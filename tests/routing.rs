@@ -269,6 +269,44 @@ async fn a_hung_or_throttled_model_falls_back_too() {
 }
 
 #[tokio::test]
+async fn a_fallback_model_keeps_its_own_throttle() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flaky = MockUpstream::start(
+        listener,
+        MockOptions {
+            fail_rate: 1.0,
+            fail_mode: FailMode::Status(503),
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let extra = FALLBACK.replace("FLAKY_URL", &flaky.base_url()).replace(
+        "[router]",
+        "[models.\"backup\"]\nupstream = \"mock\"\ntier = \"frontier\"\nencoding = \"o200k_base\"\ninput_per_mtok = 1\noutput_per_mtok = 4\nrpm = 1\n\n[router]",
+    );
+    let extra = extra.replace(
+        "models = [{ model = \"gpt-4o-mini\" }]",
+        "models = [{ model = \"backup\" }]",
+    );
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let first = gw.chat(chat("hi")).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-tollgate-model"], "backup");
+    // The backup's one request a minute is spent: the flaky model's own answer stands.
+    let second = gw.chat(chat("hi")).await;
+    assert_eq!(second.status(), 503);
+    assert_eq!(gw.mock.stats().requests, 1, "the backup was asked once");
+    assert_eq!(flaky.stats().requests, 4);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_fallbacks_total{model=\"backup\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"model_rpm\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured() {
     let gw = Harness::start().await;
     let mut body = chat("hi");

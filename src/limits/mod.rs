@@ -367,6 +367,7 @@ impl Limiter {
             model: model_state.clone(),
             tokens: 0,
             model_tokens: 0,
+            demand_tokens: demand.tokens,
             reserved: Money::ZERO,
             holds_slot: false,
             requests_taken: (false, false),
@@ -459,6 +460,39 @@ impl Limiter {
         Ok(())
     }
 
+    /// Moves a ticket's model throttles to a fallback model before it is tried: its RPM and
+    /// TPM protect that provider's quota whichever way a request reaches it. The model that
+    /// failed keeps its request unit (a request did go out) but gives back its tokens, since a
+    /// failed attempt produces none. A refusal takes nothing, and the fallback is skipped.
+    pub fn fall_back_to(&self, ticket: &mut Ticket, model: &str) -> Result<(), Refusal> {
+        let now_us = self.clock.now_us();
+        let next = self.models.get(model).map(|entry| entry.value().clone());
+        let rpm = next.as_ref().and_then(|state| state.rpm.as_ref());
+        let tpm = next.as_ref().and_then(|state| state.tpm.as_ref());
+        if let Some(rpm) = rpm {
+            throttle(rpm, 1, now_us, "requests", "model")?;
+        }
+        if let Some(tpm) = tpm {
+            if let Err(refusal) = throttle(tpm, ticket.demand_tokens, now_us, "tokens", "model") {
+                if let Some(rpm) = rpm {
+                    rpm.release(1);
+                }
+                return Err(refusal);
+            }
+        }
+        let model_tokens = if tpm.is_some() {
+            ticket.demand_tokens
+        } else {
+            0
+        };
+        if let Some(tpm) = ticket.model.as_ref().and_then(|state| state.tpm.as_ref()) {
+            tpm.release(ticket.model_tokens);
+        }
+        ticket.model = next;
+        ticket.model_tokens = model_tokens;
+        Ok(())
+    }
+
     /// Replaces a ticket's reservations by what the request really used.
     pub fn settle(&self, mut ticket: Ticket, tokens: u64, cost: Money) -> Settlement {
         ticket.settled = true;
@@ -520,6 +554,8 @@ pub struct Ticket {
     model: Option<Arc<ModelState>>,
     tokens: u64,
     model_tokens: u64,
+    /// The tokens admitted, for a fallback model's own throttle.
+    demand_tokens: u64,
     reserved: Money,
     holds_slot: bool,
     /// Whether a key and a model request unit were taken (kept: the request happened).
@@ -631,6 +667,26 @@ mod tests {
         assert_eq!(budget.reserved_usd, Money::ZERO);
         let again = limiter.admit("k", "m", demand(600, Money(40))).unwrap();
         assert_eq!(again.headers().tokens.unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn a_fallback_moves_the_model_tokens_and_a_refusal_takes_nothing() {
+        let clock = Arc::new(ManualClock::at_ms(1_000_000));
+        let limiter = limiter(clock);
+        limiter.upsert_key("k", &KeyLimits::default(), None);
+        limiter.set_model("a", None, Some(1_000));
+        limiter.set_model("b", Some(1), Some(1_000));
+        let tokens_left = |model: &str| limiter.headers("k", model).tokens.unwrap().remaining;
+        let mut first = limiter.admit("k", "a", demand(600, Money::ZERO)).unwrap();
+        assert_eq!(tokens_left("a"), 400);
+        limiter.fall_back_to(&mut first, "b").unwrap();
+        assert_eq!((tokens_left("a"), tokens_left("b")), (1_000, 400));
+        let mut second = limiter.admit("k", "a", demand(300, Money::ZERO)).unwrap();
+        let refused = limiter.fall_back_to(&mut second, "b").unwrap_err();
+        assert_eq!(refused.reason(), "model_rpm");
+        assert_eq!((tokens_left("a"), tokens_left("b")), (700, 400));
+        limiter.settle(first, 100, Money::ZERO);
+        assert_eq!(tokens_left("b"), 900);
     }
 
     #[test]
