@@ -1155,26 +1155,26 @@ impl Stream for MeteredStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some((bytes, durable)) = &mut this.held {
-            // Strict durability: the last event waits for its record's commit, and is never
-            // sent when the record could not be committed (the client sees a cut stream).
-            let Poll::Ready(written) = Pin::new(durable).poll(cx) else {
-                return Poll::Pending;
-            };
-            let bytes = std::mem::take(bytes);
-            this.held = None;
-            if written.is_err() {
-                this.ended = true;
-                return Poll::Ready(Some(Err(std::io::Error::other(
-                    "the usage record could not be committed",
-                ))));
-            }
-            return Poll::Ready((!bytes.is_empty()).then_some(Ok(bytes)));
-        }
-        if this.ended {
-            return Poll::Ready(this.failure.take().map(Err));
-        }
         loop {
+            if let Some((bytes, durable)) = &mut this.held {
+                // Strict durability: the last event waits for its record's commit, and is never
+                // sent when the record could not be committed (the client sees a cut stream).
+                let Poll::Ready(written) = Pin::new(durable).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let bytes = std::mem::take(bytes);
+                this.held = None;
+                if written.is_err() {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "the usage record could not be committed",
+                    ))));
+                }
+                return Poll::Ready((!bytes.is_empty()).then_some(Ok(bytes)));
+            }
+            if this.ended {
+                return Poll::Ready(this.failure.take().map(Err));
+            }
             match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.idle_timeout;
@@ -1192,8 +1192,7 @@ impl Stream for MeteredStream {
                         let out = this.gathered.take();
                         if let Some(durable) = this.settle(Outcome::Completed, 200) {
                             this.held = Some((out, durable));
-                            cx.waker().wake_by_ref();
-                            return Poll::Pending;
+                            continue;
                         }
                         return Poll::Ready(Some(Ok(out)));
                     }
@@ -1219,8 +1218,7 @@ impl Stream for MeteredStream {
                     let durable = this.settle(Outcome::Completed, 200);
                     if let (true, Some(durable)) = (this.strict, durable) {
                         this.held = Some((out, durable));
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                        continue;
                     }
                     return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
                 }
