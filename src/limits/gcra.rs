@@ -7,7 +7,8 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-const WINDOW_US: i64 = 60_000_000;
+/// The span a per-minute limit looks back over.
+pub const WINDOW_US: i64 = 60_000_000;
 
 #[derive(Debug)]
 pub struct Gcra {

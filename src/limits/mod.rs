@@ -368,6 +368,7 @@ impl Limiter {
             tokens: 0,
             model_tokens: 0,
             demand_tokens: demand.tokens,
+            admitted_us: now_us,
             reserved: Money::ZERO,
             holds_slot: false,
             requests_taken: (false, false),
@@ -498,9 +499,15 @@ impl Limiter {
         ticket.settled = true;
         let now_us = self.clock.now_us();
         let now_ms = now_us / 1_000;
+        // A request that outlived the limit's window (a long stream) has already had its
+        // reservation age out of the limit; refunding it then would let the current minute
+        // take more than its limit.
+        let aged_out = now_us.saturating_sub(ticket.admitted_us) >= gcra::WINDOW_US;
         let correct = |limit: &Gcra, reserved: u64| {
             if tokens < reserved {
-                limit.release(reserved - tokens);
+                if !aged_out {
+                    limit.release(reserved - tokens);
+                }
             } else if tokens > reserved {
                 limit.charge(tokens - reserved, now_us);
             }
@@ -556,6 +563,7 @@ pub struct Ticket {
     model_tokens: u64,
     /// The tokens admitted, for a fallback model's own throttle.
     demand_tokens: u64,
+    admitted_us: i64,
     reserved: Money,
     holds_slot: bool,
     /// Whether a key and a model request unit were taken (kept: the request happened).
@@ -687,6 +695,29 @@ mod tests {
         assert_eq!((tokens_left("a"), tokens_left("b")), (700, 400));
         limiter.settle(first, 100, Money::ZERO);
         assert_eq!(tokens_left("b"), 900);
+    }
+
+    #[test]
+    fn a_request_that_outlived_the_window_refunds_nothing() {
+        let clock = Arc::new(ManualClock::at_ms(1_000_000));
+        let limiter = limiter(clock.clone());
+        let limits = KeyLimits {
+            tpm: Some(1_000),
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        let tokens_left = || limiter.headers("k", "m").tokens.unwrap().remaining;
+        let quick = limiter.admit("k", "m", demand(600, Money::ZERO)).unwrap();
+        limiter.settle(quick, 100, Money::ZERO);
+        assert_eq!(tokens_left(), 900);
+        let long = limiter.admit("k", "m", demand(800, Money::ZERO)).unwrap();
+        clock.advance(Duration::from_secs(61));
+        let recent = limiter.admit("k", "m", demand(700, Money::ZERO)).unwrap();
+        assert_eq!(tokens_left(), 300);
+        // The long request used 50 of its 800 long ago: the last minute holds only `recent`.
+        limiter.settle(long, 50, Money::ZERO);
+        assert_eq!(tokens_left(), 300);
+        limiter.settle(recent, 700, Money::ZERO);
     }
 
     #[test]
