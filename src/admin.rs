@@ -272,6 +272,8 @@ async fn period_spend_if_changed(
     if app.limiter.budget_period(&record.id) == Some(period) {
         return Ok(None);
     }
+    // Records still queued for a batched commit are part of the key's spend.
+    app.usage.flushed().await;
     let ledger = app.ledger.clone();
     let id = record.id.clone();
     let from_ms = period.start_ms(crate::unix_ms());

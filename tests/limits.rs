@@ -345,6 +345,22 @@ async fn admin_shows_budget_state_and_updates_in_place() {
     assert_eq!(updated["rpm"], Value::Null);
     // The update kept the live spend of the request made before it.
     assert_eq!(updated["spend_usd"], json!(ACTUAL as f64 / 1e9));
+    // Two more, then a new period at once: the second's record is still queued (the first
+    // woke the writer, which then waits out its commit interval), and the period's spend read
+    // back from the ledger includes it all the same.
+    assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
+    assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
+    let daily: Value = gw
+        .admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
+        .json(&json!({"budget_period": "day"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(daily["budget_period"], json!("day"));
+    assert_eq!(daily["spend_usd"], json!((3 * ACTUAL) as f64 / 1e9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

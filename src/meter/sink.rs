@@ -45,6 +45,8 @@ pub type WrittenAck = oneshot::Receiver<()>;
 #[allow(clippy::large_enum_variant)] // see MeterEvent
 enum Envelope {
     Event(MeterEvent, Option<oneshot::Sender<()>>),
+    /// Answered once everything queued before it has been written (or has failed to be).
+    Flush(oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
 }
 
@@ -95,6 +97,15 @@ impl UsageSender {
         let (ack, written) = oneshot::channel();
         self.send(Envelope::Event(event, Some(ack)));
         written
+    }
+
+    /// Waits until every event queued before this call has been through a commit, so that a
+    /// reader of the ledger sees them. Waits for room in the channel rather than failing.
+    pub async fn flushed(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Envelope::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
     }
 
     fn send(&self, envelope: Envelope) -> bool {
@@ -179,6 +190,7 @@ fn run_writer(
 ) {
     let mut events = Vec::with_capacity(MAX_BATCH);
     let mut acks = Vec::new();
+    let mut flushes = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut close = None;
         let mut next = Some(first);
@@ -189,6 +201,10 @@ fn run_writer(
                 Envelope::Event(event, ack) => {
                     events.push(event);
                     acks.extend(ack);
+                }
+                Envelope::Flush(done) => {
+                    flushes.push(done);
+                    break;
                 }
                 Envelope::Close(done) => {
                     close = Some(done);
@@ -226,6 +242,9 @@ fn run_writer(
                 }
             }
             events.clear();
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
         if let Some(done) = close {
             let _ = done.send(());
