@@ -312,6 +312,17 @@ async fn keys_are_checked_on_every_request() {
     assert_eq!(no_admin.status(), 401);
 }
 
+async fn patch_key(gw: &Harness, id: &str, changes: Value) -> Value {
+    gw.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
+        .json(&changes)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn admin_shows_budget_state_and_updates_in_place() {
     let gw = Harness::start().await;
@@ -332,15 +343,7 @@ async fn admin_shows_budget_state_and_updates_in_place() {
         .ends_with("-01T00:00:00Z"));
     let key = created["key"].as_str().unwrap();
     assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
-    let updated: Value = gw
-        .admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
-        .json(&json!({"budget_usd": 20, "rpm": null}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let updated: Value = patch_key(&gw, id, json!({"budget_usd": 20, "rpm": null})).await;
     assert_eq!(updated["budget_usd"], json!(20));
     assert_eq!(updated["rpm"], Value::Null);
     // The update kept the live spend of the request made before it.
@@ -350,15 +353,7 @@ async fn admin_shows_budget_state_and_updates_in_place() {
     // back from the ledger includes it all the same.
     assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
     assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
-    let daily: Value = gw
-        .admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
-        .json(&json!({"budget_period": "day"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let daily: Value = patch_key(&gw, id, json!({"budget_period": "day"})).await;
     assert_eq!(daily["budget_period"], json!("day"));
     assert_eq!(daily["spend_usd"], json!((3 * ACTUAL) as f64 / 1e9));
 }
