@@ -3,8 +3,8 @@
 //! classes and static reason labels — never from client input.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Seconds, from a few milliseconds (a cached refusal) to many minutes (a long reasoning stream).
@@ -28,6 +28,7 @@ pub struct Metrics {
     pub usage_events: IntCounterVec,
     pub usage_pending: IntGauge,
     pub usage_batch_duration: Histogram,
+    pub usage_batch_retries: IntCounter,
     pub config_reloads: IntCounterVec,
     pub budget_overshoot_usd: prometheus::Counter,
     pub route_decisions: IntCounterVec,
@@ -107,6 +108,12 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("usage_batch_write_seconds"));
         register(&registry, Box::new(usage_batch_duration.clone()));
+        let usage_batch_retries = IntCounter::new(
+            "usage_batch_retries_total",
+            "Usage batches tried again after a failed write",
+        )
+        .unwrap_or_else(|_| unreachable_metric("usage_batch_retries_total"));
+        register(&registry, Box::new(usage_batch_retries.clone()));
         let budget_overshoot_usd = prometheus::Counter::new(
             "budget_overshoot_usd_total",
             "Cost charged beyond what requests had reserved (upstream used more than the worst case)",
@@ -221,6 +228,7 @@ impl Metrics {
             ),
             usage_pending,
             usage_batch_duration,
+            usage_batch_retries,
             config_reloads: counter(
                 &registry,
                 "config_reloads_total",
@@ -252,6 +260,7 @@ impl Metrics {
             Box::new(self.usage_events.clone()),
             Box::new(self.usage_pending.clone()),
             Box::new(self.usage_batch_duration.clone()),
+            Box::new(self.usage_batch_retries.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.budget_overshoot_usd.clone()),
             Box::new(self.budget_alerts.clone()),

@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 
 /// Where batches of events end up (the JSON-lines file, the rating ledger).
 pub trait UsageWriter: Send + 'static {
-    /// Writes a batch durably enough for the writer's own guarantee. The batch is lost if
-    /// this fails, and the failure is counted; it is never retried into a double write.
+    /// Writes a batch durably enough for the writer's own guarantee, all or nothing. It must
+    /// be idempotent — an event already written is skipped, never written twice — because a
+    /// failed batch is tried again.
     fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError>;
 
     /// The least time between two commits. Waiting lets events gather into one commit instead
@@ -39,7 +40,8 @@ pub enum SinkError {
 }
 
 /// Answers `Ok` once the event has been committed, `Err` when it never will be (dropped on a
-/// full channel, or its batch failed to write): strict durability withholds the answer then.
+/// full channel, or it still failed to write after the retries): strict durability withholds
+/// the answer then.
 pub type WrittenAck = oneshot::Receiver<()>;
 
 #[allow(clippy::large_enum_variant)] // see MeterEvent
@@ -54,19 +56,20 @@ enum Envelope {
 /// drained by its load balancer rather than keep serving unbilled (or, strict, refused) traffic.
 #[derive(Default)]
 struct Health {
-    /// When an event was last lost (a failed batch or a full channel), in Unix ms; 0 after a
-    /// batch is written.
-    last_loss_ms: AtomicI64,
+    /// When a write last failed or an event was dropped on a full channel, in Unix ms; 0 after
+    /// a batch is written.
+    last_failure_ms: AtomicI64,
 }
 
-/// How long after a loss the sink reports itself failing. Past it, readiness returns so that
+/// How long after a failure the sink reports itself failing. Past it, readiness returns so that
 /// traffic finds out whether the ledger has recovered: a replica drained for good would never
 /// write again to learn that it can.
 const FAILING_FOR: Duration = Duration::from_secs(10);
 
 impl Health {
-    fn lost(&self) {
-        self.last_loss_ms.store(crate::unix_ms(), Ordering::Relaxed);
+    fn failed(&self) {
+        self.last_failure_ms
+            .store(crate::unix_ms(), Ordering::Relaxed);
     }
 }
 
@@ -79,11 +82,12 @@ pub struct UsageSender {
 }
 
 impl UsageSender {
-    /// True while events were lost in the last few seconds and none written since.
+    /// True while writes failed or events were dropped in the last few seconds, and no batch
+    /// has been written since.
     pub fn failing(&self) -> bool {
-        let last_loss = self.health.last_loss_ms.load(Ordering::Relaxed);
-        last_loss != 0
-            && crate::unix_ms().saturating_sub(last_loss) < FAILING_FOR.as_millis() as i64
+        let last_failure = self.health.last_failure_ms.load(Ordering::Relaxed);
+        last_failure != 0
+            && crate::unix_ms().saturating_sub(last_failure) < FAILING_FOR.as_millis() as i64
     }
 
     /// Queues an event without waiting. Returns `false` when it was dropped (see module docs).
@@ -119,7 +123,7 @@ impl UsageSender {
                 true
             }
             Err(_) => {
-                self.health.lost();
+                self.health.failed();
                 self.metrics
                     .usage_events
                     .with_label_values(&["dropped"])
@@ -182,6 +186,18 @@ impl UsagePipeline {
     }
 }
 
+/// The waits before each new try of a failed batch, about 3 s in all. A ledger on a full or
+/// failing disk often recovers within that (space freed, a transient I/O error); meanwhile the
+/// channel keeps queueing, strict requests keep waiting, and readiness reports the failure.
+const RETRY_DELAYS: [Duration; 6] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1_600),
+];
+
 fn run_writer(
     mut writer: Box<dyn UsageWriter>,
     mut rx: mpsc::Receiver<Envelope>,
@@ -189,7 +205,9 @@ fn run_writer(
     health: &Health,
 ) {
     let mut events = Vec::with_capacity(MAX_BATCH);
-    let mut acks = Vec::new();
+    // One per event, in the same order, so that a batch written event by event can answer
+    // exactly the events that made it.
+    let mut acks: Vec<Option<oneshot::Sender<()>>> = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut close = None;
@@ -200,7 +218,7 @@ fn run_writer(
             match envelope {
                 Envelope::Event(event, ack) => {
                     events.push(event);
-                    acks.extend(ack);
+                    acks.push(ack);
                 }
                 Envelope::Flush(done) => {
                     flushes.push(done);
@@ -216,32 +234,10 @@ fn run_writer(
             }
         }
         if !events.is_empty() {
-            let started = Instant::now();
-            let result = writer.write_batch(&events);
-            metrics
-                .usage_batch_duration
-                .observe(started.elapsed().as_secs_f64());
+            write(&mut *writer, &events, &mut acks, metrics, health);
             metrics.usage_pending.sub(events.len() as i64);
-            let label = if result.is_ok() { "written" } else { "failed" };
-            metrics
-                .usage_events
-                .with_label_values(&[label])
-                .inc_by(events.len() as u64);
-            match result {
-                Ok(()) => {
-                    health.last_loss_ms.store(0, Ordering::Relaxed);
-                    for ack in acks.drain(..) {
-                        let _ = ack.send(());
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, lost = events.len(), "usage batch write failed");
-                    health.lost();
-                    // Dropped unanswered: strict requests waiting on them fail.
-                    acks.clear();
-                }
-            }
             events.clear();
+            acks.clear();
         }
         for done in flushes.drain(..) {
             let _ = done.send(());
@@ -251,5 +247,71 @@ fn run_writer(
             return;
         }
         std::thread::sleep(writer.commit_interval());
+    }
+}
+
+/// Writes a batch, trying again after each of [`RETRY_DELAYS`]. When it still fails, its
+/// events are written one by one, so that one event the ledger refuses does not take the
+/// others with it. Answers the acks of the events written; the others are dropped unanswered,
+/// which fails the strict requests waiting on them.
+fn write(
+    writer: &mut dyn UsageWriter,
+    events: &[MeterEvent],
+    acks: &mut [Option<oneshot::Sender<()>>],
+    metrics: &Metrics,
+    health: &Health,
+) {
+    let mut delays = RETRY_DELAYS.iter();
+    let error = loop {
+        let started = Instant::now();
+        let result = writer.write_batch(events);
+        metrics
+            .usage_batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        match (result, delays.next()) {
+            (Ok(()), _) => {
+                written(events.len(), acks, metrics, health);
+                return;
+            }
+            (Err(error), Some(delay)) => {
+                tracing::warn!(%error, events = events.len(), retry_in = ?delay, "usage batch write failed");
+                health.failed();
+                metrics.usage_batch_retries.inc();
+                std::thread::sleep(*delay);
+            }
+            (Err(error), None) => break error,
+        }
+    };
+    let mut lost = 0;
+    for (event, ack) in events.iter().zip(acks.iter_mut()) {
+        if events.len() > 1 && writer.write_batch(std::slice::from_ref(event)).is_ok() {
+            written(1, std::slice::from_mut(ack), metrics, health);
+        } else {
+            lost += 1;
+        }
+    }
+    if lost > 0 {
+        tracing::error!(%error, lost, "usage events could not be written");
+        health.failed();
+        metrics
+            .usage_events
+            .with_label_values(&["failed"])
+            .inc_by(lost);
+    }
+}
+
+fn written(
+    count: usize,
+    acks: &mut [Option<oneshot::Sender<()>>],
+    metrics: &Metrics,
+    health: &Health,
+) {
+    health.last_failure_ms.store(0, Ordering::Relaxed);
+    metrics
+        .usage_events
+        .with_label_values(&["written"])
+        .inc_by(count as u64);
+    for ack in acks.iter_mut().filter_map(Option::take) {
+        let _ = ack.send(());
     }
 }

@@ -586,6 +586,7 @@ impl LedgerReader {
 mod tests {
     use super::*;
     use crate::meter::record::{Endpoint, Outcome};
+    use crate::meter::sink::SinkError;
 
     fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
         UsageRecord {
@@ -711,6 +712,63 @@ mod tests {
         assert!(wal <= 20 << 20, "the WAL grew to {wal} bytes");
         assert_eq!(LedgerReader::new(&dir).records().unwrap().len(), 3_000);
         drop(writer);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A failing disk under the real ledger: the first `failures` writes fail, and so does
+    /// every write holding the request id `refused`.
+    struct FailingDisk {
+        ledger: LedgerWriter,
+        failures: usize,
+        refused: &'static str,
+    }
+
+    impl UsageWriter for FailingDisk {
+        fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError> {
+            let refused = events.iter().any(
+                |event| matches!(event, MeterEvent::Usage(record) if record.request_id == self.refused),
+            );
+            if self.failures > 0 || refused {
+                self.failures = self.failures.saturating_sub(1);
+                return Err(SinkError::Other("disk I/O error".to_owned()));
+            }
+            self.ledger.write_batch(events)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_retried_and_a_refused_record_loses_only_itself() {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-ledger-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let disk = FailingDisk {
+            ledger: LedgerWriter::open(&dir, Durability::Strict).unwrap(),
+            failures: 2,
+            refused: "req_bad",
+        };
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let pipeline =
+            crate::meter::sink::UsagePipeline::start(Box::new(disk), 16, metrics.clone()).unwrap();
+        let sender = pipeline.sender();
+        let [first, refused, second] = ["req_1", "req_bad", "req_2"]
+            .map(|id| sender.submit_acked(MeterEvent::Usage(record(id, None))));
+        assert!(first.await.is_ok());
+        assert!(refused.await.is_err());
+        assert!(second.await.is_ok());
+        pipeline.close().await;
+
+        let written: Vec<String> = LedgerReader::new(&dir)
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|record| record.request_id)
+            .collect();
+        assert_eq!(written, ["req_1", "req_2"]);
+        let events = |result: &str| metrics.usage_events.with_label_values(&[result]).get();
+        assert_eq!((events("written"), events("failed")), (2, 1));
+        // The refused record's batch used all six retries; the first two failures may have
+        // fallen on that batch or on an earlier one.
+        assert!((6..=8).contains(&metrics.usage_batch_retries.get()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
