@@ -205,7 +205,8 @@ impl Tokenizer {
         PROMPT_COUNTS.count(encoding, text, |text| self.count_text(encoding, text))
     }
 
-    /// Input tokens of a chat request body (messages, plus tool definitions if any).
+    /// Input tokens of a chat request body: messages, tool definitions, and the JSON schema
+    /// of structured outputs.
     pub fn count_chat_prompt(&self, encoding: Encoding, body: &Value) -> u64 {
         let mut total = 0;
         if let Some(messages) = body["messages"].as_array() {
@@ -214,7 +215,17 @@ impl Tokenizer {
             }
             total += REPLY_PRIMING;
         }
-        total + self.count_tools(encoding, body)
+        total + self.count_tools(encoding, body) + self.count_response_schema(encoding, body)
+    }
+
+    /// A structured-output schema is put into the prompt in a form OpenAI does not publish,
+    /// so its compact JSON text stands in for it: a schema of thousands of tokens must not
+    /// count as none when a request's tokens are reserved.
+    fn count_response_schema(&self, encoding: Encoding, body: &Value) -> u64 {
+        match &body["response_format"]["json_schema"]["schema"] {
+            Value::Null => 0,
+            schema => self.count_prompt_text(encoding, &schema.to_string()),
+        }
     }
 
     fn count_message(&self, encoding: Encoding, message: &Value) -> u64 {
@@ -319,6 +330,13 @@ impl Tokenizer {
                 let description = property["description"].as_str().unwrap_or("");
                 let description = description.strip_suffix('.').unwrap_or(description);
                 total += count(&format!("{key}:{kind}:{description}"));
+                // The cookbook's estimate stops at the top level; what an object or array
+                // property nests is counted as its JSON text.
+                for nested in ["properties", "items"] {
+                    if let Some(schema) = property.get(nested) {
+                        total += count(&schema.to_string());
+                    }
+                }
             }
         }
         total += FUNC_END;
@@ -462,6 +480,41 @@ mod tests {
             + t.count_text(Encoding::O200kBase, "Hi")
             + 3;
         assert_eq!(t.count_chat_prompt(Encoding::O200kBase, &body), expected);
+    }
+
+    #[test]
+    fn schemas_beyond_the_cookbook_count_as_their_json_text() {
+        let t = tokenizer();
+        let o200k = Encoding::O200kBase;
+        let messages = json!([{"role": "user", "content": "Hi"}]);
+        let plain = t.count_chat_prompt(o200k, &json!({"messages": messages}));
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let structured = json!({"messages": messages, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "place", "schema": schema}}});
+        assert_eq!(
+            t.count_chat_prompt(o200k, &structured),
+            plain
+                + t.count_text(
+                    o200k,
+                    r#"{"properties":{"city":{"type":"string"}},"type":"object"}"#
+                )
+        );
+
+        let tool = |address: Value| {
+            json!({"messages": messages, "tools": [{"type": "function", "function": {
+                "name": "ship", "parameters": {"type": "object", "properties": {"to": address}}}}]})
+        };
+        let flat = t.count_chat_prompt(o200k, &tool(json!({"type": "string"})));
+        let nested = t.count_chat_prompt(
+            o200k,
+            &tool(json!({"type": "object", "properties": {"zip": {"type": "string"}}})),
+        );
+        assert_eq!(
+            nested,
+            flat - t.count_text(o200k, "to:string:")
+                + t.count_text(o200k, "to:object:")
+                + t.count_text(o200k, r#"{"zip":{"type":"string"}}"#)
+        );
     }
 
     #[test]
