@@ -4,12 +4,15 @@
 #   (b) nginx proxy_pass in front of the same mock (the plain-proxy reference),
 #   (c) tollgate with auth, caps, routing, metering and rating on (batched ledger),
 #   (d) the same with `durability = "strict"` (group commit before the end of each response),
-# for non-streaming and streaming 1 KB chat requests at 1 and 64 connections. Prints p50, p99
-# and requests/s with ratios to (a) and (b). Installs wrk and nginx from Debian if missing.
+# for non-streaming and streaming 1 KB chat requests at 1 and 64 connections, and at 64
+# connections paced by 20 ms of think time after each answer ("64p"). Prints p50, p99 and
+# requests/s with ratios to (a) and (b). The paced rows keep the machine below saturation, where
+# a closed loop's latency is its throughput (Little's law): there strict's added latency is
+# the commit wait itself, apart from its CPU cost. Installs wrk and nginx from Debian if missing.
 # Every run is repeated ROUNDS times, the targets taking turns within a round, and the table
 # shows each figure's median: on a shared 2-core machine one run can be off by 20 %.
 #
-# Ends with a 5 s fsync probe of the disk under the data dir.
+# Ends with two 5 s fsync probes of the disk under the data dir: alone, and beside batched load.
 #
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]
 set -euo pipefail
@@ -92,6 +95,7 @@ wait_port "$NGINX_PORT"
 
 # A ~1 KB chat request.
 PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
+THINK_MS=20
 write_script() { # name stream key
   cat >"$WORK/post_$1_$2.lua" <<LUA
 wrk.method = "POST"
@@ -99,6 +103,7 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $3"
 wrk.body = '{"model":"gpt-4o-mini","stream":$2,"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"$PROMPT"}]}'
 LUA
+  { cat "$WORK/post_$1_$2.lua"; echo "function delay() return $THINK_MS end"; } >"$WORK/post_$1-paced_$2.lua"
 }
 for stream in false true; do
   write_script batched "$stream" "$KEY"
@@ -106,9 +111,10 @@ for stream in false true; do
 done
 
 run() { # name url stream connections [script]
-  local threads=$(( $4 < 2 ? 1 : 2 )) seconds=$DURATION
+  local threads=$(( ${4%p} < 2 ? 1 : 2 )) seconds=$DURATION script=${5:-batched}
+  [ "${4%p}" != "$4" ] && script="$script-paced"
   [ "$1" = warm-up ] && seconds=1
-  wrk -t"$threads" -c"$4" -d"${seconds}s" --latency -s "$WORK/post_${5:-batched}_$3.lua" "$2/v1/chat/completions" 2>&1 |
+  wrk -t"$threads" -c"${4%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$3.lua" "$2/v1/chat/completions" 2>&1 |
     python3 -c '
 import re, sys
 text = sys.stdin.read()
@@ -136,7 +142,7 @@ done
 RESULTS="$WORK/results.txt"
 for round in $(seq "$ROUNDS"); do
   for stream in false true; do
-    for conns in 1 64; do
+    for conns in 1 64 64p; do
       run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
       run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
       run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
@@ -173,11 +179,13 @@ for r in rows:
         print("  stream=%s conns=%s: %+.3f / %+.3f" % (r[0], r[1], float(r[3]) - float(b[3]), float(r[4]) - float(b[4])))
 PY
 
-# Strict durability waits for an fsync per commit, so its tail is bounded below by the disk's:
-# the same probe every run, for reading the strict rows against.
-python3 - "$WORK" <<'PY'
+# Strict durability waits for an fsync per commit, so its tail is bounded below by the disk's.
+# The same probe every run, alone and then beside 5 s of batched streaming load through the
+# gateway (whose ledger commits without fsync): on a disk whose flushes stall under concurrent
+# writes, the second line shows the stalls that strict commits cannot avoid.
+cat >"$WORK/probe.py" <<'PY'
 import os, sys, time
-path = os.path.join(sys.argv[1], "fsync-probe")
+label, path = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_WRONLY | os.O_CREAT)
 latencies, offset, started = [], 0, time.monotonic()
 while time.monotonic() - started < 5:
@@ -186,9 +194,15 @@ while time.monotonic() - started < 5:
     before = time.perf_counter()
     os.fsync(fd)
     latencies.append(time.perf_counter() - before)
+    time.sleep(0.001)
 os.close(fd)
 latencies.sort()
 at = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1e3
-print("disk: fsync after a 4 KiB write, %d in 5 s: p50 %.3f / p99 %.3f / p99.9 %.3f / max %.1f ms, %d over 10 ms"
-      % (len(latencies), at(0.5), at(0.99), at(0.999), latencies[-1] * 1e3, sum(l > 0.01 for l in latencies)))
+print("disk, %s: fsync after a 4 KiB write, %d in 5 s: p50 %.3f / p99 %.3f / p99.9 %.3f / max %.1f ms, %d over 10 ms"
+      % (label, len(latencies), at(0.5), at(0.99), at(0.999), latencies[-1] * 1e3, sum(l > 0.01 for l in latencies)))
 PY
+python3 "$WORK/probe.py" idle "$WORK/fsync-probe"
+python3 "$WORK/probe.py" "beside batched load" "$WORK/fsync-probe" &
+PROBE=$!
+run load "http://127.0.0.1:$GW_PORT" true 64 >/dev/null
+wait "$PROBE"
