@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::MeterEvent;
 use crate::metrics::Metrics;
 
-/// Where batches of events end up (the JSON-lines file, the rating ledger).
+/// Where batches of events end up: the SQLite ledger; a shared database for fleets of replicas
+/// would be another.
 pub trait UsageWriter: Send + 'static {
     /// Writes a batch durably enough for the writer's own guarantee, all or nothing. It must
     /// be idempotent — an event already written is skipped, never written twice — because a
