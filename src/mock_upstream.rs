@@ -129,7 +129,7 @@ impl MockUpstream {
         options: MockOptions,
     ) -> std::io::Result<MockUpstream> {
         let addr = listener.local_addr()?;
-        let shared = new_shared(options);
+        let shared = new_shared(options).await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
@@ -175,13 +175,16 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     axum::serve(
         crate::server::no_delay(listener),
-        router(new_shared(options)),
+        router(new_shared(options).await),
     )
     .with_graceful_shutdown(shutdown)
     .await
 }
 
-fn new_shared(options: MockOptions) -> Arc<Shared> {
+/// Builds the token encoders before the first request: that takes ~0.2 s, which the first
+/// request would otherwise wait for, and a test or bench timing it would blame the gateway.
+async fn new_shared(options: MockOptions) -> Arc<Shared> {
+    let _ = tokio::task::spawn_blocking(crate::meter::tokenizer::Tokenizer::new).await;
     Arc::new(Shared {
         rng: Mutex::new(SmallRng::seed_from_u64(options.seed)),
         options,
