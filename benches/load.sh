@@ -6,13 +6,13 @@
 #   (d) the same with `durability = "strict"` (group commit before the end of each response),
 # for non-streaming and streaming 1 KB chat requests at 1 and 64 connections, and at 64
 # connections paced by 20 ms of think time after each answer ("64p"). Prints p50, p99 and
-# requests/s with ratios to (a) and (b). The paced rows keep the machine below saturation, where
-# a closed loop's latency is its throughput (Little's law): there strict's added latency is
-# the commit wait itself, apart from its CPU cost. Installs wrk and nginx from Debian if missing.
+# requests/s with ratios to (a) and (b). At saturation a closed loop's latency is set by its
+# throughput (Little's law), so strict's CPU cost shows as latency; the paced rows stay below
+# saturation, where strict's added latency is the commit wait itself. Installs wrk and nginx from Debian if missing.
 # Every run is repeated ROUNDS times, the targets taking turns within a round, and the table
 # shows each figure's median: on a shared 2-core machine one run can be off by 20 %.
 #
-# Ends with two 5 s fsync probes of the disk under the data dir: alone, and beside batched load.
+# Ends with two fsync probes of the disk under the data dir: alone, and beside batched load.
 #
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]
 set -euo pipefail
@@ -180,15 +180,17 @@ for r in rows:
 PY
 
 # Strict durability waits for an fsync per commit, so its tail is bounded below by the disk's.
-# The same probe every run, alone and then beside 5 s of batched streaming load through the
+# The same probe every run, alone and then beside a run of batched streaming load through the
 # gateway (whose ledger commits without fsync): on a disk whose flushes stall under concurrent
-# writes, the second line shows the stalls that strict commits cannot avoid.
+# writes, the second line shows the stalls that strict commits cannot avoid. Each probe writes
+# a fresh file, so both allocate the same way; on 2 busy cores the second also includes some
+# wait for a CPU.
 cat >"$WORK/probe.py" <<'PY'
 import os, sys, time
-label, path = sys.argv[1], sys.argv[2]
+label, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 fd = os.open(path, os.O_WRONLY | os.O_CREAT)
 latencies, offset, started = [], 0, time.monotonic()
-while time.monotonic() - started < 5:
+while time.monotonic() - started < seconds:
     os.pwrite(fd, b"x" * 4096, offset % (16 << 20))
     offset += 4096
     before = time.perf_counter()
@@ -198,11 +200,11 @@ while time.monotonic() - started < 5:
 os.close(fd)
 latencies.sort()
 at = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1e3
-print("disk, %s: fsync after a 4 KiB write, %d in 5 s: p50 %.3f / p99 %.3f / p99.9 %.3f / max %.1f ms, %d over 10 ms"
-      % (label, len(latencies), at(0.5), at(0.99), at(0.999), latencies[-1] * 1e3, sum(l > 0.01 for l in latencies)))
+print("disk, %s: fsync after a 4 KiB write, %d in %g s: p50 %.3f / p99 %.3f / p99.9 %.3f / max %.1f ms, %d over 10 ms"
+      % (label, len(latencies), seconds, at(0.5), at(0.99), at(0.999), latencies[-1] * 1e3, sum(l > 0.01 for l in latencies)))
 PY
-python3 "$WORK/probe.py" idle "$WORK/fsync-probe"
-python3 "$WORK/probe.py" "beside batched load" "$WORK/fsync-probe" &
+python3 "$WORK/probe.py" idle "$WORK/fsync-probe-idle" "$DURATION"
+python3 "$WORK/probe.py" "beside batched load" "$WORK/fsync-probe-load" "$DURATION" &
 PROBE=$!
 run load "http://127.0.0.1:$GW_PORT" true 64 >/dev/null
 wait "$PROBE"

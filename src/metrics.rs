@@ -110,7 +110,7 @@ impl Metrics {
         register(&registry, Box::new(usage_batch_duration.clone()));
         let usage_batch_retries = IntCounter::new(
             "usage_batch_retries_total",
-            "Usage batches tried again after a failed write",
+            "Retries of usage batch writes that failed in the storage",
         )
         .unwrap_or_else(|_| unreachable_metric("usage_batch_retries_total"));
         register(&registry, Box::new(usage_batch_retries.clone()));

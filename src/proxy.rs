@@ -1133,11 +1133,19 @@ impl MeteredStream {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if !inline => {
                 let (durable, durable_rx) = oneshot::channel();
+                let awaiting = runtime.clone();
                 settling.spawn_blocking_on(
-                    move || {
-                        let written =
-                            finish().is_none_or(|committed| committed.blocking_recv().is_ok());
-                        if written {
+                    move || match finish() {
+                        // The commit is awaited on the runtime: a ledger retrying a failed
+                        // write for seconds must not hold a blocking thread per stream.
+                        Some(committed) => {
+                            awaiting.spawn(async move {
+                                if committed.await.is_ok() {
+                                    let _ = durable.send(());
+                                }
+                            });
+                        }
+                        None => {
                             let _ = durable.send(());
                         }
                     },

@@ -34,10 +34,13 @@ pub trait UsageWriter: Send + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("usage sink I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("usage sink: {0}")]
-    Other(String),
+    /// The storage failed (I/O, a full disk, a lock held too long): the same batch may be
+    /// written once it recovers.
+    #[error("usage storage failed: {0}")]
+    Storage(String),
+    /// The batch itself was refused: writing it again would fail again.
+    #[error("usage batch refused: {0}")]
+    Refused(String),
 }
 
 /// Answers `Ok` once the event has been committed, `Err` when it never will be (dropped on a
@@ -251,10 +254,10 @@ fn run_writer(
     }
 }
 
-/// Writes a batch, trying again after each of [`RETRY_DELAYS`]. When it still fails, its
-/// events are written one by one, so that one event the ledger refuses does not take the
-/// others with it. Answers the acks of the events written; the others are dropped unanswered,
-/// which fails the strict requests waiting on them.
+/// Writes a batch, trying again after each of [`RETRY_DELAYS`] while the storage fails. When
+/// it still fails, or the batch itself was refused, its halves are written apart, so that the
+/// events the ledger refuses lose only themselves. Answers the acks of the events written; the
+/// others are dropped unanswered, which fails the strict requests waiting on them.
 fn write(
     writer: &mut dyn UsageWriter,
     events: &[MeterEvent],
@@ -269,28 +272,23 @@ fn write(
         metrics
             .usage_batch_duration
             .observe(started.elapsed().as_secs_f64());
-        match (result, delays.next()) {
-            (Ok(()), _) => {
+        let error = match result {
+            Ok(()) => {
                 written(events.len(), acks, metrics, health);
                 return;
             }
-            (Err(error), Some(delay)) => {
-                tracing::warn!(%error, events = events.len(), retry_in = ?delay, "usage batch write failed");
-                health.failed();
-                metrics.usage_batch_retries.inc();
-                std::thread::sleep(*delay);
-            }
-            (Err(error), None) => break error,
-        }
+            Err(error) => error,
+        };
+        health.failed();
+        let retry = matches!(error, SinkError::Storage(_))
+            .then(|| delays.next())
+            .flatten();
+        let Some(delay) = retry else { break error };
+        tracing::warn!(%error, events = events.len(), retry_in = ?delay, "usage batch write failed");
+        metrics.usage_batch_retries.inc();
+        std::thread::sleep(*delay);
     };
-    let mut lost = 0;
-    for (event, ack) in events.iter().zip(acks.iter_mut()) {
-        if events.len() > 1 && writer.write_batch(std::slice::from_ref(event)).is_ok() {
-            written(1, std::slice::from_mut(ack), metrics, health);
-        } else {
-            lost += 1;
-        }
-    }
+    let lost = write_halves(writer, events, acks, metrics, health);
     if lost > 0 {
         tracing::error!(%error, lost, "usage events could not be written");
         health.failed();
@@ -299,6 +297,32 @@ fn write(
             .with_label_values(&["failed"])
             .inc_by(lost);
     }
+}
+
+/// Writes the two halves of a batch that failed as a whole, and their halves in turn, so that
+/// a few refused events among thousands are found in a few dozen commits. Returns how many
+/// events were lost.
+fn write_halves(
+    writer: &mut dyn UsageWriter,
+    events: &[MeterEvent],
+    acks: &mut [Option<oneshot::Sender<()>>],
+    metrics: &Metrics,
+    health: &Health,
+) -> u64 {
+    if events.len() < 2 {
+        return events.len() as u64;
+    }
+    let middle = events.len() / 2;
+    let (first, second) = events.split_at(middle);
+    let (first_acks, second_acks) = acks.split_at_mut(middle);
+    let mut lost = 0;
+    for (half, half_acks) in [(first, first_acks), (second, second_acks)] {
+        match writer.write_batch(half) {
+            Ok(()) => written(half.len(), half_acks, metrics, health),
+            Err(_) => lost += write_halves(writer, half, half_acks, metrics, health),
+        }
+    }
+    lost
 }
 
 fn written(
