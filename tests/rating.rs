@@ -438,6 +438,15 @@ async fn strict_mode_withholds_an_answer_it_could_not_record() {
     )
     .await;
     assert_eq!(gw.chat(request()).await.status(), 200);
+    // An answer too long to count on the async worker waits for its commit all the same.
+    let long_stream = || {
+        let mut streamed = request();
+        streamed["stream"] = json!(true);
+        streamed["mock"] = json!({"reply_tokens": 3000});
+        streamed
+    };
+    let long = gw.chat(long_stream()).await.text().await.unwrap();
+    assert!(long.len() > 8192 && long.ends_with("data: [DONE]\n\n"));
     let ready = gw
         .http
         .get(format!("{}/readyz", gw.url))
@@ -454,16 +463,18 @@ async fn strict_mode_withholds_an_answer_it_could_not_record() {
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["code"], "usage_not_recorded");
 
-    // A provider that ends its stream without `[DONE]` gets the same treatment.
-    for no_done in [false, true] {
+    // A provider that ends its stream without `[DONE]`, or a long one, gets the same treatment.
+    for (no_done, reply_tokens) in [(false, 8), (true, 8), (false, 3000)] {
         let mut streamed = request();
         streamed["stream"] = json!(true);
-        streamed["mock"] = json!({"no_done": no_done});
+        streamed["mock"] = json!({"no_done": no_done, "reply_tokens": reply_tokens});
         let cut = gw.chat(streamed).await;
         assert_eq!(cut.status(), 200);
         match cut.text().await {
             Err(_) => {}
-            Ok(text) => panic!("the stream ended normally (no_done: {no_done}): {text}"),
+            Ok(text) => panic!(
+                "the stream ended normally (no_done: {no_done}, {reply_tokens} tokens): {text}"
+            ),
         }
     }
 
