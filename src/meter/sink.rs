@@ -209,8 +209,8 @@ fn run_writer(
     health: &Health,
 ) {
     let mut events = Vec::with_capacity(MAX_BATCH);
-    // One per event, in the same order, so that a batch written event by event can answer
-    // exactly the events that made it.
+    // One per event, in the same order, so that a batch written in parts can answer exactly
+    // the events that made it.
     let mut acks: Vec<Option<oneshot::Sender<()>>> = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -280,9 +280,10 @@ fn write(
             Err(error) => error,
         };
         health.failed();
-        let retry = matches!(error, SinkError::Storage(_))
-            .then(|| delays.next())
-            .flatten();
+        let retry = match error {
+            SinkError::Storage(_) => delays.next(),
+            SinkError::Refused(_) => None,
+        };
         let Some(delay) = retry else { break error };
         tracing::warn!(%error, events = events.len(), retry_in = ?delay, "usage batch write failed");
         metrics.usage_batch_retries.inc();

@@ -600,7 +600,6 @@ impl LedgerReader {
 mod tests {
     use super::*;
     use crate::meter::record::{Endpoint, Outcome};
-    use crate::meter::sink::SinkError;
 
     fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
         UsageRecord {
