@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use tollgate::api::Endpoint;
 use tollgate::config::{Config, Model};
-use tollgate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
+use tollgate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
 use tollgate::meter::sink::UsageWriter;
 use tollgate::rating::ledger::{Durability, LedgerWriter};
 use tollgate::rating::Rater;
@@ -29,7 +30,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         1_795_000_000_000,
     );
     UsageRecord {
-        request_id: tollgate::server::new_request_id(),
+        request_id: tollgate::api::new_request_id(),
         client_request_id: None,
         started_at_ms: 1_795_000_000_000 + i as i64,
         key_id: Some(key_id),

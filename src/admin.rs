@@ -207,7 +207,8 @@ async fn create_key(
     let stored = record.clone();
     blocking(move || store.insert(&stored).map_err(store_error)).await?;
     app.key_activated(record.clone(), None);
-    let mut view = key_view(&app, &record);
+    app.admission.publish_key_change(&record.id).await;
+    let mut view = key_view(&app, &record).await;
     view["key"] = Value::String(secret);
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
@@ -219,7 +220,8 @@ async fn list_keys(
     authorize(&app, &headers)?;
     let store = app.key_store.clone();
     let records = blocking(move || store.list().map_err(store_error)).await?;
-    let data: Vec<Value> = records.iter().map(|r| key_view(&app, r)).collect();
+    let views = records.iter().map(|r| key_view(&app, r));
+    let data: Vec<Value> = futures_util::future::join_all(views).await;
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -238,7 +240,7 @@ async fn show_key(
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
     let record = load_key(&app, id).await?;
-    Ok(axum::Json(key_view(&app, &record)).into_response())
+    Ok(axum::Json(key_view(&app, &record).await).into_response())
 }
 
 async fn update_key(
@@ -259,7 +261,8 @@ async fn update_key(
     blocking(move || store.update(&stored).map_err(store_error)).await?;
     let spent = period_spend_if_changed(&app, &record).await?;
     app.key_activated(record.clone(), spent);
-    Ok(axum::Json(key_view(&app, &record)).into_response())
+    app.admission.publish_key_change(&record.id).await;
+    Ok(axum::Json(key_view(&app, &record).await).into_response())
 }
 
 /// A budget that now runs over another period starts from that period's spend in the ledger;
@@ -269,7 +272,8 @@ async fn period_spend_if_changed(
     record: &KeyRecord,
 ) -> Result<Option<Money>, GatewayError> {
     let period = app.budget_period(record);
-    if app.limiter.budget_period(&record.id) == Some(period) {
+    // Shared budgets are kept per period: a new period's spend is read when first needed.
+    if app.admission.is_shared() || app.admission.budget_period(&record.id) == Some(period) {
         return Ok(None);
     }
     // Records still queued for a batched commit are part of the key's spend.
@@ -295,7 +299,8 @@ async fn revoke_key(
         blocking(move || store.update(&stored).map_err(store_error)).await?;
     }
     app.key_revoked(&record.id);
-    Ok(axum::Json(key_view(&app, &record)).into_response())
+    app.admission.publish_key_change(&record.id).await;
+    Ok(axum::Json(key_view(&app, &record).await).into_response())
 }
 
 fn parse_object(body: &str) -> Result<Map<String, Value>, GatewayError> {
@@ -417,11 +422,11 @@ fn count(value: &Value, field: &'static str) -> Result<Option<u64>, GatewayError
 }
 
 /// A key as the admin API shows it, with its live budget state.
-fn key_view(app: &App, record: &KeyRecord) -> Value {
+async fn key_view(app: &App, record: &KeyRecord) -> Value {
     let mut view = serde_json::to_value(record).unwrap_or_else(|_| json!({}));
     view["object"] = json!("key");
     view["revoked"] = json!(record.is_revoked());
-    if let Value::Object(budget) = app.budget_view(record) {
+    if let Value::Object(budget) = app.budget_view(record).await {
         for (name, value) in budget {
             view[name] = value;
         }

@@ -1,5 +1,6 @@
 //! The state every request shares: the current configuration (swapped whole on reload), the
-//! tokenizer built at start-up, the key index, metrics and the usage channel.
+//! tokenizer built at start-up, the key index, metrics, the usage channel, and the seams of
+//! shared state (admission, rating totals) chosen at start-up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,13 +10,13 @@ use arc_swap::ArcSwap;
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
-use crate::limits::{BudgetPeriod, KeyLimits, Limiter};
+use crate::limits::{BudgetPeriod, KeyLimits};
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::rating::ledger::LedgerReader;
-use crate::rating::Rater;
+use crate::state::{Admission, RatingTotals};
 
 pub struct App {
     config: ArcSwap<Config>,
@@ -23,7 +24,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub usage: UsageSender,
     pub keys: KeyIndex,
-    pub limiter: Limiter,
+    pub admission: Admission,
     pub key_store: Arc<dyn KeyStore>,
     /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
     pub admin_token: Option<String>,
@@ -32,9 +33,12 @@ pub struct App {
     pub settling: tokio_util::task::TaskTracker,
     /// For budget alert webhooks.
     pub webhooks: reqwest::Client,
-    pub rater: Rater,
-    pub ledger: LedgerReader,
+    pub totals: RatingTotals,
+    pub ledger: Arc<dyn LedgerReader>,
     ready: AtomicBool,
+    /// The main runtime: work that must outlive a serving lane (settlements finished on shared
+    /// state, webhooks) runs here.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// What the gateway is built from, besides its configuration.
@@ -43,16 +47,18 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     pub usage: UsageSender,
     pub key_store: Arc<dyn KeyStore>,
-    pub ledger: LedgerReader,
-    pub limiter: Limiter,
+    pub ledger: Arc<dyn LedgerReader>,
+    pub admission: Admission,
+    pub totals: RatingTotals,
     pub admin_token: Option<String>,
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl App {
     pub fn new(config: Config, services: Services) -> App {
         for name in &config.model_order {
             if let Some(model) = config.model(name) {
-                services.limiter.set_model(name, model.rpm, model.tpm);
+                services.admission.set_model(name, model.rpm, model.tpm);
             }
         }
         App {
@@ -61,14 +67,15 @@ impl App {
             metrics: services.metrics,
             usage: services.usage,
             keys: KeyIndex::default(),
-            limiter: services.limiter,
+            admission: services.admission,
             key_store: services.key_store,
             admin_token: services.admin_token,
             settling: tokio_util::task::TaskTracker::new(),
             webhooks: reqwest::Client::new(),
-            rater: Rater::default(),
+            totals: services.totals,
             ledger: services.ledger,
             ready: AtomicBool::new(false),
+            runtime: services.runtime,
         }
     }
 
@@ -80,7 +87,7 @@ impl App {
     pub fn replace_config(&self, config: Config) {
         for name in &config.model_order {
             if let Some(model) = config.model(name) {
-                self.limiter.set_model(name, model.rpm, model.tpm);
+                self.admission.set_model(name, model.rpm, model.tpm);
             }
         }
         self.config.store(Arc::new(config));
@@ -102,11 +109,11 @@ impl App {
             return;
         }
         let limits = self.key_limits(&record);
-        self.limiter.upsert_key(&record.id, &limits, spent);
+        self.admission.upsert_key(&record.id, &limits, spent);
         self.keys.put(record);
     }
 
-    fn key_limits(&self, record: &KeyRecord) -> KeyLimits {
+    pub fn key_limits(&self, record: &KeyRecord) -> KeyLimits {
         key_limits(
             record,
             self.config().plan(record.plan.as_deref()).implied_cap(),
@@ -122,13 +129,14 @@ impl App {
 
     pub fn key_revoked(&self, id: &str) {
         self.keys.remove(id);
-        self.limiter.remove_key(id);
+        self.admission.remove_key(id);
     }
 
     /// Live budget figures for the admin API. Spend is tracked for every key; an uncapped key
     /// shows no cap and no remaining amount.
-    pub fn budget_view(&self, record: &KeyRecord) -> serde_json::Value {
-        let Some(snapshot) = self.limiter.budget(&record.id) else {
+    pub async fn budget_view(&self, record: &KeyRecord) -> serde_json::Value {
+        let limits = self.key_limits(record);
+        let Some(snapshot) = self.admission.budget(&record.id, &limits).await else {
             return serde_json::Value::Null;
         };
         let capped = snapshot.budget_usd != crate::limits::UNCAPPED;

@@ -1,5 +1,6 @@
 //! The `tollgate` command line: one subcommand per job, each a thin call into the library.
-//! Administrative commands (`keys`, `usage`, `invoice`) talk to a running gateway's admin API.
+//! Administrative commands (`keys`, `usage`, `invoice`) talk to a running gateway's admin API;
+//! `migrate` works on the stores directly.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +105,24 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Copy this replica's SQLite key store and ledger (under `server.data_dir`) into a shared
+    /// store. Rows already there are kept, so running it again copies only what is missing.
+    Migrate {
+        /// The store to copy into.
+        #[arg(long, value_enum)]
+        to: StoreKind,
+        #[arg(long, default_value = "routes.toml")]
+        config: PathBuf,
+        /// The PostgreSQL to copy into: postgres://user:password@host:port/database.
+        #[arg(long, env = "TOLLGATE_POSTGRES_URL", hide_env_values = true)]
+        postgres_url: Option<String>,
+    },
+}
+
+/// A shared store to migrate into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Postgres,
 }
 
 /// Where the admin API is and how to authenticate to it.

@@ -42,7 +42,7 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
     }
     let admin_token = auth::new_secret().replace("sk-tg-", "adm-");
     let wanted = config.server.listen;
-    let gateway = Gateway::start(config, Some(admin_token.clone()))?;
+    let gateway = Gateway::start(config, Some(admin_token.clone())).await?;
     let listener = match server::bind(wanted).await {
         Ok(listener) => listener,
         Err(_) => server::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,

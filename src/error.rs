@@ -52,6 +52,9 @@ pub enum GatewayError {
     /// Strict durability: the answer is withheld because its usage record was not committed.
     #[error("the answer is withheld: its usage could not be recorded")]
     UsageNotRecorded,
+    /// Shared state (Redis) is out of reach under `fail_closed`: no limit can be checked.
+    #[error("the gateway cannot check this key's limits right now (shared state unreachable); please retry shortly")]
+    StateUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -84,9 +87,9 @@ impl GatewayError {
                 *status
             }
             GatewayError::UpstreamAnswer { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::ShuttingDown | GatewayError::UsageNotRecorded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::ShuttingDown
+            | GatewayError::UsageNotRecorded
+            | GatewayError::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +115,7 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout
             | GatewayError::ShuttingDown
             | GatewayError::UsageNotRecorded
+            | GatewayError::StateUnavailable
             | GatewayError::Internal(_) => "server_error",
         }
     }
@@ -134,6 +138,7 @@ impl GatewayError {
             GatewayError::UpstreamAnswer { .. } => "upstream_error",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::UsageNotRecorded => "usage_not_recorded",
+            GatewayError::StateUnavailable => "state_unavailable",
             GatewayError::Internal(_) => "internal_error",
         }
     }
@@ -159,6 +164,7 @@ impl GatewayError {
                     | GatewayError::UpstreamUnreachable(_)
                     | GatewayError::UpstreamTimeout
                     | GatewayError::ShuttingDown
+                    | GatewayError::StateUnavailable
             ),
         }
     }

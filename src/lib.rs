@@ -2,6 +2,7 @@
 //! meters and rates every request. See README.md for the request's path through the modules.
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;
@@ -21,12 +22,12 @@ pub mod rating;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod state;
+pub mod store;
 pub mod stream;
 pub mod upstream;
 
 /// Unix time in milliseconds: the timestamp format of records, keys and the ledger.
 pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    api::unix_ms()
 }

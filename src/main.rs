@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::Value;
 
-use tollgate::cli::{AdminArgs, Cli, Command, KeysCommand};
+use tollgate::cli::{AdminArgs, Cli, Command, KeysCommand, StoreKind};
 use tollgate::client::{render, AdminClient};
 use tollgate::config::Config;
 use tollgate::mock_upstream::{self, MockOptions};
@@ -115,6 +115,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "data",
             ))
         }
+        Command::Migrate {
+            to: StoreKind::Postgres,
+            config,
+            postgres_url,
+        } => {
+            let loaded = Config::load(&config)?;
+            let url = postgres_url
+                .context("give the target with --postgres-url or TOLLGATE_POSTGRES_URL")?;
+            let data_dir = &loaded.server.data_dir;
+            let copied = tollgate::store::migrate::to_postgres(data_dir, &url)?;
+            println!(
+                "copied {} into postgres:\n  keys      {:>9} ({} new)\n  usage     {:>9} ({} new)\n  outcomes  {:>9} ({} new)",
+                data_dir.display(),
+                copied.keys,
+                copied.keys_new,
+                copied.usage,
+                copied.usage_new,
+                copied.outcomes,
+                copied.outcomes_new
+            );
+            Ok(())
+        }
         Command::Invoice {
             admin,
             key_id,
@@ -138,7 +160,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
         .ok()
         .filter(|token| !token.is_empty());
-    let gateway = Gateway::start(config, admin_token)?;
+    let gateway = Gateway::start(config, admin_token).await?;
     let listener = server::bind(listen).await?;
     let addr = listener
         .local_addr()

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub token_count_drift: IntCounterVec,
     pub usage_events: IntCounterVec,
     pub usage_pending: IntGauge,
+    /// 1 while the shared state (Redis) answers, 0 while it does not; absent when embedded.
+    pub state_backend_up: IntGauge,
     pub usage_batch_duration: Histogram,
     pub usage_batch_retries: IntCounter,
     pub config_reloads: IntCounterVec,
@@ -99,6 +101,12 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("usage_events_pending"));
         register(&registry, Box::new(usage_pending.clone()));
+        let state_backend_up = IntGauge::new(
+            "state_backend_up",
+            "Whether the shared state backend (Redis) answered its last call: 1 or 0",
+        )
+        .unwrap_or_else(|_| unreachable_metric("state_backend_up"));
+        register(&registry, Box::new(state_backend_up.clone()));
         let usage_batch_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "usage_batch_write_seconds",
@@ -227,6 +235,7 @@ impl Metrics {
                 &["result"],
             ),
             usage_pending,
+            state_backend_up,
             usage_batch_duration,
             usage_batch_retries,
             config_reloads: counter(
@@ -259,6 +268,7 @@ impl Metrics {
             Box::new(self.token_count_drift.clone()),
             Box::new(self.usage_events.clone()),
             Box::new(self.usage_pending.clone()),
+            Box::new(self.state_backend_up.clone()),
             Box::new(self.usage_batch_duration.clone()),
             Box::new(self.usage_batch_retries.clone()),
             Box::new(self.config_reloads.clone()),

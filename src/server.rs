@@ -7,29 +7,34 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::api::{new_request_id, ClientChoseRequestId, Endpoint, X_REQUEST_ID};
 use crate::app::{App, Services};
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
+use crate::config::{StateBackend, StoreBackend};
 use crate::error::GatewayError;
 use crate::lanes::Lanes;
 use crate::limits::BudgetPeriod;
 use crate::limits::{Limiter, SystemClock};
-use crate::meter::record::Endpoint;
 use crate::meter::sink::UsagePipeline;
+use crate::meter::sink::UsageWriter;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::proxy;
-use crate::rating::ledger::{LedgerReader, LedgerWriter};
-
-pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::rating::ledger::{LedgerReader, LedgerWriter, SqliteLedgerReader};
+use crate::rating::Rater;
+use crate::state::redis::RedisState;
+use crate::state::{Admission, RatingTotals};
+use crate::rating::ledger::Durability;
+use crate::store::PgStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -39,6 +44,8 @@ pub enum StartError {
     Sink { dir: String, source: std::io::Error },
     #[error("cannot open the store: {0}")]
     Store(String),
+    #[error("cannot reach the shared state: {0}")]
+    State(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -54,16 +61,22 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds everything a request needs before the first one is accepted: encoders are
-    /// loaded here so `/readyz` only says ready once counting is possible.
-    pub fn start(config: Config, admin_token: Option<String>) -> Result<Gateway, StartError> {
+    /// loaded here so `/readyz` only says ready once counting is possible, and the backends of
+    /// shared state and storage are chosen here, once.
+    pub async fn start(config: Config, admin_token: Option<String>) -> Result<Gateway, StartError> {
         let tokenizer = Tokenizer::new().map_err(|e| StartError::Tokenizer(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let data_dir = config.server.data_dir.clone();
-        let writer = LedgerWriter::open(&data_dir, config.durability)
-            .map_err(|e| StartError::Store(e.to_string()))?;
-        let ledger = LedgerReader::new(&data_dir);
+        // PostgreSQL's client blocks (and runs its own runtime): it connects on the blocking pool.
+        let store = {
+            let backend = config.store.clone();
+            let data_dir = config.server.data_dir.clone();
+            let durability = config.durability;
+            tokio::task::spawn_blocking(move || open_store(&backend, &data_dir, durability))
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))??
+        };
         let pipeline = UsagePipeline::start(
-            Box::new(writer),
+            store.writer,
             config.server.usage_channel_capacity,
             metrics.clone(),
         )
@@ -71,28 +84,81 @@ impl Gateway {
             dir: config.server.data_dir.display().to_string(),
             source,
         })?;
-        let key_store = SqliteKeyStore::open(&config.server.data_dir)
+        let key_store = store.keys;
+        let ledger = store.ledger;
+        let listed = key_store.clone();
+        let keys = tokio::task::spawn_blocking(move || listed.list())
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?
             .map_err(|e| StartError::Store(e.to_string()))?;
-        let keys = key_store
-            .list()
-            .map_err(|e| StartError::Store(e.to_string()))?;
-        let limiter = Limiter::new(
+        let local = Limiter::new(
             Arc::new(SystemClock),
             config.budget_alerts.thresholds_pct.clone(),
         );
+        let (admission, totals, shared) = match &config.state {
+            StateBackend::Embedded => (
+                Admission::Embedded(local),
+                RatingTotals::Embedded(Rater::default()),
+                None,
+            ),
+            StateBackend::Redis {
+                url,
+                on_unavailable,
+                lease,
+                share,
+            } => {
+                if config.store == StoreBackend::Sqlite {
+                    tracing::warn!(
+                        "shared state on Redis with keys and ledger in SQLite: each replica has \
+                         its own keys and ledger; use `[store] backend = \"postgres\"`"
+                    );
+                }
+                let redis = RedisState::connect(
+                    url,
+                    *lease,
+                    *on_unavailable,
+                    config.budget_alerts.thresholds_pct.clone(),
+                    metrics.state_backend_up.clone(),
+                )
+                .await
+                .map_err(|e| StartError::State(e.to_string()))?;
+                (
+                    Admission::Shared {
+                        redis: redis.clone(),
+                        local_share: local,
+                        share: *share,
+                        ledger: ledger.clone(),
+                    },
+                    RatingTotals::Shared {
+                        redis: redis.clone(),
+                        ledger: ledger.clone(),
+                    },
+                    Some(redis),
+                )
+            }
+        };
         let app = Arc::new(App::new(
             config,
             Services {
                 tokenizer,
                 metrics,
                 usage: pipeline.sender(),
-                key_store: Arc::new(key_store),
+                key_store,
                 ledger: ledger.clone(),
-                limiter,
+                admission,
+                totals,
                 admin_token,
+                runtime: tokio::runtime::Handle::current(),
             },
         ));
-        restore(&app, &ledger, keys).map_err(|e| StartError::Store(e.to_string()))?;
+        let restoring = app.clone();
+        tokio::task::spawn_blocking(move || restore(&restoring, ledger.as_ref(), keys))
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        if let Some(redis) = shared {
+            tokio::spawn(follow_key_changes(Arc::downgrade(&app), redis));
+        }
         Ok(Gateway { app, pipeline })
     }
 
@@ -168,13 +234,15 @@ impl Gateway {
 /// a crash interrupted are simply gone.
 fn restore(
     app: &App,
-    ledger: &LedgerReader,
+    ledger: &dyn LedgerReader,
     keys: Vec<crate::auth::KeyRecord>,
 ) -> Result<(), crate::rating::ledger::LedgerError> {
     let now_ms = crate::unix_ms();
-    let month = BudgetPeriod::Month.start_ms(now_ms);
-    for (key_id, cursor) in ledger.cursors(month)? {
-        app.rater.seed(&key_id, month, cursor);
+    if let RatingTotals::Embedded(rater) = &app.totals {
+        let month = BudgetPeriod::Month.start_ms(now_ms);
+        for (key_id, cursor) in ledger.cursors(month)? {
+            rater.seed(&key_id, month, cursor);
+        }
     }
     let mut spend_by_period = std::collections::HashMap::new();
     for key in keys {
@@ -190,6 +258,111 @@ fn restore(
         app.key_activated(key, Some(spent));
     }
     Ok(())
+}
+
+/// Where keys and usage are kept, as the request path and the usage thread see them.
+struct Store {
+    keys: Arc<dyn KeyStore>,
+    writer: Box<dyn UsageWriter>,
+    ledger: Arc<dyn LedgerReader>,
+}
+
+fn open_store(
+    backend: &StoreBackend,
+    data_dir: &std::path::Path,
+    durability: Durability,
+) -> Result<Store, StartError> {
+    let failed = |e: &dyn std::fmt::Display| StartError::Store(e.to_string());
+    match backend {
+        StoreBackend::Sqlite => Ok(Store {
+            keys: Arc::new(SqliteKeyStore::open(data_dir).map_err(|e| failed(&e))?),
+            writer: Box::new(
+                LedgerWriter::open(data_dir, durability).map_err(|e| failed(&e))?,
+            ),
+            ledger: Arc::new(SqliteLedgerReader::new(data_dir)),
+        }),
+        StoreBackend::Postgres { url } => {
+            let store = PgStore::connect(url).map_err(|e| failed(&e))?;
+            Ok(Store {
+                keys: Arc::new(store.key_store()),
+                writer: Box::new(
+                    store
+                        .ledger_writer(durability)
+                        .map_err(|e| failed(&e))?,
+                ),
+                ledger: Arc::new(store.ledger_reader()),
+            })
+        }
+    }
+}
+
+/// Keeps this replica's key index current with the others': each announced change is loaded
+/// from the store; a gap in the announced versions (a message missed while the subscription was
+/// down) or a version moved without a message reloads every key. Ends with the gateway.
+async fn follow_key_changes(app: std::sync::Weak<App>, redis: Arc<RedisState>) {
+    let mut seen = redis.key_version().await.unwrap_or(0);
+    let mut changes = redis.key_changes().await.ok();
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        let change = async {
+            match changes.as_mut() {
+                Some(changes) => changes.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            change = change => {
+                let Some(app) = app.upgrade() else { return };
+                match change {
+                    Some((version, key_id)) if version == seen + 1 => {
+                        seen = version;
+                        reload_key(&app, key_id).await;
+                    }
+                    Some((version, _)) => {
+                        seen = seen.max(version);
+                        reload_keys(&app).await;
+                    }
+                    None => changes = None,
+                }
+            }
+            _ = poll.tick() => {
+                let Some(app) = app.upgrade() else { return };
+                if changes.is_none() {
+                    changes = redis.key_changes().await.ok();
+                }
+                if let Ok(version) = redis.key_version().await {
+                    if version != seen {
+                        seen = version;
+                        reload_keys(&app).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn reload_key(app: &Arc<App>, key_id: String) {
+    let store = app.key_store.clone();
+    let id = key_id.clone();
+    match tokio::task::spawn_blocking(move || store.get(&id)).await {
+        Ok(Ok(Some(record))) => app.key_activated(record, None),
+        Ok(Ok(None)) => app.key_revoked(&key_id),
+        Ok(Err(error)) => tracing::error!(%error, "cannot load a changed key"),
+        Err(error) => tracing::error!(%error, "cannot load a changed key"),
+    }
+}
+
+async fn reload_keys(app: &Arc<App>) {
+    let store = app.key_store.clone();
+    match tokio::task::spawn_blocking(move || store.list()).await {
+        Ok(Ok(records)) => {
+            for record in records {
+                app.key_activated(record, None);
+            }
+        }
+        Ok(Err(error)) => tracing::error!(%error, "cannot reload keys"),
+        Err(error) => tracing::error!(%error, "cannot reload keys"),
+    }
 }
 
 /// The client API, with the admin API merged in unless it has its own listener.
@@ -233,19 +406,6 @@ fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// A fresh request id: 48 bits of milliseconds then 80 random bits, in hex. Time first (as in
-/// UUIDv7) so that the ledger's unique index on request ids grows at its end instead of
-/// touching a random page per record.
-pub fn new_request_id() -> String {
-    let random: u128 = rand::random();
-    let ms = crate::unix_ms() as u128 & ((1 << 48) - 1);
-    format!("req_{:032x}", (ms << 80) | (random >> 48))
-}
-
-/// Marks a request whose `x-request-id` is the client's own rather than the gateway's.
-#[derive(Clone, Copy)]
-pub struct ClientChoseRequestId;
-
 /// Every request carries a usable `x-request-id` from here on: the client's when it is a sane
 /// token (1 to 128 visible ASCII characters), else a fresh one. It is sent upstream and echoed
 /// on every response.
@@ -281,8 +441,12 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "upstreams": config.upstreams.len(),
         "accepting": app.is_ready(),
         "usage_recording": if app.usage.failing() { "failing" } else { "ok" },
+        "shared_state": if app.admission.available() { "ok" } else { "unreachable" },
     });
-    let ready = app.is_ready() && !config.models.is_empty() && !app.usage.failing();
+    let ready = app.is_ready()
+        && !config.models.is_empty()
+        && !app.usage.failing()
+        && app.admission.available();
     let status = if ready {
         StatusCode::OK
     } else {

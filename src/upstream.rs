@@ -20,11 +20,12 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::api::Endpoint;
+use crate::api::X_REQUEST_ID;
 use crate::config::{Model, RetryPolicy};
 use crate::error::GatewayError;
-use crate::meter::record::Endpoint;
 use crate::metrics::Metrics;
-use crate::server::X_REQUEST_ID;
+use crate::state::FallbackGate;
 
 /// The pooled HTTP/1.1 and HTTP/2 client (rustls, Mozilla's roots) requests to providers go
 /// through. hyper's own client rather than reqwest: reqwest re-parsed each request's URL for
@@ -84,14 +85,14 @@ pub struct Progress {
 }
 
 /// Tries `candidates` in order, noting its progress in `progress`; a fallback is tried only
-/// when `admit_fallback` lets it (its own throttles). On exhaustion the last upstream error
+/// when `fallback_gate` lets it (its own throttles). On exhaustion the last upstream error
 /// status is returned as the answer (it passes through to the client), or the last gateway
 /// error when no upstream ever answered.
 pub async fn forward(
     candidates: &[Arc<Model>],
     attempt: &Attempt<'_>,
     progress: &mut Progress,
-    admit_fallback: &mut (dyn FnMut(&Model) -> bool + Send),
+    fallback_gate: &mut FallbackGate<'_>,
 ) -> Result<Forwarded, GatewayError> {
     let deadline = Instant::now() + attempt.policy.budget;
     let mut last: Result<Forwarded, GatewayError> = Err(GatewayError::UpstreamUnreachable(
@@ -99,7 +100,7 @@ pub async fn forward(
     ));
     'models: for (index, model) in candidates.iter().enumerate() {
         if index > 0 {
-            if !admit_fallback(model) {
+            if !fallback_gate.admit(model).await {
                 tracing::warn!(model = %model.name, "fallback skipped: its throttle is full");
                 continue;
             }

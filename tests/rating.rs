@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{config_text, temp_dir, Harness, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
-use tollgate::rating::ledger::LedgerReader;
+use tollgate::rating::ledger::{LedgerReader, SqliteLedgerReader};
 
 const PLANS: &str = r#"
 [plans.support]
@@ -368,7 +368,7 @@ async fn crash_under_load(durability: &str) -> Crash {
     let (mut child, _) = spawn_gateway(&path);
     child.kill().unwrap();
     child.wait().unwrap();
-    let records = LedgerReader::new(&data_dir).records().unwrap();
+    let records = SqliteLedgerReader::new(&data_dir).records().unwrap();
     let ledger_ids: Vec<String> = records
         .into_iter()
         .filter_map(|r| r.client_request_id)

@@ -1,20 +1,24 @@
 //! Durable keys: the `keys` table of the embedded SQLite store under the data dir. Calls are
 //! blocking; async callers run them on the blocking pool. The trait is the seam for a shared
-//! store (PostgreSQL, Redis) used by several replicas.
+//! store used by several replicas (`store::postgres`), which maps keys to rows through the
+//! same [`key_values`] and [`key_record`].
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use super::KeyRecord;
 use crate::limits::BudgetPeriod;
 use crate::money::Money;
+use crate::store::row::{Column, Dialect, RowSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("key store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("key store: {0}")]
+    Postgres(#[from] crate::store::PgError),
     #[error("key store: {0}")]
     Corrupt(String),
     #[error("key store lock poisoned")]
@@ -74,8 +78,66 @@ impl SqliteKeyStore {
     }
 }
 
-const COLUMNS: &str = "id, name, prefix, secret_hash, owner, team, customer, budget_nanos, \
-     budget_period, rpm, tpm, max_concurrency, models, plan, seats, created_at_ms, revoked_at_ms";
+/// The `keys` table's columns, in the order of [`key_values`] and [`key_record`].
+const KEY_COLUMNS: [&str; 17] = [
+    "id",
+    "name",
+    "prefix",
+    "secret_hash",
+    "owner",
+    "team",
+    "customer",
+    "budget_nanos",
+    "budget_period",
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "models",
+    "plan",
+    "seats",
+    "created_at_ms",
+    "revoked_at_ms",
+];
+
+/// What an update may change: every column but the id, the secret and the creation time.
+const UPDATED_COLUMNS: [usize; 13] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16];
+
+/// `KEY_COLUMNS` as a select or insert list.
+pub(crate) fn key_columns() -> String {
+    KEY_COLUMNS.join(", ")
+}
+
+/// The insert of one key.
+pub(crate) fn key_insert_sql(dialect: Dialect) -> String {
+    format!(
+        "INSERT INTO keys ({}) VALUES ({})",
+        key_columns(),
+        dialect.params(KEY_COLUMNS.len())
+    )
+}
+
+/// The update of one key by id: the id is the first parameter, then `UPDATED_COLUMNS`.
+pub(crate) fn key_update_sql(dialect: Dialect) -> String {
+    let set: Vec<String> = UPDATED_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(n, &column)| format!("{} = {}", KEY_COLUMNS[column], dialect.param(n + 2)))
+        .collect();
+    format!(
+        "UPDATE keys SET {} WHERE id = {}",
+        set.join(", "),
+        dialect.param(1)
+    )
+}
+
+/// The parameters of [`key_update_sql`].
+pub(crate) fn key_update_values(record: &KeyRecord) -> Vec<Column<'_>> {
+    let values = key_values(record);
+    std::iter::once(0)
+        .chain(UPDATED_COLUMNS)
+        .map(|column| values[column].clone())
+        .collect()
+}
 
 fn period_name(period: BudgetPeriod) -> &'static str {
     match period {
@@ -86,67 +148,79 @@ fn period_name(period: BudgetPeriod) -> &'static str {
     }
 }
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let hash: Vec<u8> = row.get(3)?;
-    let period: String = row.get(8)?;
-    let models: Option<String> = row.get(12)?;
-    let invalid = |index: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            index,
-            rusqlite::types::Type::Text,
-            what.to_owned().into(),
-        )
-    };
+/// A key as the store keeps it, in the order of `KEY_COLUMNS`: money as nano-dollars, the
+/// allowed models as a JSON array.
+pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 17] {
+    [
+        Column::text(&r.id),
+        Column::text(&r.name),
+        Column::text(&r.prefix),
+        Column::Bytes(r.secret_hash.as_slice()),
+        Column::optional_text(r.owner.as_deref()),
+        Column::optional_text(r.team.as_deref()),
+        Column::optional_text(r.customer.as_deref()),
+        Column::Int(r.budget_usd.map(Money::nanos)),
+        Column::text(period_name(r.budget_period)),
+        Column::Int(r.rpm.map(i64::from)),
+        Column::Int(r.tpm.map(|v| i64::try_from(v).unwrap_or(i64::MAX))),
+        Column::Int(r.max_concurrency.map(i64::from)),
+        Column::Text(
+            r.models
+                .as_ref()
+                .map(|models| serde_json::Value::from(models.clone()).to_string().into()),
+        ),
+        Column::optional_text(r.plan.as_deref()),
+        Column::int(i64::from(r.seats)),
+        Column::int(r.created_at_ms),
+        Column::Int(r.revoked_at_ms),
+    ]
+}
+
+/// Rebuilds a key from a row selected as [`key_columns`], in either store.
+pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
+    let hash = row.bytes(3)?;
+    let period = row.required_text(8)?;
+    let models = row.text(12)?;
     Ok(KeyRecord {
-        id: row.get(0)?,
-        name: row.get(1)?,
-        prefix: row.get(2)?,
+        id: row.required_text(0)?,
+        name: row.required_text(1)?,
+        prefix: row.required_text(2)?,
         secret_hash: hash
             .try_into()
-            .map_err(|_| invalid(3, "secret hash length"))?,
-        owner: row.get(4)?,
-        team: row.get(5)?,
-        customer: row.get(6)?,
-        budget_usd: row.get::<_, Option<i64>>(7)?.map(Money::from_nanos),
+            .map_err(|_| row.invalid(3, "secret hash length".to_owned()))?,
+        owner: row.text(4)?,
+        team: row.text(5)?,
+        customer: row.text(6)?,
+        budget_usd: row.int(7)?.map(Money::from_nanos),
         budget_period: match period.as_str() {
             "day" => BudgetPeriod::Day,
             "week" => BudgetPeriod::Week,
             "month" => BudgetPeriod::Month,
             "total" => BudgetPeriod::Total,
-            _ => return Err(invalid(8, "budget period")),
+            _ => return Err(row.invalid(8, format!("budget period `{period}`"))),
         },
-        rpm: row.get(9)?,
-        tpm: row.get::<_, Option<i64>>(10)?.map(|v| v.max(0) as u64),
-        max_concurrency: row.get(11)?,
+        rpm: row.optional_number(9)?,
+        tpm: row.int(10)?.map(|v| v.max(0) as u64),
+        max_concurrency: row.optional_number(11)?,
         models: match models {
-            Some(json) => Some(serde_json::from_str(&json).map_err(|_| invalid(12, "models"))?),
+            Some(json) => Some(
+                serde_json::from_str(&json).map_err(|_| row.invalid(12, "models".to_owned()))?,
+            ),
             None => None,
         },
-        plan: row.get(13)?,
-        seats: row.get(14)?,
-        created_at_ms: row.get(15)?,
-        revoked_at_ms: row.get(16)?,
+        plan: row.text(13)?,
+        seats: row.number(14)?,
+        created_at_ms: row.required_int(15)?,
+        revoked_at_ms: row.int(16)?,
     })
-}
-
-fn models_json(record: &KeyRecord) -> Option<String> {
-    record
-        .models
-        .as_ref()
-        .map(|models| serde_json::Value::from(models.clone()).to_string())
 }
 
 impl KeyStore for SqliteKeyStore {
     fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT INTO keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
-                params![
-                    r.id, r.name, r.prefix, r.secret_hash.as_slice(), r.owner, r.team, r.customer,
-                    r.budget_usd.map(Money::nanos), period_name(r.budget_period), r.rpm,
-                    r.tpm.map(|v| i64::try_from(v).unwrap_or(i64::MAX)), r.max_concurrency,
-                    models_json(r), r.plan, r.seats, r.created_at_ms, r.revoked_at_ms
-                ],
+                &key_insert_sql(Dialect::Sqlite),
+                params_from_iter(key_values(r)),
             )?;
             Ok(())
         })
@@ -155,15 +229,8 @@ impl KeyStore for SqliteKeyStore {
     fn update(&self, r: &KeyRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE keys SET name = ?2, owner = ?3, team = ?4, customer = ?5, budget_nanos = ?6,
-                 budget_period = ?7, rpm = ?8, tpm = ?9, max_concurrency = ?10, models = ?11,
-                 plan = ?12, seats = ?13, revoked_at_ms = ?14 WHERE id = ?1",
-                params![
-                    r.id, r.name, r.owner, r.team, r.customer, r.budget_usd.map(Money::nanos),
-                    period_name(r.budget_period), r.rpm,
-                    r.tpm.map(|v| i64::try_from(v).unwrap_or(i64::MAX)), r.max_concurrency,
-                    models_json(r), r.plan, r.seats, r.revoked_at_ms
-                ],
+                &key_update_sql(Dialect::Sqlite),
+                params_from_iter(key_update_values(r)),
             )?;
             Ok(())
         })
@@ -172,9 +239,9 @@ impl KeyStore for SqliteKeyStore {
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.with(|c| {
             Ok(c.query_row(
-                &format!("SELECT {COLUMNS} FROM keys WHERE id = ?1"),
+                &format!("SELECT {} FROM keys WHERE id = ?1", key_columns()),
                 [id],
-                from_row,
+                |row| key_record(row),
             )
             .optional()?)
         })
@@ -183,9 +250,10 @@ impl KeyStore for SqliteKeyStore {
     fn list(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.with(|c| {
             let mut statement = c.prepare(&format!(
-                "SELECT {COLUMNS} FROM keys ORDER BY created_at_ms, id"
+                "SELECT {} FROM keys ORDER BY created_at_ms, id",
+                key_columns()
             ))?;
-            let rows = statement.query_map([], from_row)?;
+            let rows = statement.query_map([], |row| key_record(row))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }

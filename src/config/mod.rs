@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::meter::record::Endpoint;
+use crate::api::Endpoint;
 use crate::meter::tokenizer::Encoding;
 use crate::money::{Money, TokenPrice};
 use crate::rating::ledger::Durability;
@@ -40,6 +40,112 @@ pub struct Config {
     pub plans: HashMap<String, Plan>,
     pub durability: Durability,
     pub router: Option<Router>,
+    /// Chosen at start-up; a reload that changes it is logged and takes effect on restart.
+    pub state: StateBackend,
+    pub store: StoreBackend,
+}
+
+/// What a replica does while its shared state cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Refuse every request with 503 and report not ready: no limit can be exceeded.
+    FailClosed,
+    /// Serve, each replica enforcing its share of every limit on its own.
+    FailOpen,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateBackend {
+    Embedded,
+    Redis {
+        url: String,
+        on_unavailable: OnUnavailable,
+        lease: Duration,
+        /// Each replica's share of every limit under `fail_open`.
+        share: f64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreBackend {
+    Sqlite,
+    Postgres { url: String },
+}
+
+/// The URL from the environment when set there, else from the file.
+fn url_from(env: &str, file: &Option<String>) -> Option<String> {
+    std::env::var(env)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .or_else(|| file.clone())
+}
+
+fn state_backend(raw: &raw::RawState, problems: &mut Problems) -> StateBackend {
+    let on_unavailable = match raw.on_unavailable.as_str() {
+        "fail_closed" => OnUnavailable::FailClosed,
+        "fail_open" => OnUnavailable::FailOpen,
+        other => {
+            problems.push(
+                &["state", "on_unavailable"],
+                format!("`{other}` is not `fail_closed` or `fail_open`"),
+            );
+            OnUnavailable::FailClosed
+        }
+    };
+    if raw.lease_secs < 3 {
+        problems.push(&["state", "lease_secs"], "must be at least 3");
+    }
+    if raw.replicas == 0 {
+        problems.push(&["state", "replicas"], "must be at least 1");
+    }
+    match raw.backend.as_str() {
+        "embedded" => StateBackend::Embedded,
+        "redis" => match url_from("TOLLGATE_REDIS_URL", &raw.redis_url) {
+            Some(url) => StateBackend::Redis {
+                url,
+                on_unavailable,
+                lease: Duration::from_secs(raw.lease_secs.max(3)),
+                share: 1.0 / f64::from(raw.replicas.max(1)),
+            },
+            None => {
+                problems.push(
+                    &["state", "redis_url"],
+                    "backend `redis` needs `redis_url` (or env TOLLGATE_REDIS_URL)",
+                );
+                StateBackend::Embedded
+            }
+        },
+        other => {
+            problems.push(
+                &["state", "backend"],
+                format!("`{other}` is not `embedded` or `redis`"),
+            );
+            StateBackend::Embedded
+        }
+    }
+}
+
+fn store_backend(raw: &raw::RawStore, problems: &mut Problems) -> StoreBackend {
+    match raw.backend.as_str() {
+        "sqlite" => StoreBackend::Sqlite,
+        "postgres" => match url_from("TOLLGATE_POSTGRES_URL", &raw.postgres_url) {
+            Some(url) => StoreBackend::Postgres { url },
+            None => {
+                problems.push(
+                    &["store", "postgres_url"],
+                    "backend `postgres` needs `postgres_url` (or env TOLLGATE_POSTGRES_URL)",
+                );
+                StoreBackend::Sqlite
+            }
+        },
+        other => {
+            problems.push(
+                &["store", "backend"],
+                format!("`{other}` is not `sqlite` or `postgres`"),
+            );
+            StoreBackend::Sqlite
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +468,8 @@ impl Config {
             }
         };
         Config {
+            state: state_backend(&raw.state, problems),
+            store: store_backend(&raw.store, problems),
             router,
             plans,
             durability,

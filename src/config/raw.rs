@@ -25,6 +25,58 @@ pub struct RawConfig {
     pub ledger: RawLedger,
     #[serde(default)]
     pub router: crate::route::RawRouter,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+/// Where throttles, reservations, rating totals, alert flags and the key change feed live.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    /// `embedded` (default) or `redis`.
+    pub backend: String,
+    /// Overridden by env `TOLLGATE_REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// `fail_closed` (default) or `fail_open`.
+    pub on_unavailable: String,
+    /// How long a reservation or concurrency slot outlives a replica that stopped renewing it.
+    pub lease_secs: u64,
+    /// How many replicas share the limits: under `fail_open` each enforces 1/replicas of
+    /// every limit on its own.
+    pub replicas: u32,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            backend: "embedded".to_owned(),
+            redis_url: None,
+            on_unavailable: "fail_closed".to_owned(),
+            lease_secs: 30,
+            replicas: 2,
+        }
+    }
+}
+
+/// Where keys and the usage ledger live.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// `sqlite` (default) or `postgres`.
+    pub backend: String,
+    /// Overridden by env `TOLLGATE_POSTGRES_URL`.
+    pub postgres_url: Option<String>,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: "sqlite".to_owned(),
+            postgres_url: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -122,6 +122,8 @@ pub enum Refusal {
     },
     /// The key's budget cannot cover the request's worst case.
     InsufficientQuota { remaining: Money, needed: Money },
+    /// The shared state that holds the limits cannot be reached (`fail_closed`).
+    Unavailable,
 }
 
 impl Refusal {
@@ -144,6 +146,7 @@ impl Refusal {
             } => "key_rpm",
             Refusal::RateLimited { .. } => "key_tpm",
             Refusal::InsufficientQuota { .. } => "budget",
+            Refusal::Unavailable => "state_unavailable",
         }
     }
 }
@@ -204,7 +207,7 @@ impl RateLimitHeaders {
 }
 
 /// Keeps the snapshot with the least room left, as a share of its limit.
-fn tighter(current: Option<Snapshot>, candidate: Option<Snapshot>) -> Option<Snapshot> {
+pub fn tighter(current: Option<Snapshot>, candidate: Option<Snapshot>) -> Option<Snapshot> {
     match (current, candidate) {
         (Some(a), Some(b)) => {
             let a_share = u128::from(a.remaining) * u128::from(b.limit);

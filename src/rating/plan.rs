@@ -135,6 +135,16 @@ pub struct Cursor {
     pub micro_credits: u64,
 }
 
+impl Cursor {
+    pub fn plus(self, delta: Cursor) -> Cursor {
+        Cursor {
+            tokens: self.tokens + delta.tokens,
+            list_cost: self.list_cost + delta.list_cost,
+            micro_credits: self.micro_credits + delta.micro_credits,
+        }
+    }
+}
+
 /// What rating one request produced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rated {
@@ -239,12 +249,43 @@ impl Plan {
         usage: TokenUsage,
         seats: u32,
     ) -> Rated {
-        let prices = self.prices(model, list);
-        let tokens = usage.input + usage.output;
-        let cost = prices.cost(usage.input, usage.cached_input, usage.output);
+        let delta = self.advance(model, tier, list, usage);
         let before = *cursor;
-        cursor.tokens += tokens;
-        cursor.list_cost += cost;
+        *cursor = before.plus(delta);
+        self.charge(before, delta, seats)
+    }
+
+    /// What one request adds to its key's month totals. Totals only ever add up, so the
+    /// charge depends on nothing but where in the month the request's delta lands: whoever
+    /// advances the totals atomically (a mutex here, one server-side increment across
+    /// replicas) hands each request its own segment, and the charges add up to the month's.
+    pub fn advance(
+        &self,
+        model: &str,
+        tier: &str,
+        list: &ModelPrices,
+        usage: TokenUsage,
+    ) -> Cursor {
+        let tokens = usage.input + usage.output;
+        let micro_credits = match self {
+            Plan::Credits {
+                micro_per_token, ..
+            } => tokens.saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0)),
+            _ => 0,
+        };
+        Cursor {
+            tokens,
+            list_cost: self
+                .prices(model, list)
+                .cost(usage.input, usage.cached_input, usage.output),
+            micro_credits,
+        }
+    }
+
+    /// The charge of the request whose `delta` moved the month's totals on from `before`.
+    pub fn charge(&self, before: Cursor, delta: Cursor, seats: u32) -> Rated {
+        let after = before.plus(delta);
+        let (tokens, cost) = (delta.tokens, delta.list_cost);
         match self {
             Plan::PerToken {
                 markup_bp,
@@ -265,7 +306,7 @@ impl Plan {
                 for tier in tiers {
                     let ceiling = tier.up_to_tokens.unwrap_or(u64::MAX);
                     let start = before.tokens.max(floor);
-                    let end = cursor.tokens.min(ceiling);
+                    let end = after.tokens.min(ceiling);
                     if end > start {
                         let share = i128::from(end - start);
                         charge += scale(
@@ -287,26 +328,20 @@ impl Plan {
                 ..
             } => {
                 let allowance = included_tokens_per_seat.saturating_mul(u64::from(seats.max(1)));
-                let overage = cursor.tokens.saturating_sub(allowance)
+                let overage = after.tokens.saturating_sub(allowance)
                     - before.tokens.saturating_sub(allowance);
                 Rated {
                     charge: overage_per_token.cost(overage),
                     micro_credits: 0,
                 }
             }
-            Plan::Credits {
-                micro_per_token, ..
-            } => {
-                let burn = tokens.saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0));
-                cursor.micro_credits += burn;
-                Rated {
-                    charge: self.charge_at(*cursor) - self.charge_at(before),
-                    micro_credits: burn,
-                }
-            }
+            Plan::Credits { .. } => Rated {
+                charge: self.charge_at(after) - self.charge_at(before),
+                micro_credits: delta.micro_credits,
+            },
             Plan::PerOutcome { .. } => Rated::default(),
             Plan::PerToken { .. } => Rated {
-                charge: self.charge_at(*cursor) - self.charge_at(before),
+                charge: self.charge_at(after) - self.charge_at(before),
                 micro_credits: 0,
             },
         }

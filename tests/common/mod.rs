@@ -2,6 +2,8 @@
 //! upstream (which stands in only for the paid provider), each with its own data dir.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod services;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use tollgate::config::Config;
 use tollgate::meter::record::UsageRecord;
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
-use tollgate::rating::ledger::LedgerReader;
+use tollgate::rating::ledger::{LedgerReader, SqliteLedgerReader};
 use tollgate::server::Gateway;
 
 pub struct Harness {
@@ -131,7 +133,9 @@ impl Harness {
         let path = data_dir.join("routes.toml");
         std::fs::write(&path, &text).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
+        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned()))
+            .await
+            .unwrap();
         let app = gateway.app.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -203,7 +207,9 @@ impl Harness {
     pub async fn restart(&mut self) {
         self.stop().await;
         let config = Config::load(&self.data_dir.join("routes.toml")).unwrap();
-        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned())).unwrap();
+        let gateway = Gateway::start(config, Some(ADMIN_TOKEN.to_owned()))
+            .await
+            .unwrap();
         self.app = gateway.app.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.url = format!("http://{}", listener.local_addr().unwrap());
@@ -254,7 +260,9 @@ impl Harness {
 }
 
 fn read_records(data_dir: &Path) -> Vec<UsageRecord> {
-    LedgerReader::new(data_dir).records().unwrap_or_default()
+    SqliteLedgerReader::new(data_dir)
+        .records()
+        .unwrap_or_default()
 }
 
 /// Parses an SSE body into its `data:` payloads.

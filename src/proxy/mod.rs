@@ -3,45 +3,42 @@
 //! record to rating. Each phase is a call into its own module; this file only orders them and
 //! carries the request's facts ([`Exchange`]) from one phase to the next.
 
-use std::pin::Pin;
+mod body;
+mod metered;
+mod models;
+mod settle;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
 use axum::Extension;
 use bytes::Bytes;
-use futures_util::Stream;
-use http_body_util::{BodyDataStream, BodyExt};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use serde_json::Value;
-use std::future::Future;
 
+use crate::api::{
+    ClientChoseRequestId, Endpoint, X_REQUEST_ID, X_TOLLGATE_MODEL, X_TOLLGATE_ROUTE,
+};
 use crate::app::App;
 use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
-use crate::limits::{AlertCrossing, Demand, RateLimitHeaders, Refusal, Ticket};
+use crate::limits::{Demand, RateLimitHeaders, Refusal};
 use crate::meter::answer::Answer;
-use crate::meter::record::{Endpoint, MeterEvent, Outcome, TokenUsage, UsageRecord};
-use crate::meter::sink::WrittenAck;
+use crate::meter::record::{Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
-use crate::metrics::status_class;
-use crate::money::Money;
-use crate::rating::ledger::Durability;
-use crate::rating::plan::Rated;
 use crate::route::KeyPolicy;
-use crate::server::{ClientChoseRequestId, X_REQUEST_ID};
-use crate::stream::{Gathered, SseTap};
+use crate::state::{FallbackGate, Pass, Refused};
 use crate::upstream;
-use tokio::sync::oneshot;
-
-static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
-static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
+use body::{parse_request, read_body};
+use metered::MeteredStream;
+pub use models::{model, models};
+use settle::Ending;
 
 /// The route of a proxied endpoint: every one takes the same path through the gateway.
 pub fn endpoint(endpoint: Endpoint) -> MethodRouter<Arc<App>> {
@@ -154,7 +151,7 @@ async fn proxy(
         exchange.counted.input = tokens;
         body
     };
-    exchange.admit(&key, &candidates, &body)?;
+    exchange.admit(&key, &candidates, &body).await?;
 
     let attempt = upstream::Attempt {
         endpoint: exchange.endpoint,
@@ -164,29 +161,13 @@ async fn proxy(
         policy: &config.retry,
         metrics: &exchange.app.metrics,
     };
-    let (app, ticket) = (&exchange.app, &mut exchange.ticket);
-    let mut admit_fallback = |model: &Model| {
-        let Some(ticket) = ticket.as_mut() else {
-            return true;
-        };
-        match app.limiter.fall_back_to(ticket, &model.name) {
-            Ok(()) => true,
-            Err(refusal) => {
-                app.metrics
-                    .rejections
-                    .with_label_values(&[refusal.reason()])
-                    .inc();
-                false
-            }
-        }
+    let mut gate = FallbackGate {
+        admission: &exchange.app.admission,
+        pass: exchange.pass.as_mut(),
+        metrics: &exchange.app.metrics,
     };
-    let forwarded = upstream::forward(
-        &candidates,
-        &attempt,
-        &mut exchange.progress,
-        &mut admit_fallback,
-    )
-    .await?;
+    let forwarded =
+        upstream::forward(&candidates, &attempt, &mut exchange.progress, &mut gate).await?;
     exchange.model = Some(forwarded.model);
 
     if !forwarded.response.status().is_success() {
@@ -272,120 +253,6 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.trim_start().starts_with("application/json"))
 }
 
-struct ParsedRequest {
-    body: Value,
-    model: String,
-    stream: bool,
-}
-
-/// The body, refused with 413 before keeping more than the limit (and before any parsing).
-async fn read_body(
-    headers: &HeaderMap,
-    mut body: Body,
-    limit: usize,
-) -> Result<Bytes, GatewayError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        discard(body, declared).await;
-        return Err(GatewayError::BodyTooLarge { limit });
-    }
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
-    let mut length = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame
-            .map_err(|_| GatewayError::bad_request("the request body could not be read"))?
-            .into_data()
-        else {
-            continue;
-        };
-        length += data.len();
-        if length > limit {
-            discard(body, None).await;
-            return Err(GatewayError::BodyTooLarge { limit });
-        }
-        chunks.push(data);
-    }
-    Ok(match chunks.len() {
-        0 | 1 => chunks.pop().unwrap_or_default(),
-        _ => Bytes::from(chunks.concat()),
-    })
-}
-
-/// How much of a refused body is still read and dropped, and for how long: a server that
-/// closes a connection with unread data resets it, and a client still sending then sees a
-/// broken pipe instead of the 413 (as nginx's lingering close avoids). Past either bound the
-/// connection is cut.
-const DISCARD_MAX_BYTES: u64 = 64 * 1024 * 1024;
-const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
-
-async fn discard(mut body: Body, declared: Option<u64>) {
-    if declared.is_some_and(|length| length > DISCARD_MAX_BYTES) {
-        return;
-    }
-    let drain = async {
-        let mut read = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            read += frame.data_ref().map_or(0, |data| data.len() as u64);
-            if read > DISCARD_MAX_BYTES {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DISCARD_MAX_TIME, drain).await;
-}
-
-fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
-    let body: Value = serde_json::from_slice(bytes).map_err(|error| {
-        GatewayError::bad_request(format!(
-            "We could not parse the JSON body of your request: {error}"
-        ))
-    })?;
-    if !body.is_object() {
-        return Err(GatewayError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
-    let model = match &body["model"] {
-        Value::String(model) if !model.is_empty() => model.clone(),
-        Value::Null => {
-            return Err(GatewayError::BadRequest {
-                message: "you must provide a model parameter".to_owned(),
-                param: Some("model"),
-            })
-        }
-        _ => {
-            return Err(GatewayError::BadRequest {
-                message: "`model` must be a non-empty string".to_owned(),
-                param: Some("model"),
-            })
-        }
-    };
-    let stream = match &body["stream"] {
-        Value::Bool(stream) => *stream,
-        Value::Null => false,
-        _ => {
-            return Err(GatewayError::BadRequest {
-                message: "`stream` must be a boolean".to_owned(),
-                param: Some("stream"),
-            })
-        }
-    };
-    if !matches!(&body["stream_options"], Value::Object(_) | Value::Null) {
-        return Err(GatewayError::BadRequest {
-            message: "`stream_options` must be an object".to_owned(),
-            param: Some("stream_options"),
-        });
-    }
-    Ok(ParsedRequest {
-        body,
-        model,
-        stream,
-    })
-}
-
 /// Counts the prompt with the served model's encoding. Large prompts are counted on the
 /// blocking pool so a megabyte of text never stalls an async worker.
 async fn count_input(
@@ -426,23 +293,13 @@ struct Exchange {
     requested_model: String,
     streamed: bool,
     key: Option<Arc<KeyRecord>>,
-    ticket: Option<Ticket>,
+    pass: Option<Pass>,
     rate_headers: RateLimitHeaders,
     model: Option<Arc<Model>>,
     route_rule: String,
     counted: TokenUsage,
     progress: upstream::Progress,
     settled: bool,
-}
-
-struct Ending {
-    /// The upstream answered with a success status, so its tokens are billable.
-    answered: bool,
-    status: u16,
-    outcome: Outcome,
-    reported: Option<TokenUsage>,
-    finish_reason: Option<String>,
-    ttft: Option<Duration>,
 }
 
 impl Exchange {
@@ -464,7 +321,7 @@ impl Exchange {
             requested_model: String::new(),
             streamed: false,
             key: None,
-            ticket: None,
+            pass: None,
             rate_headers: RateLimitHeaders::default(),
             model: None,
             route_rule: String::new(),
@@ -487,7 +344,7 @@ impl Exchange {
             requested_model: std::mem::take(&mut self.requested_model),
             streamed: self.streamed,
             key: self.key.clone(),
-            ticket: self.ticket.take(),
+            pass: self.pass.take(),
             rate_headers: self.rate_headers,
             model: self.model.clone(),
             route_rule: std::mem::take(&mut self.route_rule),
@@ -543,7 +400,7 @@ impl Exchange {
 
     /// Throttles and budget, before a cent is spent upstream. The budget reservation is the
     /// worst case over every model the request may be served by.
-    fn admit(
+    async fn admit(
         &mut self,
         key: &KeyRecord,
         candidates: &[Arc<Model>],
@@ -581,15 +438,23 @@ impl Exchange {
             demand.tokens = demand.tokens.max(self.counted.input.saturating_add(output));
             demand.cost = demand.cost.max(cost);
         }
-        let model_name = candidates.first().map_or("", |m| m.name.as_str());
-        match self.app.limiter.admit(&key.id, model_name, demand) {
-            Ok(ticket) => {
-                self.rate_headers = ticket.headers();
-                self.ticket = Some(ticket);
+        let Some(first) = candidates.first() else {
+            return Err(GatewayError::Internal("no model to admit".to_owned()));
+        };
+        let limits = self.app.key_limits(key);
+        match self
+            .app
+            .admission
+            .admit(&key.id, &limits, first, demand)
+            .await
+        {
+            Ok(pass) => {
+                self.rate_headers = pass.headers();
+                self.pass = Some(pass);
                 Ok(())
             }
-            Err(refusal) => {
-                self.rate_headers = self.app.limiter.headers(&key.id, model_name);
+            Err(Refused { refusal, headers }) => {
+                self.rate_headers = headers;
                 self.app
                     .metrics
                     .rejections
@@ -736,20 +601,7 @@ impl Exchange {
         let mut shell = Response::new(Body::empty());
         self.decorate(&mut shell);
         response_headers.extend(shell.headers().clone());
-        let body = MeteredStream {
-            upstream: reply.into_body().into_data_stream(),
-            tap: SseTap::new(strip_usage_chunk),
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            idle_timeout,
-            first_byte: None,
-            strict: self.config.durability == Durability::Strict,
-            ended: false,
-            failure: None,
-            gathered: Gathered::default(),
-            yielded: 0,
-            held: None,
-            exchange: Some(self),
-        };
+        let body = MeteredStream::new(self, reply, strip_usage_chunk, idle_timeout);
         let mut response = Response::new(Body::from_stream(body));
         *response.headers_mut() = response_headers;
         response
@@ -776,231 +628,8 @@ impl Exchange {
         );
         self.rate_headers.write_to(headers);
     }
-
-    /// The per-key gauges, refreshed whenever one of the key's requests settles.
-    fn export_key_gauges(&self) {
-        let Some(key) = &self.key else {
-            return;
-        };
-        let metrics = &self.app.metrics;
-        let label = [key.name.as_str()];
-        if let Some(budget) = self.app.limiter.budget(&key.id) {
-            metrics
-                .key_spend_usd
-                .with_label_values(&label)
-                .set(budget.spend_usd.as_f64_usd());
-            if budget.budget_usd != crate::limits::UNCAPPED {
-                metrics
-                    .key_budget_remaining_usd
-                    .with_label_values(&label)
-                    .set(budget.remaining_usd.as_f64_usd());
-                let used = budget.spend_usd.as_f64_usd() / budget.budget_usd.as_f64_usd().max(1e-9);
-                metrics
-                    .key_budget_used_ratio
-                    .with_label_values(&label)
-                    .set(used);
-            }
-        }
-        if let Some(requests) = self.rate_headers.requests {
-            metrics
-                .key_remaining_requests
-                .with_label_values(&label)
-                .set(requests.remaining as f64);
-        }
-        if let Some(tokens) = self.rate_headers.tokens {
-            metrics
-                .key_remaining_tokens
-                .with_label_values(&label)
-                .set(tokens.remaining as f64);
-        }
-    }
-
-    /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
-    fn announce(&self, alert: AlertCrossing) {
-        let Some(key) = &self.key else {
-            return;
-        };
-        let threshold = alert.threshold_pct.to_string();
-        self.app
-            .metrics
-            .budget_alerts
-            .with_label_values(&[threshold.as_str()])
-            .inc();
-        tracing::warn!(
-            key = %key.name,
-            threshold_pct = alert.threshold_pct,
-            used_pct = alert.used_pct,
-            "budget alert"
-        );
-        let Some(url) = self.config.budget_alerts.webhook.clone() else {
-            return;
-        };
-        let event = serde_json::json!({
-            "event": "budget_threshold_crossed",
-            "key_id": key.id,
-            "key_name": key.name,
-            "threshold_pct": alert.threshold_pct,
-            "used_pct": alert.used_pct,
-            "budget": self.app.budget_view(key),
-        });
-        let client = self.app.webhooks.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = client.post(url).json(&event).send().await {
-                    tracing::error!(error = %error.without_url(), "budget webhook failed");
-                }
-            });
-        }
-    }
-
-    /// Ends the request: metrics and its one usage record. Idempotent by construction.
-    /// Returns, in strict durability, the receiver that answers once the record is committed.
-    fn settle(&mut self, ending: Ending) -> Option<WrittenAck> {
-        if self.settled {
-            return None;
-        }
-        self.settled = true;
-        let metrics = &self.app.metrics;
-        let latency = self.accepted.elapsed();
-        let model_label = self.model.as_ref().map_or("none", |m| m.name.as_str());
-        let tier_label = self.model.as_ref().map_or("none", |m| m.tier.as_str());
-        metrics
-            .requests
-            .with_label_values(&[
-                model_label,
-                tier_label,
-                self.endpoint.as_str(),
-                status_class(ending.status),
-            ])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[model_label, if self.streamed { "true" } else { "false" }])
-            .observe(latency.as_secs_f64());
-        if let (Some(ttft), true) = (ending.ttft, self.streamed) {
-            metrics
-                .time_to_first_token
-                .with_label_values(&[model_label])
-                .observe(ttft.as_secs_f64());
-        }
-        // Only an answered request is billed: providers do not charge for refusals and errors.
-        let billed = match ending.answered {
-            true => ending.reported.unwrap_or(self.counted),
-            false => TokenUsage::default(),
-        };
-        let (rated, list_cost) = match (&self.key, &self.model) {
-            (Some(key), Some(model)) => self.app.rater.rate(
-                &key.id,
-                self.config.plan(key.plan.as_deref()),
-                model,
-                billed,
-                key.seats,
-                self.accepted_ms,
-            ),
-            _ => (Rated::default(), Money::ZERO),
-        };
-        if let Some(ticket) = self.ticket.take() {
-            let settlement = self
-                .app
-                .limiter
-                .settle(ticket, billed.total(), rated.charge);
-            if settlement.overshoot > Money::ZERO {
-                metrics
-                    .budget_overshoot_usd
-                    .inc_by(settlement.overshoot.as_f64_usd());
-            }
-            for alert in settlement.alerts {
-                self.announce(alert);
-            }
-            if self.config.server.per_key_metrics {
-                self.export_key_gauges();
-            }
-        }
-        if self.model.is_some() {
-            metrics
-                .input_tokens
-                .with_label_values(&[model_label])
-                .inc_by(billed.input);
-            metrics
-                .output_tokens
-                .with_label_values(&[model_label])
-                .inc_by(billed.output);
-            metrics
-                .cost_usd
-                .with_label_values(&[model_label])
-                .inc_by(rated.charge.as_f64_usd());
-            if let Some(reported) = ending.reported {
-                let drift = |ours: u64, theirs: u64, direction: &str| {
-                    metrics
-                        .token_count_drift
-                        .with_label_values(&[model_label, direction])
-                        .inc_by(ours.abs_diff(theirs));
-                };
-                drift(self.counted.input, reported.input, "input");
-                drift(self.counted.output, reported.output, "output");
-            }
-        }
-        let header_id = self.request_id.to_str().unwrap_or_default().to_owned();
-        let (request_id, client_request_id) = if self.client_chose_id {
-            (crate::server::new_request_id(), Some(header_id))
-        } else {
-            (header_id, None)
-        };
-        let record = UsageRecord {
-            request_id,
-            client_request_id,
-            started_at_ms: self.accepted_ms,
-            key_id: self.key.as_ref().map(|k| k.id.clone()),
-            key_name: self.key.as_ref().map(|k| k.name.clone()),
-            plan: self.key.as_ref().and_then(|k| k.plan.clone()),
-            endpoint: self.endpoint,
-            requested_model: std::mem::take(&mut self.requested_model),
-            served_model: self.model.as_ref().map(|m| m.name.clone()),
-            upstream: self.model.as_ref().map(|m| m.upstream.name.clone()),
-            tier: self.model.as_ref().map(|m| m.tier.clone()),
-            route_rule: Some(self.route_rule.clone()),
-            streamed: self.streamed,
-            status: ending.status,
-            outcome: ending.outcome,
-            finish_reason: ending.finish_reason,
-            reported: ending.reported,
-            counted: self.counted,
-            attempts: self.progress.attempts,
-            answered: ending.answered,
-            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-            ttft_ms: ending
-                .ttft
-                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            charge: rated.charge,
-            list_cost,
-            micro_credits: rated.micro_credits,
-        };
-        tracing::info!(
-            request_id = %record.request_id,
-            key = record.key_name.as_deref().unwrap_or("-"),
-            model = record.served_model.as_deref().unwrap_or("-"),
-            status = record.status,
-            outcome = record.outcome.as_str(),
-            input_tokens = billed.input,
-            output_tokens = billed.output,
-            latency_ms = record.latency_ms,
-            "request"
-        );
-        // A request that never authenticated is not anyone's usage: counting it would let
-        // anonymous traffic fill the ledger.
-        record.key_id.as_ref()?;
-        let event = MeterEvent::Usage(record);
-        match self.config.durability {
-            Durability::Strict => Some(self.app.usage.submit_acked(event)),
-            Durability::Batched => {
-                self.app.usage.submit(event);
-                None
-            }
-        }
-    }
 }
 
-/// A throttle or budget refusal as the client sees it.
 /// A count as a client may write it: `4` or `4.0` (a float never truncates a limit down).
 fn whole_number(value: &Value) -> Option<u64> {
     value.as_u64().or_else(|| {
@@ -1011,6 +640,7 @@ fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
+/// A throttle or budget refusal as the client sees it.
 fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
     match refusal {
         Refusal::RateLimited {
@@ -1033,6 +663,7 @@ fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
                 limit_kind,
             }
         }
+        Refusal::Unavailable => GatewayError::StateUnavailable,
         Refusal::InsufficientQuota { remaining, needed } => GatewayError::InsufficientQuota {
             message: format!(
                 "Budget exhausted for key `{}`: ${} remaining this period, this request may cost up to ${}.",
@@ -1075,233 +706,6 @@ async fn meter_body(
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or((None, 0, None))
-}
-
-/// Scheduler turns a stream waits for events already read upstream before it sends what it
-/// has: handing one event over takes hyper's connection task about two turns.
-const GATHER_TURNS: u8 = 2;
-
-/// The client's body for a streamed answer. Bytes pass through the tap as they arrive; the
-/// request settles exactly once — at the end of the stream, on an upstream error or timeout,
-/// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
-/// request.
-struct MeteredStream {
-    upstream: BodyDataStream<Incoming>,
-    tap: SseTap,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    idle_timeout: Duration,
-    first_byte: Option<Duration>,
-    exchange: Option<Exchange>,
-    strict: bool,
-    ended: bool,
-    /// How the upstream failed, told to the client after the bytes gathered before it.
-    failure: Option<std::io::Error>,
-    gathered: Gathered,
-    /// Scheduler turns given since the stream last gathered bytes.
-    yielded: u8,
-    /// The final bytes, held until the record is committed (strict durability).
-    held: Option<(Bytes, oneshot::Receiver<()>)>,
-}
-
-impl MeteredStream {
-    /// Settles the stream's request. In strict durability the receiver answers once its
-    /// record is committed; `None` means there is nothing to wait for.
-    fn settle(&mut self, outcome: Outcome, status: u16) -> Option<WrittenAck> {
-        let mut exchange = self.exchange.take()?;
-        let inline = self.tap.output.text_len() <= exchange.config.server.inline_count_max_bytes;
-        let output = std::mem::take(&mut self.tap.output);
-        let reported = self.tap.usage;
-        let ttft = self.first_byte;
-        let tokenizer = exchange.app.tokenizer;
-        let settling = exchange.app.settling.clone();
-        let mut finish = move || {
-            if let Some(model) = &exchange.model {
-                exchange.counted.output = output.finish(&tokenizer, model.encoding);
-            }
-            let finish_reason = output.finish_reason().map(str::to_owned);
-            exchange.settle(Ending {
-                answered: true,
-                status,
-                outcome,
-                reported,
-                finish_reason,
-                ttft,
-            })
-        };
-        // Counting a long answer can take milliseconds, which must not happen on an async
-        // worker; a short one is counted here, saving two thread hops per request.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !inline => {
-                let (durable, durable_rx) = oneshot::channel();
-                let awaiting = runtime.clone();
-                settling.spawn_blocking_on(
-                    move || match finish() {
-                        // The commit is awaited on the runtime: a ledger retrying a failed
-                        // write for seconds must not hold a blocking thread per stream.
-                        Some(committed) => {
-                            awaiting.spawn(async move {
-                                if committed.await.is_ok() {
-                                    let _ = durable.send(());
-                                }
-                            });
-                        }
-                        None => {
-                            let _ = durable.send(());
-                        }
-                    },
-                    &runtime,
-                );
-                Some(durable_rx)
-            }
-            _ => finish(),
-        }
-    }
-}
-
-impl Stream for MeteredStream {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if let Some((bytes, durable)) = &mut this.held {
-                // Strict durability: the last event waits for its record's commit, and is never
-                // sent when the record could not be committed (the client sees a cut stream).
-                let Poll::Ready(written) = Pin::new(durable).poll(cx) else {
-                    return Poll::Pending;
-                };
-                let bytes = std::mem::take(bytes);
-                this.held = None;
-                if written.is_err() {
-                    this.ended = true;
-                    return Poll::Ready(Some(Err(std::io::Error::other(
-                        "the usage record could not be committed",
-                    ))));
-                }
-                return Poll::Ready((!bytes.is_empty()).then_some(Ok(bytes)));
-            }
-            if this.ended {
-                return Poll::Ready(this.failure.take().map(Err));
-            }
-            match Pin::new(&mut this.upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                    let out = this.tap.feed(chunk);
-                    if out.is_empty() {
-                        continue;
-                    }
-                    if this.first_byte.is_none() {
-                        this.first_byte = this.exchange.as_ref().map(|e| e.accepted.elapsed());
-                    }
-                    this.gathered.push(out);
-                    this.yielded = 0;
-                    if this.tap.saw_done && this.strict {
-                        let out = this.gathered.take();
-                        if let Some(durable) = this.settle(Outcome::Completed, 200) {
-                            this.held = Some((out, durable));
-                            continue;
-                        }
-                        return Poll::Ready(Some(Ok(out)));
-                    }
-                    if this.gathered.len() >= Gathered::FLUSH_BYTES {
-                        return Poll::Ready(Some(Ok(this.gathered.take())));
-                    }
-                }
-                Poll::Ready(Some(Err(_))) => {
-                    this.ended = true;
-                    this.settle(Outcome::GatewayError, 502);
-                    let failure = std::io::Error::other("the upstream stream was cut");
-                    if this.gathered.is_empty() {
-                        return Poll::Ready(Some(Err(failure)));
-                    }
-                    this.failure = Some(failure);
-                    return Poll::Ready(Some(Ok(this.gathered.take())));
-                }
-                Poll::Ready(None) => {
-                    // A provider may end without `[DONE]`: the body's end is then the end the
-                    // client sees, and strict durability holds it back the same way.
-                    this.ended = true;
-                    let out = this.gathered.take();
-                    let durable = this.settle(Outcome::Completed, 200);
-                    if let (true, Some(durable)) = (this.strict, durable) {
-                        this.held = Some((out, durable));
-                        continue;
-                    }
-                    return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
-                }
-                Poll::Pending if !this.gathered.is_empty() => {
-                    if this.yielded < GATHER_TURNS {
-                        // The upstream connection's task often holds more events it already
-                        // read; a turn of the scheduler or two lets it hand them over, so they
-                        // leave in the same write. When the turns bring nothing, send.
-                        this.yielded += 1;
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    this.yielded = 0;
-                    return Poll::Ready(Some(Ok(this.gathered.take())));
-                }
-                Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        this.ended = true;
-                        this.settle(Outcome::GatewayError, 504);
-                        return Poll::Ready(Some(Err(std::io::Error::other(
-                            "the upstream stream went idle",
-                        ))));
-                    }
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-}
-
-impl Drop for MeteredStream {
-    /// The client went away before the end: what was sent is still metered.
-    fn drop(&mut self) {
-        let _ = self.settle(Outcome::ClientDisconnected, 499);
-    }
-}
-
-/// `GET /v1/models`: the models this key may use, in the order the config declares them.
-pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(key) = crate::auth::bearer(&headers).and_then(|secret| app.keys.authenticate(secret))
-    else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    let config = app.config();
-    let data: Vec<Value> = config
-        .client_models()
-        .filter(|name| key.allows_model(name))
-        .map(model_object)
-        .collect();
-    axum::Json(serde_json::json!({ "object": "list", "data": data })).into_response()
-}
-
-/// `GET /v1/models/{id}`: one model, when this key may use it (the SDKs' `models.retrieve`).
-pub async fn model(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let Some(key) = crate::auth::bearer(&headers).and_then(|secret| app.keys.authenticate(secret))
-    else {
-        return GatewayError::InvalidApiKey.into_response();
-    };
-    if !app.config().knows_model(&id) || !key.allows_model(&id) {
-        return GatewayError::UnknownModel(id).into_response();
-    }
-    axum::Json(model_object(&id)).into_response()
-}
-
-fn model_object(name: &str) -> Value {
-    serde_json::json!({
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "tollgate",
-    })
 }
 
 #[cfg(test)]

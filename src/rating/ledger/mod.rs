@@ -6,19 +6,26 @@
 //! what was still queued, a power cut may also lose the last commits; `strict` commits with
 //! `synchronous = FULL` and the request path waits for the commit before the client sees the
 //! end of its response.
+//!
+//! [`LedgerReader`] is what the admin API and start-up read through, whichever store holds the
+//! ledger; `sql` holds the rows and queries that SQLite and PostgreSQL (`store::postgres`)
+//! share.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::meter::record::{MeterEvent, TokenUsage, UsageRecord};
+use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::plan::Cursor;
+use crate::store::row::{names, Dialect, Kind};
+
+pub(crate) mod sql;
 
 pub const FILE: &str = "ledger.sqlite";
 
@@ -85,13 +92,9 @@ pub enum LedgerError {
     #[error("ledger: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("ledger: {0}")]
+    Postgres(#[from] crate::store::PgError),
+    #[error("ledger: {0}")]
     Io(#[from] std::io::Error),
-}
-
-fn day_of(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d").to_string())
-        .unwrap_or_default()
 }
 
 /// Changes to a ledger written by an earlier version, in order; `PRAGMA user_version` counts
@@ -161,7 +164,8 @@ fn open(path: &Path, durability: Durability) -> Result<Connection, LedgerError> 
 /// In batched mode at most one commit per interval: under load a commit per request cost the
 /// writer thread a core's worth of small transactions. This is also what a killed process can
 /// lose beyond what was still queued.
-const BATCHED_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+pub(crate) const BATCHED_COMMIT_INTERVAL: std::time::Duration =
+    std::time::Duration::from_millis(20);
 
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -225,114 +229,6 @@ impl Drop for LedgerWriter {
     }
 }
 
-fn insert_usage(
-    statement: &mut rusqlite::CachedStatement<'_>,
-    record: &UsageRecord,
-) -> rusqlite::Result<usize> {
-    let billed = record.billed();
-    let reported = record.reported;
-    statement.execute(params![
-        record.request_id,
-        record.started_at_ms,
-        day_of(record.started_at_ms),
-        record.key_id,
-        record.key_name,
-        record.plan,
-        record.endpoint.as_str(),
-        record.requested_model,
-        record.served_model,
-        record.upstream,
-        record.tier,
-        record.route_rule,
-        record.streamed,
-        record.status,
-        record.outcome.as_str(),
-        billed.input as i64,
-        billed.cached_input as i64,
-        billed.output as i64,
-        record.counted.input as i64,
-        record.counted.output as i64,
-        record.charge.nanos(),
-        record.list_cost.nanos(),
-        record.micro_credits as i64,
-        record.finish_reason,
-        reported.map(|r| r.input as i64),
-        reported.map(|r| r.cached_input as i64),
-        reported.map(|r| r.output as i64),
-        record.counted.cached_input as i64,
-        record.attempts,
-        record.latency_ms as i64,
-        record.ttft_ms.map(|ms| ms as i64),
-        record.client_request_id,
-        record.answered,
-    ])
-}
-
-const RECORD_COLUMNS: &str = "request_id, at_ms, key_id, key_name, plan, endpoint, requested_model,
-    served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
-    reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
-    counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
-    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered";
-
-/// An enum stored by its serde name.
-fn named<T: serde::de::DeserializeOwned>(
-    row: &rusqlite::Row<'_>,
-    column: usize,
-) -> rusqlite::Result<T> {
-    use serde::de::IntoDeserializer;
-    let text: String = row.get(column)?;
-    T::deserialize(text.as_str().into_deserializer()).map_err(|error: serde::de::value::Error| {
-        rusqlite::Error::FromSqlConversionFailure(
-            column,
-            rusqlite::types::Type::Text,
-            Box::new(error),
-        )
-    })
-}
-
-fn usage_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
-    let reported_input: Option<i64> = row.get(15)?;
-    let reported = match reported_input {
-        Some(input) => Some(TokenUsage {
-            input: input as u64,
-            cached_input: row.get::<_, i64>(16)? as u64,
-            output: row.get::<_, i64>(17)? as u64,
-        }),
-        None => None,
-    };
-    Ok(UsageRecord {
-        request_id: row.get(0)?,
-        client_request_id: row.get(27)?,
-        started_at_ms: row.get(1)?,
-        key_id: row.get(2)?,
-        key_name: row.get(3)?,
-        plan: row.get(4)?,
-        endpoint: named(row, 5)?,
-        requested_model: row.get(6)?,
-        served_model: row.get(7)?,
-        upstream: row.get(8)?,
-        tier: row.get(9)?,
-        route_rule: row.get(10)?,
-        streamed: row.get(11)?,
-        status: row.get(12)?,
-        outcome: named(row, 13)?,
-        finish_reason: row.get(14)?,
-        reported,
-        counted: TokenUsage {
-            input: row.get::<_, i64>(18)? as u64,
-            cached_input: row.get::<_, i64>(19)? as u64,
-            output: row.get::<_, i64>(20)? as u64,
-        },
-        attempts: row.get(21)?,
-        answered: row.get(28)?,
-        latency_ms: row.get::<_, i64>(22)? as u64,
-        ttft_ms: row.get::<_, Option<i64>>(23)?.map(|ms| ms as u64),
-        charge: Money(row.get(24)?),
-        list_cost: Money(row.get(25)?),
-        micro_credits: row.get::<_, i64>(26)? as u64,
-    })
-}
-
 /// SQLite's failures of the storage (I/O, a full or read-only disk, a lock held past the busy
 /// timeout) may pass, and the batch is worth writing again; any other refuses the batch itself.
 fn sink_error(error: rusqlite::Error) -> SinkError {
@@ -352,6 +248,15 @@ fn sink_error(error: rusqlite::Error) -> SinkError {
     }
 }
 
+/// One row into `table` unless its unique key is already there.
+fn insert_or_ignore(table: &str, columns: &[(&str, Kind)]) -> String {
+    format!(
+        "INSERT OR IGNORE INTO {table} ({}) VALUES ({})",
+        names(columns),
+        Dialect::Sqlite.params(columns.len())
+    )
+}
+
 impl UsageWriter for LedgerWriter {
     fn commit_interval(&self) -> std::time::Duration {
         match self.durability {
@@ -364,29 +269,19 @@ impl UsageWriter for LedgerWriter {
         let transaction = self.connection.transaction().map_err(sink_error)?;
         {
             let mut usage = transaction
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
-                )
+                .prepare_cached(&insert_or_ignore("usage", &sql::USAGE_COLUMNS))
                 .map_err(sink_error)?;
             let mut outcomes = transaction
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO outcomes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
+                .prepare_cached(&insert_or_ignore("outcomes", &sql::OUTCOME_COLUMNS))
                 .map_err(sink_error)?;
             for event in events {
                 let result = match event {
-                    MeterEvent::Usage(record) => insert_usage(&mut usage, record),
-                    MeterEvent::Outcome(outcome) => outcomes.execute(params![
-                        outcome.idempotency_key,
-                        outcome.at_ms,
-                        day_of(outcome.at_ms),
-                        outcome.key_id,
-                        outcome.plan,
-                        outcome.outcome_type,
-                        outcome.quantity as i64,
-                        outcome.request_id,
-                        outcome.charge.nanos(),
-                    ]),
+                    MeterEvent::Usage(record) => {
+                        usage.execute(params_from_iter(sql::usage_values(record)))
+                    }
+                    MeterEvent::Outcome(outcome) => {
+                        outcomes.execute(params_from_iter(sql::outcome_values(outcome)))
+                    }
                 };
                 result.map_err(sink_error)?;
             }
@@ -395,10 +290,45 @@ impl UsageWriter for LedgerWriter {
     }
 }
 
-/// The reading side: a connection per call, so reads never wait on the writer's transaction
-/// (WAL readers see the last commit).
+/// The reading side of a ledger, whatever stores it. Every method blocks: callers run it on a
+/// blocking thread (the admin API through `spawn_blocking`, start-up), never an async worker.
+pub trait LedgerReader: Send + Sync {
+    /// Usage between `from_ms` (inclusive) and `to_ms` (exclusive), one row per group in
+    /// group order, optionally for one key only.
+    fn usage(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        group: GroupBy,
+        key_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, LedgerError>;
+
+    /// What each key's requests were charged since `from_ms`, for budgets. Outcomes are billed
+    /// after the fact and are not held against caps.
+    fn spend_since(&self, from_ms: i64) -> Result<HashMap<String, Money>, LedgerError>;
+
+    /// Every key's running totals for the month starting at `month_start_ms`.
+    fn cursors(&self, month_start_ms: i64) -> Result<HashMap<String, Cursor>, LedgerError>;
+
+    /// One key's usage and outcomes in one period, for invoices.
+    fn period_usage(
+        &self,
+        key_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<PeriodUsage, LedgerError>;
+
+    /// One usage record by request id, as written.
+    fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError>;
+
+    /// Every usage record in time order (tests and exports).
+    fn records(&self) -> Result<Vec<UsageRecord>, LedgerError>;
+}
+
+/// The SQLite reading side: a connection per call, so reads never wait on the writer's
+/// transaction (WAL readers see the last commit).
 #[derive(Clone)]
-pub struct LedgerReader {
+pub struct SqliteLedgerReader {
     path: PathBuf,
 }
 
@@ -431,9 +361,9 @@ pub struct PeriodUsage {
     pub outcomes: Vec<(String, u64, Money)>,
 }
 
-impl LedgerReader {
-    pub fn new(data_dir: &Path) -> LedgerReader {
-        LedgerReader {
+impl SqliteLedgerReader {
+    pub fn new(data_dir: &Path) -> SqliteLedgerReader {
+        SqliteLedgerReader {
             path: data_dir.join(FILE),
         }
     }
@@ -445,152 +375,113 @@ impl LedgerReader {
         Ok(connection)
     }
 
-    pub fn usage(
+    /// Every usage record in time order, handed to `each` in batches of at most `size`, so
+    /// that copying a large ledger to another store never holds all of it in memory.
+    pub fn records_in_batches<E: From<LedgerError>>(
+        &self,
+        size: usize,
+        mut each: impl FnMut(Vec<UsageRecord>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let connection = self.connect()?;
+        let mut statement = connection
+            .prepare(&sql::records_sql())
+            .map_err(LedgerError::from)?;
+        let mut rows = statement
+            .query_map([], |row| sql::usage_record(row))
+            .map_err(LedgerError::from)?;
+        loop {
+            let batch = rows
+                .by_ref()
+                .take(size.max(1))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(LedgerError::from)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            each(batch)?;
+        }
+    }
+
+    /// Every outcome in time order, for copying the ledger to another store.
+    pub fn outcomes(&self) -> Result<Vec<OutcomeEvent>, LedgerError> {
+        let connection = self.connect()?;
+        let mut statement = connection.prepare(&format!(
+            "SELECT {} FROM outcomes ORDER BY at_ms, idempotency_key",
+            names(&sql::OUTCOME_COLUMNS)
+        ))?;
+        let outcomes = statement
+            .query_map([], |row| sql::outcome_event(row))?
+            .collect::<Result<_, _>>()?;
+        Ok(outcomes)
+    }
+}
+
+impl LedgerReader for SqliteLedgerReader {
+    fn usage(
         &self,
         from_ms: i64,
         to_ms: i64,
         group: GroupBy,
         key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError> {
-        let column = match group {
-            GroupBy::Key => "COALESCE(key_id, '')",
-            GroupBy::Model => "COALESCE(served_model, requested_model)",
-            GroupBy::Day => "day",
-        };
         let connection = self.connect()?;
-        let mut statement = connection.prepare(&format!(
-            "SELECT {column}, MAX(key_name), COUNT(*), SUM(input_tokens), SUM(cached_input_tokens),
-                    SUM(output_tokens), SUM(charge_nanos), SUM(list_cost_nanos)
-             FROM usage WHERE at_ms >= ?1 AND at_ms < ?2 AND (?3 IS NULL OR key_id = ?3)
-             GROUP BY 1 ORDER BY 1"
-        ))?;
+        let mut statement = connection.prepare(&sql::usage_sql(Dialect::Sqlite, group))?;
         let rows = statement.query_map(params![from_ms, to_ms, key_id], |row| {
-            Ok(UsageRow {
-                group: row.get(0)?,
-                key_name: if group == GroupBy::Key {
-                    row.get(1)?
-                } else {
-                    None
-                },
-                requests: row.get::<_, i64>(2)? as u64,
-                input_tokens: row.get::<_, i64>(3)? as u64,
-                cached_input_tokens: row.get::<_, i64>(4)? as u64,
-                output_tokens: row.get::<_, i64>(5)? as u64,
-                cost_usd: Money(row.get(6)?),
-                list_cost_usd: Money(row.get(7)?),
-            })
+            sql::usage_row(row, group)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// What each key's requests were charged since `from_ms`, for budgets. Outcomes are billed
-    /// after the fact and are not held against caps.
-    pub fn spend_since(&self, from_ms: i64) -> Result<HashMap<String, Money>, LedgerError> {
+    fn spend_since(&self, from_ms: i64) -> Result<HashMap<String, Money>, LedgerError> {
         let connection = self.connect()?;
-        let mut spend = HashMap::new();
-        {
-            let table = "usage";
-            let mut statement = connection.prepare(&format!(
-                "SELECT key_id, SUM(charge_nanos) FROM {table} WHERE at_ms >= ?1 AND key_id IS NOT NULL GROUP BY key_id"
-            ))?;
-            let rows = statement.query_map([from_ms], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-            })?;
-            for row in rows {
-                let (key, nanos) = row?;
-                *spend.entry(key).or_insert(Money::ZERO) += Money(nanos);
-            }
-        }
-        Ok(spend)
+        let mut statement = connection.prepare(&sql::spend_sql(Dialect::Sqlite))?;
+        let rows = statement
+            .query_map([from_ms], |row| sql::spend_row(row))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(sql::spend_by_key(rows))
     }
 
-    /// Every key's running totals for the month starting at `month_start_ms`.
-    pub fn cursors(&self, month_start_ms: i64) -> Result<HashMap<String, Cursor>, LedgerError> {
+    fn cursors(&self, month_start_ms: i64) -> Result<HashMap<String, Cursor>, LedgerError> {
         let connection = self.connect()?;
-        let mut statement = connection.prepare(
-            "SELECT key_id, SUM(input_tokens + output_tokens), SUM(list_cost_nanos), SUM(micro_credits)
-             FROM usage WHERE at_ms >= ?1 AND key_id IS NOT NULL GROUP BY key_id",
-        )?;
-        let rows = statement.query_map([month_start_ms], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                Cursor {
-                    tokens: row.get::<_, i64>(1)? as u64,
-                    list_cost: Money(row.get(2)?),
-                    micro_credits: row.get::<_, i64>(3)? as u64,
-                },
-            ))
-        })?;
+        let mut statement = connection.prepare(&sql::cursors_sql(Dialect::Sqlite))?;
+        let rows = statement.query_map([month_start_ms], |row| sql::cursor_row(row))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn period_usage(
+    fn period_usage(
         &self,
         key_id: &str,
         from_ms: i64,
         to_ms: i64,
     ) -> Result<PeriodUsage, LedgerError> {
         let connection = self.connect()?;
-        let mut usage = PeriodUsage::default();
-        let mut statement = connection.prepare(
-            "SELECT COALESCE(served_model, requested_model), COUNT(*), SUM(input_tokens), SUM(output_tokens),
-                    SUM(charge_nanos), SUM(micro_credits)
-             FROM usage WHERE key_id = ?1 AND at_ms >= ?2 AND at_ms < ?3 GROUP BY 1 ORDER BY 1",
-        )?;
-        let rows = statement.query_map(params![key_id, from_ms, to_ms], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)? as u64,
-                row.get::<_, i64>(2)? as u64,
-                row.get::<_, i64>(3)? as u64,
-                Money(row.get(4)?),
-                row.get::<_, i64>(5)? as u64,
-            ))
-        })?;
-        for row in rows {
-            let (model, requests, input, output, charge, credits) = row?;
-            usage.tokens += input + output;
-            usage.charge += charge;
-            usage.micro_credits += credits;
-            usage
-                .by_model
-                .push((model, requests, input, output, charge));
-        }
-        let mut statement = connection.prepare(
-            "SELECT outcome_type, SUM(quantity), SUM(charge_nanos) FROM outcomes
-             WHERE key_id = ?1 AND at_ms >= ?2 AND at_ms < ?3 GROUP BY 1 ORDER BY 1",
-        )?;
-        let rows = statement.query_map(params![key_id, from_ms, to_ms], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)? as u64,
-                Money(row.get(2)?),
-            ))
-        })?;
-        usage.outcomes = rows.collect::<Result<_, _>>()?;
-        Ok(usage)
+        let models = connection
+            .prepare(&sql::period_models_sql(Dialect::Sqlite))?
+            .query_map(params![key_id, from_ms, to_ms], |row| sql::model_line(row))?
+            .collect::<Result<_, _>>()?;
+        let outcomes = connection
+            .prepare(&sql::period_outcomes_sql(Dialect::Sqlite))?
+            .query_map(params![key_id, from_ms, to_ms], |row| {
+                sql::outcome_line(row)
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(sql::period_usage(models, outcomes))
     }
 
-    /// One usage record by request id, as written.
-    pub fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
+    fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
         let connection = self.connect()?;
         Ok(connection
-            .query_row(
-                &format!("SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = ?1"),
-                [request_id],
-                usage_record,
-            )
+            .query_row(&sql::record_sql(Dialect::Sqlite), [request_id], |row| {
+                sql::usage_record(row)
+            })
             .optional()?)
     }
 
-    /// Every usage record in time order (tests and exports).
-    pub fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {
+    fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {
         let connection = self.connect()?;
-        let mut statement = connection.prepare(&format!(
-            "SELECT {RECORD_COLUMNS} FROM usage ORDER BY at_ms, request_id"
-        ))?;
+        let mut statement = connection.prepare(&sql::records_sql())?;
         let records = statement
-            .query_map([], usage_record)?
+            .query_map([], |row| sql::usage_record(row))?
             .collect::<Result<_, _>>()?;
         Ok(records)
     }
@@ -599,7 +490,8 @@ impl LedgerReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meter::record::{Endpoint, Outcome};
+    use crate::api::Endpoint;
+    use crate::meter::record::{Outcome, TokenUsage};
 
     fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
         UsageRecord {
@@ -655,7 +547,7 @@ mod tests {
         ];
         writer.write_batch(&events).unwrap();
         writer.write_batch(&events).unwrap();
-        let reader = LedgerReader::new(&dir);
+        let reader = SqliteLedgerReader::new(&dir);
         assert_eq!(
             reader.records().unwrap(),
             vec![counted_only, reported.clone()]
@@ -696,7 +588,7 @@ mod tests {
             .unwrap();
         refused.answered = false;
         refused.client_request_id = None;
-        let reader = LedgerReader::new(&dir);
+        let reader = SqliteLedgerReader::new(&dir);
         assert_eq!(reader.records().unwrap(), vec![written, refused]);
         let cursor = reader.cursors(0).unwrap()["key_1"];
         assert_eq!(
@@ -723,7 +615,10 @@ mod tests {
             .unwrap()
             .len();
         assert!(wal <= 20 << 20, "the WAL grew to {wal} bytes");
-        assert_eq!(LedgerReader::new(&dir).records().unwrap().len(), 3_000);
+        assert_eq!(
+            SqliteLedgerReader::new(&dir).records().unwrap().len(),
+            3_000
+        );
         drop(writer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -773,7 +668,7 @@ mod tests {
         assert!(second.await.is_ok());
         pipeline.close().await;
 
-        let written: Vec<String> = LedgerReader::new(&dir)
+        let written: Vec<String> = SqliteLedgerReader::new(&dir)
             .records()
             .unwrap()
             .into_iter()

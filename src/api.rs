@@ -1,0 +1,58 @@
+//! The names of the API as clients and providers see it, which every layer may use: the
+//! proxied endpoints, the request id and the gateway's own headers. A leaf: it imports nothing
+//! of the crate.
+
+use axum::http::HeaderName;
+use serde::{Deserialize, Serialize};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The model that actually served the request.
+pub static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
+/// The routing rule that chose it (`direct` when the client named the model).
+pub static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// The path under the upstream's base URL (which ends in `/v1`).
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// A fresh request id: 48 bits of milliseconds then 80 random bits, in hex. Time first (as in
+/// UUIDv7) so that the ledger's unique index on request ids grows at its end instead of
+/// touching a random page per record.
+pub fn new_request_id() -> String {
+    let random: u128 = rand::random();
+    let ms = unix_ms() as u128 & ((1 << 48) - 1);
+    format!("req_{:032x}", (ms << 80) | (random >> 48))
+}
+
+/// Marks a request whose `x-request-id` is the client's own rather than the gateway's.
+#[derive(Clone, Copy)]
+pub struct ClientChoseRequestId;
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,126 @@
+//! Reading a client's request: the body under its size limit (refused with 413 before it is
+//! kept or parsed) and the few fields the gateway itself needs (`model`, `stream`).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::error::GatewayError;
+
+pub(super) struct ParsedRequest {
+    pub body: Value,
+    pub model: String,
+    pub stream: bool,
+}
+
+/// The body, refused with 413 before keeping more than the limit (and before any parsing).
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        discard(body, declared).await;
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut length = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame
+            .map_err(|_| GatewayError::bad_request("the request body could not be read"))?
+            .into_data()
+        else {
+            continue;
+        };
+        length += data.len();
+        if length > limit {
+            discard(body, None).await;
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 | 1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// How much of a refused body is still read and dropped, and for how long: a server that
+/// closes a connection with unread data resets it, and a client still sending then sees a
+/// broken pipe instead of the 413 (as nginx's lingering close avoids). Past either bound the
+/// connection is cut.
+const DISCARD_MAX_BYTES: u64 = 64 * 1024 * 1024;
+const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
+
+async fn discard(mut body: Body, declared: Option<u64>) {
+    if declared.is_some_and(|length| length > DISCARD_MAX_BYTES) {
+        return;
+    }
+    let drain = async {
+        let mut read = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if read > DISCARD_MAX_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_MAX_TIME, drain).await;
+}
+
+pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|error| {
+        GatewayError::bad_request(format!(
+            "We could not parse the JSON body of your request: {error}"
+        ))
+    })?;
+    if !body.is_object() {
+        return Err(GatewayError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    let model = match &body["model"] {
+        Value::String(model) if !model.is_empty() => model.clone(),
+        Value::Null => {
+            return Err(GatewayError::BadRequest {
+                message: "you must provide a model parameter".to_owned(),
+                param: Some("model"),
+            })
+        }
+        _ => {
+            return Err(GatewayError::BadRequest {
+                message: "`model` must be a non-empty string".to_owned(),
+                param: Some("model"),
+            })
+        }
+    };
+    let stream = match &body["stream"] {
+        Value::Bool(stream) => *stream,
+        Value::Null => false,
+        _ => {
+            return Err(GatewayError::BadRequest {
+                message: "`stream` must be a boolean".to_owned(),
+                param: Some("stream"),
+            })
+        }
+    };
+    if !matches!(&body["stream_options"], Value::Object(_) | Value::Null) {
+        return Err(GatewayError::BadRequest {
+            message: "`stream_options` must be an object".to_owned(),
+            param: Some("stream_options"),
+        });
+    }
+    Ok(ParsedRequest {
+        body,
+        model,
+        stream,
+    })
+}

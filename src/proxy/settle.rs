@@ -1,0 +1,381 @@
+//! How a request ends. [`Exchange::settle`] runs exactly once per request and builds one
+//! [`Closing`]: what was served, counted and billed, and how it ended. Rating prices it against
+//! the key's month totals and admission replaces the reservation by the charge; then metrics,
+//! alerts and the ledger each consume the same figures.
+//!
+//! With embedded state all of it happens here and now. With shared state, rating and
+//! settlement need Redis: the closing is finished on a tracked task of the main runtime
+//! (shutdown waits for it), and strict durability still holds the answer until its record is
+//! committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::Exchange;
+use crate::app::App;
+use crate::auth::KeyRecord;
+use crate::config::{Config, Model};
+use crate::limits::{AlertCrossing, Settlement};
+use crate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
+use crate::meter::sink::WrittenAck;
+use crate::metrics::status_class;
+use crate::money::Money;
+use crate::rating::ledger::Durability;
+use crate::rating::plan::Rated;
+use crate::state::Pass;
+
+pub(super) struct Ending {
+    /// The upstream answered with a success status, so its tokens are billable.
+    pub answered: bool,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub reported: Option<TokenUsage>,
+    pub finish_reason: Option<String>,
+    pub ttft: Option<Duration>,
+}
+
+/// One request's end, consumed by rating, admission, metrics, alerts and the ledger.
+struct Closing {
+    app: Arc<App>,
+    config: Arc<Config>,
+    key: Option<Arc<KeyRecord>>,
+    model: Option<Arc<Model>>,
+    pass: Option<Pass>,
+    billed: TokenUsage,
+    record: UsageRecord,
+    rate_headers: crate::limits::RateLimitHeaders,
+}
+
+impl Exchange {
+    /// Ends the request: metrics and its one usage record. Idempotent by construction.
+    /// Returns, in strict durability, the receiver that answers once the record is committed.
+    pub(super) fn settle(&mut self, ending: Ending) -> Option<WrittenAck> {
+        if self.settled {
+            return None;
+        }
+        self.settled = true;
+        let metrics = &self.app.metrics;
+        let latency = self.accepted.elapsed();
+        let model_label = self.model.as_ref().map_or("none", |m| m.name.as_str());
+        let tier_label = self.model.as_ref().map_or("none", |m| m.tier.as_str());
+        metrics
+            .requests
+            .with_label_values(&[
+                model_label,
+                tier_label,
+                self.endpoint.as_str(),
+                status_class(ending.status),
+            ])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[model_label, if self.streamed { "true" } else { "false" }])
+            .observe(latency.as_secs_f64());
+        if let (Some(ttft), true) = (ending.ttft, self.streamed) {
+            metrics
+                .time_to_first_token
+                .with_label_values(&[model_label])
+                .observe(ttft.as_secs_f64());
+        }
+        // Only an answered request is billed: providers do not charge for refusals and errors.
+        let billed = match ending.answered {
+            true => ending.reported.unwrap_or(self.counted),
+            false => TokenUsage::default(),
+        };
+        let header_id = self.request_id.to_str().unwrap_or_default().to_owned();
+        let (request_id, client_request_id) = if self.client_chose_id {
+            (crate::api::new_request_id(), Some(header_id))
+        } else {
+            (header_id, None)
+        };
+        let record = UsageRecord {
+            request_id,
+            client_request_id,
+            started_at_ms: self.accepted_ms,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            key_name: self.key.as_ref().map(|k| k.name.clone()),
+            plan: self.key.as_ref().and_then(|k| k.plan.clone()),
+            endpoint: self.endpoint,
+            requested_model: std::mem::take(&mut self.requested_model),
+            served_model: self.model.as_ref().map(|m| m.name.clone()),
+            upstream: self.model.as_ref().map(|m| m.upstream.name.clone()),
+            tier: self.model.as_ref().map(|m| m.tier.clone()),
+            route_rule: Some(self.route_rule.clone()),
+            streamed: self.streamed,
+            status: ending.status,
+            outcome: ending.outcome,
+            finish_reason: ending.finish_reason,
+            reported: ending.reported,
+            counted: self.counted,
+            attempts: self.progress.attempts,
+            answered: ending.answered,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: ending
+                .ttft
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            charge: Money::ZERO,
+            list_cost: Money::ZERO,
+            micro_credits: 0,
+        };
+        let closing = Closing {
+            app: self.app.clone(),
+            config: self.config.clone(),
+            key: self.key.clone(),
+            model: self.model.clone(),
+            pass: self.pass.take(),
+            billed,
+            record,
+            rate_headers: self.rate_headers,
+        };
+        match closing.finish_now() {
+            Ok(committed) => committed,
+            Err(closing) => closing.finish_later(),
+        }
+    }
+}
+
+impl Closing {
+    /// Finishes here when nothing needs I/O (embedded state, or nothing to rate); otherwise
+    /// hands the closing back.
+    fn finish_now(mut self) -> Result<Option<WrittenAck>, Box<Closing>> {
+        let rated = match (&self.key, &self.model) {
+            (Some(key), Some(model)) => {
+                let plan = self.config.plan(key.plan.as_deref());
+                match self.app.totals.rate_now(
+                    &key.id,
+                    plan,
+                    model,
+                    self.billed,
+                    key.seats,
+                    self.record.started_at_ms,
+                ) {
+                    Some(rated) => rated,
+                    None => return Err(Box::new(self)),
+                }
+            }
+            _ => (Rated::default(), Money::ZERO),
+        };
+        let settlement = match self.pass.take() {
+            Some(pass) => {
+                match self
+                    .app
+                    .admission
+                    .settle_now(pass, self.billed.total(), rated.0.charge)
+                {
+                    Ok(settlement) => Some(settlement),
+                    Err(lease) => {
+                        self.pass = Some(Pass::Shared(*lease));
+                        return Err(Box::new(self));
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(self.conclude(rated, settlement))
+    }
+
+    /// Finishes on a tracked task; the receiver stands for the record's commit.
+    fn finish_later(self: Box<Self>) -> Option<WrittenAck> {
+        let strict = self.config.durability == Durability::Strict;
+        let app = self.app.clone();
+        let (committed_tx, committed_rx) = oneshot::channel();
+        let task = async move {
+            if let Some(committed) = self.finish().await {
+                if committed.await.is_ok() {
+                    let _ = committed_tx.send(());
+                }
+            }
+        };
+        app.settling.spawn_on(task, &app.runtime);
+        strict.then_some(committed_rx)
+    }
+
+    async fn finish(mut self: Box<Self>) -> Option<WrittenAck> {
+        let rated = match (&self.key, &self.model) {
+            (Some(key), Some(model)) => {
+                let plan = self.config.plan(key.plan.as_deref());
+                self.app
+                    .totals
+                    .rate(
+                        &key.id,
+                        plan,
+                        model,
+                        self.billed,
+                        key.seats,
+                        self.record.started_at_ms,
+                    )
+                    .await
+            }
+            _ => (Rated::default(), Money::ZERO),
+        };
+        let settlement = match (self.pass.take(), &self.key) {
+            (Some(pass), Some(key)) => {
+                let tokens = self.billed.total();
+                Some(
+                    match self.app.admission.settle_now(pass, tokens, rated.0.charge) {
+                        Ok(settlement) => settlement,
+                        Err(lease) => {
+                            let period = self.app.budget_period(key);
+                            self.app
+                                .admission
+                                .settle(*lease, tokens, rated.0.charge, period)
+                                .await
+                        }
+                    },
+                )
+            }
+            _ => None,
+        };
+        (*self).conclude(rated, settlement)
+    }
+
+    /// What every consumer takes from the settled request: metrics, alerts, the record.
+    fn conclude(
+        self,
+        (rated, list_cost): (Rated, Money),
+        settlement: Option<Settlement>,
+    ) -> Option<WrittenAck> {
+        let metrics = &self.app.metrics;
+        if let Some(settlement) = settlement {
+            if settlement.overshoot > Money::ZERO {
+                metrics
+                    .budget_overshoot_usd
+                    .inc_by(settlement.overshoot.as_f64_usd());
+            }
+            for alert in settlement.alerts {
+                self.announce(alert);
+            }
+            if self.config.server.per_key_metrics {
+                self.export_key_gauges();
+            }
+        }
+        if let Some(model) = &self.model {
+            let model_label = [model.name.as_str()];
+            metrics
+                .input_tokens
+                .with_label_values(&model_label)
+                .inc_by(self.billed.input);
+            metrics
+                .output_tokens
+                .with_label_values(&model_label)
+                .inc_by(self.billed.output);
+            metrics
+                .cost_usd
+                .with_label_values(&model_label)
+                .inc_by(rated.charge.as_f64_usd());
+            if let Some(reported) = self.record.reported {
+                let drift = |ours: u64, theirs: u64, direction: &str| {
+                    metrics
+                        .token_count_drift
+                        .with_label_values(&[model.name.as_str(), direction])
+                        .inc_by(ours.abs_diff(theirs));
+                };
+                drift(self.record.counted.input, reported.input, "input");
+                drift(self.record.counted.output, reported.output, "output");
+            }
+        }
+        let mut record = self.record;
+        record.charge = rated.charge;
+        record.list_cost = list_cost;
+        record.micro_credits = rated.micro_credits;
+        tracing::info!(
+            request_id = %record.request_id,
+            key = record.key_name.as_deref().unwrap_or("-"),
+            model = record.served_model.as_deref().unwrap_or("-"),
+            status = record.status,
+            outcome = record.outcome.as_str(),
+            input_tokens = self.billed.input,
+            output_tokens = self.billed.output,
+            latency_ms = record.latency_ms,
+            "request"
+        );
+        // A request that never authenticated is not anyone's usage: counting it would let
+        // anonymous traffic fill the ledger.
+        record.key_id.as_ref()?;
+        let event = MeterEvent::Usage(record);
+        match self.config.durability {
+            Durability::Strict => Some(self.app.usage.submit_acked(event)),
+            Durability::Batched => {
+                self.app.usage.submit(event);
+                None
+            }
+        }
+    }
+
+    /// The per-key gauges, refreshed whenever one of the key's requests settles.
+    fn export_key_gauges(&self) {
+        let Some(key) = &self.key else {
+            return;
+        };
+        let metrics = &self.app.metrics;
+        let label = [key.name.as_str()];
+        if let Some(budget) = self.app.admission.budget_now(&key.id) {
+            metrics
+                .key_spend_usd
+                .with_label_values(&label)
+                .set(budget.spend_usd.as_f64_usd());
+            if budget.budget_usd != crate::limits::UNCAPPED {
+                metrics
+                    .key_budget_remaining_usd
+                    .with_label_values(&label)
+                    .set(budget.remaining_usd.as_f64_usd());
+                let used = budget.spend_usd.as_f64_usd() / budget.budget_usd.as_f64_usd().max(1e-9);
+                metrics
+                    .key_budget_used_ratio
+                    .with_label_values(&label)
+                    .set(used);
+            }
+        }
+        if let Some(requests) = self.rate_headers.requests {
+            metrics
+                .key_remaining_requests
+                .with_label_values(&label)
+                .set(requests.remaining as f64);
+        }
+        if let Some(tokens) = self.rate_headers.tokens {
+            metrics
+                .key_remaining_tokens
+                .with_label_values(&label)
+                .set(tokens.remaining as f64);
+        }
+    }
+
+    /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
+    /// With shared state only the replica whose settlement crossed it first gets here.
+    fn announce(&self, alert: AlertCrossing) {
+        let Some(key) = self.key.clone() else {
+            return;
+        };
+        let threshold = alert.threshold_pct.to_string();
+        self.app
+            .metrics
+            .budget_alerts
+            .with_label_values(&[threshold.as_str()])
+            .inc();
+        tracing::warn!(
+            key = %key.name,
+            threshold_pct = alert.threshold_pct,
+            used_pct = alert.used_pct,
+            "budget alert"
+        );
+        let Some(url) = self.config.budget_alerts.webhook.clone() else {
+            return;
+        };
+        let app = self.app.clone();
+        app.runtime.clone().spawn(async move {
+            let event = serde_json::json!({
+                "event": "budget_threshold_crossed",
+                "key_id": key.id,
+                "key_name": key.name,
+                "threshold_pct": alert.threshold_pct,
+                "used_pct": alert.used_pct,
+                "budget": app.budget_view(&key).await,
+            });
+            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
+                tracing::error!(error = %error.without_url(), "budget webhook failed");
+            }
+        });
+    }
+}

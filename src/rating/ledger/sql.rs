@@ -1,0 +1,372 @@
+//! The ledger's rows and queries, written once for both stores (SQLite on one machine,
+//! PostgreSQL for a fleet): how a usage record or an outcome becomes a row and back, and the
+//! reader's queries with what their rows mean. A store only runs them, so the two cannot
+//! drift apart in what a report sums or how a record reads back.
+
+use std::collections::HashMap;
+
+use super::{GroupBy, PeriodUsage, UsageRow};
+use crate::meter::record::{OutcomeEvent, TokenUsage, UsageRecord};
+use crate::money::Money;
+use crate::rating::plan::Cursor;
+use crate::store::row::{Column, Dialect, Kind, RowSource};
+
+/// The UTC calendar day of a timestamp, as the ledger's `day` column stores it.
+pub(crate) fn day_of(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+/// The `usage` table's columns and their kinds, in the order of [`usage_values`].
+pub(crate) const USAGE_COLUMNS: [(&str, Kind); 33] = [
+    ("request_id", Kind::Text),
+    ("at_ms", Kind::Int),
+    ("day", Kind::Text),
+    ("key_id", Kind::Text),
+    ("key_name", Kind::Text),
+    ("plan", Kind::Text),
+    ("endpoint", Kind::Text),
+    ("requested_model", Kind::Text),
+    ("served_model", Kind::Text),
+    ("upstream", Kind::Text),
+    ("tier", Kind::Text),
+    ("route_rule", Kind::Text),
+    ("streamed", Kind::Bool),
+    ("status", Kind::Int),
+    ("outcome", Kind::Text),
+    ("input_tokens", Kind::Int),
+    ("cached_input_tokens", Kind::Int),
+    ("output_tokens", Kind::Int),
+    ("counted_input_tokens", Kind::Int),
+    ("counted_output_tokens", Kind::Int),
+    ("charge_nanos", Kind::Int),
+    ("list_cost_nanos", Kind::Int),
+    ("micro_credits", Kind::Int),
+    ("finish_reason", Kind::Text),
+    ("reported_input_tokens", Kind::Int),
+    ("reported_cached_input_tokens", Kind::Int),
+    ("reported_output_tokens", Kind::Int),
+    ("counted_cached_input_tokens", Kind::Int),
+    ("attempts", Kind::Int),
+    ("latency_ms", Kind::Int),
+    ("ttft_ms", Kind::Int),
+    ("client_request_id", Kind::Text),
+    ("answered", Kind::Bool),
+];
+
+/// A usage record as the ledger stores it, in the order of [`USAGE_COLUMNS`]. The billed token
+/// columns and the day are derived here, once for every store.
+pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 33] {
+    let billed = record.billed();
+    let reported = record.reported;
+    let optional = |value: Option<u64>| Column::Int(value.map(|v| v as i64));
+    [
+        Column::text(&record.request_id),
+        Column::int(record.started_at_ms),
+        Column::from(day_of(record.started_at_ms)),
+        Column::optional_text(record.key_id.as_deref()),
+        Column::optional_text(record.key_name.as_deref()),
+        Column::optional_text(record.plan.as_deref()),
+        Column::text(record.endpoint.as_str()),
+        Column::text(&record.requested_model),
+        Column::optional_text(record.served_model.as_deref()),
+        Column::optional_text(record.upstream.as_deref()),
+        Column::optional_text(record.tier.as_deref()),
+        Column::optional_text(record.route_rule.as_deref()),
+        Column::Bool(record.streamed),
+        Column::int(i64::from(record.status)),
+        Column::text(record.outcome.as_str()),
+        Column::int(billed.input as i64),
+        Column::int(billed.cached_input as i64),
+        Column::int(billed.output as i64),
+        Column::int(record.counted.input as i64),
+        Column::int(record.counted.output as i64),
+        Column::int(record.charge.nanos()),
+        Column::int(record.list_cost.nanos()),
+        Column::int(record.micro_credits as i64),
+        Column::optional_text(record.finish_reason.as_deref()),
+        optional(reported.map(|r| r.input)),
+        optional(reported.map(|r| r.cached_input)),
+        optional(reported.map(|r| r.output)),
+        Column::int(record.counted.cached_input as i64),
+        Column::int(i64::from(record.attempts)),
+        Column::int(record.latency_ms as i64),
+        optional(record.ttft_ms),
+        Column::optional_text(record.client_request_id.as_deref()),
+        Column::Bool(record.answered),
+    ]
+}
+
+/// The `outcomes` table's columns and their kinds, in the order of [`outcome_values`].
+pub(crate) const OUTCOME_COLUMNS: [(&str, Kind); 9] = [
+    ("idempotency_key", Kind::Text),
+    ("at_ms", Kind::Int),
+    ("day", Kind::Text),
+    ("key_id", Kind::Text),
+    ("plan", Kind::Text),
+    ("outcome_type", Kind::Text),
+    ("quantity", Kind::Int),
+    ("request_id", Kind::Text),
+    ("charge_nanos", Kind::Int),
+];
+
+pub(crate) fn outcome_values(outcome: &OutcomeEvent) -> [Column<'_>; 9] {
+    [
+        Column::text(&outcome.idempotency_key),
+        Column::int(outcome.at_ms),
+        Column::from(day_of(outcome.at_ms)),
+        Column::text(&outcome.key_id),
+        Column::optional_text(outcome.plan.as_deref()),
+        Column::text(&outcome.outcome_type),
+        Column::int(outcome.quantity as i64),
+        Column::optional_text(outcome.request_id.as_deref()),
+        Column::int(outcome.charge.nanos()),
+    ]
+}
+
+/// The `usage` columns [`usage_record`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str =
+    "request_id, at_ms, key_id, key_name, plan, endpoint, requested_model,
+    served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
+    reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
+    counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
+    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered";
+
+/// Rebuilds a usage record from a row selected as [`RECORD_COLUMNS`], in either store.
+pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Error> {
+    let reported = match row.int(15)? {
+        Some(input) => Some(TokenUsage {
+            input: input as u64,
+            cached_input: row.required_int(16)? as u64,
+            output: row.required_int(17)? as u64,
+        }),
+        None => None,
+    };
+    Ok(UsageRecord {
+        request_id: row.required_text(0)?,
+        client_request_id: row.text(27)?,
+        started_at_ms: row.required_int(1)?,
+        key_id: row.text(2)?,
+        key_name: row.text(3)?,
+        plan: row.text(4)?,
+        endpoint: row.named(5)?,
+        requested_model: row.required_text(6)?,
+        served_model: row.text(7)?,
+        upstream: row.text(8)?,
+        tier: row.text(9)?,
+        route_rule: row.text(10)?,
+        streamed: row.boolean(11)?,
+        status: row.number(12)?,
+        outcome: row.named(13)?,
+        finish_reason: row.text(14)?,
+        reported,
+        counted: TokenUsage {
+            input: row.required_int(18)? as u64,
+            cached_input: row.required_int(19)? as u64,
+            output: row.required_int(20)? as u64,
+        },
+        attempts: row.number(21)?,
+        answered: row.boolean(28)?,
+        latency_ms: row.required_int(22)? as u64,
+        ttft_ms: row.int(23)?.map(|ms| ms as u64),
+        charge: Money(row.required_int(24)?),
+        list_cost: Money(row.required_int(25)?),
+        micro_credits: row.required_int(26)? as u64,
+    })
+}
+
+/// Rebuilds an outcome from a row selected as [`OUTCOME_COLUMNS`] (its `day` is derived).
+pub(crate) fn outcome_event<R: RowSource>(row: &R) -> Result<OutcomeEvent, R::Error> {
+    Ok(OutcomeEvent {
+        idempotency_key: row.required_text(0)?,
+        at_ms: row.required_int(1)?,
+        key_id: row.required_text(3)?,
+        plan: row.text(4)?,
+        outcome_type: row.required_text(5)?,
+        quantity: row.required_int(6)? as u64,
+        request_id: row.text(7)?,
+        charge: Money(row.required_int(8)?),
+    })
+}
+
+/// Usage between two times, grouped; parameters: from, to, key id (or NULL for every key).
+pub(crate) fn usage_sql(dialect: Dialect, group: GroupBy) -> String {
+    let column = match group {
+        GroupBy::Key => "COALESCE(key_id, '')",
+        GroupBy::Model => "COALESCE(served_model, requested_model)",
+        GroupBy::Day => "day",
+    };
+    let sum = |expression| dialect.sum(expression);
+    format!(
+        "SELECT {column}, MAX(key_name), COUNT(*), {}, {}, {}, {}, {}
+         FROM usage WHERE at_ms >= {} AND at_ms < {} AND ({key} IS NULL OR key_id = {key})
+         GROUP BY 1 ORDER BY 1",
+        sum("input_tokens"),
+        sum("cached_input_tokens"),
+        sum("output_tokens"),
+        sum("charge_nanos"),
+        sum("list_cost_nanos"),
+        dialect.param(1),
+        dialect.param(2),
+        key = dialect.nullable_text(3),
+    )
+}
+
+pub(crate) fn usage_row<R: RowSource>(row: &R, group: GroupBy) -> Result<UsageRow, R::Error> {
+    Ok(UsageRow {
+        group: row.required_text(0)?,
+        key_name: match group {
+            GroupBy::Key => row.text(1)?,
+            GroupBy::Model | GroupBy::Day => None,
+        },
+        requests: row.required_int(2)? as u64,
+        input_tokens: row.required_int(3)? as u64,
+        cached_input_tokens: row.required_int(4)? as u64,
+        output_tokens: row.required_int(5)? as u64,
+        cost_usd: Money(row.required_int(6)?),
+        list_cost_usd: Money(row.required_int(7)?),
+    })
+}
+
+/// Each key's charges since a time; parameter: from. Outcomes are billed after the fact and
+/// are not held against caps, so they are not in it.
+pub(crate) fn spend_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT key_id, {} FROM usage WHERE at_ms >= {} AND key_id IS NOT NULL GROUP BY key_id",
+        dialect.sum("charge_nanos"),
+        dialect.param(1)
+    )
+}
+
+pub(crate) fn spend_row<R: RowSource>(row: &R) -> Result<(String, Money), R::Error> {
+    Ok((row.required_text(0)?, Money(row.required_int(1)?)))
+}
+
+/// Each key's running totals since the month's start; parameter: the start.
+pub(crate) fn cursors_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT key_id, {}, {}, {}
+         FROM usage WHERE at_ms >= {} AND key_id IS NOT NULL GROUP BY key_id",
+        dialect.sum("input_tokens + output_tokens"),
+        dialect.sum("list_cost_nanos"),
+        dialect.sum("micro_credits"),
+        dialect.param(1)
+    )
+}
+
+pub(crate) fn cursor_row<R: RowSource>(row: &R) -> Result<(String, Cursor), R::Error> {
+    Ok((
+        row.required_text(0)?,
+        Cursor {
+            tokens: row.required_int(1)? as u64,
+            list_cost: Money(row.required_int(2)?),
+            micro_credits: row.required_int(3)? as u64,
+        },
+    ))
+}
+
+/// One key's usage in a period by model; parameters: key id, from, to.
+pub(crate) fn period_models_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT COALESCE(served_model, requested_model), COUNT(*), {}, {}, {}, {}
+         FROM usage WHERE key_id = {} AND at_ms >= {} AND at_ms < {} GROUP BY 1 ORDER BY 1",
+        dialect.sum("input_tokens"),
+        dialect.sum("output_tokens"),
+        dialect.sum("charge_nanos"),
+        dialect.sum("micro_credits"),
+        dialect.param(1),
+        dialect.param(2),
+        dialect.param(3)
+    )
+}
+
+/// A model's line of [`period_models_sql`].
+pub(crate) struct ModelLine {
+    model: String,
+    requests: u64,
+    input: u64,
+    output: u64,
+    charge: Money,
+    micro_credits: u64,
+}
+
+pub(crate) fn model_line<R: RowSource>(row: &R) -> Result<ModelLine, R::Error> {
+    Ok(ModelLine {
+        model: row.required_text(0)?,
+        requests: row.required_int(1)? as u64,
+        input: row.required_int(2)? as u64,
+        output: row.required_int(3)? as u64,
+        charge: Money(row.required_int(4)?),
+        micro_credits: row.required_int(5)? as u64,
+    })
+}
+
+/// One key's outcomes in a period by type; parameters: key id, from, to.
+pub(crate) fn period_outcomes_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT outcome_type, {}, {} FROM outcomes
+         WHERE key_id = {} AND at_ms >= {} AND at_ms < {} GROUP BY 1 ORDER BY 1",
+        dialect.sum("quantity"),
+        dialect.sum("charge_nanos"),
+        dialect.param(1),
+        dialect.param(2),
+        dialect.param(3)
+    )
+}
+
+pub(crate) fn outcome_line<R: RowSource>(row: &R) -> Result<(String, u64, Money), R::Error> {
+    Ok((
+        row.required_text(0)?,
+        row.required_int(1)? as u64,
+        Money(row.required_int(2)?),
+    ))
+}
+
+/// A period's usage from its model and outcome lines, with the totals of the models.
+pub(crate) fn period_usage(
+    models: Vec<ModelLine>,
+    outcomes: Vec<(String, u64, Money)>,
+) -> PeriodUsage {
+    let mut usage = PeriodUsage {
+        outcomes,
+        ..PeriodUsage::default()
+    };
+    for line in models {
+        usage.tokens += line.input + line.output;
+        usage.charge += line.charge;
+        usage.micro_credits += line.micro_credits;
+        usage.by_model.push((
+            line.model,
+            line.requests,
+            line.input,
+            line.output,
+            line.charge,
+        ));
+    }
+    usage
+}
+
+/// Spend by key from the rows of [`spend_sql`].
+pub(crate) fn spend_by_key(
+    rows: impl IntoIterator<Item = (String, Money)>,
+) -> HashMap<String, Money> {
+    let mut spend = HashMap::new();
+    for (key, charge) in rows {
+        *spend.entry(key).or_insert(Money::ZERO) += charge;
+    }
+    spend
+}
+
+/// One usage record by request id; parameter: the id.
+pub(crate) fn record_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = {}",
+        dialect.param(1)
+    )
+}
+
+/// Every usage record in time order.
+pub(crate) fn records_sql() -> String {
+    format!("SELECT {RECORD_COLUMNS} FROM usage ORDER BY at_ms, request_id")
+}

@@ -1,0 +1,445 @@
+//! Shared state behind seams chosen once at start-up (`Gateway::start`): [`Admission`]
+//! (throttles, concurrency slots, budget reservations and settlement, alert once-per-period
+//! flags) and [`RatingTotals`] (each key's month so far). Each is `Embedded` — atomics and maps
+//! in this process, exact for one replica — or `Shared` through Redis ([`redis`]), exact for
+//! any number of replicas. The request path calls the seam and never names a backend.
+//!
+//! The shared backend needs I/O, so admission and settlement are `async`; the embedded one
+//! never waits, and settles synchronously where the request path needs it to (see
+//! `proxy::settle`).
+
+pub mod redis;
+
+use std::sync::Arc;
+
+use crate::config::Model;
+use crate::limits::{
+    BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Limiter, RateLimitHeaders, Refusal,
+    Settlement, Ticket,
+};
+use crate::money::Money;
+use crate::rating::ledger::{LedgerError, LedgerReader};
+use crate::rating::plan::{Cursor, Plan, Rated};
+use crate::rating::Rater;
+use redis::{Admitted, Lease, OnUnavailable, RedisState};
+
+/// What an admitted request holds until it settles. Dropping it unsettled gives everything
+/// back without any I/O in `Drop`.
+pub enum Pass {
+    Local(Ticket),
+    Shared(Lease),
+}
+
+impl Pass {
+    pub fn headers(&self) -> RateLimitHeaders {
+        match self {
+            Pass::Local(ticket) => ticket.headers(),
+            Pass::Shared(lease) => lease.headers(),
+        }
+    }
+}
+
+/// A refusal with the throttle headers as they stood, which OpenAI sends on its 429s too.
+pub struct Refused {
+    pub refusal: Refusal,
+    pub headers: RateLimitHeaders,
+}
+
+pub enum Admission {
+    Embedded(Limiter),
+    Shared {
+        redis: Arc<RedisState>,
+        /// Each replica's share of every limit, enforced here only while Redis is out of
+        /// reach under `fail_open`.
+        local_share: Limiter,
+        share: f64,
+        ledger: Arc<dyn LedgerReader>,
+    },
+}
+
+/// A limit scaled to one replica's share, never below one unit.
+fn share_of(limit: u64, share: f64) -> u64 {
+    ((limit as f64 * share).floor() as u64).max(1)
+}
+
+fn shared_limits(limits: &KeyLimits, share: f64) -> KeyLimits {
+    KeyLimits {
+        rpm: limits.rpm.map(|v| share_of(u64::from(v), share) as u32),
+        tpm: limits.tpm.map(|v| share_of(v, share)),
+        max_concurrency: limits
+            .max_concurrency
+            .map(|v| share_of(u64::from(v), share) as u32),
+        budget: limits.budget.map(|(cap, period)| match cap {
+            crate::limits::UNCAPPED => (cap, period),
+            cap => (Money((cap.nanos() as f64 * share).floor() as i64), period),
+        }),
+    }
+}
+
+fn model_limits(model: &Model) -> (u64, u64) {
+    (model.rpm.map_or(0, u64::from), model.tpm.unwrap_or(0))
+}
+
+impl Admission {
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Admission::Shared { .. })
+    }
+
+    /// Whether admission can decide: false only while Redis is unreachable under
+    /// `fail_closed`, for `/readyz`.
+    pub fn available(&self) -> bool {
+        match self {
+            Admission::Embedded(_) => true,
+            Admission::Shared { redis, .. } => {
+                redis.is_up() || redis.on_unavailable == OnUnavailable::FailOpen
+            }
+        }
+    }
+
+    pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
+        match self {
+            Admission::Embedded(limiter) => limiter.upsert_key(id, limits, spent),
+            Admission::Shared {
+                local_share, share, ..
+            } => local_share.upsert_key(
+                id,
+                &shared_limits(limits, *share),
+                spent.map(|s| Money((s.nanos() as f64 * share).floor() as i64)),
+            ),
+        }
+    }
+
+    pub fn remove_key(&self, id: &str) {
+        match self {
+            Admission::Embedded(limiter) => limiter.remove_key(id),
+            Admission::Shared { local_share, .. } => local_share.remove_key(id),
+        }
+    }
+
+    pub fn set_model(&self, name: &str, rpm: Option<u32>, tpm: Option<u64>) {
+        match self {
+            Admission::Embedded(limiter) => limiter.set_model(name, rpm, tpm),
+            Admission::Shared {
+                local_share, share, ..
+            } => local_share.set_model(
+                name,
+                rpm.map(|v| share_of(u64::from(v), *share) as u32),
+                tpm.map(|v| share_of(v, *share)),
+            ),
+        }
+    }
+
+    /// The period of a key's live budget, to tell whether a change needs the ledger's spend.
+    /// Shared budgets are kept per period, so they never need it.
+    pub fn budget_period(&self, key_id: &str) -> Option<BudgetPeriod> {
+        match self {
+            Admission::Embedded(limiter) => limiter.budget_period(key_id),
+            Admission::Shared { .. } => None,
+        }
+    }
+
+    /// Every limit of the request at once, all or nothing.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        limits: &KeyLimits,
+        model: &Model,
+        demand: Demand,
+    ) -> Result<Pass, Refused> {
+        let (redis, local_share, ledger) = match self {
+            Admission::Embedded(limiter) => {
+                return match limiter.admit(key_id, &model.name, demand) {
+                    Ok(ticket) => Ok(Pass::Local(ticket)),
+                    Err(refusal) => Err(Refused {
+                        refusal,
+                        headers: limiter.headers(key_id, &model.name),
+                    }),
+                }
+            }
+            Admission::Shared {
+                redis,
+                local_share,
+                ledger,
+                ..
+            } => (redis, local_share, ledger),
+        };
+        let unavailable = |error: redis::StateError| {
+            if redis.on_unavailable == OnUnavailable::FailOpen {
+                return local_share
+                    .admit(key_id, &model.name, demand)
+                    .map(Pass::Local)
+                    .map_err(|refusal| Refused {
+                        refusal,
+                        headers: local_share.headers(key_id, &model.name),
+                    });
+            }
+            tracing::debug!(%error, "admission refused: shared state unreachable");
+            Err(Refused {
+                refusal: Refusal::Unavailable,
+                headers: RateLimitHeaders::default(),
+            })
+        };
+        for _ in 0..2 {
+            match redis
+                .admit(key_id, limits, &model.name, model_limits(model), demand)
+                .await
+            {
+                Ok(Admitted::Lease(lease)) => return Ok(Pass::Shared(lease)),
+                Ok(Admitted::Refused(refusal, headers)) => {
+                    return Err(Refused { refusal, headers })
+                }
+                Ok(Admitted::NeedsSeed) => {
+                    let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
+                    let spent = match spend_from_ledger(ledger, key_id, period).await {
+                        Ok(spent) => spent,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot read a budget's spend from the ledger");
+                            return Err(Refused {
+                                refusal: Refusal::Unavailable,
+                                headers: RateLimitHeaders::default(),
+                            });
+                        }
+                    };
+                    if let Err(error) = redis.seed_spend(key_id, period, spent).await {
+                        return unavailable(error);
+                    }
+                }
+                Err(error) => return unavailable(error),
+            }
+        }
+        Err(Refused {
+            refusal: Refusal::Unavailable,
+            headers: RateLimitHeaders::default(),
+        })
+    }
+
+    /// Moves a pass's model throttles to a fallback model before it is tried.
+    pub async fn fall_back_to(&self, pass: &mut Pass, model: &Model) -> Result<(), Refusal> {
+        match (self, pass) {
+            (Admission::Embedded(limiter), Pass::Local(ticket)) => {
+                limiter.fall_back_to(ticket, &model.name)
+            }
+            (Admission::Shared { local_share, .. }, Pass::Local(ticket)) => {
+                local_share.fall_back_to(ticket, &model.name)
+            }
+            (Admission::Shared { redis, .. }, Pass::Shared(lease)) => {
+                match redis
+                    .fall_back_to(lease, &model.name, model_limits(model))
+                    .await
+                {
+                    Ok(moved) => moved,
+                    // The model's own throttle cannot be checked: trying it is what a
+                    // replica without Redis would do too.
+                    Err(_) => Ok(()),
+                }
+            }
+            (Admission::Embedded(_), Pass::Shared(_)) => Ok(()),
+        }
+    }
+
+    /// Settles synchronously; only the embedded backend (and a fail-open local pass) can.
+    /// A shared lease is handed back for [`Admission::settle`].
+    pub fn settle_now(
+        &self,
+        pass: Pass,
+        tokens: u64,
+        cost: Money,
+    ) -> Result<Settlement, Box<Lease>> {
+        match (self, pass) {
+            (Admission::Embedded(limiter), Pass::Local(ticket)) => {
+                Ok(limiter.settle(ticket, tokens, cost))
+            }
+            (Admission::Shared { local_share, .. }, Pass::Local(ticket)) => {
+                Ok(local_share.settle(ticket, tokens, cost))
+            }
+            (_, Pass::Shared(lease)) => Err(Box::new(lease)),
+        }
+    }
+
+    /// Settles a shared lease. A settlement Redis did not take is left to the lease's expiry:
+    /// the reservation ends then, and the cost stays in the ledger.
+    pub async fn settle(
+        &self,
+        lease: Lease,
+        tokens: u64,
+        cost: Money,
+        period: BudgetPeriod,
+    ) -> Settlement {
+        let Admission::Shared { redis, .. } = self else {
+            return Settlement::default();
+        };
+        match redis.settle(lease, tokens, cost, period).await {
+            Ok(settled) => Settlement {
+                overshoot: settled.overshoot,
+                alerts: settled.alerts,
+            },
+            Err(error) => {
+                tracing::error!(%error, "settlement not recorded in shared state");
+                Settlement::default()
+            }
+        }
+    }
+
+    /// A key's live budget figures without waiting: the embedded backend only.
+    pub fn budget_now(&self, key_id: &str) -> Option<BudgetSnapshot> {
+        match self {
+            Admission::Embedded(limiter) => limiter.budget(key_id),
+            Admission::Shared { .. } => None,
+        }
+    }
+
+    /// A key's live budget figures, the same on every replica.
+    pub async fn budget(&self, key_id: &str, limits: &KeyLimits) -> Option<BudgetSnapshot> {
+        let (redis, ledger) = match self {
+            Admission::Embedded(limiter) => return limiter.budget(key_id),
+            Admission::Shared { redis, ledger, .. } => (redis, ledger),
+        };
+        match redis.budget(key_id, limits).await {
+            Ok(Some(snapshot)) => return Some(snapshot),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
+        let spent = spend_from_ledger(ledger, key_id, period).await.ok()?;
+        redis.seed_spend(key_id, period, spent).await.ok()?;
+        redis.budget(key_id, limits).await.ok().flatten()
+    }
+
+    /// Tells the other replicas that a key changed; a no-op for one replica.
+    pub async fn publish_key_change(&self, key_id: &str) {
+        if let Admission::Shared { redis, .. } = self {
+            if let Err(error) = redis.publish_key_change(key_id).await {
+                tracing::error!(%error, "key change not announced; replicas see it at their next poll");
+            }
+        }
+    }
+}
+
+/// Lets a fallback model be tried only when its own throttles admit the request.
+pub struct FallbackGate<'a> {
+    pub admission: &'a Admission,
+    pub pass: Option<&'a mut Pass>,
+    pub metrics: &'a crate::metrics::Metrics,
+}
+
+impl FallbackGate<'_> {
+    pub async fn admit(&mut self, model: &Model) -> bool {
+        let Some(pass) = self.pass.as_deref_mut() else {
+            return true;
+        };
+        match self.admission.fall_back_to(pass, model).await {
+            Ok(()) => true,
+            Err(refusal) => {
+                self.metrics
+                    .rejections
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                false
+            }
+        }
+    }
+}
+
+async fn spend_from_ledger(
+    ledger: &Arc<dyn LedgerReader>,
+    key_id: &str,
+    period: BudgetPeriod,
+) -> Result<Money, LedgerError> {
+    let ledger = ledger.clone();
+    let key_id = key_id.to_owned();
+    let from_ms = period.start_ms(crate::unix_ms());
+    tokio::task::spawn_blocking(move || {
+        ledger
+            .spend_since(from_ms)
+            .map(|spend| spend.get(&key_id).copied().unwrap_or(Money::ZERO))
+    })
+    .await
+    .unwrap_or_else(|error| Err(LedgerError::Io(std::io::Error::other(error.to_string()))))
+}
+
+/// Each key's running totals for the month: what volume tiers, allowances and credit packs
+/// are rated against.
+pub enum RatingTotals {
+    Embedded(Rater),
+    Shared {
+        redis: Arc<RedisState>,
+        ledger: Arc<dyn LedgerReader>,
+    },
+}
+
+impl RatingTotals {
+    /// Rates one request synchronously; `None` when the totals are shared (see
+    /// [`RatingTotals::rate`]).
+    pub fn rate_now(
+        &self,
+        key_id: &str,
+        plan: &Plan,
+        model: &Model,
+        usage: crate::meter::record::TokenUsage,
+        seats: u32,
+        started_ms: i64,
+    ) -> Option<(Rated, Money)> {
+        match self {
+            RatingTotals::Embedded(rater) => {
+                Some(rater.rate(key_id, plan, model, usage, seats, started_ms))
+            }
+            RatingTotals::Shared { .. } => None,
+        }
+    }
+
+    /// Rates one request against the totals every replica shares. Should Redis be out of
+    /// reach, the request is rated as the first of its month (list prices, no allowance used)
+    /// and logged: a volume tier may then be off for this request only.
+    pub async fn rate(
+        &self,
+        key_id: &str,
+        plan: &Plan,
+        model: &Model,
+        usage: crate::meter::record::TokenUsage,
+        seats: u32,
+        started_ms: i64,
+    ) -> (Rated, Money) {
+        let list_cost = model
+            .prices
+            .cost(usage.input, usage.cached_input, usage.output);
+        let (redis, ledger) = match self {
+            RatingTotals::Embedded(rater) => {
+                return rater.rate(key_id, plan, model, usage, seats, started_ms)
+            }
+            RatingTotals::Shared { redis, ledger } => (redis, ledger),
+        };
+        let month = BudgetPeriod::Month.start_ms(started_ms);
+        let delta = plan.advance(&model.name, &model.tier, &model.prices, usage);
+        for _ in 0..2 {
+            match redis.advance_totals(key_id, month, delta).await {
+                Ok(Some(before)) => return (plan.charge(before, delta, seats), list_cost),
+                Ok(None) => {
+                    let totals = totals_from_ledger(ledger, key_id, month).await;
+                    if let Err(error) = redis.seed_totals(key_id, month, totals).await {
+                        tracing::error!(%error, "month totals not seeded");
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "month totals unreachable; rated without them");
+                    break;
+                }
+            }
+        }
+        (plan.charge(Cursor::default(), delta, seats), list_cost)
+    }
+}
+
+async fn totals_from_ledger(ledger: &Arc<dyn LedgerReader>, key_id: &str, month: i64) -> Cursor {
+    let ledger = ledger.clone();
+    let key_id = key_id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        ledger
+            .cursors(month)
+            .ok()
+            .and_then(|mut totals| totals.remove(&key_id))
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
+}

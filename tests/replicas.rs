@@ -1,0 +1,461 @@
+//! Several replicas, one truth: three real gateway processes sharing a real Redis (throttles,
+//! reservations, rating totals, key changes) and a real PostgreSQL (keys, ledger), with a
+//! client spreading requests over them. Nothing here is mocked but the paid provider.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::services::{Postgres, Redis};
+use common::{config_text, temp_dir, ADMIN_TOKEN, PROVIDER_KEY};
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use tollgate::mock_upstream::{MockOptions, MockUpstream};
+
+struct Replica {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three gateways on one config, each with its own (unused) data dir.
+struct Fleet {
+    _mock: MockUpstream,
+    replicas: Vec<Replica>,
+    http: reqwest::Client,
+}
+
+fn spawn_replica(config: &std::path::Path) -> Replica {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line:?}");
+    Replica { child, url }
+}
+
+impl Fleet {
+    async fn start(redis: &Redis, postgres_url: &str, extra: &str) -> Fleet {
+        Fleet::start_with(redis, postgres_url, "", extra, MockOptions::default(), 3).await
+    }
+
+    /// `state` adds lines to `[state]`, `extra` whole sections.
+    async fn start_with(
+        redis: &Redis,
+        postgres_url: &str,
+        state: &str,
+        extra: &str,
+        options: MockOptions,
+        count: usize,
+    ) -> Fleet {
+        let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock = MockUpstream::start(mock_listener, options).await.unwrap();
+        let dir = temp_dir("fleet");
+        let shared = format!(
+            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nlease_secs = 3\nreplicas = 3\n{state}\n\
+             [store]\nbackend = \"postgres\"\npostgres_url = \"{postgres_url}\"\n{extra}",
+            redis.url()
+        );
+        let text = config_text(&mock.base_url(), &dir, &shared);
+        let config = dir.join("routes.toml");
+        std::fs::write(&config, text).unwrap();
+        let replicas = (0..count).map(|_| spawn_replica(&config)).collect();
+        Fleet {
+            _mock: mock,
+            replicas,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, i: usize) -> &str {
+        &self.replicas[i % self.replicas.len()].url
+    }
+
+    async fn admin(&self, i: usize, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.http
+            .request(method, format!("{}{path}", self.url(i)))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn create_key(&self, i: usize, body: Value) -> (String, String) {
+        let response = self
+            .http
+            .post(format!("{}/admin/keys", self.url(i)))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let key: Value = response.json().await.unwrap();
+        (
+            key["id"].as_str().unwrap().to_owned(),
+            key["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn key(&self, i: usize, id: &str) -> Value {
+        self.admin(i, reqwest::Method::GET, &format!("/admin/keys/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn chat(&self, i: usize, secret: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.url(i)))
+            .bearer_auth(secret)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Usage rows for a key, as the admin API reports them (from the shared ledger).
+    async fn usage_requests(&self, i: usize, key_id: &str) -> u64 {
+        let usage: Value = self
+            .admin(
+                i,
+                reqwest::Method::GET,
+                "/admin/usage?from=2000-01-01&to=2100-01-01&group_by=key",
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["group"] == key_id)
+            .map_or(0, |row| row["requests"].as_u64().unwrap())
+    }
+}
+
+fn hello(max_tokens: u64) -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say hello to the replicas"}],
+    })
+}
+
+/// The invoice preview of this month, as one replica answers it.
+async fn invoice(url: &str, key_id: &str) -> Value {
+    let month = chrono::Utc::now().format("%Y-%m");
+    reqwest::Client::new()
+        .get(format!("{url}/admin/invoices/{key_id}?period={month}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls `check` until it holds or `within` passes; returns how long it took.
+async fn within(within: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_hold_one_cap_and_count_each_request_once() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("cap");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    // Each request's worst case is about $0.0000614 (a few prompt tokens, 100 output tokens at
+    // $0.60/M): a cap of $0.002 admits about 32 of them at once, far fewer than 300.
+    let (id, secret) = fleet
+        .create_key(0, json!({"name": "capped", "budget_usd": 0.002, "budget_period": "day"}))
+        .await;
+    let body = hello(100);
+    let sent = (0..300).map(|i| {
+        let fleet = &fleet;
+        let (secret, body) = (&secret, &body);
+        async move { fleet.chat(i, secret, body).await.status().as_u16() }
+    });
+    let statuses = join_all(sent).await;
+    let served = statuses.iter().filter(|s| **s == 200).count() as u64;
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(served as usize + refused, 300, "{statuses:?}");
+    assert!(served > 0 && refused > 0, "served {served}");
+
+    // Settlements finish on each replica's runtime just after the answers.
+    let settled = within(Duration::from_secs(5), async || {
+        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "every reservation was settled: {}",
+        fleet.key(0, &id).await
+    );
+    let mut views = Vec::new();
+    for i in 0..3 {
+        views.push(fleet.key(i, &id).await);
+    }
+    let spend = &views[0]["spend_usd"];
+    for view in &views {
+        assert_eq!(&view["spend_usd"], spend, "every replica reports the same spend");
+    }
+    assert!(spend.as_f64().unwrap() <= 0.002, "{spend}");
+    assert!(spend.as_f64().unwrap() > 0.0);
+    let recorded = within(Duration::from_secs(5), async || {
+        fleet.usage_requests(1, &id).await == 300
+    })
+    .await;
+    assert!(
+        recorded.is_some(),
+        "each request recorded once: {} rows",
+        fleet.usage_requests(1, &id).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpm_across_three_replicas_admits_exactly_the_limit() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("rpm");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    let (_, secret) = fleet
+        .create_key(2, json!({"name": "paced", "rpm": 30}))
+        .await;
+    // The key was created on replica 2; the others learn of it from the change feed.
+    let known = within(Duration::from_secs(2), async || {
+        fleet.chat(1, &secret, &hello(1)).await.status() == 200
+    })
+    .await;
+    assert!(known.is_some(), "the new key reached the other replicas");
+    let body = hello(5);
+    let sent = (0..120).map(|i| {
+        let fleet = &fleet;
+        let (secret, body) = (&secret, &body);
+        async move { fleet.chat(i, secret, body).await.status().as_u16() }
+    });
+    let statuses = join_all(sent).await;
+    // One request already went through above.
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 29);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 91);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_created_and_revoked_on_one_replica_reach_the_others() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("feed");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    let (id, secret) = fleet.create_key(0, json!({"name": "travels"})).await;
+    for i in 1..3 {
+        let took = within(Duration::from_secs(2), async || {
+            fleet.chat(i, &secret, &hello(1)).await.status() == 200
+        })
+        .await;
+        assert!(took.is_some(), "replica {i} learned the new key within 2 s");
+    }
+    let revoked = fleet
+        .admin(1, reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .await;
+    assert_eq!(revoked.status(), 200);
+    for i in [0, 2] {
+        let took = within(Duration::from_secs(1), async || {
+            fleet.chat(i, &secret, &hello(1)).await.status() == 401
+        })
+        .await;
+        assert!(took.is_some(), "replica {i} refused the revoked key within 1 s");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_frees_its_reservations_within_the_lease() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("kill");
+    let options = MockOptions {
+        latency: Duration::from_millis(400),
+        ..MockOptions::default()
+    };
+    let mut fleet = Fleet::start_with(
+        &redis,
+        &postgres,
+        "",
+        "[ledger]\ndurability = \"strict\"\n",
+        options,
+        3,
+    )
+    .await;
+    let (id, secret) = fleet
+        .create_key(
+            0,
+            json!({"name": "crash", "budget_usd": 0.01, "max_concurrency": 12}),
+        )
+        .await;
+    // Requests in flight on replica 0 hold leases when it dies.
+    let doomed = fleet.url(0).to_owned();
+    let inflight = (0..4).map(|_| {
+        let http = fleet.http.clone();
+        let url = format!("{doomed}/v1/chat/completions");
+        let secret = secret.clone();
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(secret)
+                .json(&hello(100))
+                .send()
+                .await
+        })
+    });
+    let inflight: Vec<_> = inflight.collect();
+    let busy = within(Duration::from_secs(2), async || {
+        fleet.key(1, &id).await["reserved_usd"].as_f64().unwrap() > 0.0
+    })
+    .await;
+    assert!(busy.is_some(), "replica 0's requests hold reservations");
+    drop(fleet.replicas.remove(0));
+    for task in inflight {
+        // Cut by the kill: what matters is what the survivors see.
+        let _ = task.await;
+    }
+    let freed = within(Duration::from_secs(5), async || {
+        fleet.key(1, &id).await["reserved_usd"].as_f64().unwrap() == 0.0
+    })
+    .await;
+    assert!(freed.is_some(), "the dead replica's leases expired");
+    // The others keep serving, and every answer a client received completely is in the ledger.
+    let statuses = join_all((0..10).map(|i| {
+        let fleet = &fleet;
+        let secret = &secret;
+        async move { fleet.chat(i, secret, &hello(10)).await.status().as_u16() }
+    }))
+    .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Strict durability: each answer was committed before it reached its client. The four
+    // cut by the kill never answered, so they may or may not have left a row.
+    let rows = fleet.usage_requests(0, &id).await;
+    assert!((10..=14).contains(&rows), "{rows} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_away_fails_closed_then_recovers_without_a_restart() {
+    let mut redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("away");
+    let fleet = Fleet::start_with(&redis, &postgres, "", "", MockOptions::default(), 1).await;
+    let (_, secret) = fleet.create_key(0, json!({"name": "steady"})).await;
+    assert_eq!(fleet.chat(0, &secret, &hello(5)).await.status(), 200);
+    redis.stop();
+    let refused = fleet.chat(0, &secret, &hello(5)).await;
+    assert_eq!(refused.status(), 503);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "state_unavailable");
+    let ready = fleet.http.get(format!("{}/readyz", fleet.url(0))).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    redis.restart();
+    let back = within(Duration::from_secs(5), async || {
+        fleet.chat(0, &secret, &hello(5)).await.status() == 200
+    })
+    .await;
+    assert!(back.is_some(), "service recovered once Redis was back");
+    let ready = fleet.http.get(format!("{}/readyz", fleet.url(0))).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_away_fails_open_to_a_share_of_each_limit() {
+    let mut redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("open");
+    // One replica of three, so it enforces a third of rpm 30 on its own.
+    let fleet = Fleet::start_with(
+        &redis,
+        &postgres,
+        "on_unavailable = \"fail_open\"",
+        "",
+        MockOptions::default(),
+        1,
+    )
+    .await;
+    let (_, secret) = fleet.create_key(0, json!({"name": "open", "rpm": 30})).await;
+    redis.stop();
+    let statuses = join_all((0..20).map(|_| {
+        let fleet = &fleet;
+        let secret = &secret;
+        async move { fleet.chat(0, secret, &hello(5)).await.status().as_u16() }
+    }))
+    .await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 10);
+    let ready = fleet.http.get(format!("{}/readyz", fleet.url(0))).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "fail_open stays ready");
+    redis.restart();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_tier_plan_spread_over_replicas_bills_as_one() {
+    let plan = "[plans.bulk]\nkind = \"per_token\"\ntier_mode = \"volume\"\n\
+                tiers = [{ up_to_tokens = 200, rate_pct = 100 }, { up_to_tokens = 400, rate_pct = 70 }, { rate_pct = 50 }]\n\
+                prices.\"gpt-4o-mini\" = { input_per_mtok = 0.333, output_per_mtok = 1.111 }\n";
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("tiers");
+    let fleet = Fleet::start(&redis, &postgres, plan).await;
+    let (id, secret) = fleet
+        .create_key(0, json!({"name": "bulk", "plan": "bulk"}))
+        .await;
+    let bodies: Vec<Value> = (1..=12).map(|i| hello(i * 7)).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(fleet.chat(i, &secret, body).await.status(), 200);
+    }
+    // The same requests through one embedded gateway, in the same order.
+    let single = common::Harness::start_with(MockOptions::default(), plan).await;
+    let one = single.create_key(json!({"name": "bulk", "plan": "bulk"})).await;
+    let one_secret = one["key"].as_str().unwrap();
+    for body in &bodies {
+        let response = single
+            .http
+            .post(format!("{}/v1/chat/completions", single.url))
+            .bearer_auth(one_secret)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    single.app.usage.flushed().await;
+    let recorded = within(Duration::from_secs(5), async || {
+        fleet.usage_requests(1, &id).await == 12
+    })
+    .await;
+    assert!(recorded.is_some());
+    let spread = invoice(fleet.url(2), &id).await;
+    let alone = invoice(&single.url, one["id"].as_str().unwrap()).await;
+    assert_eq!(spread["total_usd"], alone["total_usd"], "{spread} vs {alone}");
+    assert_eq!(spread["lines"], alone["lines"]);
+    assert!(spread["total_usd"].as_f64().unwrap() > 0.0);
+}
