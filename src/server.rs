@@ -29,11 +29,11 @@ use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::proxy;
+use crate::rating::ledger::Durability;
 use crate::rating::ledger::{LedgerReader, LedgerWriter, SqliteLedgerReader};
 use crate::rating::Rater;
 use crate::state::redis::RedisState;
 use crate::state::{Admission, RatingTotals};
-use crate::rating::ledger::Durability;
 use crate::store::PgStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -276,20 +276,14 @@ fn open_store(
     match backend {
         StoreBackend::Sqlite => Ok(Store {
             keys: Arc::new(SqliteKeyStore::open(data_dir).map_err(|e| failed(&e))?),
-            writer: Box::new(
-                LedgerWriter::open(data_dir, durability).map_err(|e| failed(&e))?,
-            ),
+            writer: Box::new(LedgerWriter::open(data_dir, durability).map_err(|e| failed(&e))?),
             ledger: Arc::new(SqliteLedgerReader::new(data_dir)),
         }),
         StoreBackend::Postgres { url } => {
             let store = PgStore::connect(url).map_err(|e| failed(&e))?;
             Ok(Store {
                 keys: Arc::new(store.key_store()),
-                writer: Box::new(
-                    store
-                        .ledger_writer(durability)
-                        .map_err(|e| failed(&e))?,
-                ),
+                writer: Box::new(store.ledger_writer(durability).map_err(|e| failed(&e))?),
                 ledger: Arc::new(store.ledger_reader()),
             })
         }
