@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tollgate::api::Endpoint;
+use tollgate::config::Durability;
 use tollgate::config::{Config, Model};
 use tollgate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
 use tollgate::meter::sink::UsageWriter;
-use tollgate::rating::ledger::{Durability, LedgerWriter};
+use tollgate::rating::ledger::LedgerWriter;
 use tollgate::rating::Rater;
 
 use tollgate::meter::sink::MAX_BATCH as BATCH;

@@ -10,7 +10,9 @@
 # (utime + stime from /proc, PostgreSQL summed over the postmaster and its backends), so a
 # throughput gap can be split into gateway, Redis and PostgreSQL time; a baseline Redis round
 # trip (redis-benchmark PING, 1 client); and, from one short 1-connection probe with Redis's
-# slowlog threshold at 0, each Lua script's calls per request and its server-side time.
+# slowlog threshold at 0, each Lua script's calls per request and its server-side time; the
+# gateway's CPU by thread (lanes, the tokio runtime that drives the Redis client, the ledger
+# writer); and, when `perf` works, one more 64-connection run per target profiled machine-wide.
 #
 # PostgreSQL runs with `synchronous_commit = off` (commits do not wait for the WAL flush), the
 # nearest match to the batched SQLite ledger, which commits without fsync; Redis with no
@@ -19,6 +21,7 @@
 # the gateways' logs and configs).
 #
 #   benches/shared.sh [seconds per run, default 5] [rounds, default 3]
+#   SKIP_BUILD=1 PROFILE=0 KEEP=1 LIMIT=1200 benches/shared.sh ...   (all optional)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
@@ -181,13 +184,30 @@ with open("/proc/stat") as f:
 out.append(str(sum(cpu) - cpu[3] - cpu[4]))  # busy ticks, whole machine
 print(" ".join(out))
 PY
+# A gateway's CPU ticks by thread name (digits dropped: tollgate-lane-0 and -1 are one line).
+cat >"$WORK/threads.py" <<'PY'
+import os, re, sys
+out = {}
+for tid in os.listdir("/proc/%s/task" % sys.argv[1]):
+    try:
+        comm = open("/proc/%s/task/%s/comm" % (sys.argv[1], tid)).read().strip()
+        text = open("/proc/%s/task/%s/stat" % (sys.argv[1], tid)).read()
+    except OSError:
+        continue
+    f = text[text.rindex(")") + 2:].split()
+    name = re.sub(r"[-_]?\d+$", "", comm)
+    out[name] = out.get(name, 0) + int(f[11]) + int(f[12])
+print(" ".join("%s=%d" % kv for kv in sorted(out.items())))
+PY
 TICK=$(getconf CLK_TCK)
 cpu() { python3 "$WORK/cpu.py" gw_embedded "$EMB_PID" gw_shared "$SHR_PID" redis "$REDIS_PID" postgres "$PG_PID" mock "$MOCK_PID"; }
 
 run() { # target connections seconds -> "p50 p99 rps requests non2xx cpu-deltas..."
   local port=$EMB_PORT threads=$(( $2 < 2 ? 1 : 2 ))
   [ "$1" = shared ] && port=$SHR_PORT
-  local before after
+  local before after gw_pid=$EMB_PID threads_before
+  [ "$1" = shared ] && gw_pid=$SHR_PID
+  threads_before=$(python3 "$WORK/threads.py" "$gw_pid")
   before=$(cpu)
   # wrk's own CPU (µs) from the rusage of the python parent that waits for it.
   wrk_us=$(python3 -c 'import resource, subprocess, sys
@@ -196,6 +216,7 @@ u = resource.getrusage(resource.RUSAGE_CHILDREN); print(int((u.ru_utime + u.ru_s
     "$WORK/wrk.out" timeout $(( $3 + 30 )) wrk -t"$threads" -c"$2" -d"$3s" --latency -s "$WORK/post_$1.lua" \
     "http://127.0.0.1:$port/v1/chat/completions")
   after=$(cpu)
+  echo "$1 $2 $(grep -oE '^ *[0-9]+ requests in' "$WORK/wrk.out" | grep -oE '[0-9]+') | $threads_before | $(python3 "$WORK/threads.py" "$gw_pid")" >>"$WORK/threads.txt"
   python3 - "$WORK/wrk.out" "$before" "$after" "$wrk_us" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -217,6 +238,7 @@ run shared 64 1 >/dev/null
 
 # Redis's own per-command counters over the measured runs (only `shared` talks to it).
 rcli CONFIG RESETSTAT >/dev/null
+: >"$WORK/threads.txt"
 RESULTS="$WORK/results.txt"
 for round in $(seq "$ROUNDS"); do
   for conns in 1 64; do
@@ -226,6 +248,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+cp "$WORK/threads.txt" "$WORK/threads-rounds.txt"
 rcli INFO commandstats | tr -d '\r' >"$WORK/commandstats.txt"
 
 # Where the CPU goes during one more 64-connection run per target (perf, when it works here):
@@ -236,19 +259,21 @@ PROFILE_MD="$WORK/profile.md"
 if [ "${PROFILE:-1}" = 1 ] && command -v perf >/dev/null && timeout 10 perf record -q -o "$WORK/probe.data" -- true >/dev/null 2>&1; then
   cat >"$WORK/perf.py" <<'PY'
 import re, subprocess, sys
-target, data, gw_comm = sys.argv[1], sys.argv[2], sys.argv[3]
+target, data, tid_file = sys.argv[1], sys.argv[2], sys.argv[3]
+owner = dict(line.split()[::-1] for line in open(tid_file))  # tid -> label
 def report(*args):
-    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "-F", "overhead,comm,dso,sym", *args],
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "-F", "overhead,pid,dso,sym", *args],
                          capture_output=True, text=True, timeout=300).stdout
     for line in out.splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+(\S+)\s+\[(.)\]\s+(.*)$", line)
+        m = re.match(r"\s*([\d.]+)%\s+(\d+):(.+?)\s+(\S+)\s+\[(.)\]\s+(.*)$", line)
         if m:
-            yield float(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5).strip()
+            tid, comm = m.group(2), m.group(3).strip()
+            yield float(m.group(1)), owner.get(tid, "wrk" if comm == "wrk" else comm + " (not ours)"), m.group(4), m.group(5), m.group(6).strip()
 rows = list(report())
 by_comm = {}
 for pct, comm, dso, kind, sym in rows:
     # tokio names its threads; fold them into their process.
-    name = "tollgate (all threads)" if comm.startswith(("tokio", "tollgate")) or comm == gw_comm else comm
+    name = comm
     c = by_comm.setdefault(name, [0.0, 0.0]); c[kind == "k"] += pct
 print("\n**perf, whole machine, 64 connections, %s** (%% of all samples; user / kernel):\n" % target)
 print("| process | user % | kernel % | total % |")
@@ -260,7 +285,7 @@ crates = ["redis", "tokio_postgres", "postgres_protocol", "postgres", "hyper_uti
 groups = {}
 total = 0.0
 for pct, comm, dso, kind, sym in rows:
-    if not (comm.startswith("tokio") or comm == gw_comm or comm.startswith("tollgate")):
+    if comm != "gateway":
         continue
     total += pct
     if kind == "k":
@@ -290,12 +315,16 @@ for g, pct in sorted(groups.items(), key=lambda kv: -kv[1])[:12]:
 PY
   for target in embedded shared; do
     pid=$EMB_PID; [ "$target" = shared ] && pid=$SHR_PID
+    { for t in /proc/"$pid"/task/*; do echo "gateway ${t##*/}"; done
+      for t in /proc/"$MOCK_PID"/task/*; do echo "mock ${t##*/}"; done
+      for t in /proc/"$REDIS_PID"/task/*; do echo "redis-server ${t##*/}"; done
+      echo "postgres $PG_PID"; pgrep -P "$PG_PID" | sed 's/^/postgres /'; } >"$WORK/tids-$target.txt"
     timeout $(( DURATION + 60 )) perf record -q -a -o "$WORK/perf-$target.data" -- sleep "$DURATION" >/dev/null 2>&1 &
     PERF=$!
     sleep 0.3
     run "$target" 64 $(( DURATION > 1 ? DURATION - 1 : 1 )) >/dev/null
     wait "$PERF" || true
-    python3 "$WORK/perf.py" "$target" "$WORK/perf-$target.data" "$(cat /proc/$pid/comm)" >>"$PROFILE_MD" 2>/dev/null || true
+    python3 "$WORK/perf.py" "$target" "$WORK/perf-$target.data" "$WORK/tids-$target.txt" >>"$PROFILE_MD" 2>/dev/null || true
   done
 fi
 
@@ -367,9 +396,9 @@ psql_q() { PGCONNECT_TIMEOUT=10 timeout 60 "$PG_BIN/psql" -X -q -A -t -h 127.0.0
 PG_ROWS=$(psql_q "SELECT string_agg(relname || '=' || n_tup_ins, ' ' ORDER BY relname) FROM pg_stat_user_tables")
 PG_XACT=$(psql_q "SELECT xact_commit FROM pg_stat_database WHERE datname = 'tollgate'")
 
-python3 - "$RESULTS" "$WORK/ping.csv" "$WORK/slowlog.md" "$TICK" "$DURATION" "$ROUNDS" "$PG_ROWS" "$PG_XACT" "$WORK/commandstats.txt" "$PROFILE_MD" <<'PY'
+python3 - "$RESULTS" "$WORK/ping.csv" "$WORK/slowlog.md" "$TICK" "$DURATION" "$ROUNDS" "$PG_ROWS" "$PG_XACT" "$WORK/commandstats.txt" "$PROFILE_MD" "$WORK/threads-rounds.txt" <<'PY'
 import csv, re, statistics, sys
-results, ping_csv, slowlog, tick, duration, rounds, pg_rows, pg_xact, cmdstats, _ = sys.argv[1:]
+results, ping_csv, slowlog, tick, duration, rounds, pg_rows, pg_xact, cmdstats, _, _ = sys.argv[1:]
 tick = int(tick)
 runs = {}
 for line in open(results):
@@ -409,6 +438,22 @@ for conns in ("1", "64"):
         print("| %s | %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f %% |" % (
             conns, target, per(us(gw)), per(us(7)), per(us(8)), per(us(9)), per(lambda r: r[11]),
             per(known), per(lambda r: r[10] / tick * 1e6 - known(r)), busy_pct))
+
+print("\n**Gateway CPU by thread**, µs per request (median over rounds; lanes are the async workers that")
+print("serve requests and drive the Redis client; `tollgate-usage` writes the ledger):\n")
+threads = {}
+for line in open(sys.argv[11]):
+    head, before, after = line.split("|")
+    target, conns, n = head.split()
+    b = dict(kv.split("=") for kv in before.split()); a = dict(kv.split("=") for kv in after.split())
+    threads.setdefault((conns, target), []).append({k: (int(a[k]) - int(b.get(k, 0))) / tick * 1e6 / int(n) for k in a})
+names = sorted({k for runs_ in threads.values() for r in runs_ for k in r})
+print("| conns | target | " + " | ".join(names) + " |")
+print("|---|---|" + "---|" * len(names))
+for conns in ("1", "64"):
+    for target in ("embedded", "shared"):
+        g = threads.get((conns, target), [])
+        print("| %s | %s | %s |" % (conns, target, " | ".join("%.1f" % statistics.median(r.get(k, 0) for r in g) if g else "" for k in names)))
 
 shared_requests = sum(r[3] for (c, t), g in runs.items() if t == "shared" for r in g)
 print("\n**Redis, measured runs** (`INFO commandstats` over every `shared` run, %d requests; server-side time):\n" % shared_requests)

@@ -86,7 +86,7 @@ async fn accept(
         };
         match accepted {
             Ok((stream, _)) => {
-                crate::server::set_no_delay(&stream);
+                set_no_delay(&stream);
                 match stream.into_std() {
                     Ok(stream) => {
                         let _ = lanes[lane].send(stream);
@@ -162,5 +162,19 @@ async fn serve_connection(stream: TcpStream, router: Router, mut stop: watch::Re
                 connection.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// Accepted connections with Nagle's algorithm off (see [`set_no_delay`]).
+pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| set_no_delay(stream))
+}
+
+/// A streamed answer's small SSE events must leave as they are written, not wait for the
+/// client's delayed ACK (up to 40 ms).
+pub fn set_no_delay(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
 }

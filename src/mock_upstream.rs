@@ -133,7 +133,7 @@ impl MockUpstream {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(crate::server::no_delay(listener), app)
+            let _ = axum::serve(crate::lanes::no_delay(listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stopped.await;
                 })
@@ -174,7 +174,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        crate::server::no_delay(listener),
+        crate::lanes::no_delay(listener),
         router(new_shared(options).await),
     )
     .with_graceful_shutdown(shutdown)

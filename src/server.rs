@@ -18,6 +18,7 @@ use crate::api::{new_request_id, ClientChoseRequestId, Endpoint, X_REQUEST_ID};
 use crate::app::{App, Services};
 use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
+use crate::config::Durability;
 use crate::config::{StateBackend, StoreBackend};
 use crate::error::GatewayError;
 use crate::lanes::Lanes;
@@ -29,7 +30,6 @@ use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::proxy;
-use crate::rating::ledger::Durability;
 use crate::rating::ledger::{LedgerReader, LedgerWriter, SqliteLedgerReader};
 use crate::rating::Rater;
 use crate::state::redis::RedisState;
@@ -191,11 +191,14 @@ impl Gateway {
                 tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
                 let mut admin_stop = stop_tx.subscribe();
                 Some(tokio::spawn(
-                    axum::serve(no_delay(admin_listener), admin_router(self.app.clone()))
-                        .with_graceful_shutdown(async move {
-                            let _ = admin_stop.wait_for(|stop| *stop).await;
-                        })
-                        .into_future(),
+                    axum::serve(
+                        crate::lanes::no_delay(admin_listener),
+                        admin_router(self.app.clone()),
+                    )
+                    .with_graceful_shutdown(async move {
+                        let _ = admin_stop.wait_for(|stop| *stop).await;
+                    })
+                    .into_future(),
                 ))
             }
             None => None,
@@ -494,20 +497,6 @@ pub async fn termination() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
-    }
-}
-
-/// Accepted connections with Nagle's algorithm off (see [`set_no_delay`]).
-pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|stream| set_no_delay(stream))
-}
-
-/// A streamed answer's small SSE events must leave as they are written, not wait for the
-/// client's delayed ACK (up to 40 ms).
-pub fn set_no_delay(stream: &tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
 }
 

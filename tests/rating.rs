@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{config_text, temp_dir, Harness, ADMIN_TOKEN};
+use common::{config_text, spawn_gateway, temp_dir, Harness, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
 use tollgate::rating::ledger::{LedgerReader, SqliteLedgerReader};
@@ -269,28 +267,6 @@ async fn an_outcome_reported_twice_is_billed_once() {
     let outcome_line = &invoice["lines"][1];
     assert_eq!(outcome_line["quantity"], 2);
     assert_eq!(outcome_line["unit_price_usd"], json!(1.5));
-}
-
-/// Starts the real binary on an ephemeral port; returns it and its base URL.
-fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("TOLLGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    (child, url)
 }
 
 /// What a crash under load left: each request the client saw complete, with how long before

@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::services::{Postgres, Redis};
-use common::{config_text, temp_dir, ADMIN_TOKEN, PROVIDER_KEY};
+use common::{config_text, temp_dir, ADMIN_TOKEN};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
@@ -35,24 +34,7 @@ struct Fleet {
 }
 
 fn spawn_replica(config: &std::path::Path) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-        .env("TOLLGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line:?}");
+    let (child, url) = common::spawn_gateway(config);
     Replica { child, url }
 }
 
@@ -155,6 +137,13 @@ impl Fleet {
             .unwrap()
     }
 
+    /// `count` requests at once, dealt to the replicas in turn; their statuses.
+    async fn spread(&self, count: usize, secret: &str, body: &Value) -> Vec<u16> {
+        let sent =
+            (0..count).map(|i| async move { self.chat(i, secret, body).await.status().as_u16() });
+        join_all(sent).await
+    }
+
     /// Usage rows for a key, as the admin API reports them (from the shared ledger).
     async fn usage_requests(&self, i: usize, key_id: &str) -> u64 {
         let usage: Value = self
@@ -224,13 +213,7 @@ async fn three_replicas_hold_one_cap_and_count_each_request_once() {
         )
         .await;
     fleet.known_everywhere(&secret).await;
-    let body = hello(100);
-    let sent = (0..300).map(|i| {
-        let fleet = &fleet;
-        let (secret, body) = (&secret, &body);
-        async move { fleet.chat(i, secret, body).await.status().as_u16() }
-    });
-    let statuses = join_all(sent).await;
+    let statuses = fleet.spread(300, &secret, &hello(100)).await;
     let served = statuses.iter().filter(|s| **s == 200).count() as u64;
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(served as usize + refused, 300, "{statuses:?}");
@@ -279,21 +262,10 @@ async fn rpm_across_three_replicas_admits_exactly_the_limit() {
         .create_key(2, json!({"name": "paced", "rpm": 30}))
         .await;
     // The key was created on replica 2; the others learn of it from the change feed.
-    let known = within(Duration::from_secs(2), async || {
-        fleet.chat(1, &secret, &hello(1)).await.status() == 200
-    })
-    .await;
-    assert!(known.is_some(), "the new key reached the other replicas");
-    let body = hello(5);
-    let sent = (0..120).map(|i| {
-        let fleet = &fleet;
-        let (secret, body) = (&secret, &body);
-        async move { fleet.chat(i, secret, body).await.status().as_u16() }
-    });
-    let statuses = join_all(sent).await;
-    // One request already went through above.
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 29);
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 91);
+    fleet.known_everywhere(&secret).await;
+    let statuses = fleet.spread(120, &secret, &hello(5)).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 30);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 90);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -483,6 +455,20 @@ async fn redis_away_fails_closed_then_recovers_without_a_restart() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
+    // A shared-state replica stops cleanly on SIGTERM (its store's blocking clients are closed
+    // off the runtime).
+    let mut fleet = fleet;
+    let mut replica = fleet.replicas.remove(0);
+    let pid = replica.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || replica.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -503,12 +489,7 @@ async fn redis_away_fails_open_to_a_share_of_each_limit() {
         .create_key(0, json!({"name": "open", "rpm": 30}))
         .await;
     redis.stop();
-    let statuses = join_all((0..20).map(|_| {
-        let fleet = &fleet;
-        let secret = &secret;
-        async move { fleet.chat(0, secret, &hello(5)).await.status().as_u16() }
-    }))
-    .await;
+    let statuses = fleet.spread(20, &secret, &hello(5)).await;
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
         10,

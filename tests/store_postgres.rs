@@ -12,13 +12,12 @@ use common::services::Postgres;
 use tollgate::api::Endpoint;
 use tollgate::auth::store::{KeyStore, SqliteKeyStore};
 use tollgate::auth::{hash_secret, KeyRecord};
+use tollgate::config::Durability;
 use tollgate::limits::BudgetPeriod;
 use tollgate::meter::record::{MeterEvent, Outcome, OutcomeEvent, TokenUsage, UsageRecord};
 use tollgate::meter::sink::{SinkError, UsageWriter};
 use tollgate::money::Money;
-use tollgate::rating::ledger::{
-    Durability, GroupBy, LedgerReader, LedgerWriter, SqliteLedgerReader,
-};
+use tollgate::rating::ledger::{GroupBy, LedgerReader, LedgerWriter, SqliteLedgerReader};
 use tollgate::store::PgStore;
 
 const DAY_MS: i64 = 86_400_000;

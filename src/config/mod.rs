@@ -17,7 +17,6 @@ use std::time::Duration;
 use crate::api::Endpoint;
 use crate::meter::tokenizer::Encoding;
 use crate::money::{Money, TokenPrice};
-use crate::rating::ledger::Durability;
 use crate::rating::plan::{build_plans, Plan};
 use crate::route::Router;
 use crate::upstream::{provider_client, ProviderClient};
@@ -43,6 +42,14 @@ pub struct Config {
     /// Chosen at start-up; a reload that changes it is logged and takes effect on restart.
     pub state: StateBackend,
     pub store: StoreBackend,
+}
+
+/// How far the ledger commits a request's record before its client sees the answer end
+/// (see `rating::ledger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Batched,
+    Strict,
 }
 
 /// What a replica does while its shared state cannot be reached.

@@ -546,16 +546,21 @@ impl Limiter {
             .filter(|(_, threshold)| used_pct >= u64::from(**threshold))
             .fold(0u64, |mask, (bit, _)| mask | 1 << bit);
         let first = budget.first_crossings(reached, now_ms);
-        self.alert_thresholds_pct
-            .iter()
-            .enumerate()
-            .filter(|(bit, _)| first & (1 << bit) != 0)
-            .map(|(_, threshold)| AlertCrossing {
-                threshold_pct: *threshold,
-                used_pct,
-            })
-            .collect()
+        crossed(&self.alert_thresholds_pct, first, used_pct)
     }
+}
+
+/// The thresholds whose bits are set in `mask` (bit i = the i-th of `thresholds_pct`).
+pub fn crossed(thresholds_pct: &[u8], mask: u64, used_pct: u64) -> Vec<AlertCrossing> {
+    thresholds_pct
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, threshold)| AlertCrossing {
+            threshold_pct: *threshold,
+            used_pct,
+        })
+        .collect()
 }
 
 /// What an admitted request holds until it settles.

@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 
 use super::settle::Ending;
 use super::Exchange;
+use crate::config::Durability;
 use crate::meter::record::Outcome;
 use crate::meter::sink::WrittenAck;
-use crate::rating::ledger::Durability;
 use crate::stream::{Gathered, SseTap};
 use crate::upstream;
 

@@ -16,13 +16,13 @@ use tokio::sync::oneshot;
 use super::Exchange;
 use crate::app::App;
 use crate::auth::KeyRecord;
+use crate::config::Durability;
 use crate::config::{Config, Model};
 use crate::limits::{AlertCrossing, Settlement};
 use crate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
 use crate::meter::sink::WrittenAck;
 use crate::metrics::status_class;
 use crate::money::Money;
-use crate::rating::ledger::Durability;
 use crate::rating::plan::Rated;
 use crate::state::Pass;
 

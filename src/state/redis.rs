@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
+use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
+use tokio::sync::OnceCell;
 
 pub use crate::config::OnUnavailable;
 use crate::limits::gcra::Snapshot;
@@ -73,7 +75,11 @@ impl Scripts {
 
 /// The Redis side of every shared seam, one per process.
 pub struct RedisState {
-    connection: ConnectionManager,
+    /// One connection per thread that calls Redis: a serving lane's calls then stay on its
+    /// thread. Through one shared connection, whose driver runs on one runtime, each call
+    /// crossed to that runtime's workers and back, which cost ~90 µs of CPU per request.
+    connections: ThreadLocal<OnceCell<ConnectionManager>>,
+    connection_config: ConnectionManagerConfig,
     client: redis::Client,
     scripts: Scripts,
     lease: Duration,
@@ -231,17 +237,17 @@ impl RedisState {
         up_gauge: prometheus::IntGauge,
     ) -> Result<Arc<RedisState>, StateError> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
+        let connection_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
         let (releases, queued) = mpsc::unbounded_channel();
         let mut alert_thresholds_pct = alert_thresholds_pct;
         alert_thresholds_pct.sort_unstable();
         let state = Arc::new(RedisState {
-            connection,
+            connections: ThreadLocal::new(),
+            connection_config,
             client,
             scripts: Scripts::load(),
             lease,
@@ -252,10 +258,29 @@ impl RedisState {
             alert_thresholds_pct,
             up_gauge,
         });
+        // Fails the start when Redis cannot be reached at all.
+        state.connection().await?;
         state.up_gauge.set(1);
         tokio::spawn(release_queued(Arc::downgrade(&state), queued));
         tokio::spawn(renew_leases(Arc::downgrade(&state)));
         Ok(state)
+    }
+
+    /// This thread's connection, made on first use.
+    async fn connection(&self) -> Result<ConnectionManager, StateError> {
+        let made = self
+            .connections
+            .get_or_default()
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(
+                    self.client.clone(),
+                    self.connection_config.clone(),
+                )
+            })
+            .await
+            .cloned()
+            .map_err(StateError::from);
+        self.observe(made)
     }
 
     pub fn is_up(&self) -> bool {
@@ -280,7 +305,7 @@ impl RedisState {
     }
 
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, StateError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let result = invocation
             .invoke_async::<Value>(&mut connection)
             .await
@@ -377,7 +402,7 @@ impl RedisState {
         if let Some(ttl) = period_ttl_ms(period, now_ms) {
             command.arg("PX").arg(ttl);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let result = command
             .query_async::<Value>(&mut connection)
             .await
@@ -462,16 +487,7 @@ impl RedisState {
         let used_pct = lease.cap.map_or(0, |cap| {
             u64::try_from(i128::from(spent) * 100 / i128::from(cap.nanos().max(1))).unwrap_or(0)
         });
-        let alerts = self
-            .alert_thresholds_pct
-            .iter()
-            .enumerate()
-            .filter(|(bit, _)| first & (1 << bit) != 0)
-            .map(|(_, threshold)| AlertCrossing {
-                threshold_pct: *threshold,
-                used_pct,
-            })
-            .collect();
+        let alerts = crate::limits::crossed(&self.alert_thresholds_pct, first as u64, used_pct);
         let overshoot = match lease.cap {
             Some(_) => (cost - lease.reserved).max(Money::ZERO),
             None => Money::ZERO,
@@ -560,7 +576,7 @@ impl RedisState {
     /// Tells every replica that a key was created, changed or revoked. The message carries
     /// the change's version, so a replica that sees a gap knows it missed one.
     pub async fn publish_key_change(&self, key_id: &str) -> Result<(), StateError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let result = async {
             let version: i64 = redis::cmd("INCR")
                 .arg(CHANGES_VERSION)
@@ -579,7 +595,7 @@ impl RedisState {
 
     /// The key change counter, for the poll that catches a missed message.
     pub async fn key_version(&self) -> Result<i64, StateError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let result = redis::cmd("GET")
             .arg(CHANGES_VERSION)
             .query_async::<Option<i64>>(&mut connection)
@@ -617,7 +633,9 @@ impl RedisState {
 
     /// Checks that Redis answers; used by the renewal loop to notice recovery while idle.
     async fn ping(&self) {
-        let mut connection = self.connection.clone();
+        let Ok(mut connection) = self.connection().await else {
+            return;
+        };
         let result = redis::cmd("PING")
             .query_async::<String>(&mut connection)
             .await
@@ -629,10 +647,6 @@ impl RedisState {
 impl Lease {
     pub fn headers(&self) -> RateLimitHeaders {
         self.headers
-    }
-
-    pub fn reserved(&self) -> Money {
-        self.reserved
     }
 }
 

@@ -10,9 +10,10 @@ use std::path::Path;
 
 use super::postgres::{Inserted, PgError, PgStore};
 use crate::auth::store::{KeyStore, SqliteKeyStore, StoreError};
+use crate::config::Durability;
 use crate::meter::record::MeterEvent;
 use crate::meter::sink::SinkError;
-use crate::rating::ledger::{Durability, LedgerError, SqliteLedgerReader};
+use crate::rating::ledger::{LedgerError, SqliteLedgerReader};
 
 /// Records a PostgreSQL transaction carries: large enough to amortise the round trips, small
 /// enough that a copy's memory stays flat.

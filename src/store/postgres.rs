@@ -22,13 +22,12 @@ use crate::auth::store::{
     KeyStore, StoreError,
 };
 use crate::auth::KeyRecord;
+use crate::config::Durability;
 use crate::meter::record::{MeterEvent, UsageRecord};
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::ledger::sql;
-use crate::rating::ledger::{
-    Durability, GroupBy, LedgerError, LedgerReader, PeriodUsage, UsageRow,
-};
+use crate::rating::ledger::{GroupBy, LedgerError, LedgerReader, PeriodUsage, UsageRow};
 use crate::rating::plan::Cursor;
 use crate::store::row::{names, Column, Dialect, Kind, RowSource};
 
@@ -258,6 +257,24 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
 struct Pool {
     config: Config,
     idle: Mutex<Vec<Client>>,
+}
+
+impl Drop for Pool {
+    /// The blocking client closes its connection through a runtime of its own, which cannot
+    /// start on an async worker — where the gateway's state is dropped at shutdown — so idle
+    /// connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if idle.is_empty() {
+            return;
+        }
+        let closing = std::thread::Builder::new()
+            .name("pg-close".to_owned())
+            .spawn(move || drop(idle));
+        if let Err(error) = closing {
+            tracing::warn!(%error, "cannot close idle PostgreSQL connections cleanly");
+        }
+    }
 }
 
 impl Pool {

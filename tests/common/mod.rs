@@ -342,3 +342,24 @@ pub fn run_python(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     );
     stdout
 }
+
+/// Starts the real binary on an ephemeral port; returns it and its base URL.
+pub fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (child, url)
+}

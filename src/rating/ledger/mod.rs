@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::config::Durability;
 use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
@@ -80,12 +81,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 CREATE INDEX IF NOT EXISTS outcomes_key_time ON outcomes (key_id, at_ms);
 ";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    Batched,
-    Strict,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

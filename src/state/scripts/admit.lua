@@ -19,9 +19,15 @@ if not spent then return {2} end
 spent = tonumber(spent or '0')
 local reserved = tonumber(redis.call('GET', KEYS[9]) or '0')
 
-local function snapshots(out)
-  for _, pair in ipairs({{KEYS[2], key_rpm}, {KEYS[3], key_tpm}, {KEYS[4], model_rpm}, {KEYS[5], model_tpm}}) do
-    local s = gcra_snapshot(pair[1], pair[2])
+local limits = {key_rpm, key_tpm, model_rpm, model_tpm}
+local keys = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
+local units = {1, tokens, 1, tokens}
+-- Each throttle's TAT as read, then as it would be after this request.
+local read, taken = {}, {}
+
+local function snapshots(out, tats)
+  for i = 1, 4 do
+    local s = gcra_snapshot(tats[i] or 0, limits[i])
     table.insert(out, s[1])
     table.insert(out, s[2])
   end
@@ -29,18 +35,19 @@ local function snapshots(out)
 end
 
 local function refuse(reason, retry_us)
-  return snapshots({1, reason, int(retry_us), int(math.max(cap - spent - reserved, 0))})
+  for i = 1, 4 do
+    if read[i] == nil and limits[i] > 0 then read[i] = tonumber(redis.call('GET', keys[i]) or '0') end
+  end
+  return snapshots({1, reason, int(retry_us), int(math.max(cap - spent - reserved, 0))}, read)
 end
 
 if max_conc >= 0 and redis.call('ZCARD', KEYS[1]) >= max_conc then
   return refuse(1, 1000000)
 end
-local checks = {{KEYS[2], key_rpm, 1, 2}, {KEYS[3], key_tpm, tokens, 3},
-                {KEYS[4], model_rpm, 1, 4}, {KEYS[5], model_tpm, tokens, 5}}
-local taken = {}
-for i, check in ipairs(checks) do
-  local ok, value = gcra_try(check[1], check[2], check[3])
-  if not ok then return refuse(check[4], value) end
+for i = 1, 4 do
+  local ok, value, tat = gcra_try(keys[i], limits[i], units[i])
+  read[i] = tat
+  if not ok then return refuse(i + 1, value) end
   taken[i] = value
 end
 local reserve = 0
@@ -49,8 +56,8 @@ if cap >= 0 then
   if spent + reserved + reserve > cap then return refuse(6, 0) end
 end
 
-for i, check in ipairs(checks) do
-  if taken[i] then gcra_set(check[1], taken[i]) end
+for i = 1, 4 do
+  if taken[i] then gcra_set(keys[i], taken[i]) end
 end
 local expiry = now_ms + lease_ms
 redis.call('ZADD', KEYS[1], expiry, id)
@@ -60,4 +67,4 @@ if reserve > 0 then
   redis.call('HSET', KEYS[8], id, int(reserve))
   redis.call('INCRBY', KEYS[9], int(reserve))
 end
-return snapshots({0, int(reserve)})
+return snapshots({0, int(reserve)}, taken)

@@ -9,15 +9,16 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
--- How a throttle stands if `units` were taken now: ok and the new TAT, or the wait.
+-- How a throttle stands if `units` were taken now: ok and the new TAT, or the wait; and the
+-- TAT as it stands.
 local function gcra_try(key, limit, units)
-  if limit <= 0 then return true, nil end
-  if units > limit then return false, WINDOW end
+  if limit <= 0 then return true, nil, nil end
   local tat = tonumber(redis.call('GET', key) or '0')
+  if units > limit then return false, WINDOW, tat end
   local new_tat = math.max(tat, now_us) + math.ceil(WINDOW / limit * units)
   local ahead = new_tat - now_us
-  if ahead > WINDOW then return false, math.max(ahead - WINDOW, 1) end
-  return true, new_tat
+  if ahead > WINDOW then return false, math.max(ahead - WINDOW, 1), tat end
+  return true, new_tat, tat
 end
 
 local function gcra_set(key, tat)
@@ -41,10 +42,9 @@ local function gcra_charge(key, limit, units)
   gcra_set(key, math.max(tat, now_us) + math.ceil(WINDOW / limit * units))
 end
 
--- Remaining units and microseconds until whole, for the x-ratelimit headers.
-local function gcra_snapshot(key, limit)
+-- Remaining units and microseconds until whole at a given TAT, for the x-ratelimit headers.
+local function gcra_snapshot(tat, limit)
   if limit <= 0 then return {-1, 0} end
-  local tat = tonumber(redis.call('GET', key) or '0')
   local used = math.min(math.max(tat - now_us, 0), WINDOW)
   local remaining = math.floor((WINDOW - used) / (WINDOW / limit))
   return {math.min(remaining, limit), used}
