@@ -297,7 +297,9 @@ fn open_store(
 /// from the store; a gap in the announced versions (a message missed while the subscription was
 /// down) or a version moved without a message reloads every key. Ends with the gateway.
 async fn follow_key_changes(app: std::sync::Weak<App>, redis: Arc<RedisState>) {
-    let mut seen = redis.key_version().await.unwrap_or(0);
+    // Unknown at first: the first poll reloads every key, covering changes made between the
+    // start-up listing and the subscription.
+    let mut seen = -1;
     let mut changes = redis.key_changes().await.ok();
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {

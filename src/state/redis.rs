@@ -280,7 +280,12 @@ impl RedisState {
             .await
             .cloned()
             .map_err(StateError::from);
-        self.observe(made)
+        // Only a failure to connect says anything: a connection made earlier is handed out
+        // whether or not Redis still answers.
+        match made {
+            Ok(connection) => Ok(connection),
+            Err(error) => self.observe(Err(error)),
+        }
     }
 
     pub fn is_up(&self) -> bool {
