@@ -105,7 +105,7 @@ impl Gateway {
                 url,
                 on_unavailable,
                 lease,
-                share,
+                replicas,
             } => {
                 if config.store == StoreBackend::Sqlite {
                     tracing::warn!(
@@ -117,6 +117,7 @@ impl Gateway {
                     url,
                     *lease,
                     *on_unavailable,
+                    *replicas,
                     config.budget_alerts.thresholds_pct.clone(),
                     metrics.state_backend_up.clone(),
                 )
@@ -126,7 +127,7 @@ impl Gateway {
                     Admission::Shared {
                         redis: redis.clone(),
                         local_share: local,
-                        share: *share,
+                        share: 1.0 / f64::from(*replicas),
                         ledger: ledger.clone(),
                     },
                     RatingTotals::Shared {
@@ -226,6 +227,7 @@ impl Gateway {
         // records must reach the channel before it is flushed and closed.
         self.app.settling.close();
         self.app.settling.wait().await;
+        self.app.admission.stop().await;
         self.pipeline.close().await;
         tracing::info!("usage sink flushed; bye");
         Ok(())

@@ -68,8 +68,9 @@ pub enum StateBackend {
         url: String,
         on_unavailable: OnUnavailable,
         lease: Duration,
-        /// Each replica's share of every limit under `fail_open`.
-        share: f64,
+        /// How many replicas share the limits: each enforces 1/replicas of every limit under
+        /// `fail_open`, and an allowance takes at most a quarter of 1/replicas of what remains.
+        replicas: u32,
     },
 }
 
@@ -112,7 +113,7 @@ fn state_backend(raw: &raw::RawState, problems: &mut Problems) -> StateBackend {
                 url,
                 on_unavailable,
                 lease: Duration::from_secs(raw.lease_secs.max(3)),
-                share: 1.0 / f64::from(raw.replicas.max(1)),
+                replicas: raw.replicas.max(1),
             },
             None => {
                 problems.push(

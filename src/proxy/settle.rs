@@ -24,7 +24,7 @@ use crate::meter::sink::WrittenAck;
 use crate::metrics::status_class;
 use crate::money::Money;
 use crate::rating::plan::Rated;
-use crate::state::Pass;
+use crate::state::{Pass, Priced, Used};
 
 pub(super) struct Ending {
     /// The upstream answered with a success status, so its tokens are billable.
@@ -137,10 +137,10 @@ impl Exchange {
 }
 
 impl Closing {
-    /// Finishes here when nothing needs I/O (embedded state, or nothing to rate); otherwise
-    /// hands the closing back.
+    /// Finishes here when rating needs no I/O (embedded state, or shared totals the plan does
+    /// not read); otherwise hands the closing back.
     fn finish_now(mut self) -> Result<Option<WrittenAck>, Box<Closing>> {
-        let rated = match (&self.key, &self.model) {
+        let priced = match (&self.key, &self.model) {
             (Some(key), Some(model)) => {
                 let plan = self.config.plan(key.plan.as_deref());
                 match self.app.totals.rate_now(
@@ -151,32 +151,22 @@ impl Closing {
                     key.seats,
                     self.record.started_at_ms,
                 ) {
-                    Some(rated) => rated,
+                    Some(priced) => priced,
                     None => return Err(Box::new(self)),
                 }
             }
-            _ => (Rated::default(), Money::ZERO),
+            _ => Priced {
+                rated: Rated::default(),
+                list_cost: Money::ZERO,
+                month: None,
+            },
         };
-        let settlement = match self.pass.take() {
-            Some(pass) => {
-                match self
-                    .app
-                    .admission
-                    .settle_now(pass, self.billed.total(), rated.0.charge)
-                {
-                    Ok(settlement) => Some(settlement),
-                    Err(lease) => {
-                        self.pass = Some(Pass::Shared(*lease));
-                        return Err(Box::new(self));
-                    }
-                }
-            }
-            None => None,
-        };
-        Ok(self.conclude(rated, settlement))
+        let settlement = self.settle_pass(&priced);
+        Ok(self.conclude(priced, settlement))
     }
 
-    /// Finishes on a tracked task; the receiver stands for the record's commit.
+    /// Finishes on a tracked task, once rating has the shared totals; the receiver stands for
+    /// the record's commit.
     fn finish_later(self: Box<Self>) -> Option<WrittenAck> {
         let strict = self.config.durability == Durability::Strict;
         let app = self.app.clone();
@@ -193,7 +183,7 @@ impl Closing {
     }
 
     async fn finish(mut self: Box<Self>) -> Option<WrittenAck> {
-        let rated = match (&self.key, &self.model) {
+        let priced = match (&self.key, &self.model) {
             (Some(key), Some(model)) => {
                 let plan = self.config.plan(key.plan.as_deref());
                 self.app
@@ -208,35 +198,51 @@ impl Closing {
                     )
                     .await
             }
-            _ => (Rated::default(), Money::ZERO),
+            _ => Priced {
+                rated: Rated::default(),
+                list_cost: Money::ZERO,
+                month: None,
+            },
         };
-        let settlement = match (self.pass.take(), &self.key) {
-            (Some(pass), Some(key)) => {
-                let tokens = self.billed.total();
+        let settlement = self.settle_pass(&priced);
+        (*self).conclude(priced, settlement)
+    }
+
+    /// Replaces the request's reservation by its charge. A shared lease settles without
+    /// waiting; the alerts its settlement crosses are announced when Redis answers.
+    fn settle_pass(&mut self, priced: &Priced) -> Option<Settlement> {
+        let pass = self.pass.take()?;
+        let tokens = self.billed.total();
+        let charge = priced.rated.charge;
+        match self.app.admission.settle_now(pass, tokens, charge) {
+            Ok(settlement) => Some(settlement),
+            Err(lease) => {
+                let key = self.key.clone()?;
+                let used = Used {
+                    tokens,
+                    cost: charge,
+                    period: self.app.budget_period(&key),
+                };
+                let (app, config) = (self.app.clone(), self.config.clone());
+                let alerts = Box::new(move |alerts: Vec<AlertCrossing>| {
+                    for alert in alerts {
+                        announce(&app, &config, &key, alert);
+                    }
+                });
                 Some(
-                    match self.app.admission.settle_now(pass, tokens, rated.0.charge) {
-                        Ok(settlement) => settlement,
-                        Err(lease) => {
-                            let period = self.app.budget_period(key);
-                            self.app
-                                .admission
-                                .settle(*lease, tokens, rated.0.charge, period)
-                                .await
-                        }
-                    },
+                    self.app
+                        .admission
+                        .settle_shared(*lease, used, priced.month, alerts),
                 )
             }
-            _ => None,
-        };
-        (*self).conclude(rated, settlement)
+        }
     }
 
     /// What every consumer takes from the settled request: metrics, alerts, the record.
-    fn conclude(
-        self,
-        (rated, list_cost): (Rated, Money),
-        settlement: Option<Settlement>,
-    ) -> Option<WrittenAck> {
+    fn conclude(self, priced: Priced, settlement: Option<Settlement>) -> Option<WrittenAck> {
+        let Priced {
+            rated, list_cost, ..
+        } = priced;
         let metrics = &self.app.metrics;
         if let Some(settlement) = settlement {
             if settlement.overshoot > Money::ZERO {
@@ -244,8 +250,10 @@ impl Closing {
                     .budget_overshoot_usd
                     .inc_by(settlement.overshoot.as_f64_usd());
             }
-            for alert in settlement.alerts {
-                self.announce(alert);
+            if let Some(key) = &self.key {
+                for alert in settlement.alerts {
+                    announce(&self.app, &self.config, key, alert);
+                }
             }
             if self.config.server.per_key_metrics {
                 self.export_key_gauges();
@@ -341,41 +349,37 @@ impl Closing {
                 .set(tokens.remaining as f64);
         }
     }
+}
 
-    /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
-    /// With shared state only the replica whose settlement crossed it first gets here.
-    fn announce(&self, alert: AlertCrossing) {
-        let Some(key) = self.key.clone() else {
-            return;
-        };
-        let threshold = alert.threshold_pct.to_string();
-        self.app
-            .metrics
-            .budget_alerts
-            .with_label_values(&[threshold.as_str()])
-            .inc();
-        tracing::warn!(
-            key = %key.name,
-            threshold_pct = alert.threshold_pct,
-            used_pct = alert.used_pct,
-            "budget alert"
-        );
-        let Some(url) = self.config.budget_alerts.webhook.clone() else {
-            return;
-        };
-        let app = self.app.clone();
-        app.runtime.clone().spawn(async move {
-            let event = serde_json::json!({
-                "event": "budget_threshold_crossed",
-                "key_id": key.id,
-                "key_name": key.name,
-                "threshold_pct": alert.threshold_pct,
-                "used_pct": alert.used_pct,
-                "budget": app.budget_view(&key).await,
-            });
-            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
-                tracing::error!(error = %error.without_url(), "budget webhook failed");
-            }
+/// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
+/// With shared state only the replica whose settlement crossed it first gets here.
+fn announce(app: &Arc<App>, config: &Config, key: &Arc<KeyRecord>, alert: AlertCrossing) {
+    let threshold = alert.threshold_pct.to_string();
+    app.metrics
+        .budget_alerts
+        .with_label_values(&[threshold.as_str()])
+        .inc();
+    tracing::warn!(
+        key = %key.name,
+        threshold_pct = alert.threshold_pct,
+        used_pct = alert.used_pct,
+        "budget alert"
+    );
+    let Some(url) = config.budget_alerts.webhook.clone() else {
+        return;
+    };
+    let (app, key) = (app.clone(), key.clone());
+    app.runtime.clone().spawn(async move {
+        let event = serde_json::json!({
+            "event": "budget_threshold_crossed",
+            "key_id": key.id,
+            "key_name": key.name,
+            "threshold_pct": alert.threshold_pct,
+            "used_pct": alert.used_pct,
+            "budget": app.budget_view(&key).await,
         });
-    }
+        if let Err(error) = app.webhooks.post(url).json(&event).send().await {
+            tracing::error!(error = %error.without_url(), "budget webhook failed");
+        }
+    });
 }

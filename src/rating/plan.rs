@@ -255,6 +255,20 @@ impl Plan {
         self.charge(before, delta, seats)
     }
 
+    /// Whether a request's charge depends on where in the month it lands (tiers, allowances,
+    /// credit packs, month-cumulative rounding), so rating must wait for the month's totals.
+    pub fn reads_totals(&self) -> bool {
+        match self {
+            Plan::PerToken {
+                tiers,
+                mode: TierMode::Graduated,
+                ..
+            } => !tiers.is_empty(),
+            Plan::PerToken { .. } | Plan::PerSeat { .. } | Plan::Credits { .. } => true,
+            Plan::PerOutcome { .. } => false,
+        }
+    }
+
     /// What one request adds to its key's month totals. Totals only ever add up, so the
     /// charge depends on nothing but where in the month the request's delta lands: whoever
     /// advances the totals atomically (a mutex here, one server-side increment across

@@ -14,14 +14,15 @@ use std::sync::Arc;
 
 use crate::config::Model;
 use crate::limits::{
-    BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Limiter, RateLimitHeaders, Refusal,
-    Settlement, Ticket,
+    AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Limiter, RateLimitHeaders,
+    Refusal, Settlement, Ticket,
 };
 use crate::money::Money;
 use crate::rating::ledger::{LedgerError, LedgerReader};
 use crate::rating::plan::{Cursor, Plan, Rated};
 use crate::rating::Rater;
-use redis::{Admitted, Lease, OnUnavailable, RedisState};
+use redis::{Admitted, OnUnavailable, RedisState};
+pub use redis::{Lease, MonthDelta, Used};
 
 /// What an admitted request holds until it settles. Dropping it unsettled gives everything
 /// back without any I/O in `Drop`.
@@ -100,19 +101,30 @@ impl Admission {
         match self {
             Admission::Embedded(limiter) => limiter.upsert_key(id, limits, spent),
             Admission::Shared {
-                local_share, share, ..
-            } => local_share.upsert_key(
-                id,
-                &shared_limits(limits, *share),
-                spent.map(|s| Money((s.nanos() as f64 * share).floor() as i64)),
-            ),
+                redis,
+                local_share,
+                share,
+                ..
+            } => {
+                redis.retire_allowance(id);
+                local_share.upsert_key(
+                    id,
+                    &shared_limits(limits, *share),
+                    spent.map(|s| Money((s.nanos() as f64 * share).floor() as i64)),
+                )
+            }
         }
     }
 
     pub fn remove_key(&self, id: &str) {
         match self {
             Admission::Embedded(limiter) => limiter.remove_key(id),
-            Admission::Shared { local_share, .. } => local_share.remove_key(id),
+            Admission::Shared {
+                redis, local_share, ..
+            } => {
+                redis.retire_allowance(id);
+                local_share.remove_key(id)
+            }
         }
     }
 
@@ -256,27 +268,31 @@ impl Admission {
         }
     }
 
-    /// Settles a shared lease. A settlement Redis did not take is left to the lease's expiry:
-    /// the reservation ends then, and the cost stays in the ledger.
-    pub async fn settle(
+    /// Settles a shared lease without waiting for Redis (see [`RedisState::settle`]); alerts
+    /// come later, through `alerts`. A settlement Redis did not take is left to the lease's
+    /// expiry: the reservation ends then, and the cost stays in the ledger.
+    pub fn settle_shared(
         &self,
         lease: Lease,
-        tokens: u64,
-        cost: Money,
-        period: BudgetPeriod,
+        used: Used,
+        month: Option<MonthDelta>,
+        alerts: Box<dyn FnOnce(Vec<AlertCrossing>) + Send>,
     ) -> Settlement {
         let Admission::Shared { redis, .. } = self else {
             return Settlement::default();
         };
-        match redis.settle(lease, tokens, cost, period).await {
-            Ok(settled) => Settlement {
-                overshoot: settled.overshoot,
-                alerts: settled.alerts,
-            },
-            Err(error) => {
-                tracing::error!(%error, "settlement not recorded in shared state");
-                Settlement::default()
-            }
+        Settlement {
+            overshoot: redis.settle(lease, used, month, alerts),
+            alerts: Vec::new(),
+        }
+    }
+
+    /// Sends what is still queued for Redis and gives back this replica's allowances: at
+    /// shutdown, after the last settlement.
+    pub async fn stop(&self) {
+        if let Admission::Shared { redis, .. } = self {
+            redis.flush().await;
+            redis.return_allowances(false).await;
         }
     }
 
@@ -367,9 +383,18 @@ pub enum RatingTotals {
     },
 }
 
+/// A request's price: its charge, its cost at list prices, and what it still adds to its
+/// month's shared totals when rating did not wait for them.
+pub struct Priced {
+    pub rated: Rated,
+    pub list_cost: Money,
+    pub month: Option<MonthDelta>,
+}
+
 impl RatingTotals {
-    /// Rates one request synchronously; `None` when the totals are shared (see
-    /// [`RatingTotals::rate`]).
+    /// Rates one request without waiting: embedded totals, or shared ones the plan's charge
+    /// does not depend on (their advance then rides on the settlement). `None` when the
+    /// charge needs the shared totals (see [`RatingTotals::rate`]).
     pub fn rate_now(
         &self,
         key_id: &str,
@@ -378,10 +403,26 @@ impl RatingTotals {
         usage: crate::meter::record::TokenUsage,
         seats: u32,
         started_ms: i64,
-    ) -> Option<(Rated, Money)> {
+    ) -> Option<Priced> {
         match self {
             RatingTotals::Embedded(rater) => {
-                Some(rater.rate(key_id, plan, model, usage, seats, started_ms))
+                let (rated, list_cost) = rater.rate(key_id, plan, model, usage, seats, started_ms);
+                Some(Priced {
+                    rated,
+                    list_cost,
+                    month: None,
+                })
+            }
+            RatingTotals::Shared { .. } if !plan.reads_totals() => {
+                let delta = plan.advance(&model.name, &model.tier, &model.prices, usage);
+                Some(Priced {
+                    rated: plan.charge(Cursor::default(), delta, seats),
+                    list_cost: list_cost(model, usage),
+                    month: Some(MonthDelta {
+                        start_ms: BudgetPeriod::Month.start_ms(started_ms),
+                        delta,
+                    }),
+                })
             }
             RatingTotals::Shared { .. } => None,
         }
@@ -398,21 +439,23 @@ impl RatingTotals {
         usage: crate::meter::record::TokenUsage,
         seats: u32,
         started_ms: i64,
-    ) -> (Rated, Money) {
-        let list_cost = model
-            .prices
-            .cost(usage.input, usage.cached_input, usage.output);
-        let (redis, ledger) = match self {
-            RatingTotals::Embedded(rater) => {
-                return rater.rate(key_id, plan, model, usage, seats, started_ms)
-            }
-            RatingTotals::Shared { redis, ledger } => (redis, ledger),
+    ) -> Priced {
+        if let Some(priced) = self.rate_now(key_id, plan, model, usage, seats, started_ms) {
+            return priced;
+        }
+        let RatingTotals::Shared { redis, ledger } = self else {
+            unreachable!("embedded totals always rate now");
         };
         let month = BudgetPeriod::Month.start_ms(started_ms);
         let delta = plan.advance(&model.name, &model.tier, &model.prices, usage);
+        let priced = |before: Cursor| Priced {
+            rated: plan.charge(before, delta, seats),
+            list_cost: list_cost(model, usage),
+            month: None,
+        };
         for _ in 0..2 {
             match redis.advance_totals(key_id, month, delta).await {
-                Ok(Some(before)) => return (plan.charge(before, delta, seats), list_cost),
+                Ok(Some(before)) => return priced(before),
                 Ok(None) => {
                     let totals = totals_from_ledger(ledger, key_id, month).await;
                     if let Err(error) = redis.seed_totals(key_id, month, totals).await {
@@ -426,8 +469,15 @@ impl RatingTotals {
                 }
             }
         }
-        (plan.charge(Cursor::default(), delta, seats), list_cost)
+        priced(Cursor::default())
     }
+}
+
+/// The ledger's list-price column: the model's own prices, whatever the plan charges.
+fn list_cost(model: &Model, usage: crate::meter::record::TokenUsage) -> Money {
+    model
+        .prices
+        .cost(usage.input, usage.cached_input, usage.output)
 }
 
 async fn totals_from_ledger(ledger: &Arc<dyn LedgerReader>, key_id: &str, month: i64) -> Cursor {

@@ -1,13 +1,32 @@
 //! Shared state on Redis, for several replicas enforcing one set of limits. Every admission
-//! is one server-side script covering all of a request's limits at once — concurrency, key
-//! and model RPM/TPM, budget — so nothing is checked on one replica's stale view. A budget
-//! reservation and a concurrency slot are leases: this replica renews the leases of the
+//! runs in one server-side script covering all of a request's limits at once — concurrency,
+//! key and model RPM/TPM, budget — so nothing is checked on one replica's stale view. A budget
+//! reservation and a concurrency slot are one lease: this replica renews the leases of the
 //! requests it still serves, and a replica that dies stops renewing, so its leases expire and
-//! free themselves within `lease`. Settlement is idempotent by lease id. Dropping an unsettled
+//! free themselves within `lease`. Settlement is idempotent by lease. Dropping an unsettled
 //! [`Lease`] never does I/O: it queues a release for a background task.
 //!
-//! The month's rating totals are advanced by one atomic increment per request, which hands
-//! each request its own segment of the month (see `rating::plan::Plan::advance`), and alert
+//! Admissions, settlements and rating-total advances are batched: while one script call of a
+//! kind is in flight from a thread, that thread's next calls of the kind queue and go
+//! together as the next one. Alone, a request pays one round trip as before; under load, a
+//! batch of requests costs Redis about what one did, since each script reads a key once and
+//! writes it once however many of the batch's requests touch it. Requests in a batch are
+//! admitted in order, each against the state the previous ones left: as exact as one by one.
+//!
+//! **Allowances.** Far from its limits, a key need not pay a round trip per admission: the
+//! admission that finds this replica without room asks Redis, in the same script, for an
+//! allowance — a slice of the key's remaining RPM, TPM and budget, taken there as if spent
+//! (the budget part reserved under a lease like a request's) — and later requests are
+//! admitted from it here. Exact all the same: every unit admitted here was taken from the
+//! shared limit first, so no number of replicas admits more than the limit; Redis grants a
+//! slice only while it is small against what remains (see `admit.lua`), so near a limit each
+//! request is admitted in Redis, one by one. The cost of an allowance is capacity held and
+//! unused for a moment: one left idle for a tick is given back, and one is used for at most
+//! half a lease before it must be topped up. Only keys without a concurrency limit, on models
+//! without their own throttles, get allowances.
+//!
+//! The month's rating totals are advanced atomically per request, which hands each request
+//! its own segment of the month (see `rating::plan::Plan::advance`), and alert
 //! thresholds are claimed once per period in the settlement script, so N replicas send one
 //! webhook. Key changes are published on a channel and a version counter (the poll is the
 //! safety net for a missed message).
@@ -15,15 +34,14 @@
 //! Keys are `tg:{key id}:…` per key, `tg:model:{name}:…` per model.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use thread_local::ThreadLocal;
-use tokio::sync::mpsc;
-use tokio::sync::OnceCell;
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 pub use crate::config::OnUnavailable;
 use crate::limits::gcra::Snapshot;
@@ -34,7 +52,7 @@ use crate::limits::{
 use crate::money::Money;
 use crate::rating::plan::Cursor;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StateError {
     #[error("shared state (Redis): {0}")]
     Redis(#[from] redis::RedisError),
@@ -48,11 +66,11 @@ const CHANGES_VERSION: &str = "tg:keys:version";
 struct Scripts {
     admit: Script,
     settle: Script,
+    advance: Script,
     release: Script,
     fall_back: Script,
     renew: Script,
     view: Script,
-    advance: Script,
     seed: Script,
 }
 
@@ -80,25 +98,170 @@ pub struct RedisState {
     /// crossed to that runtime's workers and back, which cost ~90 µs of CPU per request.
     connections: ThreadLocal<OnceCell<ConnectionManager>>,
     connection_config: ConnectionManagerConfig,
+    /// Each thread's queues of script calls waiting for the call in flight (see the module
+    /// docs).
+    batches: ThreadLocal<Batches>,
     client: redis::Client,
     scripts: Scripts,
     lease: Duration,
+    replicas: u32,
     pub on_unavailable: OnUnavailable,
     up: AtomicBool,
     /// Leases this replica holds, by lease id: renewed until settled or released.
     live: DashMap<String, String>,
+    /// This replica's allowance per key id, and those retired (their key changed) that wait
+    /// for their last request to end before they are given back.
+    allowances: DashMap<String, Arc<Mutex<Allowance>>>,
+    retired: Mutex<Vec<(String, Arc<Mutex<Allowance>>)>>,
+    /// Keys whose allowance is being asked for, so concurrent admissions ask once.
+    granting: DashMap<String, ()>,
     releases: mpsc::UnboundedSender<Release>,
     alert_thresholds_pct: Vec<u8>,
     up_gauge: prometheus::IntGauge,
 }
 
-/// What an unsettled lease gives back, queued by `Drop` and sent by a background task.
+/// The script kinds that are batched.
+#[derive(Clone, Copy)]
+enum Kind {
+    Admit,
+    Settle,
+    Advance,
+}
+
+/// Most calls in one script: bounds how long Redis runs one script for (and Lua's unpack).
+const MAX_BATCH: usize = 128;
+
+#[derive(Default)]
+struct Batches {
+    admit: Arc<Batch>,
+    settle: Arc<Batch>,
+    advance: Arc<Batch>,
+}
+
+#[derive(Default)]
+struct Batch {
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    calls: Vec<Call>,
+    /// A task is sending this queue's calls; it keeps going until the queue is empty.
+    sending: bool,
+}
+
+/// One request's part of a batched script: its keys and arguments, and what takes its answer.
+struct Call {
+    keys: Vec<String>,
+    args: Vec<Arg>,
+    answer: Reply,
+}
+
+type Answer = Result<Value, StateError>;
+
+enum Reply {
+    /// A caller waits for it.
+    Awaited(oneshot::Sender<Answer>),
+    /// Nobody waits: the sending task hands it on.
+    Then(Box<dyn FnOnce(Answer) + Send>),
+}
+
+impl Reply {
+    fn send(self, answer: Answer) {
+        match self {
+            Reply::Awaited(waiting) => {
+                let _ = waiting.send(answer);
+            }
+            Reply::Then(take) => take(answer),
+        }
+    }
+}
+
+enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+impl redis::ToRedisArgs for Arg {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        match self {
+            Arg::Int(n) => n.write_redis_args(out),
+            Arg::Text(text) => text.write_redis_args(out),
+        }
+    }
+}
+
+/// What an unsettled lease or an allowance gives back, sent by a background task.
 struct Release {
     id: String,
     key_id: String,
     model: String,
+    /// (limit, units) given back to the key's RPM, the key's TPM and the model's TPM.
+    key_rpm: (u64, u64),
     key_tpm: (u64, u64),
     model_tpm: (u64, u64),
+    /// A request's release happens once, by its lease; an allowance's is not guarded so,
+    /// since a grant that raced its return may give back the same id again.
+    once: bool,
+}
+
+/// A slice of one key's shared limits held by this replica (see the module docs). `None`
+/// where the key has no such limit.
+struct Allowance {
+    id: String,
+    key_rpm: u64,
+    key_tpm: u64,
+    requests: Option<u64>,
+    tokens: Option<u64>,
+    /// Nano-dollars left to reserve; below zero after a request cost more than it reserved.
+    budget: Option<i64>,
+    in_flight: u32,
+    used_since_tick: bool,
+    /// After this it admits nothing more until topped up; its lease in Redis outlives it.
+    usable_until: Instant,
+    /// The throttle headers at the last top-up, and what this replica has taken since.
+    headers: RateLimitHeaders,
+    requests_taken: u64,
+    tokens_taken: u64,
+}
+
+impl Allowance {
+    fn headers(&self) -> RateLimitHeaders {
+        let less = |snapshot: Option<Snapshot>, taken: u64| {
+            snapshot.map(|s| Snapshot {
+                remaining: s.remaining.saturating_sub(taken),
+                ..s
+            })
+        };
+        RateLimitHeaders {
+            requests: less(self.headers.requests, self.requests_taken),
+            tokens: less(self.headers.tokens, self.tokens_taken),
+        }
+    }
+
+    fn release(&self, key_id: &str) -> Release {
+        Release {
+            id: self.id.clone(),
+            key_id: key_id.to_owned(),
+            model: String::new(),
+            key_rpm: (self.key_rpm, self.requests.unwrap_or(0)),
+            key_tpm: (self.key_tpm, self.tokens.unwrap_or(0)),
+            model_tpm: (0, 0),
+            once: false,
+        }
+    }
+}
+
+/// Clears a key's "allowance being asked for" mark however the asking admission ends.
+struct Granting<'a> {
+    state: &'a RedisState,
+    key_id: &'a str,
+}
+
+impl Drop for Granting<'_> {
+    fn drop(&mut self) {
+        self.state.granting.remove(self.key_id);
+    }
 }
 
 /// What a request admitted through Redis holds until it settles.
@@ -116,12 +279,23 @@ pub struct Lease {
     cap: Option<Money>,
     headers: RateLimitHeaders,
     settled: bool,
+    /// The allowance it was admitted from, if any: it holds no lease of its own.
+    allowance: Option<Arc<Mutex<Allowance>>>,
 }
 
-/// What a settlement through Redis found.
-pub struct Settled {
-    pub overshoot: Money,
-    pub alerts: Vec<AlertCrossing>,
+/// What a request used, for its settlement.
+pub struct Used {
+    pub tokens: u64,
+    pub cost: Money,
+    /// The key's budget period, whose spend the cost joins.
+    pub period: BudgetPeriod,
+}
+
+/// What one request adds to its key's totals for the month that starts at `start_ms`.
+#[derive(Clone, Copy)]
+pub struct MonthDelta {
+    pub start_ms: i64,
+    pub delta: Cursor,
 }
 
 /// An admission's answer before it is a lease.
@@ -233,6 +407,7 @@ impl RedisState {
         url: &str,
         lease: Duration,
         on_unavailable: OnUnavailable,
+        replicas: u32,
         alert_thresholds_pct: Vec<u8>,
         up_gauge: prometheus::IntGauge,
     ) -> Result<Arc<RedisState>, StateError> {
@@ -248,12 +423,17 @@ impl RedisState {
         let state = Arc::new(RedisState {
             connections: ThreadLocal::new(),
             connection_config,
+            batches: ThreadLocal::new(),
             client,
             scripts: Scripts::load(),
             lease,
+            replicas,
             on_unavailable,
             up: AtomicBool::new(true),
             live: DashMap::new(),
+            allowances: DashMap::new(),
+            retired: Mutex::new(Vec::new()),
+            granting: DashMap::new(),
             releases,
             alert_thresholds_pct,
             up_gauge,
@@ -263,6 +443,7 @@ impl RedisState {
         state.up_gauge.set(1);
         tokio::spawn(release_queued(Arc::downgrade(&state), queued));
         tokio::spawn(renew_leases(Arc::downgrade(&state)));
+        tokio::spawn(return_idle_allowances(Arc::downgrade(&state)));
         Ok(state)
     }
 
@@ -300,6 +481,9 @@ impl RedisState {
             if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal());
         if self.up.swap(reached, Ordering::AcqRel) != reached {
             self.up_gauge.set(i64::from(reached));
+            if !reached {
+                self.drop_allowances();
+            }
             match (&result, reached) {
                 (_, true) => tracing::warn!("shared state (Redis) reachable again"),
                 (Err(error), false) => tracing::error!(%error, "shared state (Redis) unreachable"),
@@ -318,6 +502,57 @@ impl RedisState {
         self.observe(result)
     }
 
+    /// Runs one request's part of a batched script (see the module docs) and returns its
+    /// answer.
+    async fn batched(
+        self: &Arc<Self>,
+        kind: Kind,
+        keys: Vec<String>,
+        args: Vec<Arg>,
+    ) -> Result<Value, StateError> {
+        let (answer, answered) = oneshot::channel();
+        self.enqueue(kind, keys, args, Reply::Awaited(answer));
+        answered
+            .await
+            .unwrap_or_else(|_| Err(StateError::Answer("batch abandoned".to_owned())))
+    }
+
+    /// Queues one request's part of a batched script.
+    fn enqueue(self: &Arc<Self>, kind: Kind, keys: Vec<String>, args: Vec<Arg>, answer: Reply) {
+        let batches = self.batches.get_or_default();
+        let batch = match kind {
+            Kind::Admit => &batches.admit,
+            Kind::Settle => &batches.settle,
+            Kind::Advance => &batches.advance,
+        };
+        let lead = {
+            let mut queue = lock(&batch.queue);
+            queue.calls.push(Call { keys, args, answer });
+            !std::mem::replace(&mut queue.sending, true)
+        };
+        // Sent from its own task, so a request that goes away cannot strand the others.
+        if lead {
+            tokio::spawn(send_batches(self.clone(), kind, batch.clone()));
+        }
+    }
+
+    /// Sends what every thread has queued, from here: at shutdown, a lane's queue may have
+    /// no runtime left to send it.
+    pub async fn flush(self: &Arc<Self>) {
+        for batches in self.batches.iter() {
+            for (kind, batch) in [
+                (Kind::Admit, &batches.admit),
+                (Kind::Settle, &batches.settle),
+                (Kind::Advance, &batches.advance),
+            ] {
+                let queued = std::mem::take(&mut lock(&batch.queue).calls);
+                if !queued.is_empty() {
+                    self.send_batch(kind, queued).await;
+                }
+            }
+        }
+    }
+
     /// Admits one request against every limit at once.
     pub async fn admit(
         self: &Arc<Self>,
@@ -334,32 +569,61 @@ impl RedisState {
         let key_rpm = limits.rpm.map_or(0, u64::from);
         let key_tpm = limits.tpm.unwrap_or(0);
         let (model_rpm, model_tpm) = model_limits;
-        let mut invocation = self.scripts.admit.prepare_invoke();
-        invocation
-            .key(key_of(key_id, "slots"))
-            .key(key_of(key_id, "rpm"))
-            .key(key_of(key_id, "tpm"))
-            .key(model_key(model, "rpm"))
-            .key(model_key(model, "tpm"))
-            .key(spend_key(key_id, period_start))
-            .key(key_of(key_id, "leases"))
-            .key(key_of(key_id, "lease_amounts"))
-            .key(key_of(key_id, "reserved"))
-            .arg(&id)
-            .arg(self.lease.as_millis() as u64)
-            .arg(limits.max_concurrency.map_or(-1, i64::from))
-            .arg(key_rpm)
-            .arg(key_tpm)
-            .arg(model_rpm)
-            .arg(model_tpm)
-            .arg(demand.tokens)
-            .arg(cap)
-            .arg(demand.cost.nanos().max(0));
-        let answer = ints(self.run(invocation).await?)?;
+        let may_hold_allowance = model_limits == (0, 0) && limits.max_concurrency.is_none();
+        if may_hold_allowance {
+            if let Some(lease) = self.admit_here(key_id, model, demand, cap) {
+                return Ok(Admitted::Lease(lease));
+            }
+        }
+        let granting = (may_hold_allowance
+            && self.granting.insert(key_id.to_owned(), ()).is_none())
+        .then_some(Granting {
+            state: self,
+            key_id,
+        });
+        let (allowance_id, fresh) = match (&granting, self.allowances.get(key_id)) {
+            (None, _) => (String::new(), false),
+            (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
+            (Some(_), None) => (crate::api::new_request_id(), true),
+        };
+        let keys = vec![
+            key_of(key_id, "leases"),
+            key_of(key_id, "rpm"),
+            key_of(key_id, "tpm"),
+            model_key(model, "rpm"),
+            model_key(model, "tpm"),
+            spend_key(key_id, period_start),
+            key_of(key_id, "lease_amounts"),
+            key_of(key_id, "reserved"),
+        ];
+        let args = vec![
+            Arg::Text(id.clone()),
+            Arg::Int(limits.max_concurrency.map_or(-1, i64::from)),
+            Arg::Int(key_rpm as i64),
+            Arg::Int(key_tpm as i64),
+            Arg::Int(model_rpm as i64),
+            Arg::Int(model_tpm as i64),
+            Arg::Int(demand.tokens as i64),
+            Arg::Int(cap),
+            Arg::Int(demand.cost.nanos().max(0)),
+            Arg::Text(allowance_id.clone()),
+        ];
+        let answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
         let limits4 = [key_rpm, key_tpm, model_rpm, model_tpm];
         match answer.first().copied() {
             Some(0) => {
                 let reserved = Money(answer.get(1).copied().unwrap_or(0));
+                let headers = headers(limits4, answer.get(2..10).unwrap_or_default());
+                if let [requests, tokens, budget] = answer.get(10..).unwrap_or_default() {
+                    self.add_allowance(
+                        key_id,
+                        (allowance_id, fresh),
+                        (key_rpm, key_tpm),
+                        [*requests, *tokens, *budget],
+                        headers,
+                    );
+                }
+                drop(granting);
                 self.live.insert(id.clone(), key_id.to_owned());
                 Ok(Admitted::Lease(Lease {
                     state: self.clone(),
@@ -372,8 +636,9 @@ impl RedisState {
                     admitted_us: now_ms * 1_000,
                     reserved,
                     cap: (cap >= 0).then_some(Money(cap)),
-                    headers: headers(limits4, answer.get(2..).unwrap_or_default()),
+                    headers,
                     settled: false,
+                    allowance: None,
                 }))
             }
             Some(1) => {
@@ -387,6 +652,184 @@ impl RedisState {
             }
             Some(2) => Ok(Admitted::NeedsSeed),
             _ => Err(StateError::Answer(format!("{answer:?}"))),
+        }
+    }
+
+    /// Admits a request from this replica's allowance for its key, when that has room.
+    fn admit_here(
+        self: &Arc<Self>,
+        key_id: &str,
+        model: &str,
+        demand: Demand,
+        cap: i64,
+    ) -> Option<Lease> {
+        // Under `fail_closed` a replica that lost Redis refuses; it learns so from the key
+        // change subscription at once, not only from its next call.
+        if !self.is_up() {
+            return None;
+        }
+        let shared = self.allowances.get(key_id)?.clone();
+        let mut allowance = lock(&shared);
+        let reserve = if cap >= 0 {
+            demand.cost.nanos().max(0)
+        } else {
+            0
+        };
+        let room = Instant::now() < allowance.usable_until
+            && allowance.requests.is_none_or(|left| left >= 1)
+            && allowance.tokens.is_none_or(|left| left >= demand.tokens)
+            && allowance.budget.is_none_or(|left| left >= reserve);
+        if !room {
+            return None;
+        }
+        let key_tpm = allowance.key_tpm;
+        if let Some(left) = &mut allowance.requests {
+            *left -= 1;
+        }
+        if let Some(left) = &mut allowance.tokens {
+            *left -= demand.tokens;
+        }
+        if let Some(left) = &mut allowance.budget {
+            *left -= reserve;
+        }
+        allowance.requests_taken += 1;
+        allowance.tokens_taken += demand.tokens;
+        allowance.in_flight += 1;
+        allowance.used_since_tick = true;
+        let headers = allowance.headers();
+        drop(allowance);
+        Some(Lease {
+            state: self.clone(),
+            id: crate::api::new_request_id(),
+            key_id: key_id.to_owned(),
+            model: model.to_owned(),
+            key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
+            model_tpm: (0, 0),
+            demand_tokens: demand.tokens,
+            admitted_us: crate::unix_ms() * 1_000,
+            reserved: Money(reserve),
+            cap: (cap >= 0).then_some(Money(cap)),
+            headers,
+            settled: false,
+            allowance: Some(shared),
+        })
+    }
+
+    /// Adds what Redis granted (-1: the key has no such limit) to the key's allowance.
+    /// An allowance given back while this grant was on its way is not brought back to
+    /// life: the grant is given back too (`fresh` says whether `id` was minted for it).
+    fn add_allowance(
+        &self,
+        key_id: &str,
+        (id, fresh): (String, bool),
+        (key_rpm, key_tpm): (u64, u64),
+        [requests, tokens, budget]: [i64; 3],
+        headers: RateLimitHeaders,
+    ) {
+        let usable_until = Instant::now() + self.lease / 2;
+        let granted = |n: i64| u64::try_from(n).ok();
+        let current = self.allowances.get(key_id).map(|entry| entry.clone());
+        let stale = match &current {
+            Some(allowance) => lock(allowance).id != id,
+            None => !fresh,
+        };
+        if stale {
+            let _ = self.releases.send(Release {
+                id,
+                key_id: key_id.to_owned(),
+                model: String::new(),
+                key_rpm: (key_rpm, granted(requests).unwrap_or(0)),
+                key_tpm: (key_tpm, granted(tokens).unwrap_or(0)),
+                model_tpm: (0, 0),
+                once: false,
+            });
+            return;
+        }
+        let entry = self
+            .allowances
+            .entry(key_id.to_owned())
+            .or_insert_with(|| {
+                self.live.insert(id.clone(), key_id.to_owned());
+                Arc::new(Mutex::new(Allowance {
+                    id,
+                    key_rpm,
+                    key_tpm,
+                    requests: granted(requests).map(|_| 0),
+                    tokens: granted(tokens).map(|_| 0),
+                    budget: granted(budget).map(|_| 0),
+                    in_flight: 0,
+                    used_since_tick: true,
+                    usable_until,
+                    headers,
+                    requests_taken: 0,
+                    tokens_taken: 0,
+                }))
+            })
+            .clone();
+        let mut allowance = lock(&entry);
+        if let (Some(left), Some(more)) = (&mut allowance.requests, granted(requests)) {
+            *left += more;
+        }
+        if let (Some(left), Some(more)) = (&mut allowance.tokens, granted(tokens)) {
+            *left += more;
+        }
+        if let (Some(left), Some(more)) = (&mut allowance.budget, granted(budget)) {
+            *left += more as i64;
+        }
+        allowance.usable_until = usable_until;
+        allowance.headers = headers;
+        allowance.requests_taken = 0;
+        allowance.tokens_taken = 0;
+    }
+
+    /// Redis went away, and may come back empty (it keeps no state across a restart): what
+    /// this replica took from it is forgotten rather than admitted from, or given back.
+    fn drop_allowances(&self) {
+        self.allowances.retain(|_, allowance| {
+            self.live.remove(&lock(allowance).id);
+            false
+        });
+        lock(&self.retired).retain(|(_, allowance)| {
+            self.live.remove(&lock(allowance).id);
+            false
+        });
+    }
+
+    /// A key's limits changed or it was revoked: its allowance admits nothing more and is
+    /// given back once its last request ends.
+    pub fn retire_allowance(&self, key_id: &str) {
+        if let Some((key_id, allowance)) = self.allowances.remove(key_id) {
+            lock(&self.retired).push((key_id, allowance));
+        }
+    }
+
+    /// Gives back every allowance whose requests have all ended; at shutdown, after the last
+    /// settlement, that is all of them.
+    pub async fn return_allowances(&self, only_idle: bool) {
+        let mut returned = Vec::new();
+        self.allowances.retain(|key_id, shared| {
+            let mut allowance = lock(shared);
+            let idle = !allowance.used_since_tick || Instant::now() >= allowance.usable_until;
+            allowance.used_since_tick = false;
+            if allowance.in_flight == 0 && (idle || !only_idle) {
+                returned.push(allowance.release(key_id));
+                return false;
+            }
+            true
+        });
+        lock(&self.retired).retain(|(key_id, shared)| {
+            let allowance = lock(shared);
+            if allowance.in_flight == 0 {
+                returned.push(allowance.release(key_id));
+                return false;
+            }
+            true
+        });
+        for release in returned {
+            self.live.remove(&release.id);
+            if let Err(error) = self.release(&release).await {
+                tracing::debug!(%error, "allowance not given back; its lease will expire");
+            }
         }
     }
 
@@ -450,54 +893,87 @@ impl RedisState {
         }
     }
 
-    /// Replaces a lease by what the request used, exactly once.
-    pub async fn settle(
-        &self,
+    /// Replaces a lease by what the request used, exactly once, without waiting for Redis:
+    /// the alert thresholds this settlement crossed first in the period, for all replicas,
+    /// are handed to `alerts` when Redis answers. `month` carries what the request adds to
+    /// its month's rating totals when rating did not advance them. Returns how far the cost
+    /// went past the reservation.
+    pub fn settle(
+        self: &Arc<Self>,
         mut lease: Lease,
-        tokens: u64,
-        cost: Money,
-        period: BudgetPeriod,
-    ) -> Result<Settled, StateError> {
+        used: Used,
+        month: Option<MonthDelta>,
+        alerts: Box<dyn FnOnce(Vec<AlertCrossing>) + Send>,
+    ) -> Money {
+        let Used {
+            tokens,
+            cost,
+            period,
+        } = used;
         lease.settled = true;
         self.live.remove(&lease.id);
         let now_ms = crate::unix_ms();
         let period_start = period.start_ms(now_ms);
-        let mut invocation = self.scripts.settle.prepare_invoke();
-        invocation
-            .key(key_of(&lease.key_id, "slots"))
-            .key(key_of(&lease.key_id, "tpm"))
-            .key(model_key(&lease.model, "tpm"))
-            .key(spend_key(&lease.key_id, period_start))
-            .key(key_of(&lease.key_id, "leases"))
-            .key(key_of(&lease.key_id, "lease_amounts"))
-            .key(key_of(&lease.key_id, "reserved"))
-            .key(format!("tg:settled:{}", lease.id))
-            .key(key_of(&lease.key_id, &format!("alerted:{period_start}")))
-            .arg(&lease.id)
-            .arg(lease.key_tpm.0)
-            .arg(lease.key_tpm.1)
-            .arg(lease.model_tpm.0)
-            .arg(lease.model_tpm.1)
-            .arg(tokens)
-            .arg(lease.admitted_us)
-            .arg(cost.nanos())
-            .arg(lease.cap.map_or(-1, Money::nanos))
-            .arg(period_ttl_ms(period, now_ms).unwrap_or(KEEP_AFTER_PERIOD_MS));
-        for threshold in &self.alert_thresholds_pct {
-            invocation.arg(*threshold);
-        }
-        let answer = ints(self.run(invocation).await?)?;
-        let spent = answer.get(1).copied().unwrap_or(0);
-        let first = answer.get(2).copied().unwrap_or(0);
-        let used_pct = lease.cap.map_or(0, |cap| {
-            u64::try_from(i128::from(spent) * 100 / i128::from(cap.nanos().max(1))).unwrap_or(0)
-        });
-        let alerts = crate::limits::crossed(&self.alert_thresholds_pct, first as u64, used_pct);
-        let overshoot = match lease.cap {
+        let (tokens, allowance_id) = match lease.allowance.clone() {
+            Some(allowance) => settle_here(&allowance, &mut lease, tokens, cost),
+            None => (tokens, String::new()),
+        };
+        let (month_start_ms, delta) = match month {
+            Some(month) => (month.start_ms, Some(month.delta)),
+            None => (BudgetPeriod::Month.start_ms(now_ms), None),
+        };
+        let keys = vec![
+            key_of(&lease.key_id, "leases"),
+            key_of(&lease.key_id, "tpm"),
+            model_key(&lease.model, "tpm"),
+            spend_key(&lease.key_id, period_start),
+            key_of(&lease.key_id, "lease_amounts"),
+            key_of(&lease.key_id, "reserved"),
+            key_of(&lease.key_id, &format!("alerted:{period_start}")),
+            totals_key(&lease.key_id, month_start_ms),
+        ];
+        let args = vec![
+            Arg::Text(std::mem::take(&mut lease.id)),
+            Arg::Int(lease.key_tpm.0 as i64),
+            Arg::Int(lease.key_tpm.1 as i64),
+            Arg::Int(lease.model_tpm.0 as i64),
+            Arg::Int(lease.model_tpm.1 as i64),
+            Arg::Int(tokens as i64),
+            Arg::Int(lease.admitted_us),
+            Arg::Int(cost.nanos()),
+            Arg::Int(lease.cap.map_or(-1, Money::nanos)),
+            Arg::Int(period_ttl_ms(period, now_ms).unwrap_or(KEEP_AFTER_PERIOD_MS)),
+            Arg::Text(allowance_id),
+            Arg::Int(delta.map_or(-1, |d| d.tokens as i64)),
+            Arg::Int(delta.map_or(0, |d| d.list_cost.nanos())),
+            Arg::Int(delta.map_or(0, |d| d.micro_credits as i64)),
+        ];
+        let cap = lease.cap;
+        let state = self.clone();
+        let answered = move |answer: Answer| {
+            let answer = match answer.and_then(ints) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    tracing::error!(%error, "settlement not recorded in shared state");
+                    return;
+                }
+            };
+            let spent = answer.get(1).copied().unwrap_or(0);
+            let first = answer.get(2).copied().unwrap_or(0);
+            let used_pct = cap.map_or(0, |cap| {
+                u64::try_from(i128::from(spent) * 100 / i128::from(cap.nanos().max(1))).unwrap_or(0)
+            });
+            let crossed =
+                crate::limits::crossed(&state.alert_thresholds_pct, first as u64, used_pct);
+            if !crossed.is_empty() {
+                alerts(crossed);
+            }
+        };
+        self.enqueue(Kind::Settle, keys, args, Reply::Then(Box::new(answered)));
+        match lease.cap {
             Some(_) => (cost - lease.reserved).max(Money::ZERO),
             None => Money::ZERO,
-        };
-        Ok(Settled { overshoot, alerts })
+        }
     }
 
     /// A key's budget figures, the same on every replica. `None` until the period's spend has
@@ -515,8 +991,7 @@ impl RedisState {
             .key(spend_key(key_id, period_start))
             .key(key_of(key_id, "leases"))
             .key(key_of(key_id, "lease_amounts"))
-            .key(key_of(key_id, "reserved"))
-            .key(key_of(key_id, "slots"));
+            .key(key_of(key_id, "reserved"));
         let answer = ints(self.run(invocation).await?)?;
         let spent = answer.first().copied().unwrap_or(-1);
         if spent < 0 {
@@ -538,18 +1013,18 @@ impl RedisState {
     /// Advances a key's month totals by `delta` and returns them as they stood before it, or
     /// `None` when the month must first be seeded from the ledger.
     pub async fn advance_totals(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         month_start_ms: i64,
         delta: Cursor,
     ) -> Result<Option<Cursor>, StateError> {
-        let mut invocation = self.scripts.advance.prepare_invoke();
-        invocation
-            .key(totals_key(key_id, month_start_ms))
-            .arg(delta.tokens)
-            .arg(delta.list_cost.nanos())
-            .arg(delta.micro_credits);
-        let after = ints(self.run(invocation).await?)?;
+        let args = vec![
+            Arg::Int(delta.tokens as i64),
+            Arg::Int(delta.list_cost.nanos()),
+            Arg::Int(delta.micro_credits as i64),
+        ];
+        let keys = vec![totals_key(key_id, month_start_ms)];
+        let after = ints(self.batched(Kind::Advance, keys, args).await?)?;
         let [tokens, list_cost, micro_credits] = after[..] else {
             return Ok(None);
         };
@@ -610,11 +1085,15 @@ impl RedisState {
         self.observe(result)
     }
 
-    /// Changes as they are announced, `(version, key id)`, until the subscription breaks.
-    pub async fn key_changes(&self) -> Result<mpsc::Receiver<(i64, String)>, StateError> {
+    /// Changes as they are announced, `(version, key id)`, until the subscription breaks —
+    /// which is also the first sign that Redis went away.
+    pub async fn key_changes(
+        self: &Arc<Self>,
+    ) -> Result<mpsc::Receiver<(i64, String)>, StateError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(CHANGES_CHANNEL).await?;
         let (tx, rx) = mpsc::channel(1_024);
+        let state = Arc::downgrade(self);
         tokio::spawn(async move {
             use futures_util::StreamExt;
             let mut messages = pubsub.into_on_message();
@@ -632,8 +1111,84 @@ impl RedisState {
                     return;
                 }
             }
+            if let Some(state) = state.upgrade() {
+                let lost = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "key change subscription closed",
+                );
+                let _ = state.observe::<()>(Err(StateError::Redis(lost.into())));
+            }
         });
         Ok(rx)
+    }
+
+    async fn release(&self, release: &Release) -> Result<(), StateError> {
+        let mut invocation = self.scripts.release.prepare_invoke();
+        invocation
+            .key(key_of(&release.key_id, "leases"))
+            .key(key_of(&release.key_id, "rpm"))
+            .key(key_of(&release.key_id, "tpm"))
+            .key(model_key(&release.model, "tpm"))
+            .key(key_of(&release.key_id, "lease_amounts"))
+            .key(key_of(&release.key_id, "reserved"))
+            .arg(&release.id)
+            .arg(release.key_rpm.0)
+            .arg(release.key_rpm.1)
+            .arg(release.key_tpm.0)
+            .arg(release.key_tpm.1)
+            .arg(release.model_tpm.0)
+            .arg(release.model_tpm.1)
+            .arg(u8::from(release.once));
+        self.run(invocation).await.map(|_| ())
+    }
+
+    async fn send_batch(&self, kind: Kind, calls: Vec<Call>) {
+        let script = match kind {
+            Kind::Admit => &self.scripts.admit,
+            Kind::Settle => &self.scripts.settle,
+            Kind::Advance => &self.scripts.advance,
+        };
+        let mut invocation = script.prepare_invoke();
+        match kind {
+            Kind::Admit => {
+                invocation
+                    .arg(self.lease.as_millis() as u64)
+                    .arg(self.replicas);
+            }
+            Kind::Settle => {
+                invocation.arg(self.alert_thresholds_pct.len());
+                for threshold in &self.alert_thresholds_pct {
+                    invocation.arg(*threshold);
+                }
+            }
+            Kind::Advance => {}
+        }
+        for call in &calls {
+            for key in &call.keys {
+                invocation.key(key);
+            }
+            for arg in &call.args {
+                invocation.arg(arg);
+            }
+        }
+        match self.run(invocation).await {
+            Ok(Value::Array(answers)) if answers.len() == calls.len() => {
+                for (call, answer) in calls.into_iter().zip(answers) {
+                    call.answer.send(Ok(answer));
+                }
+            }
+            Ok(other) => {
+                let error = StateError::Answer(format!("{other:?}"));
+                for call in calls {
+                    call.answer.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                for call in calls {
+                    call.answer.send(Err(error.clone()));
+                }
+            }
+        }
     }
 
     /// Checks that Redis answers; used by the renewal loop to notice recovery while idle.
@@ -662,15 +1217,34 @@ impl Drop for Lease {
         if self.settled {
             return;
         }
+        if let Some(shared) = &self.allowance {
+            let mut allowance = lock(shared);
+            allowance.in_flight -= 1;
+            if let Some(left) = &mut allowance.tokens {
+                *left += self.key_tpm.1;
+            }
+            if let Some(left) = &mut allowance.budget {
+                *left += self.reserved.nanos();
+            }
+            return;
+        }
         self.state.live.remove(&self.id);
         let _ = self.state.releases.send(Release {
             id: std::mem::take(&mut self.id),
             key_id: std::mem::take(&mut self.key_id),
             model: std::mem::take(&mut self.model),
+            key_rpm: (0, 0),
             key_tpm: self.key_tpm,
             model_tpm: self.model_tpm,
+            once: true,
         });
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn release_queued(
@@ -681,23 +1255,60 @@ async fn release_queued(
         let Some(state) = state.upgrade() else {
             return;
         };
-        let mut invocation = state.scripts.release.prepare_invoke();
-        invocation
-            .key(key_of(&release.key_id, "slots"))
-            .key(key_of(&release.key_id, "tpm"))
-            .key(model_key(&release.model, "tpm"))
-            .key(key_of(&release.key_id, "leases"))
-            .key(key_of(&release.key_id, "lease_amounts"))
-            .key(key_of(&release.key_id, "reserved"))
-            .key(format!("tg:settled:{}", release.id))
-            .arg(&release.id)
-            .arg(release.key_tpm.0)
-            .arg(release.key_tpm.1)
-            .arg(release.model_tpm.0)
-            .arg(release.model_tpm.1);
-        if let Err(error) = state.run(invocation).await {
+        if let Err(error) = state.release(&release).await {
             tracing::debug!(%error, "lease release failed; it will expire instead");
         }
+    }
+}
+
+/// Gives back, every second, the allowances no request used since the last time.
+async fn return_idle_allowances(state: std::sync::Weak<RedisState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        state.return_allowances(true).await;
+    }
+}
+
+/// Settles a request admitted from an allowance there: the allowance takes back what the
+/// request reserved and did not use. Returns the tokens used beyond what the allowance holds,
+/// which Redis charges, and the allowance's id, whose reservation pays the cost.
+fn settle_here(
+    allowance: &Mutex<Allowance>,
+    lease: &mut Lease,
+    tokens: u64,
+    cost: Money,
+) -> (u64, String) {
+    let mut allowance = lock(allowance);
+    allowance.in_flight -= 1;
+    if let Some(left) = &mut allowance.budget {
+        *left += lease.reserved.nanos() - cost.nanos();
+    }
+    let held = std::mem::take(&mut lease.key_tpm.1);
+    let mut beyond = tokens.saturating_sub(held);
+    if let Some(left) = &mut allowance.tokens {
+        let covered = beyond.min(*left);
+        *left = *left + held.saturating_sub(tokens) - covered;
+        beyond -= covered;
+    }
+    (beyond, allowance.id.clone())
+}
+
+/// Sends a thread's queued calls of one kind, a batch per script call, until none is left.
+async fn send_batches(state: Arc<RedisState>, kind: Kind, batch: Arc<Batch>) {
+    loop {
+        let calls: Vec<Call> = {
+            let mut queue = lock(&batch.queue);
+            if queue.calls.is_empty() {
+                queue.sending = false;
+                return;
+            }
+            let take = queue.calls.len().min(MAX_BATCH);
+            queue.calls.drain(..take).collect()
+        };
+        state.send_batch(kind, calls).await;
     }
 }
 
@@ -727,7 +1338,6 @@ async fn renew_leases(state: std::sync::Weak<RedisState>) {
         for (key_id, ids) in by_key {
             let mut invocation = state.scripts.renew.prepare_invoke();
             invocation
-                .key(key_of(&key_id, "slots"))
                 .key(key_of(&key_id, "leases"))
                 .arg(state.lease.as_millis() as u64);
             for id in &ids {

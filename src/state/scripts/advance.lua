@@ -1,6 +1,25 @@
--- Advances a key's month totals and returns them after this request, or {-1} when the month
--- must first be seeded from the ledger. KEYS: 1 totals; ARGV: tokens, list cost, micro-credits
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
-return {redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1]),
-        redis.call('HINCRBY', KEYS[1], 'list_cost', ARGV[2]),
-        redis.call('HINCRBY', KEYS[1], 'micro_credits', ARGV[3])}
+-- Advances keys' month totals by a batch of requests, in order, and returns each request's
+-- totals after it, or {-1} when its key's month must first be seeded from the ledger.
+-- Per request, KEYS: 1 totals; ARGV: 1 tokens, 2 list cost, 3 micro-credits
+local totals, order, answers = {}, {}, {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local now = totals[key]
+  if now == nil then
+    local stored = redis.call('HMGET', key, 'tokens', 'list_cost', 'micro_credits')
+    now = stored[1] and {tonumber(stored[1]), tonumber(stored[2]), tonumber(stored[3])} or false
+    totals[key] = now
+    if now then table.insert(order, key) end
+  end
+  if now then
+    for j = 1, 3 do now[j] = now[j] + tonumber(ARGV[(i - 1) * 3 + j]) end
+    table.insert(answers, {now[1], now[2], now[3]})
+  else
+    table.insert(answers, {-1})
+  end
+end
+for _, key in ipairs(order) do
+  local now = totals[key]
+  redis.call('HSET', key, 'tokens', now[1], 'list_cost', now[2], 'micro_credits', now[3])
+end
+return answers

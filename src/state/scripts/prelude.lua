@@ -1,19 +1,53 @@
--- Shared by every tollgate script: one clock (the server's), GCRA over a stored theoretical
--- arrival time in microseconds, and the purge of leases whose replica stopped renewing them.
+-- Shared by every tollgate script: one clock (the server's), numbers read once and written
+-- once per script (a batch of calls on one key then costs about the commands of one call),
+-- GCRA over a stored theoretical arrival time in microseconds, and the purge of leases whose
+-- replica stopped renewing them.
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 local WINDOW = 60000000
 
-local function int(x)
-  return string.format('%.0f', x)
+-- Numbers (Redis writes a Lua number's integer digits exactly; formatting them here costs
+-- more than the command): `read` gives false for a key that does not exist; `write` keeps
+-- the value for this script's later calls and `commit` stores it: 'tat' sets a throttle's
+-- expiry from its value, 'keep' keeps the key's expiry, a number is an expiry in ms.
+local cache, expiry_of, written = {}, {}, {}
+
+local function read(key)
+  local value = cache[key]
+  if value == nil then
+    local raw = redis.call('GET', key)
+    value = raw and tonumber(raw) or false
+    cache[key] = value
+  end
+  return value
+end
+
+local function write(key, value, expiry)
+  if expiry_of[key] == nil then table.insert(written, key) end
+  cache[key] = value
+  expiry_of[key] = expiry
+end
+
+local function commit()
+  for _, key in ipairs(written) do
+    local value, expiry = cache[key], expiry_of[key]
+    if expiry == 'tat' then
+      expiry = math.max(math.ceil((value - now_us) / 1000) + 1000, 1000)
+    end
+    if expiry == 'keep' then
+      redis.call('SET', key, value, 'KEEPTTL')
+    else
+      redis.call('SET', key, value, 'PX', expiry)
+    end
+  end
 end
 
 -- How a throttle stands if `units` were taken now: ok and the new TAT, or the wait; and the
 -- TAT as it stands.
 local function gcra_try(key, limit, units)
   if limit <= 0 then return true, nil, nil end
-  local tat = tonumber(redis.call('GET', key) or '0')
+  local tat = read(key) or 0
   if units > limit then return false, WINDOW, tat end
   local new_tat = math.max(tat, now_us) + math.ceil(WINDOW / limit * units)
   local ahead = new_tat - now_us
@@ -21,25 +55,16 @@ local function gcra_try(key, limit, units)
   return true, new_tat, tat
 end
 
-local function gcra_set(key, tat)
-  local ttl_ms = math.ceil((tat - now_us) / 1000) + 1000
-  if ttl_ms < 1000 then ttl_ms = 1000 end
-  redis.call('SET', key, int(tat), 'PX', ttl_ms)
-end
-
 -- Gives units back; a throttle whose state expired has nothing left to refund.
 local function gcra_refund(key, limit, units)
   if limit <= 0 or units <= 0 then return end
-  local tat = redis.call('GET', key)
-  if tat then
-    redis.call('SET', key, int(tonumber(tat) - math.ceil(WINDOW / limit * units)), 'KEEPTTL')
-  end
+  local tat = read(key)
+  if tat then write(key, tat - math.ceil(WINDOW / limit * units), 'keep') end
 end
 
 local function gcra_charge(key, limit, units)
   if limit <= 0 or units <= 0 then return end
-  local tat = tonumber(redis.call('GET', key) or '0')
-  gcra_set(key, math.max(tat, now_us) + math.ceil(WINDOW / limit * units))
+  write(key, math.max(read(key) or 0, now_us) + math.ceil(WINDOW / limit * units), 'tat')
 end
 
 -- Remaining units and microseconds until whole at a given TAT, for the x-ratelimit headers.
@@ -50,27 +75,38 @@ local function gcra_snapshot(tat, limit)
   return {math.min(remaining, limit), used}
 end
 
--- Leases past their expiry belong to a replica that died: their reservations and slots end.
-local function purge(leases, amounts, reserved, slots)
-  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now_ms)
-  for _, id in ipairs(expired) do
-    local amount = redis.call('HGET', amounts, id)
-    if amount then
-      redis.call('HDEL', amounts, id)
-      redis.call('DECRBY', reserved, amount)
-    end
+-- Every admitted request holds a lease (a member of `leases`, scored by its expiry), which is
+-- its concurrency slot, and what it reserved of the budget (a field of `amounts`, summed in
+-- `reserved`). Leases past their expiry belong to a replica that died: they end, once per key
+-- per script.
+local purged = {}
+local function purge(leases, amounts, reserved)
+  if purged[leases] then return end
+  purged[leases] = true
+  -- Bounded, so one script stays short (and within Lua's unpack limit); later calls take the
+  -- rest.
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now_ms, 'LIMIT', 0, 1000)
+  if #expired == 0 then return end
+  local held = redis.call('HMGET', amounts, unpack(expired))
+  local total = 0
+  for _, amount in ipairs(held) do
+    if amount then total = total + tonumber(amount) end
   end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms) end
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
+  redis.call('HDEL', amounts, unpack(expired))
+  redis.call('ZREM', leases, unpack(expired))
+  if total > 0 then write(reserved, (read(reserved) or 0) - total, 'keep') end
 end
 
--- Ends one request's lease and slot; what it had reserved stops counting.
-local function end_lease(id, leases, amounts, reserved, slots)
-  local amount = redis.call('HGET', amounts, id)
-  if amount then
-    redis.call('HDEL', amounts, id)
-    redis.call('DECRBY', reserved, amount)
+-- The calls of a batch: `per_keys` keys and `per_args` arguments each, after `prefix`
+-- arguments shared by all of them.
+local function calls(per_keys, per_args, prefix)
+  local count = #KEYS / per_keys
+  local i = 0
+  return function()
+    if i >= count then return nil end
+    local keys = {unpack(KEYS, i * per_keys + 1, (i + 1) * per_keys)}
+    local args = {unpack(ARGV, prefix + i * per_args + 1, prefix + (i + 1) * per_args)}
+    i = i + 1
+    return keys, args
   end
-  redis.call('ZREM', leases, id)
-  redis.call('ZREM', slots, id)
 end

@@ -1,8 +1,17 @@
--- Gives back what an unanswered request held (its lease, slot and tokens), once.
--- KEYS: 1 slots, 2 key tpm, 3 model tpm, 4 leases, 5 lease amounts, 6 reserved, 7 settled marker
--- ARGV: 1 request id, 2 key tpm limit, 3 key tokens, 4 model tpm limit, 5 model tokens
-if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', 86400) then return 0 end
-end_lease(ARGV[1], KEYS[4], KEYS[5], KEYS[6], KEYS[1])
+-- Gives back what an unanswered request held (its lease and tokens), once, by its lease; or
+-- what is left of an allowance (its reservation, requests and tokens).
+-- KEYS: 1 leases, 2 key rpm, 3 key tpm, 4 model tpm, 5 lease amounts, 6 reserved
+-- ARGV: 1 request or allowance id, 2 key rpm limit, 3 requests, 4 key tpm limit, 5 key tokens,
+--       6 model tpm limit, 7 model tokens, 8 1 for a request, 0 for an allowance
+local id = ARGV[1]
+if redis.call('ZREM', KEYS[1], id) == 0 and ARGV[8] == '1' then return 0 end
+local amount = redis.call('HGET', KEYS[5], id)
+if amount then
+  write(KEYS[6], (read(KEYS[6]) or 0) - tonumber(amount), 'keep')
+  redis.call('HDEL', KEYS[5], id)
+end
 gcra_refund(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))
 gcra_refund(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+gcra_refund(KEYS[4], tonumber(ARGV[6]), tonumber(ARGV[7]))
+commit()
 return 1

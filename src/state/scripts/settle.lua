@@ -1,47 +1,110 @@
--- Settles one request exactly once (by request id): ends its lease and slot, corrects the
--- token throttles to what was used, adds its cost to the period's spend, and reports which
--- alert thresholds this settlement crossed first in the period (once for all replicas).
--- KEYS: 1 slots, 2 key tpm, 3 model tpm, 4 spend, 5 leases, 6 lease amounts, 7 reserved,
---       8 settled marker, 9 alerted thresholds
--- ARGV: 1 request id, 2 key tpm limit, 3 key tokens held, 4 model tpm limit, 5 model tokens
---       held, 6 tokens used, 7 admitted at (us), 8 cost, 9 cap (-1: uncapped),
---       10 alert ttl ms, 11.. alert thresholds in percent
--- Returns {settled (1) or already settled (0), spend, newly crossed threshold mask}.
-if not redis.call('SET', KEYS[8], '1', 'NX', 'EX', 86400) then
-  return {0, redis.call('GET', KEYS[4]) or '0', 0}
-end
-local id = ARGV[1]
-purge(KEYS[5], KEYS[6], KEYS[7], KEYS[1])
-end_lease(id, KEYS[5], KEYS[6], KEYS[7], KEYS[1])
-local used = tonumber(ARGV[6])
--- A request that outlived the window has had its reservation age out already: refunding it
--- would let the current minute take more than its limit.
-local aged = now_us - tonumber(ARGV[7]) >= WINDOW
-for _, t in ipairs({{KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3])}, {KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5])}}) do
-  if used < t[3] then
-    if not aged then gcra_refund(t[1], t[2], t[3] - used) end
-  elseif used > t[3] then
-    gcra_charge(t[1], t[2], used - t[3])
-  end
-end
-local spent = tonumber(redis.call('INCRBY', KEYS[4], ARGV[8]))
-local cap = tonumber(ARGV[9])
-local first = 0
-if cap > 0 and #ARGV > 10 then
-  local pct = math.floor(spent * 100 / cap)
-  local crossed = 0
-  for i = 11, #ARGV do
-    if pct >= tonumber(ARGV[i]) then crossed = crossed + 2 ^ (i - 11) end
-  end
-  if crossed > 0 then
-    local before = tonumber(redis.call('GET', KEYS[9]) or '0')
-    for bit = 0, #ARGV - 11 do
-      local b = 2 ^ bit
-      if crossed % (2 * b) >= b and before % (2 * b) < b then first = first + b end
+-- Settles a batch of requests: ends each one's lease, corrects the token throttles to what
+-- was used, adds its cost to the period's spend, and reports which alert thresholds this
+-- settlement crossed first in the period (once for all replicas). A request with its own
+-- lease settles once, by that lease: a second settlement finds it gone and changes nothing.
+-- (A request admitted from an allowance holds no lease of its own; the gateway sends its one
+-- settlement once and never again.)
+-- Per request, KEYS: 1 leases, 2 key tpm, 3 model tpm, 4 spend, 5 lease amounts, 6 reserved,
+--   7 alerted thresholds, 8 the month's rating totals
+-- ARGV: 1 number of alert thresholds n, 2..n+1 thresholds in percent, then per request:
+--   1 request id, 2 key tpm limit, 3 key tokens held, 4 model tpm limit, 5 model tokens held,
+--   6 tokens used, 7 admitted at (us), 8 cost, 9 cap (-1: uncapped), 10 alert ttl ms,
+--   11 the allowance it was admitted from ('' for its own lease), whose budget pays its cost,
+--   12..14 what the request adds to the month's totals (tokens, list cost, micro-credits), or
+--   -1 when it was rated against them (which advanced them already); totals not seeded yet
+--   are left for the first request that needs them
+-- Returns per request {settled (1) or already settled (0), spend, newly crossed threshold mask}.
+local thresholds = {}
+for i = 2, tonumber(ARGV[1]) + 1 do table.insert(thresholds, tonumber(ARGV[i])) end
+local ended = {}  -- lease amounts key -> ids
+local order, answers = {}, {}
+local allowances, allowance_order = {}, {} -- amounts key .. id -> {amounts key, id, amount}
+local totals, totals_order = {}, {}
+
+local function settle(K, A)
+  local id = A[1]
+  local allowance = A[11]
+  if allowance == '' then
+    if redis.call('ZREM', K[1], id) == 0 then return {0, read(K[4]) or 0, 0} end
+    local amount = redis.call('HGET', K[5], id)
+    if amount then write(K[6], (read(K[6]) or 0) - tonumber(amount), 'keep') end
+    if amount then
+      if not ended[K[5]] then
+        ended[K[5]] = {}
+        table.insert(order, K[5])
+      end
+      table.insert(ended[K[5]], id)
     end
-    if first > 0 then
-      redis.call('SET', KEYS[9], int(before + first), 'PX', tonumber(ARGV[10]))
+  else
+    -- The cost leaves the allowance's reservation and becomes spend.
+    local slot = K[5] .. '\0' .. allowance
+    local held = allowances[slot]
+    if not held then
+      local stored = redis.call('HGET', K[5], allowance)
+      held = {K[5], allowance, tonumber(stored or '0'), stored}
+      allowances[slot] = held
+      table.insert(allowance_order, slot)
+    end
+    local take = math.min(math.max(tonumber(A[8]), 0), held[3])
+    held[3] = held[3] - take
+    if take > 0 then write(K[6], (read(K[6]) or 0) - take, 'keep') end
+  end
+
+  local used = tonumber(A[6])
+  -- A request that outlived the window has had its reservation age out already: refunding it
+  -- would let the current minute take more than its limit.
+  local aged = now_us - tonumber(A[7]) >= WINDOW
+  for _, throttle in ipairs({{K[2], tonumber(A[2]), tonumber(A[3])}, {K[3], tonumber(A[4]), tonumber(A[5])}}) do
+    local key, limit, held = throttle[1], throttle[2], throttle[3]
+    if used < held then
+      if not aged then gcra_refund(key, limit, held - used) end
+    elseif used > held then
+      gcra_charge(key, limit, used - held)
     end
   end
+  if tonumber(A[12]) >= 0 then
+    local month = totals[K[8]]
+    if month == nil then
+      local stored = redis.call('HMGET', K[8], 'tokens', 'list_cost', 'micro_credits')
+      month = stored[1] and {tonumber(stored[1]), tonumber(stored[2]), tonumber(stored[3])} or false
+      totals[K[8]] = month
+      if month then table.insert(totals_order, K[8]) end
+    end
+    if month then
+      for j = 1, 3 do month[j] = month[j] + tonumber(A[11 + j]) end
+    end
+  end
+  local spent = (read(K[4]) or 0) + tonumber(A[8])
+  write(K[4], spent, 'keep')
+
+  local cap = tonumber(A[9])
+  local first = 0
+  if cap > 0 and #thresholds > 0 then
+    local pct = math.floor(spent * 100 / cap)
+    local before = read(K[7]) or 0
+    for bit, threshold in ipairs(thresholds) do
+      local b = 2 ^ (bit - 1)
+      if pct >= threshold and before % (2 * b) < b then first = first + b end
+    end
+    if first > 0 then write(K[7], before + first, tonumber(A[10])) end
+  end
+  return {1, spent, first}
 end
-return {1, int(spent), first}
+
+for K, A in calls(8, 14, tonumber(ARGV[1]) + 1) do
+  table.insert(answers, settle(K, A))
+end
+commit()
+for _, key in ipairs(totals_order) do
+  local month = totals[key]
+  redis.call('HSET', key, 'tokens', month[1], 'list_cost', month[2], 'micro_credits', month[3])
+end
+for _, slot in ipairs(allowance_order) do
+  local held = allowances[slot]
+  -- An allowance whose lease ended meanwhile has no reservation left to keep.
+  if held[4] then redis.call('HSET', held[1], held[2], held[3]) end
+end
+for _, amounts in ipairs(order) do
+  redis.call('HDEL', amounts, unpack(ended[amounts]))
+end
+return answers
