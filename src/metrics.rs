@@ -29,6 +29,9 @@ pub struct Metrics {
     pub usage_pending: IntGauge,
     /// 1 while the shared state (Redis) answers, 0 while it does not; absent when embedded.
     pub state_backend_up: IntGauge,
+    /// Shared-state admissions by where they were decided: `allowance` (here, from this
+    /// replica's slice of the key's limits) or `redis` (one script call).
+    pub state_admissions: IntCounterVec,
     pub usage_batch_duration: Histogram,
     pub usage_batch_retries: IntCounter,
     pub config_reloads: IntCounterVec,
@@ -236,6 +239,12 @@ impl Metrics {
             ),
             usage_pending,
             state_backend_up,
+            state_admissions: counter(
+                &registry,
+                "state_admissions_total",
+                "Shared-state admissions by where they were decided: allowance or redis",
+                &["decided_by"],
+            ),
             usage_batch_duration,
             usage_batch_retries,
             config_reloads: counter(

@@ -120,6 +120,7 @@ impl Gateway {
                     *replicas,
                     config.budget_alerts.thresholds_pct.clone(),
                     metrics.state_backend_up.clone(),
+                    metrics.state_admissions.clone(),
                 )
                 .await
                 .map_err(|e| StartError::State(e.to_string()))?;

@@ -163,6 +163,27 @@ impl Fleet {
             .find(|row| row["group"] == key_id)
             .map_or(0, |row| row["requests"].as_u64().unwrap())
     }
+
+    /// A counter's value summed over every replica's `/metrics`.
+    async fn counter(&self, sample: &str) -> f64 {
+        let mut total = 0.0;
+        for i in 0..self.replicas.len() {
+            let text = self
+                .http
+                .get(format!("{}/metrics", self.url(i)))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            total += text
+                .lines()
+                .find_map(|line| line.strip_prefix(sample))
+                .map_or(0.0, |value| value.trim().parse::<f64>().unwrap());
+        }
+        total
+    }
 }
 
 fn hello(max_tokens: u64) -> Value {
@@ -559,4 +580,134 @@ async fn a_volume_tier_plan_spread_over_replicas_bills_as_one() {
     );
     assert_eq!(spread["lines"], alone["lines"]);
     assert!(spread["total_usd"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowances_admit_locally_far_from_the_limits_and_never_past_them() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("allowance");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    // With three replicas an allowance is at most 1/12 of what remains and must cover eight
+    // requests: RPM 600 and $0.02 (about 325 worst cases of $0.0000614) leave room for slices
+    // at first, and none near the end, where each request is admitted in Redis.
+    let (id, secret) = fleet
+        .create_key(
+            0,
+            json!({"name": "sliced", "rpm": 600, "budget_usd": 0.02, "budget_period": "day"}),
+        )
+        .await;
+    fleet.known_everywhere(&secret).await;
+    let started = Instant::now();
+    let mut served = 0;
+    for _ in 0..15 {
+        let statuses = fleet.spread(60, &secret, &hello(100)).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 429),
+            "{statuses:?}"
+        );
+        served += statuses.iter().filter(|s| **s == 200).count() as u64;
+    }
+    // GCRA refills 10 requests a second: the RPM bound over the run.
+    let rpm_bound = 600 + (started.elapsed().as_secs_f64() * 10.0).ceil() as u64;
+    assert!(served <= rpm_bound, "served {served}, bound {rpm_bound}");
+    let local = fleet
+        .counter("tollgate_state_admissions_total{decided_by=\"allowance\"}")
+        .await;
+    let in_redis = fleet
+        .counter("tollgate_state_admissions_total{decided_by=\"redis\"}")
+        .await;
+    assert!(
+        local > 0.0,
+        "admitted from allowances: {local}, in Redis: {in_redis}"
+    );
+    assert!(
+        local + in_redis <= 900.0 && local + in_redis >= served as f64,
+        "{local} + {in_redis} admissions for {served} served"
+    );
+
+    // Idle allowances are given back within two ticks: nothing stays reserved, and every
+    // replica reports one spend, within the cap, equal to the ledger's.
+    let returned = within(Duration::from_secs(5), async || {
+        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
+    })
+    .await;
+    assert!(returned.is_some(), "{}", fleet.key(0, &id).await);
+    let spend = fleet.key(0, &id).await["spend_usd"].as_f64().unwrap();
+    assert!(spend > 0.0 && spend <= 0.02, "spend {spend}");
+    for i in 1..3 {
+        assert_eq!(fleet.key(i, &id).await["spend_usd"].as_f64(), Some(spend));
+    }
+    // Refusals are recorded too: each request once.
+    let recorded = within(Duration::from_secs(5), async || {
+        fleet.usage_requests(1, &id).await == 900
+    })
+    .await;
+    assert!(
+        recorded.is_some(),
+        "{} rows",
+        fleet.usage_requests(1, &id).await
+    );
+    let billed = invoice(fleet.url(2), &id).await;
+    let total = billed["total_usd"].as_f64().unwrap_or_default();
+    assert!(
+        (total - spend).abs() < 1e-9,
+        "invoice {billed}, spend {spend}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowances_never_spend_past_the_cap() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("allowance_cap");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    // $0.008 is about 130 worst cases of $0.0000614: slices of the budget at first (1/12 of
+    // what remains covers eight), none once less than about $0.006 remains.
+    let cap = 0.008;
+    let (id, secret) = fleet
+        .create_key(
+            0,
+            json!({"name": "sliced budget", "budget_usd": cap, "budget_period": "day"}),
+        )
+        .await;
+    fleet.known_everywhere(&secret).await;
+    // Until a whole wave is refused: what remains is then less than one request's worst case.
+    let mut exhausted = false;
+    for _ in 0..60 {
+        let statuses = fleet.spread(60, &secret, &hello(100)).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 429),
+            "{statuses:?}"
+        );
+        if statuses.iter().all(|s| *s == 429) {
+            exhausted = true;
+            break;
+        }
+    }
+    assert!(
+        exhausted,
+        "the cap was reached: {}",
+        fleet.key(0, &id).await
+    );
+    let local = fleet
+        .counter("tollgate_state_admissions_total{decided_by=\"allowance\"}")
+        .await;
+    assert!(local > 0.0, "admitted from allowances: {local}");
+    let returned = within(Duration::from_secs(5), async || {
+        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
+    })
+    .await;
+    assert!(returned.is_some(), "{}", fleet.key(0, &id).await);
+    let spend = fleet.key(1, &id).await["spend_usd"].as_f64().unwrap();
+    // What may be left unspent: less than one worst case per replica, held in that replica's
+    // allowance until it is given back as idle.
+    assert!(
+        spend > cap - 3.0 * 0.0000614 - 0.0000614 && spend <= cap,
+        "spend {spend}"
+    );
+    let billed = invoice(fleet.url(2), &id).await;
+    let total = billed["total_usd"].as_f64().unwrap_or_default();
+    assert!(
+        (total - spend).abs() < 1e-9,
+        "invoice {billed}, spend {spend}"
+    );
 }

@@ -118,6 +118,8 @@ pub struct RedisState {
     releases: mpsc::UnboundedSender<Release>,
     alert_thresholds_pct: Vec<u8>,
     up_gauge: prometheus::IntGauge,
+    decided_here: prometheus::IntCounter,
+    decided_in_redis: prometheus::IntCounter,
 }
 
 /// The script kinds that are batched.
@@ -410,6 +412,7 @@ impl RedisState {
         replicas: u32,
         alert_thresholds_pct: Vec<u8>,
         up_gauge: prometheus::IntGauge,
+        admissions: prometheus::IntCounterVec,
     ) -> Result<Arc<RedisState>, StateError> {
         let client = redis::Client::open(url)?;
         let connection_config = ConnectionManagerConfig::new()
@@ -437,6 +440,8 @@ impl RedisState {
             releases,
             alert_thresholds_pct,
             up_gauge,
+            decided_here: admissions.with_label_values(&["allowance"]),
+            decided_in_redis: admissions.with_label_values(&["redis"]),
         });
         // Fails the start when Redis cannot be reached at all.
         state.connection().await?;
@@ -572,6 +577,7 @@ impl RedisState {
         let may_hold_allowance = model_limits == (0, 0) && limits.max_concurrency.is_none();
         if may_hold_allowance {
             if let Some(lease) = self.admit_here(key_id, model, demand, cap) {
+                self.decided_here.inc();
                 return Ok(Admitted::Lease(lease));
             }
         }
@@ -609,6 +615,7 @@ impl RedisState {
             Arg::Text(allowance_id.clone()),
         ];
         let answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
+        self.decided_in_redis.inc();
         let limits4 = [key_rpm, key_tpm, model_rpm, model_tpm];
         match answer.first().copied() {
             Some(0) => {
