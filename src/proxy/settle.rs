@@ -3,10 +3,11 @@
 //! the key's month totals and admission replaces the reservation by the charge; then metrics,
 //! alerts and the ledger each consume the same figures.
 //!
-//! With embedded state all of it happens here and now. With shared state, rating and
-//! settlement need Redis: the closing is finished on a tracked task of the main runtime
-//! (shutdown waits for it), and strict durability still holds the answer until its record is
-//! committed.
+//! With embedded state all of it happens here and now. With shared state too, unless rating
+//! must read the month's totals in Redis (tiers, allowances, credit packs): the closing is then
+//! finished on a tracked task of the main runtime (shutdown waits for it). Either way a shared
+//! lease's settlement is queued for Redis without waiting, its alerts announced when Redis
+//! answers, and strict durability still holds the answer until its record is committed.
 
 use std::sync::Arc;
 use std::time::Duration;

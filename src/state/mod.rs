@@ -4,8 +4,8 @@
 //! in this process, exact for one replica — or `Shared` through Redis ([`redis`]), exact for
 //! any number of replicas. The request path calls the seam and never names a backend.
 //!
-//! The shared backend needs I/O, so admission and settlement are `async`; the embedded one
-//! never waits, and settles synchronously where the request path needs it to (see
+//! The shared backend may need I/O, so admission and rating are `async`; settlement never
+//! waits (a shared one is queued for Redis), and the embedded backend never waits at all (see
 //! `proxy::settle`).
 
 pub mod redis;
