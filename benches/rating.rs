@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tollgate::api::Endpoint;
-use tollgate::config::Durability;
 use tollgate::config::{Config, Model};
 use tollgate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
+use tollgate::meter::sink::Durability;
 use tollgate::meter::sink::UsageWriter;
 use tollgate::rating::ledger::LedgerWriter;
 use tollgate::rating::Rater;
@@ -25,7 +25,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
     let (rated, list_cost) = rater.rate(
         &key_id,
         config.plan(None),
-        model,
+        model.rated(),
         usage,
         1,
         1_795_000_000_000,

@@ -233,6 +233,22 @@ impl TokenPrice {
     }
 }
 
+/// A model's list prices per token kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrices {
+    pub input: TokenPrice,
+    pub cached_input: TokenPrice,
+    pub output: TokenPrice,
+}
+
+impl ModelPrices {
+    /// List cost of a request's tokens. `cached` is part of `input`.
+    pub fn cost(&self, input: u64, cached: u64, output: u64) -> Money {
+        let cached = cached.min(input);
+        self.input.cost(input - cached) + self.cached_input.cost(cached) + self.output.cost(output)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

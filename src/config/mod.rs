@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::Endpoint;
+use crate::meter::sink::Durability;
 use crate::meter::tokenizer::Encoding;
-use crate::money::{Money, TokenPrice};
+use crate::money::{ModelPrices, Money, TokenPrice};
 use crate::rating::plan::{build_plans, Plan};
 use crate::route::Router;
 use crate::upstream::{provider_client, ProviderClient};
@@ -42,14 +43,6 @@ pub struct Config {
     /// Chosen at start-up; a reload that changes it is logged and takes effect on restart.
     pub state: StateBackend,
     pub store: StoreBackend,
-}
-
-/// How far the ledger commits a request's record before its client sees the answer end
-/// (see `rating::ledger`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    Batched,
-    Strict,
 }
 
 /// What a replica does while its shared state cannot be reached.
@@ -226,21 +219,6 @@ impl fmt::Debug for Upstream {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModelPrices {
-    pub input: TokenPrice,
-    pub cached_input: TokenPrice,
-    pub output: TokenPrice,
-}
-
-impl ModelPrices {
-    /// List cost of a request's tokens. `cached` is part of `input`.
-    pub fn cost(&self, input: u64, cached: u64, output: u64) -> Money {
-        let cached = cached.min(input);
-        self.input.cost(input - cached) + self.cached_input.cost(cached) + self.output.cost(output)
-    }
-}
-
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
@@ -252,6 +230,16 @@ pub struct Model {
     pub max_output_tokens: u64,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
+}
+
+impl Model {
+    pub fn rated(&self) -> crate::rating::RatedModel<'_> {
+        crate::rating::RatedModel {
+            name: &self.name,
+            tier: &self.tier,
+            prices: &self.prices,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -17,6 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::MeterEvent;
 use crate::metrics::Metrics;
 
+/// How far the ledger commits a request's record before its client sees the answer end
+/// (see `rating::ledger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Batched,
+    Strict,
+}
+
 /// Where batches of events end up: the SQLite ledger; a shared database for fleets of replicas
 /// would be another.
 pub trait UsageWriter: Send + 'static {

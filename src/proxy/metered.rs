@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 
 use super::settle::Ending;
 use super::Exchange;
-use crate::config::Durability;
 use crate::meter::record::Outcome;
+use crate::meter::sink::Durability;
 use crate::meter::sink::WrittenAck;
 use crate::stream::{Gathered, SseTap};
 use crate::upstream;

@@ -11,11 +11,18 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use crate::config::Model;
 use crate::limits::BudgetPeriod;
 use crate::meter::record::TokenUsage;
-use crate::money::Money;
+use crate::money::{ModelPrices, Money};
 use plan::{Cursor, Plan, Rated};
+
+/// What rating needs of a served model.
+#[derive(Clone, Copy)]
+pub struct RatedModel<'a> {
+    pub name: &'a str,
+    pub tier: &'a str,
+    pub prices: &'a ModelPrices,
+}
 
 /// Per-key running totals for the current UTC month.
 #[derive(Default)]
@@ -63,12 +70,11 @@ impl Rater {
     /// Rates one request and advances the key's totals. The mutex is per key and held only
     /// for this arithmetic: requests of one key rate one after the other, which is what makes
     /// tier and allowance boundaries exact.
-    #[allow(clippy::too_many_arguments)]
     pub fn rate(
         &self,
         key_id: &str,
         plan: &Plan,
-        model: &Model,
+        model: RatedModel<'_>,
         usage: TokenUsage,
         seats: u32,
         now_ms: i64,
@@ -88,14 +94,7 @@ impl Rater {
         let list_cost = model
             .prices
             .cost(usage.input, usage.cached_input, usage.output);
-        let rated = plan.rate(
-            cursor,
-            &model.name,
-            &model.tier,
-            &model.prices,
-            usage,
-            seats,
-        );
+        let rated = plan.rate(cursor, model.name, model.tier, model.prices, usage, seats);
         (rated, list_cost)
     }
 }

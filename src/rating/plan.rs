@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use crate::config::ModelPrices;
 use crate::meter::record::TokenUsage;
+use crate::money::ModelPrices;
 use crate::money::{Money, TokenPrice};
 
 /// `[plans.NAME]` as written.

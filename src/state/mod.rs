@@ -406,7 +406,8 @@ impl RatingTotals {
     ) -> Option<Priced> {
         match self {
             RatingTotals::Embedded(rater) => {
-                let (rated, list_cost) = rater.rate(key_id, plan, model, usage, seats, started_ms);
+                let (rated, list_cost) =
+                    rater.rate(key_id, plan, model.rated(), usage, seats, started_ms);
                 Some(Priced {
                     rated,
                     list_cost,

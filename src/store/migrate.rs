@@ -10,8 +10,8 @@ use std::path::Path;
 
 use super::postgres::{Inserted, PgError, PgStore};
 use crate::auth::store::{KeyStore, SqliteKeyStore, StoreError};
-use crate::config::Durability;
 use crate::meter::record::MeterEvent;
+use crate::meter::sink::Durability;
 use crate::meter::sink::SinkError;
 use crate::rating::ledger::{LedgerError, SqliteLedgerReader};
 

@@ -22,8 +22,8 @@ use crate::auth::store::{
     KeyStore, StoreError,
 };
 use crate::auth::KeyRecord;
-use crate::config::Durability;
 use crate::meter::record::{MeterEvent, UsageRecord};
+use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::ledger::sql;

@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::config::Durability;
 use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
+use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::plan::Cursor;
