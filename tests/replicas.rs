@@ -109,6 +109,16 @@ impl Fleet {
             .unwrap()
     }
 
+    /// Waits (up to 5 s) until a key has nothing reserved: every lease settled, released,
+    /// expired or given back. Panics with the key's view, and `why`, if it never happens.
+    async fn nothing_reserved(&self, id: &str, why: &str) {
+        let done = within(Duration::from_secs(5), async || {
+            self.key(0, id).await["reserved_usd"].as_f64() == Some(0.0)
+        })
+        .await;
+        assert!(done.is_some(), "{why}: {}", self.key(0, id).await);
+    }
+
     /// Waits until every replica knows a key just created (the change feed's delay).
     async fn known_everywhere(&self, secret: &str) {
         for i in 0..self.replicas.len() {
@@ -241,15 +251,9 @@ async fn three_replicas_hold_one_cap_and_count_each_request_once() {
     assert!(served > 0 && refused > 0, "served {served}");
 
     // Settlements finish on each replica's runtime just after the answers.
-    let settled = within(Duration::from_secs(5), async || {
-        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
-    })
-    .await;
-    assert!(
-        settled.is_some(),
-        "every reservation was settled: {}",
-        fleet.key(0, &id).await
-    );
+    fleet
+        .nothing_reserved(&id, "every reservation was settled")
+        .await;
     let mut views = Vec::new();
     for i in 0..3 {
         views.push(fleet.key(i, &id).await);
@@ -411,11 +415,7 @@ async fn a_replica_killed_under_load_loses_no_answered_request_and_frees_its_lea
     );
 
     // The dead replica stopped renewing its leases: they expire within the lease (3 s).
-    let freed = within(Duration::from_secs(5), async || {
-        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
-    })
-    .await;
-    assert!(freed.is_some(), "leases freed: {}", fleet.key(0, &id).await);
+    fleet.nothing_reserved(&id, "leases freed").await;
     let spend = fleet.key(1, &id).await["spend_usd"].as_f64().unwrap();
     assert!(spend > 0.0 && spend <= 0.05, "{spend}");
 
@@ -627,11 +627,7 @@ async fn allowances_admit_locally_far_from_the_limits_and_never_past_them() {
 
     // Idle allowances are given back within two ticks: nothing stays reserved, and every
     // replica reports one spend, within the cap, equal to the ledger's.
-    let returned = within(Duration::from_secs(5), async || {
-        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
-    })
-    .await;
-    assert!(returned.is_some(), "{}", fleet.key(0, &id).await);
+    fleet.nothing_reserved(&id, "allowances given back").await;
     let spend = fleet.key(0, &id).await["spend_usd"].as_f64().unwrap();
     assert!(spend > 0.0 && spend <= 0.02, "spend {spend}");
     for i in 1..3 {
@@ -692,11 +688,7 @@ async fn allowances_never_spend_past_the_cap() {
         .counter("tollgate_state_admissions_total{decided_by=\"allowance\"}")
         .await;
     assert!(local > 0.0, "admitted from allowances: {local}");
-    let returned = within(Duration::from_secs(5), async || {
-        fleet.key(0, &id).await["reserved_usd"].as_f64() == Some(0.0)
-    })
-    .await;
-    assert!(returned.is_some(), "{}", fleet.key(0, &id).await);
+    fleet.nothing_reserved(&id, "allowances given back").await;
     let spend = fleet.key(1, &id).await["spend_usd"].as_f64().unwrap();
     // What may be left unspent: less than one worst case per replica, held in that replica's
     // allowance until it is given back as idle.
