@@ -85,7 +85,7 @@ impl Scripts {
             fall_back: with_prelude(include_str!("scripts/fallback.lua")),
             renew: with_prelude(include_str!("scripts/renew.lua")),
             view: with_prelude(include_str!("scripts/view.lua")),
-            advance: Script::new(include_str!("scripts/advance.lua")),
+            advance: with_prelude(include_str!("scripts/advance.lua")),
             seed: Script::new(include_str!("scripts/seed.lua")),
         }
     }
@@ -133,12 +133,13 @@ enum Kind {
 /// Most calls in one script: bounds how long Redis runs one script for (and Lua's unpack).
 const MAX_BATCH: usize = 128;
 
-#[derive(Default)]
-struct Batches {
-    admit: Arc<Batch>,
-    settle: Arc<Batch>,
-    advance: Arc<Batch>,
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Admit, Kind::Settle, Kind::Advance];
 }
+
+/// A thread's queue per kind, indexed by `Kind as usize`.
+#[derive(Default)]
+struct Batches([Arc<Batch>; 3]);
 
 #[derive(Default)]
 struct Batch {
@@ -524,12 +525,7 @@ impl RedisState {
 
     /// Queues one request's part of a batched script.
     fn enqueue(self: &Arc<Self>, kind: Kind, keys: Vec<String>, args: Vec<Arg>, answer: Reply) {
-        let batches = self.batches.get_or_default();
-        let batch = match kind {
-            Kind::Admit => &batches.admit,
-            Kind::Settle => &batches.settle,
-            Kind::Advance => &batches.advance,
-        };
+        let batch = &self.batches.get_or_default().0[kind as usize];
         let lead = {
             let mut queue = lock(&batch.queue);
             queue.calls.push(Call { keys, args, answer });
@@ -545,12 +541,8 @@ impl RedisState {
     /// no runtime left to send it.
     pub async fn flush(self: &Arc<Self>) {
         for batches in self.batches.iter() {
-            for (kind, batch) in [
-                (Kind::Admit, &batches.admit),
-                (Kind::Settle, &batches.settle),
-                (Kind::Advance, &batches.advance),
-            ] {
-                let queued = std::mem::take(&mut lock(&batch.queue).calls);
+            for kind in Kind::ALL {
+                let queued = std::mem::take(&mut lock(&batches.0[kind as usize].queue).calls);
                 if !queued.is_empty() {
                     self.send_batch(kind, queued).await;
                 }

@@ -19,7 +19,6 @@ for i = 2, tonumber(ARGV[1]) + 1 do table.insert(thresholds, tonumber(ARGV[i])) 
 local ended = {}  -- lease amounts key -> ids
 local order, answers = {}, {}
 local allowances, allowance_order = {}, {} -- amounts key .. id -> {amounts key, id, amount}
-local totals, totals_order = {}, {}
 
 local function settle(K, A)
   local id = A[1]
@@ -63,13 +62,7 @@ local function settle(K, A)
     end
   end
   if tonumber(A[12]) >= 0 then
-    local month = totals[K[8]]
-    if month == nil then
-      local stored = redis.call('HMGET', K[8], 'tokens', 'list_cost', 'micro_credits')
-      month = stored[1] and {tonumber(stored[1]), tonumber(stored[2]), tonumber(stored[3])} or false
-      totals[K[8]] = month
-      if month then table.insert(totals_order, K[8]) end
-    end
+    local month = month_totals(K[8])
     if month then
       for j = 1, 3 do month[j] = month[j] + tonumber(A[11 + j]) end
     end
@@ -95,10 +88,6 @@ for K, A in calls(8, 14, tonumber(ARGV[1]) + 1) do
   table.insert(answers, settle(K, A))
 end
 commit()
-for _, key in ipairs(totals_order) do
-  local month = totals[key]
-  redis.call('HSET', key, 'tokens', month[1], 'list_cost', month[2], 'micro_credits', month[3])
-end
 for _, slot in ipairs(allowance_order) do
   local held = allowances[slot]
   -- An allowance whose lease ended meanwhile has no reservation left to keep.
