@@ -55,6 +55,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         ttft_ms: Some(40),
         charge: rated.charge,
         list_cost,
+        plan_cost: rated.plan_cost,
         micro_credits: rated.micro_credits,
     }
 }

@@ -120,7 +120,7 @@ impl App {
         )
     }
 
-    /// The period a key's budget runs over: its own, or a month for a hard-stop credit pack.
+    /// The period a key's budget runs over: its own, or a month under a hard-stop credit pack.
     pub fn budget_period(&self, record: &KeyRecord) -> BudgetPeriod {
         self.key_limits(record)
             .budget
@@ -154,8 +154,11 @@ impl App {
 /// A key's limits. A key on a hard-stop credit pack is capped at the pack per month unless it
 /// has its own cap; a key without any cap gets an unreachable one so its spend is tracked.
 pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
+    // A hard-stop credit pack is a monthly cap the key's own cap can only lower: when the
+    // credits are gone the key stops, whatever its own budget says.
     let budget = match (record.budget_usd, plan_cap) {
-        (Some(cap), _) => (cap, record.budget_period),
+        (Some(cap), Some(pack)) => (cap.min(pack), BudgetPeriod::Month),
+        (Some(cap), None) => (cap, record.budget_period),
         (None, Some(pack)) => (pack, BudgetPeriod::Month),
         (None, None) => (crate::limits::UNCAPPED, record.budget_period),
     };

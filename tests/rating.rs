@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{config_text, spawn_gateway, temp_dir, Harness, ADMIN_TOKEN};
 use serde_json::{json, Value};
+use tollgate::meter::record::UsageRecord;
 use tollgate::mock_upstream::{MockOptions, MockUpstream};
 use tollgate::rating::ledger::{LedgerReader, SqliteLedgerReader};
 
@@ -267,6 +268,189 @@ async fn an_outcome_reported_twice_is_billed_once() {
     let outcome_line = &invoice["lines"][1];
     assert_eq!(outcome_line["quantity"], 2);
     assert_eq!(outcome_line["unit_price_usd"], json!(1.5));
+}
+
+/// Sends one request whose provider reports exactly `prompt` input and `output` output
+/// tokens, and returns its ledger record (the ledger holds `recorded` rows before it).
+async fn sized(
+    gw: &Harness,
+    secret: &str,
+    prompt: u64,
+    output: u64,
+    recorded: usize,
+) -> UsageRecord {
+    let mut body = request();
+    body["max_tokens"] = json!(output.max(1));
+    body["mock"] = json!({"prompt_tokens": prompt, "reply_tokens": output});
+    let response = gw
+        .http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(secret)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let records = gw.usage_records(recorded + 1).await;
+    assert_eq!(records.len(), recorded + 1, "the batched commit came");
+    let record = records
+        .into_iter()
+        .find(|r| r.request_id == request_id)
+        .unwrap();
+    assert_eq!(record.billed().input, prompt);
+    assert_eq!(record.billed().output, output);
+    record
+}
+
+fn charges(records: &[UsageRecord]) -> i64 {
+    records.iter().map(|r| r.charge.nanos()).sum()
+}
+
+/// Audit item: a volume-tier plan with prices of its own rated the month after a restart from
+/// list prices. The month's totals are kept at the plan's prices, so a restart changes nothing.
+#[tokio::test]
+async fn a_restart_leaves_volume_tiers_with_plan_prices_exact() {
+    let plans = r#"
+[plans.bulk]
+kind = "per_token"
+tier_mode = "volume"
+tiers = [{ up_to_tokens = 2000, rate_pct = 100 }, { up_to_tokens = 5000, rate_pct = 70 }, { rate_pct = 50 }]
+prices."gpt-4o-mini" = { input_per_mtok = 0.333, output_per_mtok = 1.111 }
+"#;
+    let mut gw = Harness::start_with(MockOptions::default(), plans).await;
+    let key = gw.create_key(json!({"name": "bulk", "plan": "bulk"})).await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    let mut recorded = 0;
+    for (prompt, output) in [(1000, 500), (400, 100), (1, 0)] {
+        sized(&gw, &secret, prompt, output, recorded).await;
+        recorded += 1;
+    }
+    gw.stop().await;
+    gw.restart().await;
+    sized(&gw, &secret, 2000, 999, recorded).await;
+    let last = sized(&gw, &secret, 10, 1, recorded + 1).await;
+    // Before it: 5,000 tokens costing 2,909,022 at 70% = 2,036,315.4 → 2,036,315. After it:
+    // 5,011 tokens costing 2,913,463 at 50% = 1,456,731.5 → 1,456,732.
+    assert_eq!(last.charge.nanos(), -579_583);
+    let records = gw.usage_records(5).await;
+    assert_eq!(charges(&records), 1_456_732);
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.001456732));
+}
+
+/// Audit item: under a 12.5% markup each request's exact amount is rounded once. One input
+/// token of gpt-4o-mini is 150 nano-dollars, 168.75 marked up: 169 each, 6,760 for forty.
+#[tokio::test]
+async fn a_markup_rounds_each_request_once() {
+    let plans = "[plans.plus]\nkind = \"per_token\"\nmarkup_pct = 12.5\n";
+    let gw = Harness::start_with(MockOptions::default(), plans).await;
+    let key = gw.create_key(json!({"name": "plus", "plan": "plus"})).await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    for recorded in 0..40 {
+        assert_eq!(
+            sized(&gw, &secret, 1, 0, recorded).await.charge.nanos(),
+            169
+        );
+    }
+    assert_eq!(charges(&gw.usage_records(40).await), 6_760);
+}
+
+/// Audit item: a hard-stop credit pack stops the key when its credits are gone, even when the
+/// key's own budget is larger; and the invoice is the ledger's charges plus the pack's unused
+/// part, so spend, ledger and invoice agree.
+#[tokio::test]
+async fn a_hard_stop_pack_stops_a_key_with_a_larger_budget() {
+    let plans = r#"
+[plans.pack]
+kind = "credits"
+pack_price_usd = 0.01
+pack_credits = 3
+credits_per_1k_tokens = { cheap = 1, frontier = 10 }
+"#;
+    let gw = Harness::start_with(MockOptions::default(), plans).await;
+    let key = gw
+        .create_key(json!({"name": "pack", "plan": "pack", "budget_usd": 1}))
+        .await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    let (mut answered, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let mut body = request();
+        // 21 prompt tokens and 88 output: the reservation is the request's true size.
+        body["max_tokens"] = json!(88);
+        body["mock"] = json!({"reply_tokens": 88});
+        let response = gw
+            .http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => answered += 1,
+            429 => {
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "insufficient_quota");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // 109 tokens burn 0.109 credits, worth $0.01 × 0.109 / 3 ≈ 363,333 nano-dollars; each is
+    // admitted only while the pack holds its worst case (4 nano-dollars per micro-credit).
+    assert_eq!((answered, refused), (27, 13));
+    let records = gw.usage_records(40).await;
+    let billed: Vec<_> = records.iter().filter(|r| r.answered).collect();
+    assert_eq!(billed.len(), 27);
+    assert!(
+        billed.iter().all(|r| r.charge.nanos() > 0),
+        "nothing given away"
+    );
+    let spent = charges(&records);
+    // 27 × 0.109 = 2.943 credits of 3: $0.01 × 2.943 / 3 = 9,810,000 nano-dollars.
+    assert_eq!(spent, 9_810_000);
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
+    assert_eq!(invoice["credits_used"], json!(2.943));
+    let lines = invoice["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 2, "no overage under hard stop: {lines:?}");
+    assert_eq!(lines[0]["amount_usd"], json!(0.00981));
+    assert_eq!(lines[1]["quantity"], json!(0.057));
+    assert_eq!(lines[1]["amount_usd"], json!(0.00019));
+    assert_eq!(invoice["total_usd"], json!(0.01));
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.00981));
+    assert_eq!(state["budget_usd"], json!(0.01), "the pack caps the key");
+}
+
+/// Audit item: a key without a cap reserved nothing, so nothing it is charged overshoots.
+#[tokio::test]
+async fn an_uncapped_key_never_overshoots() {
+    let gw = Harness::start().await;
+    let key = gw.create_key(json!({"name": "open"})).await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    assert_eq!(chat_as(&gw, &secret).await.status(), 200);
+    let capped = gw
+        .create_key(json!({"name": "capped", "budget_usd": 1}))
+        .await;
+    let secret = capped["key"].as_str().unwrap().to_owned();
+    assert_eq!(sized(&gw, &secret, 21, 16, 1).await.charge.nanos(), 12_750);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_budget_overshoot_usd_total 0\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("overshoot"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// What a crash under load left: each request the client saw complete, with how long before

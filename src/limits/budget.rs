@@ -8,6 +8,7 @@
 //! is charged to the period in which its request settles.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,9 @@ pub struct Budget {
     /// Alert thresholds already announced (bit i = threshold i) and the period they belong to.
     alerted: AtomicU64,
     alerted_period_ms: AtomicI64,
+    /// Held while `spent` is moved between periods and while a settlement adds to it, so that
+    /// a charge landing during a rollover is counted in the new period instead of dropped.
+    period_change: Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +148,14 @@ impl Budget {
             spent: AtomicI64::new(spent.nanos()),
             alerted: AtomicU64::new(0),
             alerted_period_ms: AtomicI64::new(0),
+            period_change: Mutex::new(()),
         }
+    }
+
+    fn lock_period(&self) -> MutexGuard<'_, ()> {
+        self.period_change
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A new cap for the same period: spend and reservations stay, and thresholds are
@@ -158,6 +169,7 @@ impl Budget {
     /// Moves the budget to another period, starting from that period's spend (read from the
     /// ledger). Reservations in flight stay, and their requests settle here as before.
     pub fn rebase(&self, period: BudgetPeriod, spent: Money, now_ms: i64) {
+        let _changing = self.lock_period();
         self.period.store(period.index(), Ordering::Release);
         self.period_start_ms
             .store(period.start_ms(now_ms), Ordering::Release);
@@ -183,14 +195,16 @@ impl Budget {
     /// Starts a new period when the clock has passed the reset. Reservations in flight stay
     /// reserved; only the spent part is forgotten.
     fn roll(&self, now_ms: i64) {
+        if self.period().start_ms(now_ms) > self.period_start_ms.load(Ordering::Acquire) {
+            let _changing = self.lock_period();
+            self.roll_locked(now_ms);
+        }
+    }
+
+    fn roll_locked(&self, now_ms: i64) {
         let start = self.period().start_ms(now_ms);
-        let known = self.period_start_ms.load(Ordering::Acquire);
-        if start > known
-            && self
-                .period_start_ms
-                .compare_exchange(known, start, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
+        if start > self.period_start_ms.load(Ordering::Acquire) {
+            self.period_start_ms.store(start, Ordering::Release);
             let spent = self.spent.swap(0, Ordering::AcqRel);
             self.committed.fetch_sub(spent, Ordering::AcqRel);
         }
@@ -228,15 +242,23 @@ impl Budget {
 
     /// Replaces a reservation by the actual cost. A negative cost (a volume tier re-pricing
     /// the month lower) lowers spend, as it lowers the ledger's sum and the invoice.
+    /// An uncapped key reserved nothing, so none of its charge is overshoot.
     pub fn settle(&self, reserved: Money, actual: Money, now_ms: i64) -> Settled {
-        self.roll(now_ms);
-        let actual = actual.nanos();
-        self.committed
-            .fetch_add(actual - reserved.nanos(), Ordering::AcqRel);
-        let spent = self.spent.fetch_add(actual, Ordering::AcqRel) + actual;
+        let spent = {
+            let _changing = self.lock_period();
+            self.roll_locked(now_ms);
+            let actual = actual.nanos();
+            self.committed
+                .fetch_add(actual - reserved.nanos(), Ordering::AcqRel);
+            self.spent.fetch_add(actual, Ordering::AcqRel) + actual
+        };
+        let cap = self.cap.load(Ordering::Acquire);
         Settled {
-            overshoot: Money((actual - reserved.nanos()).max(0)),
-            used_pct: percent(spent, self.cap.load(Ordering::Acquire)),
+            overshoot: match cap == UNCAPPED.nanos() {
+                true => Money::ZERO,
+                false => (actual - reserved).max(Money::ZERO),
+            },
+            used_pct: percent(spent, cap),
         }
     }
 
@@ -338,9 +360,15 @@ mod tests {
     fn no_cap_reserves_nothing_so_a_cap_set_later_starts_true() {
         let budget = Budget::new(UNCAPPED, BudgetPeriod::Total, Money(5), 0);
         assert_eq!(budget.reserve(Money(i64::MAX), 0), Ok(Money::ZERO));
+        let settled = budget.settle(Money::ZERO, Money(7), 0);
+        assert_eq!(
+            settled.overshoot,
+            Money::ZERO,
+            "no cap, nothing to overshoot"
+        );
         assert_eq!(budget.reserve(Money(10), 0), Ok(Money::ZERO));
         budget.set_cap(Money(100));
-        assert_eq!(budget.reserve(Money(95), 0), Ok(Money(95)));
+        assert_eq!(budget.reserve(Money(88), 0), Ok(Money(88)));
         assert!(budget.reserve(Money(1), 0).is_err());
     }
 
@@ -368,6 +396,36 @@ mod tests {
         assert_eq!(snapshot.spend_usd, Money::ZERO);
         assert_eq!(snapshot.reserved_usd, Money(900));
         assert_eq!(snapshot.period_start_ms, ms("2026-11-26T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_charge_settled_during_a_rollover_counts_in_the_new_period() {
+        let day_one = ms("2026-11-25T23:59:00Z");
+        let day_two = ms("2026-11-26T00:00:01Z");
+        for _ in 0..300 {
+            let budget = std::sync::Arc::new(Budget::new(
+                Money(1_000_000),
+                BudgetPeriod::Day,
+                Money(900),
+                day_one,
+            ));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let budget = budget.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..50 {
+                            budget.settle(Money::ZERO, Money(1), day_two);
+                        }
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            let snapshot = budget.snapshot(day_two);
+            assert_eq!(snapshot.spend_usd, Money(200));
+            assert_eq!(snapshot.reserved_usd, Money::ZERO);
+        }
     }
 
     #[test]

@@ -89,8 +89,12 @@ pub struct UsageRecord {
     pub ttft_ms: Option<u64>,
     /// What the request cost: rated under the key's plan when it settled.
     pub charge: Money,
-    /// The same tokens at list price, and credits burned (credit plans), for reports.
+    /// The same tokens at list price, for reports.
     pub list_cost: Money,
+    /// What the request added to its key's month totals (see `rating::plan::Rated`): its
+    /// cost at the plan's prices, and credits burned (credit plans).
+    #[serde(default)]
+    pub plan_cost: Money,
     pub micro_credits: u64,
 }
 

@@ -428,13 +428,7 @@ impl Exchange {
                     .unwrap_or(model.max_output_tokens)
                     .saturating_mul(choices),
             };
-            let cost = plan.worst_case(
-                &model.name,
-                &model.tier,
-                &model.prices,
-                self.counted.input,
-                output,
-            );
+            let cost = plan.worst_case(model.rated(), self.counted.input, output);
             demand.tokens = demand.tokens.max(self.counted.input.saturating_add(output));
             demand.cost = demand.cost.max(cost);
         }

@@ -118,6 +118,7 @@ impl Exchange {
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             charge: Money::ZERO,
             list_cost: Money::ZERO,
+            plan_cost: Money::ZERO,
             micro_credits: 0,
         };
         let closing = Closing {
@@ -270,10 +271,11 @@ impl Closing {
                 .output_tokens
                 .with_label_values(&model_label)
                 .inc_by(self.billed.output);
+            // List cost, not the charge: a counter cannot fall, and a volume tier's charge can.
             metrics
                 .cost_usd
                 .with_label_values(&model_label)
-                .inc_by(rated.charge.as_f64_usd());
+                .inc_by(list_cost.as_f64_usd());
             if let Some(reported) = self.record.reported {
                 let drift = |ours: u64, theirs: u64, direction: &str| {
                     metrics
@@ -288,6 +290,7 @@ impl Closing {
         let mut record = self.record;
         record.charge = rated.charge;
         record.list_cost = list_cost;
+        record.plan_cost = rated.plan_cost;
         record.micro_credits = rated.micro_credits;
         tracing::info!(
             request_id = %record.request_id,

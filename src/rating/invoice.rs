@@ -1,5 +1,6 @@
-//! Invoice previews: a key's month, priced under its plan, as line items. Usage lines are sums
-//! of the ledger's per-request charges, so an invoice always agrees with the key's spend.
+//! Invoice previews: a key's month, priced under its plan, as line items. An invoice is the
+//! plan's fixed parts (seats, platform fee, a credit pack's unused part) plus usage lines that
+//! are sums of the ledger's per-request charges, so it always agrees with the key's spend.
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -117,23 +118,24 @@ pub fn lines(plan: &Plan, usage: &PeriodUsage, seats: u32) -> (Vec<InvoiceLine>,
             at_zero,
             ..
         } => {
-            lines.push(line(
-                format!("Credit pack ({} credits)", pack_micro / 1_000_000),
-                json!(1),
-                Some(*pack_price),
-                *pack_price,
-            ));
+            // The ledger charges each request the pack's value of the credits it burned, then
+            // overage: those lines are the ledger's charges, and the pack's unused part is the
+            // fixed rest of its price.
             let within = usage.micro_credits.min(*pack_micro);
             let beyond = usage.micro_credits.saturating_sub(*pack_micro);
+            let pack_used = plan.pack_value(within);
             lines.push(line(
-                "Credits used from the pack".to_owned(),
+                format!("Credits used from the pack of {}", pack_micro / 1_000_000),
                 credits(within),
                 None,
-                Money::ZERO,
+                pack_used,
             ));
-            // Charges inside the pack add up to the part of the pack consumed; what remains
-            // of the month's charges is overage.
-            let pack_used = plan_pack_value(plan, within);
+            lines.push(line(
+                "Unused credits of the pack".to_owned(),
+                credits(pack_micro - within),
+                None,
+                *pack_price - pack_used,
+            ));
             if *at_zero == AtZero::Overage || beyond > 0 {
                 lines.push(line(
                     "Overage credits".to_owned(),
@@ -143,6 +145,7 @@ pub fn lines(plan: &Plan, usage: &PeriodUsage, seats: u32) -> (Vec<InvoiceLine>,
                 ));
             }
             extra = json!({
+                "pack_price_usd": pack_price,
                 "credits_included": credits(*pack_micro),
                 "credits_used": credits(usage.micro_credits),
                 "credits_remaining": credits(pack_micro.saturating_sub(usage.micro_credits)),
@@ -151,11 +154,4 @@ pub fn lines(plan: &Plan, usage: &PeriodUsage, seats: u32) -> (Vec<InvoiceLine>,
     }
     let total = lines.iter().map(|l| l.amount_usd).sum();
     (lines, total, extra)
-}
-
-fn plan_pack_value(plan: &Plan, micro: u64) -> Money {
-    match plan {
-        Plan::Credits { .. } => plan.pack_value(micro),
-        _ => Money::ZERO,
-    }
 }

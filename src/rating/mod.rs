@@ -94,8 +94,7 @@ impl Rater {
         let list_cost = model
             .prices
             .cost(usage.input, usage.cached_input, usage.output);
-        let rated = plan.rate(cursor, model.name, model.tier, model.prices, usage, seats);
-        (rated, list_cost)
+        (plan.rate(cursor, model, usage, seats), list_cost)
     }
 }
 

@@ -1,20 +1,28 @@
 //! Pricing plans and the rating of one request under them.
 //!
-//! Every request's charge is computed once, when it settles, from the key's running totals for
-//! the calendar month (tokens, list cost, credits). Charges that depend on where a request
-//! falls — across a tier boundary, an allowance, a credit pack — are the difference of one
-//! exact function of the running totals before and after it, so the charges of a month always
-//! add up to that function of the month's totals: a key's spend, the ledger and the invoice
-//! agree to the nano-dollar. The one rounding rule: an amount that is not a whole number of
-//! nano-dollars is rounded half up, inside that function, and nowhere else.
+//! Every request is rated once, when it settles, from its key's running totals for the
+//! calendar month (tokens, cost at the plan's prices, credits). Two rules decide the charge:
+//!
+//! - **Per-token plans with a flat markup or graduated tiers** price each token on its own:
+//!   the request's tokens take the next places in the month's count — its cached input
+//!   tokens first (they are the prompt's leading part), then the rest of its input, then its
+//!   output — and each is charged its plan price × the rate of the tier its place falls in ×
+//!   (1 + markup). The request's exact amount is rounded half up to a whole nano-dollar, once.
+//! - **Plans that re-price the month** (volume tiers, credit packs and their overage, per-seat
+//!   allowances) have one month-to-date charge, an exact function of the month's totals,
+//!   rounded half up inside it; a request is charged the difference it makes to that function.
+//!   The charges of a month therefore add up to the function of the month's totals.
+//!
+//! Either way a key's spend, the ledger and the invoice agree to the nano-dollar, and the
+//! totals every charge depends on are kept in the ledger, so a restart changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
+use super::RatedModel;
 use crate::meter::record::TokenUsage;
-use crate::money::ModelPrices;
-use crate::money::{Money, TokenPrice};
+use crate::money::{ModelPrices, Money, TokenPrice};
 
 /// `[plans.NAME]` as written.
 #[derive(Debug, Deserialize)]
@@ -131,7 +139,9 @@ pub enum Plan {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
     pub tokens: u64,
-    pub list_cost: Money,
+    /// The tokens' cost at the plan's prices (its own, else the models' list prices), before
+    /// markup and tiers.
+    pub plan_cost: Money,
     pub micro_credits: u64,
 }
 
@@ -139,16 +149,27 @@ impl Cursor {
     pub fn plus(self, delta: Cursor) -> Cursor {
         Cursor {
             tokens: self.tokens + delta.tokens,
-            list_cost: self.list_cost + delta.list_cost,
+            plan_cost: self.plan_cost + delta.plan_cost,
             micro_credits: self.micro_credits + delta.micro_credits,
         }
     }
 }
 
-/// What rating one request produced.
+/// One request as rating sees it: its billed tokens, the plan's prices for its model, and
+/// what it adds to the month's totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    pub usage: TokenUsage,
+    pub prices: ModelPrices,
+    pub delta: Cursor,
+}
+
+/// What rating one request produced. `plan_cost` and `micro_credits` are its share of the
+/// month's totals, kept in the ledger so that the totals can be rebuilt from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rated {
     pub charge: Money,
+    pub plan_cost: Money,
     pub micro_credits: u64,
 }
 
@@ -162,6 +183,38 @@ fn scale(value: i128, numerator: i128, denominator: i128) -> i64 {
     let product = value * numerator;
     let rounded = (2 * product + denominator).div_euclid(2 * denominator);
     i64::try_from(rounded).unwrap_or(i64::MAX)
+}
+
+/// A request's exact graduated amount, in nano-dollars × basis points of rate: its tokens take
+/// the month's places from `placed` on — cached input, the rest of the input, then output —
+/// each at its price and the rate of the tier its place falls in.
+fn graduated(tiers: &[Tier], placed: u64, request: &Metered) -> i128 {
+    let TokenUsage {
+        input,
+        cached_input,
+        output,
+    } = request.usage;
+    let cached_input = cached_input.min(input);
+    let prices = &request.prices;
+    let runs = [
+        (cached_input, prices.cached_input.nanos_per_token()),
+        (input - cached_input, prices.input.nanos_per_token()),
+        (output, prices.output.nanos_per_token()),
+    ];
+    let mut exact = 0i128;
+    let mut position = placed;
+    for (count, price) in runs {
+        let end = position + count;
+        let mut floor = 0u64;
+        for tier in tiers {
+            let ceiling = tier.up_to_tokens.unwrap_or(u64::MAX);
+            let inside = end.min(ceiling).saturating_sub(position.max(floor));
+            exact += i128::from(inside) * i128::from(price) * i128::from(tier.rate_bp);
+            floor = ceiling;
+        }
+        position = end;
+    }
+    exact
 }
 
 impl Plan {
@@ -184,10 +237,10 @@ impl Plan {
         }
     }
 
-    fn prices<'a>(&'a self, model: &str, list: &'a ModelPrices) -> &'a ModelPrices {
+    fn prices<'a>(&'a self, model: &RatedModel<'a>) -> &'a ModelPrices {
         match self {
-            Plan::PerToken { prices, .. } => prices.get(model).unwrap_or(list),
-            _ => list,
+            Plan::PerToken { prices, .. } => prices.get(model.name).unwrap_or(model.prices),
+            _ => model.prices,
         }
     }
 
@@ -206,7 +259,7 @@ impl Plan {
                     .map_or(BP as i64, |t| t.rate_bp);
                 let marked = i128::from(BP as i64 + markup_bp);
                 Money(scale(
-                    i128::from(cursor.list_cost.nanos()) * i128::from(rate),
+                    i128::from(cursor.plan_cost.nanos()) * i128::from(rate),
                     marked,
                     BP * BP,
                 ))
@@ -243,16 +296,14 @@ impl Plan {
     pub fn rate(
         &self,
         cursor: &mut Cursor,
-        model: &str,
-        tier: &str,
-        list: &ModelPrices,
+        model: RatedModel<'_>,
         usage: TokenUsage,
         seats: u32,
     ) -> Rated {
-        let delta = self.advance(model, tier, list, usage);
+        let request = self.meter(model, usage);
         let before = *cursor;
-        *cursor = before.plus(delta);
-        self.charge(before, delta, seats)
+        *cursor = before.plus(request.delta);
+        self.charge(before, &request, seats)
     }
 
     /// Whether a request's charge depends on where in the month it lands (tiers, allowances,
@@ -269,38 +320,35 @@ impl Plan {
         }
     }
 
-    /// What one request adds to its key's month totals. Totals only ever add up, so the
-    /// charge depends on nothing but where in the month the request's delta lands: whoever
-    /// advances the totals atomically (a mutex here, one server-side increment across
-    /// replicas) hands each request its own segment, and the charges add up to the month's.
-    pub fn advance(
-        &self,
-        model: &str,
-        tier: &str,
-        list: &ModelPrices,
-        usage: TokenUsage,
-    ) -> Cursor {
+    /// The request under this plan, and what it adds to its key's month totals. Totals only
+    /// ever add up, so the charge depends on nothing but where in the month the request's
+    /// delta lands: whoever advances the totals atomically (a mutex here, one server-side
+    /// increment across replicas) hands each request its own segment.
+    pub fn meter(&self, model: RatedModel<'_>, usage: TokenUsage) -> Metered {
         let tokens = usage.input + usage.output;
         let micro_credits = match self {
             Plan::Credits {
                 micro_per_token, ..
-            } => tokens.saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0)),
+            } => tokens.saturating_mul(micro_per_token.get(model.tier).copied().unwrap_or(0)),
             _ => 0,
         };
-        Cursor {
-            tokens,
-            list_cost: self
-                .prices(model, list)
-                .cost(usage.input, usage.cached_input, usage.output),
-            micro_credits,
+        let prices = *self.prices(&model);
+        Metered {
+            usage,
+            prices,
+            delta: Cursor {
+                tokens,
+                plan_cost: prices.cost(usage.input, usage.cached_input, usage.output),
+                micro_credits,
+            },
         }
     }
 
-    /// The charge of the request whose `delta` moved the month's totals on from `before`.
-    pub fn charge(&self, before: Cursor, delta: Cursor, seats: u32) -> Rated {
+    /// The charge of `request`, whose delta moved the month's totals on from `before`.
+    pub fn charge(&self, before: Cursor, request: &Metered, seats: u32) -> Rated {
+        let delta = request.delta;
         let after = before.plus(delta);
-        let (tokens, cost) = (delta.tokens, delta.list_cost);
-        match self {
+        let charge = match self {
             Plan::PerToken {
                 markup_bp,
                 tiers,
@@ -308,33 +356,12 @@ impl Plan {
                 ..
             } => {
                 let marked = i128::from(BP as i64 + markup_bp);
-                if tiers.is_empty() || tokens == 0 {
-                    return Rated {
-                        charge: Money(scale(i128::from(cost.nanos()), marked, BP)),
-                        micro_credits: 0,
-                    };
-                }
-                // The request's cost is split across tiers in proportion to its tokens in each.
-                let mut charge = 0i64;
-                let mut floor = 0u64;
-                for tier in tiers {
-                    let ceiling = tier.up_to_tokens.unwrap_or(u64::MAX);
-                    let start = before.tokens.max(floor);
-                    let end = after.tokens.min(ceiling);
-                    if end > start {
-                        let share = i128::from(end - start);
-                        charge += scale(
-                            i128::from(cost.nanos()) * share * i128::from(tier.rate_bp),
-                            marked,
-                            i128::from(tokens) * BP * BP,
-                        );
-                    }
-                    floor = ceiling;
-                }
-                Rated {
-                    charge: Money(charge),
-                    micro_credits: 0,
-                }
+                let exact = if tiers.is_empty() {
+                    i128::from(delta.plan_cost.nanos()) * BP
+                } else {
+                    graduated(tiers, before.tokens, request)
+                };
+                Money(scale(exact, marked, BP * BP))
             }
             Plan::PerSeat {
                 included_tokens_per_seat,
@@ -344,34 +371,23 @@ impl Plan {
                 let allowance = included_tokens_per_seat.saturating_mul(u64::from(seats.max(1)));
                 let overage = after.tokens.saturating_sub(allowance)
                     - before.tokens.saturating_sub(allowance);
-                Rated {
-                    charge: overage_per_token.cost(overage),
-                    micro_credits: 0,
-                }
+                overage_per_token.cost(overage)
             }
-            Plan::Credits { .. } => Rated {
-                charge: self.charge_at(after) - self.charge_at(before),
-                micro_credits: delta.micro_credits,
-            },
-            Plan::PerOutcome { .. } => Rated::default(),
-            Plan::PerToken { .. } => Rated {
-                charge: self.charge_at(after) - self.charge_at(before),
-                micro_credits: 0,
-            },
+            Plan::PerOutcome { .. } => Money::ZERO,
+            Plan::PerToken { .. } | Plan::Credits { .. } => {
+                self.charge_at(after) - self.charge_at(before)
+            }
+        };
+        Rated {
+            charge,
+            plan_cost: delta.plan_cost,
+            micro_credits: delta.micro_credits,
         }
     }
 
     /// The most a request of these tokens could be charged, for budget reservations.
-    pub fn worst_case(
-        &self,
-        model: &str,
-        tier: &str,
-        list: &ModelPrices,
-        input: u64,
-        output: u64,
-    ) -> Money {
-        let prices = self.prices(model, list);
-        let cost = prices.cost(input, 0, output);
+    pub fn worst_case(&self, model: RatedModel<'_>, input: u64, output: u64) -> Money {
+        let cost = self.prices(&model).cost(input, 0, output);
         match self {
             Plan::PerToken {
                 markup_bp, tiers, ..
@@ -400,7 +416,7 @@ impl Plan {
             } => {
                 let burn = input
                     .saturating_add(output)
-                    .saturating_mul(micro_per_token.get(tier).copied().unwrap_or(0));
+                    .saturating_mul(micro_per_token.get(model.tier).copied().unwrap_or(0));
                 let per_micro = Money(scale(
                     1,
                     i128::from(pack_price.nanos()),
@@ -695,6 +711,10 @@ mod tests {
         }
     }
 
+    fn model<'a>(name: &'a str, prices: &'a ModelPrices, tier: &'a str) -> RatedModel<'a> {
+        RatedModel { name, tier, prices }
+    }
+
     fn tokens(input: u64, output: u64) -> TokenUsage {
         TokenUsage {
             input,
@@ -731,18 +751,14 @@ mod tests {
         // 1,000 in + 500 out = $0.0025 + $0.005 = $0.0075 at list; +20% = $0.009.
         let list = plans["list"].rate(
             &mut cursor,
-            "gpt-4o",
-            "frontier",
-            &gpt4o,
+            model("gpt-4o", &gpt4o, "frontier"),
             tokens(1_000, 500),
             1,
         );
         assert_eq!(list.charge, usd("0.0075"));
         let pro = plans["pro"].rate(
             &mut Cursor::default(),
-            "gpt-4o",
-            "frontier",
-            &gpt4o,
+            model("gpt-4o", &gpt4o, "frontier"),
             tokens(1_000, 500),
             1,
         );
@@ -755,9 +771,7 @@ mod tests {
         };
         let rated = plans["list"].rate(
             &mut Cursor::default(),
-            "gpt-4o",
-            "frontier",
-            &gpt4o,
+            model("gpt-4o", &gpt4o, "frontier"),
             cached,
             1,
         );
@@ -777,27 +791,47 @@ mod tests {
         // Request A: 800 tokens, all in the first tier: $0.0008 either way.
         assert_eq!(
             plans["grad"]
-                .rate(&mut g, "m", "cheap", &flat(1_000), tokens(500, 300), 1)
+                .rate(
+                    &mut g,
+                    model("m", &flat(1_000), "cheap"),
+                    tokens(500, 300),
+                    1
+                )
                 .charge,
             Money(800_000)
         );
         assert_eq!(
             plans["vol"]
-                .rate(&mut v, "m", "cheap", &flat(1_000), tokens(500, 300), 1)
+                .rate(
+                    &mut v,
+                    model("m", &flat(1_000), "cheap"),
+                    tokens(500, 300),
+                    1
+                )
                 .charge,
             Money(800_000)
         );
         // Request B: 400 tokens across the boundary. Graduated: 200 × 1,000 + 200 × 500.
         assert_eq!(
             plans["grad"]
-                .rate(&mut g, "m", "cheap", &flat(1_000), tokens(300, 100), 1)
+                .rate(
+                    &mut g,
+                    model("m", &flat(1_000), "cheap"),
+                    tokens(300, 100),
+                    1
+                )
                 .charge,
             Money(300_000)
         );
         // Volume: all 1,200 tokens now at 50% = $0.0006, so B is charged $0.0006 − $0.0008.
         assert_eq!(
             plans["vol"]
-                .rate(&mut v, "m", "cheap", &flat(1_000), tokens(300, 100), 1)
+                .rate(
+                    &mut v,
+                    model("m", &flat(1_000), "cheap"),
+                    tokens(300, 100),
+                    1
+                )
                 .charge,
             Money(-200_000)
         );
@@ -818,14 +852,17 @@ mod tests {
         // 3 seats: 1.5M included. A 100k-token request straddles: 50k inside, 50k over = $1.
         let rated = team.rate(
             &mut cursor,
-            "m",
-            "cheap",
-            &flat(150),
+            model("m", &flat(150), "cheap"),
             tokens(60_000, 40_000),
             3,
         );
         assert_eq!(rated.charge, usd("1"));
-        let rated = team.rate(&mut cursor, "m", "cheap", &flat(150), tokens(50_000, 0), 3);
+        let rated = team.rate(
+            &mut cursor,
+            model("m", &flat(150), "cheap"),
+            tokens(50_000, 0),
+            3,
+        );
         assert_eq!(rated.charge, usd("1"));
         assert_eq!(cursor.tokens, 1_600_000);
     }
@@ -848,9 +885,7 @@ mod tests {
             // 900k frontier tokens = 9,000 credits = 90% of the pack = $89.10.
             let first = plan.rate(
                 &mut cursor,
-                "big",
-                "frontier",
-                &flat(2_500),
+                model("big", &flat(2_500), "frontier"),
                 tokens(600_000, 300_000),
                 1,
             );
@@ -860,9 +895,7 @@ mod tests {
             // free under hard stop (the budget refuses such requests up front), $12 as overage.
             let second = plan.rate(
                 &mut cursor,
-                "mini",
-                "cheap",
-                &flat(150),
+                model("mini", &flat(150), "cheap"),
                 tokens(1_500_000, 500_000),
                 1,
             );

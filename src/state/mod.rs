@@ -415,13 +415,13 @@ impl RatingTotals {
                 })
             }
             RatingTotals::Shared { .. } if !plan.reads_totals() => {
-                let delta = plan.advance(&model.name, &model.tier, &model.prices, usage);
+                let request = plan.meter(model.rated(), usage);
                 Some(Priced {
-                    rated: plan.charge(Cursor::default(), delta, seats),
+                    rated: plan.charge(Cursor::default(), &request, seats),
                     list_cost: list_cost(model, usage),
                     month: Some(MonthDelta {
                         start_ms: BudgetPeriod::Month.start_ms(started_ms),
-                        delta,
+                        delta: request.delta,
                     }),
                 })
             }
@@ -448,9 +448,10 @@ impl RatingTotals {
             unreachable!("embedded totals always rate now");
         };
         let month = BudgetPeriod::Month.start_ms(started_ms);
-        let delta = plan.advance(&model.name, &model.tier, &model.prices, usage);
+        let request = plan.meter(model.rated(), usage);
+        let delta = request.delta;
         let priced = |before: Cursor| Priced {
-            rated: plan.charge(before, delta, seats),
+            rated: plan.charge(before, &request, seats),
             list_cost: list_cost(model, usage),
             month: None,
         };

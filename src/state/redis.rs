@@ -944,7 +944,7 @@ impl RedisState {
             Arg::Int(period_ttl_ms(period, now_ms).unwrap_or(KEEP_AFTER_PERIOD_MS)),
             Arg::Text(allowance_id),
             Arg::Int(delta.map_or(-1, |d| d.tokens as i64)),
-            Arg::Int(delta.map_or(0, |d| d.list_cost.nanos())),
+            Arg::Int(delta.map_or(0, |d| d.plan_cost.nanos())),
             Arg::Int(delta.map_or(0, |d| d.micro_credits as i64)),
         ];
         let cap = lease.cap;
@@ -1019,17 +1019,17 @@ impl RedisState {
     ) -> Result<Option<Cursor>, StateError> {
         let args = vec![
             Arg::Int(delta.tokens as i64),
-            Arg::Int(delta.list_cost.nanos()),
+            Arg::Int(delta.plan_cost.nanos()),
             Arg::Int(delta.micro_credits as i64),
         ];
         let keys = vec![totals_key(key_id, month_start_ms)];
         let after = ints(self.batched(Kind::Advance, keys, args).await?)?;
-        let [tokens, list_cost, micro_credits] = after[..] else {
+        let [tokens, plan_cost, micro_credits] = after[..] else {
             return Ok(None);
         };
         Ok(Some(Cursor {
             tokens: (tokens as u64).saturating_sub(delta.tokens),
-            list_cost: Money(list_cost) - delta.list_cost,
+            plan_cost: Money(plan_cost) - delta.plan_cost,
             micro_credits: (micro_credits as u64).saturating_sub(delta.micro_credits),
         }))
     }
@@ -1046,7 +1046,7 @@ impl RedisState {
         invocation
             .key(totals_key(key_id, month_start_ms))
             .arg(totals.tokens)
-            .arg(totals.list_cost.nanos())
+            .arg(totals.plan_cost.nanos())
             .arg(totals.micro_credits)
             .arg(ttl);
         self.run(invocation).await.map(|_| ())

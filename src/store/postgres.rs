@@ -118,6 +118,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX outcomes_key_time ON outcomes (key_id, at_ms);
     "#,
+    // 2: a key's month totals at its plan's prices (see the SQLite ledger's migrations).
+    r#"
+    ALTER TABLE usage ADD COLUMN plan_cost_nanos BIGINT NOT NULL DEFAULT 0;
+    UPDATE usage SET plan_cost_nanos = list_cost_nanos;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

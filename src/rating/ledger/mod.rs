@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms INTEGER NOT NULL,
     ttft_ms INTEGER,
     client_request_id TEXT,
-    answered INTEGER NOT NULL DEFAULT 1
+    answered INTEGER NOT NULL DEFAULT 1,
+    plan_cost_nanos INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -102,6 +103,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
      UPDATE usage SET answered = 0, input_tokens = 0, cached_input_tokens = 0, output_tokens = 0
          WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0",
+    // Before this, a key's month totals were rebuilt from list prices, which a plan with
+    // prices of its own does not charge; such rows keep list prices, the best known.
+    "ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
+     UPDATE usage SET plan_cost_nanos = list_cost_nanos",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -518,6 +523,7 @@ mod tests {
             ttft_ms: Some(95),
             charge: Money(1_234_567),
             list_cost: Money(1_000_000),
+            plan_cost: Money(900_000),
             micro_credits: 42,
         }
     }

@@ -19,7 +19,7 @@ pub(crate) fn day_of(ms: i64) -> String {
 }
 
 /// The `usage` table's columns and their kinds, in the order of [`usage_values`].
-pub(crate) const USAGE_COLUMNS: [(&str, Kind); 33] = [
+pub(crate) const USAGE_COLUMNS: [(&str, Kind); 34] = [
     ("request_id", Kind::Text),
     ("at_ms", Kind::Int),
     ("day", Kind::Text),
@@ -53,11 +53,12 @@ pub(crate) const USAGE_COLUMNS: [(&str, Kind); 33] = [
     ("ttft_ms", Kind::Int),
     ("client_request_id", Kind::Text),
     ("answered", Kind::Bool),
+    ("plan_cost_nanos", Kind::Int),
 ];
 
 /// A usage record as the ledger stores it, in the order of [`USAGE_COLUMNS`]. The billed token
 /// columns and the day are derived here, once for every store.
-pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 33] {
+pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 34] {
     let billed = record.billed();
     let reported = record.reported;
     let optional = |value: Option<u64>| Column::Int(value.map(|v| v as i64));
@@ -95,6 +96,7 @@ pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 33] {
         optional(record.ttft_ms),
         Column::optional_text(record.client_request_id.as_deref()),
         Column::Bool(record.answered),
+        Column::int(record.plan_cost.nanos()),
     ]
 }
 
@@ -131,7 +133,8 @@ pub(crate) const RECORD_COLUMNS: &str =
     served_model, upstream, tier, route_rule, streamed, status, outcome, finish_reason,
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
-    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered";
+    latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered,
+    plan_cost_nanos";
 
 /// Rebuilds a usage record from a row selected as [`RECORD_COLUMNS`], in either store.
 pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Error> {
@@ -172,6 +175,7 @@ pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Erro
         ttft_ms: row.int(23)?.map(|ms| ms as u64),
         charge: Money(row.required_int(24)?),
         list_cost: Money(row.required_int(25)?),
+        plan_cost: Money(row.required_int(29)?),
         micro_credits: row.required_int(26)? as u64,
     })
 }
@@ -249,7 +253,7 @@ pub(crate) fn cursors_sql(dialect: Dialect) -> String {
         "SELECT key_id, {}, {}, {}
          FROM usage WHERE at_ms >= {} AND key_id IS NOT NULL GROUP BY key_id",
         dialect.sum("input_tokens + output_tokens"),
-        dialect.sum("list_cost_nanos"),
+        dialect.sum("plan_cost_nanos"),
         dialect.sum("micro_credits"),
         dialect.param(1)
     )
@@ -260,7 +264,7 @@ pub(crate) fn cursor_row<R: RowSource>(row: &R) -> Result<(String, Cursor), R::E
         row.required_text(0)?,
         Cursor {
             tokens: row.required_int(1)? as u64,
-            list_cost: Money(row.required_int(2)?),
+            plan_cost: Money(row.required_int(2)?),
             micro_credits: row.required_int(3)? as u64,
         },
     ))
