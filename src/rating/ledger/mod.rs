@@ -567,6 +567,7 @@ mod tests {
         refused.outcome = Outcome::Rejected;
         refused.charge = Money::ZERO;
         refused.list_cost = Money::ZERO;
+        refused.plan_cost = Money::ZERO;
         refused.micro_credits = 0;
         // Written as the earlier version did: answered, its counted prompt in the billed columns.
         let mut earlier = LedgerWriter::open(&dir, Durability::Batched).unwrap();
@@ -578,6 +579,7 @@ mod tests {
         old.execute_batch(
             "ALTER TABLE usage DROP COLUMN answered;
              ALTER TABLE usage DROP COLUMN client_request_id;
+             ALTER TABLE usage DROP COLUMN plan_cost_nanos;
              PRAGMA user_version = 0",
         )
         .unwrap();
@@ -590,13 +592,14 @@ mod tests {
         refused.answered = false;
         refused.client_request_id = None;
         let reader = SqliteLedgerReader::new(&dir);
-        assert_eq!(reader.records().unwrap(), vec![written, refused]);
+        assert_eq!(reader.records().unwrap(), vec![written.clone(), refused]);
         let cursor = reader.cursors(0).unwrap()["key_1"];
         assert_eq!(
             cursor.tokens,
             12 + 7,
             "the refused request's prompt is not in the totals"
         );
+        assert_eq!(cursor.plan_cost, written.plan_cost);
         drop(writer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
