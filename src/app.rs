@@ -35,6 +35,8 @@ pub struct App {
     pub webhooks: reqwest::Client,
     pub totals: RatingTotals,
     pub ledger: Arc<dyn LedgerReader>,
+    /// Outcome reports lately accepted, for answering their repeats.
+    pub outcomes: crate::outcomes::Recent,
     ready: AtomicBool,
     /// The main runtime: work that must outlive a serving lane (settlements finished on shared
     /// state, webhooks) runs here.
@@ -74,6 +76,7 @@ impl App {
             webhooks: reqwest::Client::new(),
             totals: services.totals,
             ledger: services.ledger,
+            outcomes: crate::outcomes::Recent::default(),
             ready: AtomicBool::new(false),
             runtime: services.runtime,
         }

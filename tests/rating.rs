@@ -233,35 +233,75 @@ tiers = [{ up_to_tokens = 50, rate_pct = 100 }, { rate_pct = 10 }]
     assert_eq!(state["spend_usd"], json!(0.00000255));
 }
 
+/// Outcomes: billed once per idempotency key (a repeat is answered with what the first
+/// recorded), only of types the plan prices, and held against the key's cap like any charge.
 #[tokio::test]
-async fn an_outcome_reported_twice_is_billed_once() {
+async fn outcomes_are_billed_once_priced_and_capped() {
     let mut gw = Harness::start_with(MockOptions::default(), PLANS).await;
     let key = gw
-        .create_key(json!({"name": "helpdesk", "plan": "support"}))
+        .create_key(json!({"name": "helpdesk", "plan": "support", "budget_usd": 4}))
         .await;
     let secret = key["key"].as_str().unwrap().to_owned();
     let id = key["id"].as_str().unwrap().to_owned();
-    let report = |idempotency: &str| {
+    let report = |kind: &str, quantity: u64, idempotency: &str| {
         gw.http
             .post(format!("{}/v1/outcomes", gw.url))
             .bearer_auth(&secret)
-            .json(&json!({"type": "resolution", "quantity": 1, "request_id": "req_1", "idempotency_key": idempotency}))
+            .json(&json!({"type": kind, "quantity": quantity, "request_id": "req_1", "idempotency_key": idempotency}))
             .send()
     };
-    assert_eq!(report("ticket-1").await.unwrap().status(), 202);
-    assert_eq!(report("ticket-1").await.unwrap().status(), 202);
-    assert_eq!(report("ticket-2").await.unwrap().status(), 202);
-    let bad = gw
+    let first = report("resolution", 1, "ticket-1").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["charge_usd"], json!(1.5));
+    let repeat = report("resolution", 5, "ticket-1").await.unwrap();
+    assert_eq!(repeat.status(), 200);
+    let repeat: Value = repeat.json().await.unwrap();
+    assert_eq!(repeat["quantity"], 1, "the recorded report, not the repeat");
+    assert_eq!(repeat["status"], "duplicate");
+    assert_eq!(
+        report("resolution", 1, "ticket-2").await.unwrap().status(),
+        202
+    );
+
+    let typo = report("refund", 1, "ticket-3").await.unwrap();
+    assert_eq!(typo.status(), 400);
+    let typo: Value = typo.json().await.unwrap();
+    assert_eq!(
+        typo["error"]["message"],
+        "unknown outcome type `refund`: plan `support` bills resolution"
+    );
+    assert_eq!(typo["error"]["param"], "type");
+    let bad = report("resolution", 0, "ticket-4").await.unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // $3 of the $4 cap is spent: a third resolution ($1.50) does not fit.
+    let over = report("resolution", 1, "ticket-5").await.unwrap();
+    assert_eq!(over.status(), 429);
+    let over: Value = over.json().await.unwrap();
+    assert_eq!(over["error"]["code"], "insufficient_quota");
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(3));
+
+    let listed = gw.create_key(json!({"name": "tokens-only"})).await;
+    let not_outcomes = gw
         .http
         .post(format!("{}/v1/outcomes", gw.url))
-        .bearer_auth(&secret)
-        .json(&json!({"type": "resolution", "quantity": 0}))
+        .bearer_auth(listed["key"].as_str().unwrap())
+        .json(&json!({"type": "resolution"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(bad.status(), 400);
+    assert_eq!(not_outcomes.status(), 400);
+
     gw.stop().await;
     gw.restart().await;
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(
+        state["spend_usd"],
+        json!(3),
+        "outcome spend survives a restart"
+    );
     let invoice = get(&gw, &format!("/admin/invoices/{id}")).await;
     // $10 platform fee + 2 distinct resolutions × $1.50.
     assert_eq!(invoice["total_usd"], json!(13));

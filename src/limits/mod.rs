@@ -537,6 +537,28 @@ impl Limiter {
         settlement
     }
 
+    /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
+    /// whole or not at all.
+    pub fn charge(&self, key_id: &str, amount: Money) -> Result<Settlement, Refusal> {
+        let now_ms = self.clock.now_ms();
+        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
+        let Some(budget) = key.as_ref().and_then(|key| key.budget.as_ref()) else {
+            return Ok(Settlement::default());
+        };
+        let reserved =
+            budget
+                .reserve(amount, now_ms)
+                .map_err(|exceeded| Refusal::InsufficientQuota {
+                    remaining: exceeded.remaining,
+                    needed: exceeded.needed,
+                })?;
+        let settled = budget.settle(reserved, amount, now_ms);
+        Ok(Settlement {
+            overshoot: Money::ZERO,
+            alerts: self.crossings(budget, settled.used_pct, now_ms),
+        })
+    }
+
     /// Thresholds newly crossed this period; each is reported once per period.
     fn crossings(&self, budget: &Budget, used_pct: u64, now_ms: i64) -> Vec<AlertCrossing> {
         let reached = self

@@ -6,7 +6,7 @@
 mod body;
 mod metered;
 mod models;
-mod settle;
+pub(crate) mod settle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -635,7 +635,7 @@ fn whole_number(value: &Value) -> Option<u64> {
 }
 
 /// A throttle or budget refusal as the client sees it.
-fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
+pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
     match refusal {
         Refusal::RateLimited {
             limit_kind,

@@ -357,7 +357,12 @@ impl Closing {
 
 /// A budget threshold was crossed: log it, count it, and tell the webhook if configured.
 /// With shared state only the replica whose settlement crossed it first gets here.
-fn announce(app: &Arc<App>, config: &Config, key: &Arc<KeyRecord>, alert: AlertCrossing) {
+pub(crate) fn announce(
+    app: &Arc<App>,
+    config: &Config,
+    key: &Arc<KeyRecord>,
+    alert: AlertCrossing,
+) {
     let threshold = alert.threshold_pct.to_string();
     app.metrics
         .budget_alerts

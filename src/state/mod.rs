@@ -296,6 +296,54 @@ impl Admission {
         }
     }
 
+    /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
+    /// whole or not at all; alert thresholds it crosses are returned.
+    pub async fn charge(
+        &self,
+        key_id: &str,
+        limits: &KeyLimits,
+        amount: Money,
+    ) -> Result<Vec<AlertCrossing>, Refusal> {
+        let (redis, local_share, ledger) = match self {
+            Admission::Embedded(limiter) => {
+                return limiter.charge(key_id, amount).map(|settled| settled.alerts)
+            }
+            Admission::Shared {
+                redis,
+                local_share,
+                ledger,
+                ..
+            } => (redis, local_share, ledger),
+        };
+        for _ in 0..2 {
+            let error = match redis.charge(key_id, limits, amount).await {
+                Ok(Some(charged)) => return charged.map(|()| Vec::new()),
+                Ok(None) => {
+                    let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
+                    match spend_from_ledger(ledger, key_id, period).await {
+                        Ok(spent) => match redis.seed_spend(key_id, period, spent).await {
+                            Ok(()) => continue,
+                            Err(error) => error,
+                        },
+                        Err(error) => {
+                            tracing::error!(%error, "cannot read a budget's spend from the ledger");
+                            return Err(Refusal::Unavailable);
+                        }
+                    }
+                }
+                Err(error) => error,
+            };
+            if redis.on_unavailable == OnUnavailable::FailOpen {
+                return local_share
+                    .charge(key_id, amount)
+                    .map(|settled| settled.alerts);
+            }
+            tracing::debug!(%error, "charge refused: shared state unreachable");
+            return Err(Refusal::Unavailable);
+        }
+        Err(Refusal::Unavailable)
+    }
+
     /// A key's live budget figures without waiting: the embedded backend only.
     pub fn budget_now(&self, key_id: &str) -> Option<BudgetSnapshot> {
         match self {

@@ -71,6 +71,7 @@ struct Scripts {
     fall_back: Script,
     renew: Script,
     view: Script,
+    charge: Script,
     seed: Script,
 }
 
@@ -85,6 +86,7 @@ impl Scripts {
             fall_back: with_prelude(include_str!("scripts/fallback.lua")),
             renew: with_prelude(include_str!("scripts/renew.lua")),
             view: with_prelude(include_str!("scripts/view.lua")),
+            charge: with_prelude(include_str!("scripts/charge.lua")),
             advance: with_prelude(include_str!("scripts/advance.lua")),
             seed: Script::new(include_str!("scripts/seed.lua")),
         }
@@ -322,8 +324,10 @@ fn spend_key(key_id: &str, period_start_ms: i64) -> String {
     key_of(key_id, &format!("spend:{period_start_ms}"))
 }
 
+/// Named apart from the `totals:` hashes of earlier versions, which summed list prices: those
+/// are left to expire and the month is seeded again from the ledger.
 fn totals_key(key_id: &str, month_start_ms: i64) -> String {
-    key_of(key_id, &format!("totals:{month_start_ms}"))
+    key_of(key_id, &format!("month:{month_start_ms}"))
 }
 
 /// How long a period's figures are kept after it ends, for late settlements and reports.
@@ -972,6 +976,36 @@ impl RedisState {
         match lease.cap {
             Some(_) => (cost - lease.reserved).max(Money::ZERO),
             None => Money::ZERO,
+        }
+    }
+
+    /// Charges a known amount (a reported outcome) to a key's budget, whole or not at all.
+    /// `None` until the period's spend has been seeded.
+    pub async fn charge(
+        &self,
+        key_id: &str,
+        limits: &KeyLimits,
+        amount: Money,
+    ) -> Result<Option<Result<(), Refusal>>, StateError> {
+        let (cap, period) = cap_of(limits);
+        let period_start = period.start_ms(crate::unix_ms());
+        let mut invocation = self.scripts.charge.prepare_invoke();
+        invocation
+            .key(spend_key(key_id, period_start))
+            .key(key_of(key_id, "leases"))
+            .key(key_of(key_id, "lease_amounts"))
+            .key(key_of(key_id, "reserved"))
+            .arg(amount.nanos())
+            .arg(cap);
+        let answer = ints(self.run(invocation).await?)?;
+        match answer[..] {
+            [0, ..] => Ok(Some(Ok(()))),
+            [1, remaining, ..] => Ok(Some(Err(Refusal::InsufficientQuota {
+                remaining: Money(remaining),
+                needed: amount,
+            }))),
+            [2, ..] => Ok(None),
+            _ => Err(StateError::Answer(format!("charge: {answer:?}"))),
         }
     }
 

@@ -22,7 +22,7 @@ use crate::auth::store::{
     KeyStore, StoreError,
 };
 use crate::auth::KeyRecord;
-use crate::meter::record::{MeterEvent, UsageRecord};
+use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
 use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
@@ -465,6 +465,15 @@ impl LedgerReader for PgLedgerReader {
             sql::usage_record,
         )?;
         Ok(records.into_iter().next())
+    }
+
+    fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError> {
+        let outcomes = self.rows(
+            &sql::outcome_sql(Dialect::Postgres),
+            &[&idempotency_key],
+            sql::outcome_event,
+        )?;
+        Ok(outcomes.into_iter().next())
     }
 
     fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {

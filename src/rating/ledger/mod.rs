@@ -321,6 +321,9 @@ pub trait LedgerReader: Send + Sync {
     /// One usage record by request id, as written.
     fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError>;
 
+    /// The outcome recorded under an idempotency key, as first reported.
+    fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError>;
+
     /// Every usage record in time order (tests and exports).
     fn records(&self) -> Result<Vec<UsageRecord>, LedgerError>;
 }
@@ -474,6 +477,17 @@ impl LedgerReader for SqliteLedgerReader {
             .query_row(&sql::record_sql(Dialect::Sqlite), [request_id], |row| {
                 sql::usage_record(row)
             })
+            .optional()?)
+    }
+
+    fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError> {
+        let connection = self.connect()?;
+        Ok(connection
+            .query_row(
+                &sql::outcome_sql(Dialect::Sqlite),
+                [idempotency_key],
+                |row| sql::outcome_event(row),
+            )
             .optional()?)
     }
 

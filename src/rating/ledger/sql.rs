@@ -233,13 +233,15 @@ pub(crate) fn usage_row<R: RowSource>(row: &R, group: GroupBy) -> Result<UsageRo
     })
 }
 
-/// Each key's charges since a time; parameter: from. Outcomes are billed after the fact and
-/// are not held against caps, so they are not in it.
+/// Each key's charges since a time, requests' and outcomes' (a key may appear twice; see
+/// [`spend_by_key`]); parameter: from.
 pub(crate) fn spend_sql(dialect: Dialect) -> String {
+    let sum = dialect.sum("charge_nanos");
+    let from = dialect.param(1);
     format!(
-        "SELECT key_id, {} FROM usage WHERE at_ms >= {} AND key_id IS NOT NULL GROUP BY key_id",
-        dialect.sum("charge_nanos"),
-        dialect.param(1)
+        "SELECT key_id, {sum} FROM usage WHERE at_ms >= {from} AND key_id IS NOT NULL GROUP BY key_id
+         UNION ALL
+         SELECT key_id, {sum} FROM outcomes WHERE at_ms >= {from} GROUP BY key_id"
     )
 }
 
@@ -363,6 +365,15 @@ pub(crate) fn spend_by_key(
 }
 
 /// One usage record by request id; parameter: the id.
+/// One outcome by its idempotency key (already prefixed with its key id).
+pub(crate) fn outcome_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT {} FROM outcomes WHERE idempotency_key = {}",
+        crate::store::row::names(&OUTCOME_COLUMNS),
+        dialect.param(1)
+    )
+}
+
 pub(crate) fn record_sql(dialect: Dialect) -> String {
     format!(
         "SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = {}",

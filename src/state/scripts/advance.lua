@@ -1,6 +1,6 @@
 -- Advances keys' month totals by a batch of requests, in order, and returns each request's
 -- totals after it, or {-1} when its key's month must first be seeded from the ledger.
--- Per request, KEYS: 1 totals; ARGV: 1 tokens, 2 list cost, 3 micro-credits
+-- Per request, KEYS: 1 totals; ARGV: 1 tokens, 2 plan cost, 3 micro-credits
 local answers = {}
 for i = 1, #KEYS do
   local month = month_totals(KEYS[i])

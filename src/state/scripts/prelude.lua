@@ -29,7 +29,7 @@ local function write(key, value, expiry)
   expiry_of[key] = expiry
 end
 
--- A key's month rating totals {tokens, list cost, micro-credits}, read once per script and
+-- A key's month rating totals {tokens, plan cost, micro-credits}, read once per script and
 -- stored by `commit`; false while the month is not seeded (the first request that needs the
 -- totals seeds them from the ledger).
 local months, months_read = {}, {}
@@ -37,7 +37,7 @@ local months, months_read = {}, {}
 local function month_totals(key)
   local month = months[key]
   if month == nil then
-    local stored = redis.call('HMGET', key, 'tokens', 'list_cost', 'micro_credits')
+    local stored = redis.call('HMGET', key, 'tokens', 'plan_cost', 'micro_credits')
     month = stored[1] and {tonumber(stored[1]), tonumber(stored[2]), tonumber(stored[3])} or false
     months[key] = month
     if month then table.insert(months_read, key) end
@@ -48,7 +48,7 @@ end
 local function commit()
   for _, key in ipairs(months_read) do
     local month = months[key]
-    redis.call('HSET', key, 'tokens', month[1], 'list_cost', month[2], 'micro_credits', month[3])
+    redis.call('HSET', key, 'tokens', month[1], 'plan_cost', month[2], 'micro_credits', month[3])
   end
   for _, key in ipairs(written) do
     local value, expiry = cache[key], expiry_of[key]

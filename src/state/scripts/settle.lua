@@ -10,7 +10,7 @@
 --   1 request id, 2 key tpm limit, 3 key tokens held, 4 model tpm limit, 5 model tokens held,
 --   6 tokens used, 7 admitted at (us), 8 cost, 9 cap (-1: uncapped), 10 alert ttl ms,
 --   11 the allowance it was admitted from ('' for its own lease), whose budget pays its cost,
---   12..14 what the request adds to the month's totals (tokens, list cost, micro-credits), or
+--   12..14 what the request adds to the month's totals (tokens, plan cost, micro-credits), or
 --   -1 when it was rated against them (which advanced them already); totals not seeded yet
 --   are left for the first request that needs them
 -- Returns per request {settled (1) or already settled (0), spend, newly crossed threshold mask}.
