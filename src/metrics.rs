@@ -34,6 +34,9 @@ pub struct Metrics {
     pub state_admissions: IntCounterVec,
     pub usage_batch_duration: Histogram,
     pub usage_batch_retries: IntCounter,
+    /// Whole answers whose output could not be counted (the counting task failed): billed on
+    /// the provider's usage when it reported one, else with no output tokens.
+    pub output_count_failures: IntCounter,
     pub config_reloads: IntCounterVec,
     pub budget_overshoot_usd: prometheus::Counter,
     pub route_decisions: IntCounterVec,
@@ -125,6 +128,12 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("usage_batch_retries_total"));
         register(&registry, Box::new(usage_batch_retries.clone()));
+        let output_count_failures = IntCounter::new(
+            "output_count_failures_total",
+            "Answers whose output tokens could not be counted (billed on provider usage alone)",
+        )
+        .unwrap_or_else(|_| unreachable_metric("output_count_failures_total"));
+        register(&registry, Box::new(output_count_failures.clone()));
         let budget_overshoot_usd = prometheus::Counter::new(
             "budget_overshoot_usd_total",
             "Cost charged beyond what requests had reserved (upstream used more than the worst case)",
@@ -247,6 +256,7 @@ impl Metrics {
             ),
             usage_batch_duration,
             usage_batch_retries,
+            output_count_failures,
             config_reloads: counter(
                 &registry,
                 "config_reloads_total",
@@ -280,6 +290,8 @@ impl Metrics {
             Box::new(self.state_backend_up.clone()),
             Box::new(self.usage_batch_duration.clone()),
             Box::new(self.usage_batch_retries.clone()),
+            Box::new(self.output_count_failures.clone()),
+            Box::new(self.state_admissions.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.budget_overshoot_usd.clone()),
             Box::new(self.budget_alerts.clone()),

@@ -551,6 +551,7 @@ impl Exchange {
         let inline_max = self.config.server.inline_count_max_bytes;
         let (reported, output, finish_reason) = meter_body(
             &self.app.tokenizer,
+            &self.app.metrics,
             &model,
             self.endpoint,
             body.clone(),
@@ -673,6 +674,7 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError 
 /// over `inline_max` bytes runs on the blocking pool, a smaller one costs less than the hop.
 async fn meter_body(
     tokenizer: &Tokenizer,
+    metrics: &crate::metrics::Metrics,
     model: &Model,
     endpoint: Endpoint,
     body: Bytes,
@@ -681,7 +683,7 @@ async fn meter_body(
     let tokenizer = *tokenizer;
     let encoding = model.encoding;
     let inline = endpoint == Endpoint::Embeddings || body.len() <= inline_max;
-    let work = move || {
+    let work = move |body: Bytes| {
         let Some(answer) = Answer::parse(&body) else {
             return (None, 0, None);
         };
@@ -695,11 +697,20 @@ async fn meter_body(
         (reported, tokens, output.finish_reason().map(str::to_owned))
     };
     if inline {
-        return work();
+        return work(body);
     }
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or((None, 0, None))
+    let kept = body.clone();
+    match tokio::task::spawn_blocking(move || work(body)).await {
+        Ok(metered) => metered,
+        Err(error) => {
+            // The provider's own figures are still billed, when it gave them.
+            tracing::error!(%error, "output tokens not counted");
+            metrics.output_count_failures.inc();
+            let answer = Answer::parse(&kept);
+            let reported = answer.as_ref().and_then(Answer::usage);
+            (reported, 0, None)
+        }
+    }
 }
 
 #[cfg(test)]
