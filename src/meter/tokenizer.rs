@@ -219,10 +219,11 @@ impl Tokenizer {
     }
 
     /// A structured-output schema is put into the prompt in a form OpenAI does not publish,
-    /// so its compact JSON text stands in for it: a schema of thousands of tokens must not
-    /// count as none when a request's tokens are reserved.
+    /// so the compact JSON text of the whole `json_schema` member (name, description, strict
+    /// and schema, in the client's order) stands in for it: a schema of thousands of tokens
+    /// must not count as none when a request's tokens are reserved.
     fn count_response_schema(&self, encoding: Encoding, body: &Value) -> u64 {
-        match &body["response_format"]["json_schema"]["schema"] {
+        match &body["response_format"]["json_schema"] {
             Value::Null => 0,
             schema => self.count_prompt_text(encoding, &schema.to_string()),
         }
@@ -296,6 +297,9 @@ impl Tokenizer {
         const ENUM_ITEM: i64 = 3;
         const FUNC_END: i64 = 12;
         let count = |text: &str| self.count_prompt_text(encoding, text) as i64;
+        let count_rest = |schema: &Value, read: &[&str]| -> i64 {
+            unread_members_json(schema, read).map_or(0, |text| count(&text))
+        };
         let mut total: i64 = 0;
         for function in functions {
             total += encoding.function_init() as i64;
@@ -303,14 +307,13 @@ impl Tokenizer {
             let description = function["description"].as_str().unwrap_or("");
             let description = description.strip_suffix('.').unwrap_or(description);
             total += count(&format!("{name}:{description}"));
-            let Some(properties) = function["parameters"]["properties"].as_object() else {
-                continue;
-            };
-            if properties.is_empty() {
-                continue;
+            let properties = function["parameters"]["properties"]
+                .as_object()
+                .filter(|properties| !properties.is_empty());
+            if properties.is_some() {
+                total += PROP_INIT;
             }
-            total += PROP_INIT;
-            for (key, property) in properties {
+            for (key, property) in properties.into_iter().flatten() {
                 total += PROP_KEY;
                 if let Some(items) = property["enum"].as_array() {
                     total += ENUM_INIT;
@@ -330,14 +333,14 @@ impl Tokenizer {
                 let description = property["description"].as_str().unwrap_or("");
                 let description = description.strip_suffix('.').unwrap_or(description);
                 total += count(&format!("{key}:{kind}:{description}"));
-                // The cookbook's estimate stops at the top level; what an object or array
-                // property nests is counted as its JSON text.
-                for nested in ["properties", "items"] {
-                    if let Some(schema) = property.get(nested) {
-                        total += count(&schema.to_string());
-                    }
-                }
+                // The cookbook's estimate reads a property's type, description and enum;
+                // whatever else it holds (nested properties, items, anyOf, bounds…) counts as
+                // its JSON text.
+                total += count_rest(property, &["type", "description", "enum"]);
             }
+            // Likewise the schema's own members beyond its properties: `$defs`, `required`,
+            // `additionalProperties`, `anyOf`…
+            total += count_rest(&function["parameters"], &["type", "properties"]);
         }
         total += FUNC_END;
         total.max(0) as u64
@@ -431,6 +434,26 @@ impl OutputCounter {
     }
 }
 
+/// The compact JSON text of an object's members other than `read`, in the client's order;
+/// `None` when there are none.
+fn unread_members_json(schema: &Value, read: &[&str]) -> Option<String> {
+    let mut text = Vec::new();
+    for (name, value) in schema.as_object()? {
+        if read.contains(&name.as_str()) {
+            continue;
+        }
+        text.push(if text.is_empty() { b'{' } else { b',' });
+        serde_json::to_writer(&mut text, name).ok()?;
+        text.push(b':');
+        serde_json::to_writer(&mut text, value).ok()?;
+    }
+    if text.is_empty() {
+        return None;
+    }
+    text.push(b'}');
+    String::from_utf8(text).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,16 +511,20 @@ mod tests {
         let o200k = Encoding::O200kBase;
         let messages = json!([{"role": "user", "content": "Hi"}]);
         let plain = t.count_chat_prompt(o200k, &json!({"messages": messages}));
-        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
-        let structured = json!({"messages": messages, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "place", "schema": schema}}});
+        let structured: Value = serde_json::from_str(
+            r#"{"messages": [{"role": "user", "content": "Hi"}], "response_format": {
+                "type": "json_schema", "json_schema": {"name": "place", "strict": true,
+                "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}}}"#,
+        )
+        .unwrap();
         assert_eq!(
             t.count_chat_prompt(o200k, &structured),
             plain
                 + t.count_text(
                     o200k,
-                    r#"{"properties":{"city":{"type":"string"}},"type":"object"}"#
-                )
+                    r#"{"name":"place","strict":true,"schema":{"type":"object","properties":{"city":{"type":"string"}}}}"#
+                ),
+            "every member of json_schema, in the client's order"
         );
 
         let tool = |address: Value| {
@@ -513,8 +540,36 @@ mod tests {
             nested,
             flat - t.count_text(o200k, "to:string:")
                 + t.count_text(o200k, "to:object:")
-                + t.count_text(o200k, r#"{"zip":{"type":"string"}}"#)
+                + t.count_text(o200k, r#"{"properties":{"zip":{"type":"string"}}}"#)
         );
+    }
+
+    /// A pydantic model as a tool: `$defs`, `anyOf`, `required`, bounds and
+    /// `additionalProperties` are all in the prompt the model reads, so all are counted.
+    #[test]
+    fn every_member_of_a_tool_schema_counts() {
+        let t = tokenizer();
+        let o200k = Encoding::O200kBase;
+        let parameters = r##"{"type": "object", "$defs": {"Address": {"type": "object",
+            "properties": {"street": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["street", "zip"]}},
+            "properties": {"to": {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}]},
+                "weight": {"type": "number", "minimum": 0, "description": "Kilograms."}},
+            "required": ["to", "weight"], "additionalProperties": false}"##;
+        let body: Value = serde_json::from_str(&format!(
+            r#"{{"messages": [], "tools": [{{"type": "function", "function": {{"name": "ship", "parameters": {parameters}}}}}]}}"#
+        ))
+        .unwrap();
+        let text = |s: &str| t.count_text(o200k, s);
+        let expected = 7 // function_init
+            + text("ship:")
+            + 3 // properties
+            + 3 + text("to::") + text(r##"{"anyOf":[{"$ref":"#/$defs/Address"},{"type":"null"}]}"##)
+            + 3 + text("weight:number:Kilograms") + text(r#"{"minimum":0}"#)
+            + text(r#"{"$defs":{"Address":{"type":"object","properties":{"street":{"type":"string"},"zip":{"type":"string","pattern":"^[0-9]{5}$"}},"required":["street","zip"]}},"required":["to","weight"],"additionalProperties":false}"#)
+            + 12 // function end
+            + 3; // reply priming
+        assert_eq!(t.count_chat_prompt(o200k, &body), expected);
     }
 
     #[test]
