@@ -442,14 +442,31 @@ async fn a_cut_stream_is_still_metered_for_what_was_sent() {
         response.text().await.is_err(),
         "the client sees the stream break"
     );
-    gw.stop().await;
-    let record = &gw.usage_records(1).await[0];
+    let record = gw.usage_records(1).await[0].clone();
     assert_eq!(record.outcome, Outcome::GatewayError);
+    assert_eq!(record.status, 502);
     assert!(
         record.counted.output >= 1 && record.counted.output < 50,
         "{record:?}"
     );
     assert!(record.reported.is_none());
+    // The provider billed the prompt and what it sent, so the gateway bills them too, and the
+    // usage report says so. gpt-4o-mini: $0.15 in, $0.60 out per 1M tokens.
+    assert!(record.answered);
+    assert_eq!(
+        record.charge.nanos(),
+        record.counted.input as i64 * 150 + record.counted.output as i64 * 600
+    );
+    let usage: serde_json::Value = gw
+        .admin(reqwest::Method::GET, "/admin/usage?group_by=model")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["data"][0]["errors_billed"], 1, "{usage}");
+    gw.stop().await;
 }
 
 #[tokio::test]

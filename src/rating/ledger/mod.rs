@@ -352,6 +352,9 @@ pub struct UsageRow {
     pub output_tokens: u64,
     pub cost_usd: Money,
     pub list_cost_usd: Money,
+    /// Requests that ended in an error after the provider had billed them (a stream it cut
+    /// mid-answer): they are charged their prompt and the output delivered.
+    pub errors_billed: u64,
 }
 
 /// One key's usage in one period, by model, for invoices.

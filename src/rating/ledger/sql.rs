@@ -203,7 +203,7 @@ pub(crate) fn usage_sql(dialect: Dialect, group: GroupBy) -> String {
     };
     let sum = |expression| dialect.sum(expression);
     format!(
-        "SELECT {column}, MAX(key_name), COUNT(*), {}, {}, {}, {}, {}
+        "SELECT {column}, MAX(key_name), COUNT(*), {}, {}, {}, {}, {}, {}
          FROM usage WHERE at_ms >= {} AND at_ms < {} AND ({key} IS NULL OR key_id = {key})
          GROUP BY 1 ORDER BY 1",
         sum("input_tokens"),
@@ -211,6 +211,7 @@ pub(crate) fn usage_sql(dialect: Dialect, group: GroupBy) -> String {
         sum("output_tokens"),
         sum("charge_nanos"),
         sum("list_cost_nanos"),
+        sum("CASE WHEN status >= 400 AND answered THEN 1 ELSE 0 END"),
         dialect.param(1),
         dialect.param(2),
         key = dialect.nullable_text(3),
@@ -230,6 +231,7 @@ pub(crate) fn usage_row<R: RowSource>(row: &R, group: GroupBy) -> Result<UsageRo
         output_tokens: row.required_int(5)? as u64,
         cost_usd: Money(row.required_int(6)?),
         list_cost_usd: Money(row.required_int(7)?),
+        errors_billed: row.required_int(8)? as u64,
     })
 }
 
