@@ -161,7 +161,7 @@ async fn usage_reports_invoices_and_spend_agree() {
     gw.restart().await;
 
     // 3 requests × (21 input + 16 output) = 111 tokens; 2 seats include 40; 71 over at
-    // $0.02 per 1k = 20 nano-dollars each = $0.00142. Seats: 2 × $80.
+    // $0.02 per 1k = 20,000 nano-dollars each = $0.00142. Seats: 2 × $80.
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
     assert_eq!(invoice["plan"], "team");
@@ -688,4 +688,459 @@ async fn strict_mode_withholds_an_answer_it_could_not_record() {
     assert_eq!(unready.status(), 503);
     let body: Value = unready.json().await.unwrap();
     assert_eq!(body["checks"]["usage_recording"], "failing");
+}
+
+/// The rules of the README's Rating section, written out plainly and apart from the gateway's
+/// rating module, to check every charge it writes against.
+mod documented {
+    /// `value × numerator / denominator`, rounded half up; all non-negative here.
+    pub fn round(value: i128, numerator: i128, denominator: i128) -> i64 {
+        ((2 * value * numerator + denominator) / (2 * denominator)) as i64
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Prices {
+        pub input: i64,
+        pub cached: i64,
+        pub output: i64,
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Tokens {
+        pub input: u64,
+        pub cached: u64,
+        pub output: u64,
+    }
+
+    impl Prices {
+        pub fn cost(&self, t: Tokens) -> i64 {
+            (t.input - t.cached) as i64 * self.input
+                + t.cached as i64 * self.cached
+                + t.output as i64 * self.output
+        }
+    }
+
+    pub enum Plan {
+        /// Tiers as (tokens up to, rate in basis points); the last has no bound.
+        Graduated {
+            markup_bp: i64,
+            tiers: Vec<(Option<u64>, i64)>,
+        },
+        Volume {
+            markup_bp: i64,
+            tiers: Vec<(Option<u64>, i64)>,
+        },
+        Seats {
+            included: u64,
+            nanos_per_token: i64,
+        },
+        Credits {
+            pack_nanos: i64,
+            pack_micro: u64,
+            overage_nanos_per_credit: Option<i64>,
+        },
+        Outcomes,
+    }
+
+    /// A key's month so far.
+    #[derive(Default)]
+    pub struct Month {
+        pub tokens: u64,
+        pub plan_cost: i64,
+        pub micro: u64,
+    }
+
+    fn volume_charge(markup_bp: i64, tiers: &[(Option<u64>, i64)], month: &Month) -> i64 {
+        let rate = tiers
+            .iter()
+            .find(|(up_to, _)| up_to.is_none_or(|limit| month.tokens <= limit))
+            .map_or(10_000, |(_, rate)| *rate);
+        round(
+            month.plan_cost as i128 * rate as i128,
+            (10_000 + markup_bp) as i128,
+            100_000_000,
+        )
+    }
+
+    fn credits_charge(pack_nanos: i64, pack_micro: u64, overage: Option<i64>, micro: u64) -> i64 {
+        let within = micro.min(pack_micro);
+        let beyond = micro - within;
+        round(within as i128, pack_nanos as i128, pack_micro as i128)
+            + overage.map_or(0, |price| round(beyond as i128, price as i128, 1_000_000))
+    }
+
+    impl Plan {
+        /// One request's charge, moving the month on. `micro_per_token` is its tier's burn.
+        pub fn charge(
+            &self,
+            month: &mut Month,
+            prices: Prices,
+            t: Tokens,
+            micro_per_token: u64,
+        ) -> i64 {
+            let tokens = t.input + t.output;
+            let cost = prices.cost(t);
+            let before = Month { ..*month };
+            month.tokens += tokens;
+            month.plan_cost += cost;
+            month.micro += tokens * micro_per_token;
+            match self {
+                Plan::Graduated { markup_bp, tiers } => {
+                    // Cached input takes the next places, then the rest of the input, then
+                    // the output; each token at its price and its place's tier rate.
+                    let mut place = before.tokens;
+                    let mut exact: i128 = 0;
+                    for (count, price) in [
+                        (t.cached, prices.cached),
+                        (t.input - t.cached, prices.input),
+                        (t.output, prices.output),
+                    ] {
+                        for _ in 0..count {
+                            let rate = tiers
+                                .iter()
+                                .find(|(up_to, _)| up_to.is_none_or(|limit| place < limit))
+                                .map_or(10_000, |(_, rate)| *rate);
+                            exact += price as i128 * rate as i128;
+                            place += 1;
+                        }
+                    }
+                    round(exact, (10_000 + markup_bp) as i128, 100_000_000)
+                }
+                Plan::Volume { markup_bp, tiers } => {
+                    volume_charge(*markup_bp, tiers, month)
+                        - volume_charge(*markup_bp, tiers, &before)
+                }
+                Plan::Seats {
+                    included,
+                    nanos_per_token,
+                } => {
+                    let over = |tokens: u64| tokens.saturating_sub(*included) as i64;
+                    (over(month.tokens) - over(before.tokens)) * nanos_per_token
+                }
+                Plan::Credits {
+                    pack_nanos,
+                    pack_micro,
+                    overage_nanos_per_credit,
+                } => {
+                    credits_charge(
+                        *pack_nanos,
+                        *pack_micro,
+                        *overage_nanos_per_credit,
+                        month.micro,
+                    ) - credits_charge(
+                        *pack_nanos,
+                        *pack_micro,
+                        *overage_nanos_per_credit,
+                        before.micro,
+                    )
+                }
+                Plan::Outcomes => 0,
+            }
+        }
+    }
+}
+
+const AUDIT_PLANS: &str = r#"
+[plans.graduated]
+kind = "per_token"
+markup_pct = 12.5
+tiers = [{ up_to_tokens = 3000, rate_pct = 100 }, { up_to_tokens = 9000, rate_pct = 80 }, { rate_pct = 55.5 }]
+prices."gpt-4o" = { input_per_mtok = 2.123, cached_input_per_mtok = 1.001, output_per_mtok = 9.999 }
+
+[plans.volume]
+kind = "per_token"
+tier_mode = "volume"
+markup_pct = 7.25
+tiers = [{ up_to_tokens = 4000, rate_pct = 100 }, { up_to_tokens = 12000, rate_pct = 70 }, { rate_pct = 50 }]
+prices."gpt-4o-mini" = { input_per_mtok = 0.333, output_per_mtok = 1.111 }
+
+[plans.seats]
+kind = "per_seat"
+seat_fee_usd = 80
+included_tokens_per_seat = 5000
+overage_per_1k_tokens_usd = 0.02
+
+[plans.flex]
+kind = "credits"
+pack_price_usd = 0.05
+pack_credits = 7
+credits_per_1k_tokens = { cheap = 1, frontier = 10.5 }
+at_zero = "overage"
+overage_per_credit_usd = 0.0123
+
+[plans.pack]
+kind = "credits"
+pack_price_usd = 50
+pack_credits = 700
+credits_per_1k_tokens = { cheap = 1, frontier = 10.5 }
+
+[plans.support]
+kind = "per_outcome"
+platform_fee_usd = 10
+outcomes = { resolution = 1.50, escalation = 0.35 }
+"#;
+
+fn usd_nanos(value: &Value) -> i64 {
+    (value.as_f64().unwrap() * 1e9).round() as i64
+}
+
+/// Property: random request sequences (sizes, cached input, models, streaming, keys on every
+/// plan kind, outcomes, restarts at random points) are charged by the gateway exactly what the
+/// documented rules give, and each key's spend, ledger sum and invoice agree.
+#[tokio::test]
+async fn random_months_are_billed_as_documented() {
+    use documented::{Month, Plan, Prices, Tokens};
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+
+    let list = |model: &str| match model {
+        "gpt-4o" => Prices {
+            input: 2_500,
+            cached: 1_250,
+            output: 10_000,
+        },
+        _ => Prices {
+            input: 150,
+            cached: 75,
+            output: 600,
+        },
+    };
+    let plans: Vec<(&str, Plan, u32)> = vec![
+        (
+            "list",
+            Plan::Graduated {
+                markup_bp: 0,
+                tiers: vec![],
+            },
+            1,
+        ),
+        (
+            "graduated",
+            Plan::Graduated {
+                markup_bp: 1_250,
+                tiers: vec![(Some(3_000), 10_000), (Some(9_000), 8_000), (None, 5_550)],
+            },
+            1,
+        ),
+        (
+            "volume",
+            Plan::Volume {
+                markup_bp: 725,
+                tiers: vec![(Some(4_000), 10_000), (Some(12_000), 7_000), (None, 5_000)],
+            },
+            1,
+        ),
+        (
+            "seats",
+            Plan::Seats {
+                included: 5_000,
+                nanos_per_token: 20_000,
+            },
+            3,
+        ),
+        (
+            "flex",
+            Plan::Credits {
+                pack_nanos: 50_000_000,
+                pack_micro: 7_000_000,
+                overage_nanos_per_credit: Some(12_300_000),
+            },
+            1,
+        ),
+        (
+            "pack",
+            Plan::Credits {
+                pack_nanos: 50_000_000_000,
+                pack_micro: 700_000_000,
+                overage_nanos_per_credit: None,
+            },
+            1,
+        ),
+        ("support", Plan::Outcomes, 1),
+    ];
+    let prices_under = |plan: &str, model: &str| match (plan, model) {
+        ("graduated", "gpt-4o") => Prices {
+            input: 2_123,
+            cached: 1_001,
+            output: 9_999,
+        },
+        ("volume", "gpt-4o-mini") => Prices {
+            input: 333,
+            cached: 333,
+            output: 1_111,
+        },
+        _ => list(model),
+    };
+
+    for seed in [7_u64, 2026] {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut gw = Harness::start_with(MockOptions::default(), AUDIT_PLANS).await;
+        let mut keys = Vec::new();
+        for (name, _, seats) in &plans {
+            let mut body = json!({"name": format!("audit-{name}"), "seats": seats});
+            if *name != "list" {
+                body["plan"] = json!(name);
+            }
+            let key = gw.create_key(body).await;
+            keys.push((
+                key["key"].as_str().unwrap().to_owned(),
+                key["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let mut months: Vec<Month> = plans.iter().map(|_| Month::default()).collect();
+        let mut expected: HashMap<String, i64> = HashMap::new();
+        let mut outcome_charges = vec![0i64; plans.len()];
+        let mut recorded = 0;
+        let surely_restarted_at = rng.random_range(20..50);
+        for step in 0..70 {
+            if step == surely_restarted_at || (step > 0 && rng.random_range(0..25) == 0) {
+                gw.stop().await;
+                gw.restart().await;
+            }
+            let k = rng.random_range(0..plans.len());
+            let (secret, _) = &keys[k];
+            if plans[k].0 == "support" && rng.random_bool(0.4) {
+                let (kind, price) = match rng.random_bool(0.5) {
+                    true => ("resolution", 1_500_000_000),
+                    false => ("escalation", 350_000_000),
+                };
+                let quantity = rng.random_range(1..4u64);
+                let idempotency = format!("t-{}", rng.random_range(0..6));
+                let response = gw
+                    .http
+                    .post(format!("{}/v1/outcomes", gw.url))
+                    .bearer_auth(secret)
+                    .json(&json!({"type": kind, "quantity": quantity, "idempotency_key": idempotency}))
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status().as_u16() {
+                    202 => outcome_charges[k] += price * quantity as i64,
+                    200 => {}
+                    other => panic!("outcome answered {other}"),
+                }
+                continue;
+            }
+            let model = if rng.random_bool(0.5) {
+                "gpt-4o"
+            } else {
+                "gpt-4o-mini"
+            };
+            let input = rng.random_range(1..2_500u64);
+            let tokens = Tokens {
+                input,
+                cached: if rng.random_bool(0.3) {
+                    rng.random_range(0..=input)
+                } else {
+                    0
+                },
+                output: rng.random_range(0..1_500u64),
+            };
+            let stream = rng.random_bool(0.5);
+            let mut body = json!({
+                "model": model,
+                "max_tokens": tokens.output.max(1),
+                "stream": stream,
+                "messages": [{"role": "user", "content": "Count for the audit."}],
+                "mock": {"prompt_tokens": tokens.input, "cached_tokens": tokens.cached,
+                         "reply_tokens": tokens.output},
+            });
+            if stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let response = gw
+                .http
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .bearer_auth(secret)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let request_id = response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            response.bytes().await.unwrap();
+            let micro_per_token = match model {
+                "gpt-4o" => 10_500,
+                _ => 1_000,
+            };
+            let (plan_name, plan, seats) = &plans[k];
+            let plan_prices = prices_under(plan_name, model);
+            let plan = match plan {
+                Plan::Seats {
+                    nanos_per_token, ..
+                } => &Plan::Seats {
+                    included: 5_000 * u64::from(*seats),
+                    nanos_per_token: *nanos_per_token,
+                },
+                other => other,
+            };
+            let charge = plan.charge(&mut months[k], plan_prices, tokens, micro_per_token);
+            expected.insert(request_id, charge);
+            recorded += 1;
+            assert_eq!(
+                gw.usage_records(recorded).await.len(),
+                recorded,
+                "the commit came"
+            );
+        }
+
+        let records = gw.usage_records(recorded).await;
+        for record in &records {
+            assert_eq!(
+                Some(&record.charge.nanos()),
+                expected.get(&record.request_id),
+                "seed {seed}: {} on plan {:?}: {:?}",
+                record.request_id,
+                record.plan,
+                record.billed()
+            );
+        }
+        let month = chrono::Utc::now().format("%Y-%m").to_string();
+        for (k, (name, _, seats)) in plans.iter().enumerate() {
+            let id = &keys[k].1;
+            let ledger: i64 = records
+                .iter()
+                .filter(|r| r.key_id.as_deref() == Some(id.as_str()))
+                .map(|r| r.charge.nanos())
+                .sum();
+            let charged = ledger + outcome_charges[k];
+            let state = get(&gw, &format!("/admin/keys/{id}")).await;
+            assert_eq!(
+                usd_nanos(&state["spend_usd"]),
+                charged,
+                "seed {seed}: spend of {name}"
+            );
+            let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
+            let fixed = match *name {
+                "seats" => 80_000_000_000 * i64::from(*seats),
+                "flex" => 50_000_000,
+                "pack" => 50_000_000_000,
+                "support" => 10_000_000_000,
+                _ => 0,
+            };
+            // A credit pack is billed whole: the ledger's charges hold the pack's value of the
+            // credits used, and the invoice adds the unused rest.
+            let pack_used = match &plans[k].1 {
+                Plan::Credits {
+                    pack_nanos,
+                    pack_micro,
+                    ..
+                } => documented::round(
+                    months[k].micro.min(*pack_micro) as i128,
+                    *pack_nanos as i128,
+                    *pack_micro as i128,
+                ),
+                _ => 0,
+            };
+            assert_eq!(
+                usd_nanos(&invoice["total_usd"]),
+                fixed - pack_used + charged,
+                "seed {seed}: invoice of {name}: {invoice}"
+            );
+        }
+        gw.stop().await;
+    }
 }

@@ -838,6 +838,35 @@ mod tests {
     }
 
     #[test]
+    fn graduated_tiers_place_cached_input_then_input_then_output() {
+        // 100 nano-dollars per input token, 50 cached, 400 output; 1,000 tokens at 100%, then
+        // 50%, under a 12.5% markup. 900 input (300 cached) and 300 output from the month's
+        // start: 300 × 50 + 600 × 100 + 100 × 400 at 100%, 200 × 400 at 50% = 155,000, marked
+        // up to 174,375.
+        let prices = ModelPrices {
+            input: TokenPrice::from_nanos_per_token(100),
+            cached_input: TokenPrice::from_nanos_per_token(50),
+            output: TokenPrice::from_nanos_per_token(400),
+        };
+        let plans = plans(
+            "[g]\nkind = \"per_token\"\nmarkup_pct = 12.5\ntiers = [{ up_to_tokens = 1000, rate_pct = 100 }, { rate_pct = 50 }]\n",
+            &[("m", prices, "cheap")],
+        );
+        let usage = TokenUsage {
+            input: 900,
+            cached_input: 300,
+            output: 300,
+        };
+        let mut cursor = Cursor::default();
+        let rated = plans["g"].rate(&mut cursor, model("m", &prices, "cheap"), usage, 1);
+        assert_eq!(rated.charge, Money(174_375));
+        assert_eq!(rated.plan_cost, Money(195_000));
+        // The next request starts at place 1,200: all of it at 50%, 1 output token = 225.
+        let rated = plans["g"].rate(&mut cursor, model("m", &prices, "cheap"), tokens(0, 1), 1);
+        assert_eq!(rated.charge, Money(225));
+    }
+
+    #[test]
     fn per_seat_allowance_crossed_inside_one_request() {
         // $80 per seat including 500k tokens, then $0.02 per 1k (20 nano-dollars per token).
         let plans = plans(
