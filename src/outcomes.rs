@@ -18,6 +18,7 @@ use crate::auth::KeyRecord;
 use crate::error::GatewayError;
 use crate::meter::record::{MeterEvent, OutcomeEvent};
 use crate::rating::plan::Plan;
+use crate::state::{Charge, Once};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,12 +48,26 @@ pub async fn report(State(app): State<Arc<App>>, headers: HeaderMap, body: Strin
     }
     // An outcome is spend like any request's charge: the key's cap covers it.
     let limits = app.key_limits(&key);
-    match app.admission.charge(&key.id, &limits, event.charge).await {
-        Ok(alerts) => {
+    let record = serde_json::to_string(&event).unwrap_or_default();
+    let once = Once {
+        id: &event.idempotency_key,
+        record: &record,
+    };
+    match app
+        .admission
+        .charge(&key.id, &limits, event.charge, once)
+        .await
+    {
+        Ok(Charge::Done(alerts)) => {
             let config = app.config();
             for alert in alerts {
                 crate::proxy::settle::announce(&app, &config, &key, alert);
             }
+        }
+        Ok(Charge::Repeat(first)) => {
+            app.outcomes.forget(&event.idempotency_key);
+            let first = serde_json::from_str(&first).unwrap_or(event);
+            return answer(StatusCode::OK, &first, "duplicate");
         }
         Err(refusal) => {
             app.outcomes.forget(&event.idempotency_key);

@@ -703,3 +703,44 @@ async fn allowances_never_spend_past_the_cap() {
         "invoice {billed}, spend {spend}"
     );
 }
+
+/// Outcomes reported through different replicas: each idempotency key is charged once across
+/// them (a repeat on another replica is answered with the first report), and the charges are
+/// held against one cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outcomes_through_several_replicas_are_charged_once_against_one_cap() {
+    let plan = "[plans.support]\nkind = \"per_outcome\"\noutcomes = { resolution = 1.50 }\n";
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("outcomes");
+    let fleet = Fleet::start(&redis, &postgres, plan).await;
+    let (id, secret) = fleet
+        .create_key(
+            0,
+            json!({"name": "desk", "plan": "support", "budget_usd": 4}),
+        )
+        .await;
+    fleet.known_everywhere(&secret).await;
+    let report = |i: usize, quantity: u64, idempotency: &str| {
+        fleet
+            .http
+            .post(format!("{}/v1/outcomes", fleet.url(i)))
+            .bearer_auth(&secret)
+            .json(&json!({"type": "resolution", "quantity": quantity, "idempotency_key": idempotency}))
+            .send()
+    };
+    assert_eq!(report(0, 1, "t-1").await.unwrap().status(), 202);
+    let repeat = report(1, 2, "t-1").await.unwrap();
+    assert_eq!(repeat.status(), 200);
+    let repeat: Value = repeat.json().await.unwrap();
+    assert_eq!(repeat["quantity"], 1, "the first report, as recorded");
+    assert_eq!(report(2, 1, "t-2").await.unwrap().status(), 202);
+    let over = report(1, 1, "t-3").await.unwrap();
+    assert_eq!(
+        over.status(),
+        429,
+        "$3 of $4 spent: $1.50 more does not fit"
+    );
+    for i in 0..3 {
+        assert_eq!(fleet.key(i, &id).await["spend_usd"], json!(3));
+    }
+}

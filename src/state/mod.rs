@@ -21,7 +21,8 @@ use crate::money::Money;
 use crate::rating::ledger::{LedgerError, LedgerReader};
 use crate::rating::plan::{Cursor, Plan, Rated};
 use crate::rating::Rater;
-use redis::{Admitted, OnUnavailable, RedisState};
+pub use redis::Once;
+use redis::{Admitted, Charged, OnUnavailable, RedisState};
 pub use redis::{Lease, MonthDelta, Used};
 
 /// What an admitted request holds until it settles. Dropping it unsettled gives everything
@@ -297,16 +298,20 @@ impl Admission {
     }
 
     /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
-    /// whole or not at all; alert thresholds it crosses are returned.
+    /// whole or not at all, once per `once.id`: across replicas by Redis, in one process by
+    /// the caller (and, for good, by the ledger's unique key).
     pub async fn charge(
         &self,
         key_id: &str,
         limits: &KeyLimits,
         amount: Money,
-    ) -> Result<Vec<AlertCrossing>, Refusal> {
+        once: Once<'_>,
+    ) -> Result<Charge, Refusal> {
         let (redis, local_share, ledger) = match self {
             Admission::Embedded(limiter) => {
-                return limiter.charge(key_id, amount).map(|settled| settled.alerts)
+                return limiter
+                    .charge(key_id, amount)
+                    .map(|settled| Charge::Done(settled.alerts))
             }
             Admission::Shared {
                 redis,
@@ -316,8 +321,10 @@ impl Admission {
             } => (redis, local_share, ledger),
         };
         for _ in 0..2 {
-            let error = match redis.charge(key_id, limits, amount).await {
-                Ok(Some(charged)) => return charged.map(|()| Vec::new()),
+            let error = match redis.charge(key_id, limits, amount, once).await {
+                Ok(Some(Charged::Done)) => return Ok(Charge::Done(Vec::new())),
+                Ok(Some(Charged::Refused(refusal))) => return Err(refusal),
+                Ok(Some(Charged::Repeat(first))) => return Ok(Charge::Repeat(first)),
                 Ok(None) => {
                     let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
                     match spend_from_ledger(ledger, key_id, period).await {
@@ -336,7 +343,7 @@ impl Admission {
             if redis.on_unavailable == OnUnavailable::FailOpen {
                 return local_share
                     .charge(key_id, amount)
-                    .map(|settled| settled.alerts);
+                    .map(|settled| Charge::Done(settled.alerts));
             }
             tracing::debug!(%error, "charge refused: shared state unreachable");
             return Err(Refusal::Unavailable);
@@ -419,6 +426,13 @@ async fn spend_from_ledger(
     })
     .await
     .unwrap_or_else(|error| Err(LedgerError::Io(std::io::Error::other(error.to_string()))))
+}
+
+/// What charging a known amount did: charged (with the alert thresholds it crossed), or
+/// found the idempotency key charged before (what was remembered of that charge).
+pub enum Charge {
+    Done(Vec<AlertCrossing>),
+    Repeat(String),
 }
 
 /// Each key's running totals for the month: what volume tiers, allowances and credit packs

@@ -304,6 +304,23 @@ pub struct MonthDelta {
 }
 
 /// An admission's answer before it is a lease.
+/// A charge made once per idempotency key: the key, and what to answer a repeat of it with.
+#[derive(Clone, Copy)]
+pub struct Once<'a> {
+    pub id: &'a str,
+    pub record: &'a str,
+}
+
+/// How long an idempotency key is remembered in Redis; the ledger remembers it for good.
+const ONCE_KEPT_MS: i64 = 7 * 24 * 3_600_000;
+
+pub enum Charged {
+    Done,
+    Refused(Refusal),
+    /// The idempotency key was charged before: what was remembered of that charge.
+    Repeat(String),
+}
+
 pub enum Admitted {
     Lease(Lease),
     Refused(Refusal, RateLimitHeaders),
@@ -979,14 +996,16 @@ impl RedisState {
         }
     }
 
-    /// Charges a known amount (a reported outcome) to a key's budget, whole or not at all.
-    /// `None` until the period's spend has been seeded.
+    /// Charges a known amount (a reported outcome) to a key's budget, whole or not at all,
+    /// once per idempotency key across replicas (remembered with `record` for a week). `None`
+    /// until the period's spend has been seeded.
     pub async fn charge(
         &self,
         key_id: &str,
         limits: &KeyLimits,
         amount: Money,
-    ) -> Result<Option<Result<(), Refusal>>, StateError> {
+        once: Once<'_>,
+    ) -> Result<Option<Charged>, StateError> {
         let (cap, period) = cap_of(limits);
         let period_start = period.start_ms(crate::unix_ms());
         let mut invocation = self.scripts.charge.prepare_invoke();
@@ -995,16 +1014,29 @@ impl RedisState {
             .key(key_of(key_id, "leases"))
             .key(key_of(key_id, "lease_amounts"))
             .key(key_of(key_id, "reserved"))
+            .key(key_of(key_id, &format!("once:{}", once.id)))
             .arg(amount.nanos())
-            .arg(cap);
-        let answer = ints(self.run(invocation).await?)?;
-        match answer[..] {
-            [0, ..] => Ok(Some(Ok(()))),
-            [1, remaining, ..] => Ok(Some(Err(Refusal::InsufficientQuota {
-                remaining: Money(remaining),
+            .arg(cap)
+            .arg(once.record)
+            .arg(ONCE_KEPT_MS);
+        let answer = self.run(invocation).await?;
+        let Value::Array(parts) = &answer else {
+            return Err(StateError::Answer(format!("charge: {answer:?}")));
+        };
+        let int = |i: usize| match parts.get(i) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        match (int(0), parts.get(1)) {
+            (Some(0), _) => Ok(Some(Charged::Done)),
+            (Some(1), _) => Ok(Some(Charged::Refused(Refusal::InsufficientQuota {
+                remaining: Money(int(1).unwrap_or(0)),
                 needed: amount,
             }))),
-            [2, ..] => Ok(None),
+            (Some(2), _) => Ok(None),
+            (Some(3), Some(Value::BulkString(first))) => Ok(Some(Charged::Repeat(
+                String::from_utf8_lossy(first).into_owned(),
+            ))),
             _ => Err(StateError::Answer(format!("charge: {answer:?}"))),
         }
     }

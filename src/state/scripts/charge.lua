@@ -1,9 +1,12 @@
 -- Charges an amount known before it is spent (a reported outcome) to a key's budget, whole or
--- not at all: refused when the period's spend, what is reserved and the amount pass the cap.
--- KEYS: 1 spend, 2 leases, 3 lease amounts, 4 reserved
--- ARGV: 1 amount, 2 cap (-1: uncapped)
--- Returns {0, spend} charged, {1, remaining} refused, or {2} when the period's spend must
--- first be seeded from the ledger.
+-- not at all, once per idempotency key across every replica: refused when the period's
+-- spend, what is reserved and the amount pass the cap.
+-- KEYS: 1 spend, 2 leases, 3 lease amounts, 4 reserved, 5 the charge's idempotency key
+-- ARGV: 1 amount, 2 cap (-1: uncapped), 3 what to remember of the charge, 4 for how long (ms)
+-- Returns {0, spend} charged, {1, remaining} refused, {2} when the period's spend must first
+-- be seeded from the ledger, or {3, remembered} when the idempotency key was charged before.
+local first = redis.call('GET', KEYS[5])
+if first then return {3, first} end
 purge(KEYS[2], KEYS[3], KEYS[4])
 local spent = read(KEYS[1])
 if not spent then
@@ -18,4 +21,5 @@ if cap >= 0 and spent + reserved + amount > cap then
 end
 write(KEYS[1], spent + amount, 'keep')
 commit()
+redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4])
 return {0, spent + amount}
