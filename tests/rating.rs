@@ -469,6 +469,36 @@ credits_per_1k_tokens = { cheap = 1, frontier = 10 }
     assert_eq!(state["budget_usd"], json!(0.01), "the pack caps the key");
 }
 
+/// Audit item: a credit pack's spend is the pack's value of the credits used, and its invoice
+/// is that plus the pack's unused part — the pack billed whole, spend equal to the ledger.
+#[tokio::test]
+async fn a_credit_pack_invoice_is_its_ledger_charges_plus_the_unused_part() {
+    let plans = r#"
+[plans.pack]
+kind = "credits"
+pack_price_usd = 5
+pack_credits = 7
+credits_per_1k_tokens = { cheap = 1, frontier = 10 }
+"#;
+    let gw = Harness::start_with(MockOptions::default(), plans).await;
+    let key = gw.create_key(json!({"name": "pack", "plan": "pack"})).await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    // 999 cheap tokens burn 0.999 credits: $5 × 0.999 / 7 = 713,571,428.57 → 713,571,429.
+    let record = sized(&gw, &secret, 900, 99, 0).await;
+    assert_eq!(record.charge.nanos(), 713_571_429);
+    assert_eq!(record.micro_credits, 999_000);
+    let state = get(&gw, &format!("/admin/keys/{id}")).await;
+    assert_eq!(state["spend_usd"], json!(0.713571429));
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let invoice = get(&gw, &format!("/admin/invoices/{id}?period={month}")).await;
+    let lines = invoice["lines"].as_array().unwrap();
+    assert_eq!(lines[0]["amount_usd"], json!(0.713571429), "{invoice}");
+    assert_eq!(lines[1]["amount_usd"], json!(4.286428571));
+    assert_eq!(invoice["total_usd"], json!(5));
+    assert_eq!(invoice["credits_remaining"], json!(6.001));
+}
+
 /// Audit item: a key without a cap reserved nothing, so nothing it is charged overshoots.
 #[tokio::test]
 async fn an_uncapped_key_never_overshoots() {
