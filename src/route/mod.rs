@@ -766,20 +766,36 @@ fn pick_weighted(
     own.last().map(|(m, _)| (*m).clone()).unwrap_or_default()
 }
 
+/// The last user message as rule keywords and patterns read it: bounded like the detectors'
+/// scan (see [`signals::SCANNED_BYTES`]).
 fn last_user_text(body: &Value) -> String {
+    let mut text = String::new();
+    let mut budget = signals::SCANNED_BYTES;
+    let mut read = |part: &str| {
+        for piece in signals::scanned(part, budget) {
+            if !piece.is_empty() {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(piece);
+            }
+        }
+        budget = budget.saturating_sub(part.len());
+    };
     let Some(messages) = body["messages"].as_array() else {
-        return body["prompt"].as_str().unwrap_or("").to_owned();
+        read(body["prompt"].as_str().unwrap_or(""));
+        return text;
     };
     let Some(last) = messages.iter().rev().find(|m| m["role"] == "user") else {
-        return String::new();
+        return text;
     };
     match &last["content"] {
-        Value::String(text) => text.clone(),
+        Value::String(content) => read(content),
         Value::Array(parts) => parts
             .iter()
             .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+            .for_each(read),
+        _ => {}
     }
+    text
 }

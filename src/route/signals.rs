@@ -94,6 +94,29 @@ impl Detectors {
     }
 }
 
+/// How much of the last user message the text detectors and rule patterns read: all of a
+/// normal prompt; of a larger one, its first and last halves of this, so a prompt of
+/// megabytes costs a routing decision what 64 KiB does (the regex scan runs at about 1 µs per
+/// 2 bytes of mixed text, on the serving lane).
+pub const SCANNED_BYTES: usize = 64 * 1024;
+
+/// The parts of `text` the detectors read within `budget` bytes: all of it if it fits, else
+/// its head and tail, cut at character boundaries.
+pub fn scanned(text: &str, budget: usize) -> [&str; 2] {
+    if text.len() <= budget {
+        return [text, ""];
+    }
+    let mut head = budget / 2;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - budget / 2;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    [&text[..head], &text[tail..]]
+}
+
 /// Text of a message's `content`: a string, or the text parts of an array.
 fn content_text(content: &Value, mut visit: impl FnMut(&str)) {
     match content {
@@ -154,10 +177,14 @@ pub fn measure(body: &Value, prompt_tokens: u64, detectors: &Detectors) -> Signa
         last_user = Some(&body["prompt"]);
     }
     if let Some(content) = last_user {
+        let mut budget = SCANNED_BYTES;
         content_text(content, |text| {
             signals.last_user_chars += text.len() as u64;
             signals.questions += text.matches('?').count() as u64;
-            detectors.scan(text, &mut signals);
+            for piece in scanned(text, budget) {
+                detectors.scan(piece, &mut signals);
+            }
+            budget = budget.saturating_sub(text.len());
         });
     }
     signals
@@ -209,5 +236,24 @@ mod tests {
                 ..Signals::default()
             }
         );
+    }
+
+    /// Hostile input: a 6 MiB prompt to `auto` used to be scanned whole on the serving lane
+    /// (about 11 s); its head and tail are read now, the rest only counted.
+    #[test]
+    fn a_huge_prompt_is_scanned_at_its_head_and_tail() {
+        let detectors = Detectors::new(&words(&["prove"]), &words(&["hi"])).unwrap();
+        let filler = "plain words, nothing to see here é ".repeat(6 * 1024 * 1024 / 36);
+        let text =
+            format!("Prove it. {filler} Step? theorem {filler}\nfn main() {{\n    run();\n}}\n");
+        let body = serde_json::json!({"messages": [{"role": "user", "content": text}]});
+        let signals = measure(&body, 1, &detectors);
+        assert_eq!(signals.last_user_chars, text.len() as u64);
+        assert_eq!(signals.questions, 1, "counting `?` reads everything");
+        assert_eq!(signals.reasoning_cues, 1, "the head is read");
+        assert!(signals.has_code, "the tail is read");
+        assert!(!signals.has_math, "the middle is not");
+        let [head, tail] = scanned(&text, SCANNED_BYTES);
+        assert!(head.len() + tail.len() <= SCANNED_BYTES);
     }
 }
