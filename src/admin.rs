@@ -251,18 +251,48 @@ async fn update_key(
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
     let fields = parse_object(&body)?;
-    let mut record = load_key(&app, id).await?;
-    apply_fields(&app, &mut record, &fields)?;
-    if record.name.is_empty() {
-        return Err(field_error("name", "`name` cannot be empty"));
-    }
-    let store = app.key_store.clone();
-    let stored = record.clone();
-    blocking(move || store.update(&stored).map_err(store_error)).await?;
+    let _writing = app.key_writes.lock().await;
+    let record = modify_key(&app, id, move |app, record| {
+        apply_fields(app, record, &fields)?;
+        match record.name.is_empty() {
+            true => Err(field_error("name", "`name` cannot be empty")),
+            false => Ok(()),
+        }
+    })
+    .await?;
     let spent = period_spend_if_changed(&app, &record).await?;
     app.key_activated(record.clone(), spent);
     app.admission.publish_key_change(&record.id).await;
     Ok(axum::Json(key_view(&app, &record).await).into_response())
+}
+
+/// Reads, changes and writes one key as one step of the store (see `KeyStore::modify`): two
+/// concurrent PATCHes of different fields both land. `change` refusing leaves the key as it
+/// was.
+async fn modify_key(
+    app: &Arc<App>,
+    id: String,
+    mut change: impl FnMut(&App, &mut KeyRecord) -> Result<(), GatewayError> + Send + 'static,
+) -> Result<KeyRecord, GatewayError> {
+    let store = app.key_store.clone();
+    let changing = app.clone();
+    blocking(move || {
+        let mut refused = None;
+        let modified = store
+            .modify(&id, &mut |record| match change(&changing, record) {
+                Ok(()) => true,
+                Err(error) => {
+                    refused = Some(error);
+                    false
+                }
+            })
+            .map_err(store_error)?;
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        modified.ok_or(GatewayError::NotFound(format!("key {id}")))
+    })
+    .await
 }
 
 /// A budget that now runs over another period starts from that period's spend in the ledger;
@@ -291,13 +321,12 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
-    let mut record = load_key(&app, id).await?;
-    if record.revoked_at_ms.is_none() {
-        record.revoked_at_ms = Some(crate::unix_ms());
-        let store = app.key_store.clone();
-        let stored = record.clone();
-        blocking(move || store.update(&stored).map_err(store_error)).await?;
-    }
+    let _writing = app.key_writes.lock().await;
+    let record = modify_key(&app, id, |_, record| {
+        record.revoked_at_ms.get_or_insert_with(crate::unix_ms);
+        Ok(())
+    })
+    .await?;
     app.key_revoked(&record.id);
     app.admission.publish_key_change(&record.id).await;
     Ok(axum::Json(key_view(&app, &record).await).into_response())

@@ -37,6 +37,9 @@ pub struct App {
     pub ledger: Arc<dyn LedgerReader>,
     /// Outcome reports lately accepted, for answering their repeats.
     pub outcomes: crate::outcomes::Recent,
+    /// Held by an admin change of a key from its write to its activation here, so that two
+    /// changes activate in the order they were written.
+    pub key_writes: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     /// The main runtime: work that must outlive a serving lane (settlements finished on shared
     /// state, webhooks) runs here.
@@ -77,6 +80,7 @@ impl App {
             totals: services.totals,
             ledger: services.ledger,
             outcomes: crate::outcomes::Recent::default(),
+            key_writes: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             runtime: services.runtime,
         }

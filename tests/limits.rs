@@ -514,3 +514,52 @@ async fn the_admin_api_can_live_on_its_own_listener() {
         .unwrap();
     assert_eq!(on_admin.status(), 200);
 }
+
+/// Hostile admin traffic: concurrent PATCHes of different fields of one key used to read the
+/// key, change it and write all of it back, so one could undo another — a budget set at the
+/// same moment as a team came back `null`, the key uncapped. Each now lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_patches_of_one_key_all_land() {
+    let gw = Harness::start().await;
+    let patch = |id: String, body: Value| {
+        let request = gw.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"));
+        async move {
+            let response = request.json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    };
+    for trial in 0..30 {
+        let key = gw
+            .create_key(json!({"name": format!("pair-{trial}")}))
+            .await;
+        let id = key["id"].as_str().unwrap().to_owned();
+        join_all([
+            patch(id.clone(), json!({"budget_usd": 5})),
+            patch(id.clone(), json!({"team": "platform"})),
+        ])
+        .await;
+        let state = key_state(&gw, &id).await;
+        assert_eq!(state["budget_usd"], json!(5), "trial {trial}: {state}");
+        assert_eq!(state["team"], "platform", "trial {trial}: {state}");
+    }
+    let key = gw.create_key(json!({"name": "ten"})).await;
+    let id = key["id"].as_str().unwrap().to_owned();
+    let fields = [
+        json!({"owner": "ana"}),
+        json!({"team": "core"}),
+        json!({"customer": "acme"}),
+        json!({"budget_usd": 7}),
+        json!({"budget_period": "week"}),
+        json!({"rpm": 60}),
+        json!({"tpm": 9000}),
+        json!({"max_concurrency": 3}),
+        json!({"seats": 4}),
+        json!({"models": ["gpt-4o-mini"]}),
+    ];
+    join_all(fields.iter().map(|body| patch(id.clone(), body.clone()))).await;
+    let state = key_state(&gw, &id).await;
+    for body in &fields {
+        let (field, value) = body.as_object().unwrap().iter().next().unwrap();
+        assert_eq!(&state[field], value, "{field}: {state}");
+    }
+}

@@ -141,10 +141,19 @@ fn keys_round_trip() {
     first.rpm = None;
     first.models = None;
     first.revoked_at_ms = Some(START_MS + 5);
-    keys.update(&first).unwrap();
-    let mut missing = key(9);
-    missing.name = "never inserted".into();
-    keys.update(&missing).unwrap();
+    let changed = keys.modify(&first.id, &mut |stored| {
+        stored.rpm = None;
+        stored.models = None;
+        stored.revoked_at_ms = Some(START_MS + 5);
+        true
+    });
+    assert!(changed.unwrap().is_some());
+    assert_eq!(keys.modify("key_9", &mut |_| true).unwrap(), None);
+    let refused = keys.modify(&second.id, &mut |stored| {
+        stored.name = "not kept".into();
+        false
+    });
+    assert_eq!(refused.unwrap().unwrap().name, "not kept");
 
     // `u64::MAX` tokens a minute are stored as the largest BIGINT, as in SQLite.
     first.tpm = Some(i64::MAX as u64);

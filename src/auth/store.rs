@@ -27,7 +27,15 @@ pub enum StoreError {
 
 pub trait KeyStore: Send + Sync {
     fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
-    fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// Changes one key atomically: `change` edits the record as stored, and the edit is
+    /// written unless `change` returns false, with no other change to the key in between —
+    /// across replicas too — so concurrent edits of different fields all land. `None` when
+    /// there is no such key.
+    fn modify(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, StoreError>;
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Every key, revoked ones included, oldest first.
     fn list(&self) -> Result<Vec<KeyRecord>, StoreError>;
@@ -226,13 +234,31 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
-    fn update(&self, r: &KeyRecord) -> Result<(), StoreError> {
+    fn modify(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         self.with(|c| {
-            c.execute(
-                &key_update_sql(Dialect::Sqlite),
-                params_from_iter(key_update_values(r)),
-            )?;
-            Ok(())
+            let transaction = c.unchecked_transaction()?;
+            let stored = transaction
+                .query_row(
+                    &format!("SELECT {} FROM keys WHERE id = ?1", key_columns()),
+                    [id],
+                    |row| key_record(row),
+                )
+                .optional()?;
+            let Some(mut record) = stored else {
+                return Ok(None);
+            };
+            if change(&mut record) {
+                transaction.execute(
+                    &key_update_sql(Dialect::Sqlite),
+                    params_from_iter(key_update_values(&record)),
+                )?;
+                transaction.commit()?;
+            }
+            Ok(Some(record))
         })
     }
 
@@ -292,10 +318,29 @@ mod tests {
             store.insert(&record).unwrap();
             record.rpm = None;
             record.revoked_at_ms = Some(5);
-            store.update(&record).unwrap();
+            let modified = store.modify(&record.id, &mut |stored| {
+                stored.rpm = None;
+                stored.revoked_at_ms = Some(5);
+                true
+            });
+            assert_eq!(modified.unwrap(), Some(record.clone()));
+            let refused = store.modify(&record.id, &mut |stored| {
+                stored.rpm = Some(1);
+                false
+            });
+            assert_eq!(
+                refused.unwrap().unwrap().rpm,
+                Some(1),
+                "what was refused is shown…"
+            );
+            assert_eq!(store.modify("key_none", &mut |_| true).unwrap(), None);
         }
         let store = SqliteKeyStore::open(&dir).unwrap();
-        assert_eq!(store.get(&record.id).unwrap(), Some(record.clone()));
+        assert_eq!(
+            store.get(&record.id).unwrap(),
+            Some(record.clone()),
+            "…never stored"
+        );
         assert_eq!(store.list().unwrap(), vec![record]);
         let _ = std::fs::remove_dir_all(dir);
     }

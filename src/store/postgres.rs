@@ -350,13 +350,30 @@ impl KeyStore for PgKeyStore {
         Ok(())
     }
 
-    fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let values = key_update_values(record);
-        self.pool.with(|client| {
-            client.execute(&key_update_sql(Dialect::Postgres), &params(&values))?;
-            Ok(())
-        })?;
-        Ok(())
+    fn modify(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        // The row lock holds every other replica's change to this key until the commit.
+        let select = format!(
+            "SELECT {} FROM keys WHERE id = $1 FOR UPDATE",
+            key_columns()
+        );
+        let update = key_update_sql(Dialect::Postgres);
+        Ok(self.pool.with(|client| {
+            let mut transaction = client.transaction()?;
+            let Some(row) = transaction.query_opt(&select, &[&id])? else {
+                return Ok(None);
+            };
+            let mut record = key_record(&row)?;
+            if change(&mut record) {
+                let values = key_update_values(&record);
+                transaction.execute(&update, &params(&values))?;
+                transaction.commit()?;
+            }
+            Ok(Some(record))
+        })?)
     }
 
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
