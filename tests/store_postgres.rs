@@ -417,3 +417,50 @@ fn migrate_to_postgres_copies_a_sqlite_store() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Concurrent changes of different fields of one key, from connections that stand for
+/// different replicas: the row lock orders them, and every one lands.
+#[test]
+fn concurrent_changes_of_one_key_all_land() {
+    let url = Postgres::shared().fresh_database("modify");
+    let store = PgStore::connect(&url).unwrap();
+    store.key_store().insert(&key(1)).unwrap();
+    let start = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8u32)
+        .map(|n| {
+            let url = url.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let keys = PgStore::connect(&url).unwrap().key_store();
+                start.wait();
+                keys.modify("key_1", &mut |stored| {
+                    match n {
+                        0 => stored.owner = Some("ana".into()),
+                        1 => stored.team = Some("core".into()),
+                        2 => stored.customer = Some("acme".into()),
+                        3 => stored.budget_usd = Some(Money::parse_usd("7").unwrap()),
+                        4 => stored.rpm = Some(60),
+                        5 => stored.tpm = Some(9_000),
+                        6 => stored.max_concurrency = Some(3),
+                        _ => stored.seats = 4,
+                    }
+                    true
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let stored = store.key_store().get("key_1").unwrap().unwrap();
+    assert_eq!(stored.owner.as_deref(), Some("ana"));
+    assert_eq!(stored.team.as_deref(), Some("core"));
+    assert_eq!(stored.customer.as_deref(), Some("acme"));
+    assert_eq!(stored.budget_usd, Some(Money::parse_usd("7").unwrap()));
+    assert_eq!(
+        (stored.rpm, stored.tpm, stored.max_concurrency),
+        (Some(60), Some(9_000), Some(3))
+    );
+    assert_eq!(stored.seats, 4);
+}
