@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::StringRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::App;
 use crate::auth::{self, KeyRecord};
-use crate::error::GatewayError;
+use crate::error::{small_body, GatewayError};
 use crate::limits::BudgetPeriod;
 use crate::money::Money;
 use crate::rating::invoice;
@@ -133,8 +134,16 @@ async fn invoice(
     let period = query
         .period
         .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
+    let well_formed = period.len() == 7
+        && period.as_bytes()[4] == b'-'
+        && period
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit());
     let start = chrono::NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
-        .map_err(|_| field_error("period", format!("`{period}` is not YYYY-MM")))?;
+        .ok()
+        .filter(|_| well_formed)
+        .ok_or_else(|| field_error("period", format!("`{period}` is not YYYY-MM")))?;
     let from = start
         .and_hms_opt(0, 0, 0)
         .map(|t| t.and_utc().timestamp_millis())
@@ -193,10 +202,10 @@ fn store_error(error: impl std::fmt::Display) -> GatewayError {
 async fn create_key(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: String,
+    body: Result<String, StringRejection>,
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
-    let fields = parse_object(&body)?;
+    let fields = parse_object(&small_body(body)?)?;
     let secret = auth::new_secret();
     let mut record = KeyRecord::new("", &secret);
     apply_fields(&app, &mut record, &fields)?;
@@ -247,10 +256,10 @@ async fn update_key(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: String,
+    body: Result<String, StringRejection>,
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
-    let fields = parse_object(&body)?;
+    let fields = parse_object(&small_body(body)?)?;
     let _writing = app.key_writes.lock().await;
     let record = modify_key(&app, id, move |app, record| {
         apply_fields(app, record, &fields)?;
@@ -366,13 +375,19 @@ fn apply_fields(
             "budget_usd" => {
                 record.budget_usd = match value {
                     Value::Null => None,
-                    _ => {
+                    Value::Number(_) => {
                         let money: Money = serde_json::from_value(value.clone())
                             .map_err(|e| field_error("budget_usd", e.to_string()))?;
                         if money < Money::ZERO {
                             return Err(field_error("budget_usd", "must not be negative"));
                         }
                         Some(money)
+                    }
+                    _ => {
+                        return Err(field_error(
+                            "budget_usd",
+                            "`budget_usd` must be a number of US dollars, or null",
+                        ))
                     }
                 }
             }
@@ -381,11 +396,11 @@ fn apply_fields(
                     field_error("budget_period", "must be one of day, week, month, total")
                 })?
             }
-            "rpm" => record.rpm = count(value, "rpm")?.map(|v| v.min(u64::from(u32::MAX)) as u32),
-            "tpm" => record.tpm = count(value, "tpm")?,
+            "rpm" => record.rpm = limit(value, "rpm")?.map(|v| v.min(u64::from(u32::MAX)) as u32),
+            "tpm" => record.tpm = limit(value, "tpm")?,
             "max_concurrency" => {
                 record.max_concurrency =
-                    count(value, "max_concurrency")?.map(|v| v.min(u64::from(u32::MAX)) as u32)
+                    limit(value, "max_concurrency")?.map(|v| v.min(u64::from(u32::MAX)) as u32)
             }
             "seats" => {
                 record.seats = count(value, "seats")?
@@ -396,8 +411,10 @@ fn apply_fields(
                 record.models = match value {
                     Value::Null => None,
                     _ => {
-                        let models: Vec<String> = serde_json::from_value(value.clone())
+                        let mut models: Vec<String> = serde_json::from_value(value.clone())
                             .map_err(|_| field_error("models", "must be a list of model names"))?;
+                        let mut seen = std::collections::HashSet::new();
+                        models.retain(|model| seen.insert(model.clone()));
                         let config = app.config();
                         if let Some(unknown) =
                             models.iter().find(|m| !config.knows_model(m.as_str()))
@@ -437,6 +454,20 @@ fn text(value: &Value, field: &'static str) -> Result<Option<String>, GatewayErr
         Value::Null => Ok(None),
         Value::String(s) if s.len() <= 256 => Ok(Some(s.trim().to_owned())),
         _ => Err(field_error(field, format!("`{field}` must be a string"))),
+    }
+}
+
+/// A throttle: at least 1. Zero would read as "blocked" for some limits and "one a minute" or
+/// "none" for others; a key is stopped by revoking it or by `budget_usd: 0`.
+fn limit(value: &Value, field: &'static str) -> Result<Option<u64>, GatewayError> {
+    match count(value, field)? {
+        Some(0) => Err(field_error(
+            field,
+            format!(
+                "`{field}` must be at least 1 (or null for no limit); to stop a key, revoke it or set `budget_usd` to 0"
+            ),
+        )),
+        other => Ok(other),
     }
 }
 

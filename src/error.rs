@@ -47,6 +47,10 @@ pub enum GatewayError {
     /// provider's 4xx/5xx status (SDKs decide on retries by it); anything else is a 502.
     #[error("{message}")]
     UpstreamAnswer { status: StatusCode, message: String },
+    /// The provider refused the gateway's own credentials (401/403): not the client's doing,
+    /// and its body (about a key the client never sent) is for the operators' log only.
+    #[error("the provider refused this gateway's credentials ({status}); the gateway's operators must fix its provider key — your API key is fine")]
+    UpstreamCredentials { status: StatusCode },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     /// Strict durability: the answer is withheld because its usage record was not committed.
@@ -57,6 +61,22 @@ pub enum GatewayError {
     StateUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The bodies of the admin API and outcome reports are read whole up to axum's default limit.
+pub const SMALL_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// A small JSON body (admin, outcomes) as text, its refusals OpenAI-shaped like every other
+/// error: too large is a 413, not UTF-8 or cut short a 400.
+pub fn small_body(
+    body: Result<String, axum::extract::rejection::StringRejection>,
+) -> Result<String, GatewayError> {
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => GatewayError::BodyTooLarge {
+            limit: SMALL_BODY_LIMIT,
+        },
+        _ => GatewayError::bad_request(rejection.body_text()),
+    })
 }
 
 impl GatewayError {
@@ -86,7 +106,9 @@ impl GatewayError {
             {
                 *status
             }
-            GatewayError::UpstreamAnswer { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamAnswer { .. } | GatewayError::UpstreamCredentials { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::ShuttingDown
             | GatewayError::UsageNotRecorded
             | GatewayError::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -112,6 +134,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamAnswer { .. }
+            | GatewayError::UpstreamCredentials { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::ShuttingDown
             | GatewayError::UsageNotRecorded
@@ -136,6 +159,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamAnswer { .. } => "upstream_error",
+            GatewayError::UpstreamCredentials { .. } => "upstream_auth_failed",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::UsageNotRecorded => "usage_not_recorded",
             GatewayError::StateUnavailable => "state_unavailable",

@@ -5,17 +5,17 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::StringRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use serde::Deserialize;
 
 use crate::app::App;
 use crate::auth::KeyRecord;
-use crate::error::GatewayError;
+use crate::error::{small_body, GatewayError};
 use crate::meter::record::{MeterEvent, OutcomeEvent};
 use crate::rating::plan::Plan;
 use crate::state::{Charge, Once};
@@ -35,7 +35,15 @@ fn one() -> u64 {
     1
 }
 
-pub async fn report(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Response {
+pub async fn report(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<String, StringRejection>,
+) -> Response {
+    let body = match small_body(body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
     let (key, event) = match accept(&app, &headers, &body) {
         Ok(accepted) => accepted,
         Err(error) => return error.into_response(),

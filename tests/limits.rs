@@ -563,3 +563,81 @@ async fn concurrent_patches_of_one_key_all_land() {
         assert_eq!(&state[field], value, "{field}: {state}");
     }
 }
+
+/// Hostile admin input, each refused clearly or stored sanely: a zero throttle (which meant
+/// "blocked" for some limits and "one a minute" or "none" for others), a budget as a string,
+/// a malformed invoice period, an allow-list of duplicates, an oversized body (a JSON 413).
+#[tokio::test]
+async fn hostile_admin_fields_are_refused_or_made_sane() {
+    let gw = Harness::start().await;
+    let key = gw.create_key(json!({"name": "target"})).await;
+    let id = key["id"].as_str().unwrap().to_owned();
+    let patch = |body: Value| {
+        gw.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"))
+            .json(&body)
+            .send()
+    };
+    for (field, body) in [
+        ("rpm", json!({"rpm": 0})),
+        ("tpm", json!({"tpm": 0})),
+        ("max_concurrency", json!({"max_concurrency": 0})),
+        ("budget_usd", json!({"budget_usd": "5"})),
+    ] {
+        let response = patch(body).await.unwrap();
+        assert_eq!(response.status(), 400, "{field}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field);
+    }
+    let duplicates: Vec<&str> = std::iter::repeat_n("gpt-4o-mini", 20_000)
+        .chain(["auto"])
+        .collect();
+    let response = patch(json!({"models": duplicates})).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        key_state(&gw, &id).await["models"],
+        json!(["gpt-4o-mini", "auto"])
+    );
+
+    let oversized = format!(r#"{{"name": "{}"}}"#, "x".repeat(3 * 1024 * 1024));
+    let response = gw
+        .admin(reqwest::Method::POST, "/admin/keys")
+        .header("content-type", "application/json")
+        .body(oversized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "request_too_large");
+
+    for period in ["-001-01", "2026-1", "20261-01", "2026-13"] {
+        let response = gw
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/invoices/{id}?period={period}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{period}");
+    }
+}
+
+/// A provider that refuses the gateway's own credentials is not the client's problem: the
+/// client gets a 502 that says so, never the provider's "Incorrect API key" about a key it
+/// never sent.
+#[tokio::test]
+async fn a_provider_refusing_the_gateways_key_is_a_gateway_error() {
+    let gw = Harness::start().await;
+    for status in ["401", "403"] {
+        let mut body = request(16);
+        body["mock"] = json!({"fail": status});
+        let response = gw.chat(body).await;
+        assert_eq!(response.status(), 502, "{status}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "upstream_auth_failed");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("your API key is fine"), "{message}");
+        assert!(!message.contains("server had an error"), "{message}");
+    }
+}

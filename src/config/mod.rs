@@ -715,6 +715,18 @@ fn build_model(
     if raw.tier.trim().is_empty() {
         problems.push(&field("tier"), "must not be empty");
     }
+    if raw.rpm == Some(0) {
+        problems.push(
+            &field("rpm"),
+            "must be at least 1 (leave it out for no limit)",
+        );
+    }
+    if raw.tpm == Some(0) {
+        problems.push(
+            &field("tpm"),
+            "must be at least 1 (leave it out for no limit)",
+        );
+    }
     let mut price = |leaf: &'static str, value: f64| match Money::from_config_float(value)
         .ok()
         .filter(|money| *money >= Money::ZERO)

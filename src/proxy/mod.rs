@@ -502,7 +502,18 @@ impl Exchange {
             Ok(Ok(body)) => body.to_bytes(),
             _ => Bytes::new(),
         };
-        let unreadable = unreadable_answer(status, content_type.as_ref(), &body);
+        let unreadable = if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            let text = String::from_utf8_lossy(&body[..body.len().min(1_000)]).into_owned();
+            tracing::error!(
+                upstream = self.model.as_ref().map_or("-", |m| m.upstream.name.as_str()),
+                status = status.as_u16(),
+                body = %text,
+                "the provider refused the gateway's credentials"
+            );
+            Some(GatewayError::UpstreamCredentials { status })
+        } else {
+            unreadable_answer(status, content_type.as_ref(), &body)
+        };
         let mut response = match unreadable {
             Some(error) => error.into_response(),
             None => {
