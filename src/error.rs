@@ -53,6 +53,12 @@ pub enum GatewayError {
     UpstreamCredentials { status: StatusCode },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// Too many client connections are open; this one serves operational endpoints only.
+    #[error("the gateway is at its limit of open connections; please retry shortly")]
+    AtConnectionBound,
+    /// A request body paused longer than the gateway waits.
+    #[error("the request body stopped arriving; send it without long pauses")]
+    BodyTimeout,
     /// Strict durability: the answer is withheld because its usage record was not committed.
     #[error("the answer is withheld: its usage could not be recorded")]
     UsageNotRecorded,
@@ -110,8 +116,10 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::ShuttingDown
+            | GatewayError::AtConnectionBound
             | GatewayError::UsageNotRecorded
             | GatewayError::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +129,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. }
             | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BodyTimeout
             | GatewayError::UnknownModel(_)
             | GatewayError::NotFound(_) => "invalid_request_error",
             GatewayError::InvalidApiKey
@@ -137,6 +146,7 @@ impl GatewayError {
             | GatewayError::UpstreamCredentials { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::ShuttingDown
+            | GatewayError::AtConnectionBound
             | GatewayError::UsageNotRecorded
             | GatewayError::StateUnavailable
             | GatewayError::Internal(_) => "server_error",
@@ -161,6 +171,8 @@ impl GatewayError {
             GatewayError::UpstreamAnswer { .. } => "upstream_error",
             GatewayError::UpstreamCredentials { .. } => "upstream_auth_failed",
             GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::AtConnectionBound => "connection_limit",
+            GatewayError::BodyTimeout => "request_timeout",
             GatewayError::UsageNotRecorded => "usage_not_recorded",
             GatewayError::StateUnavailable => "state_unavailable",
             GatewayError::Internal(_) => "internal_error",
@@ -188,6 +200,7 @@ impl GatewayError {
                     | GatewayError::UpstreamUnreachable(_)
                     | GatewayError::UpstreamTimeout
                     | GatewayError::ShuttingDown
+                    | GatewayError::AtConnectionBound
                     | GatewayError::StateUnavailable
             ),
         }

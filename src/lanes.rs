@@ -6,21 +6,146 @@
 //!
 //! One acceptor on the caller's runtime deals accepted connections to the lanes in turn; a
 //! connection stays on its lane for its life.
+//!
+//! Hostile clients are bounded here: a request head must arrive within a time (which also
+//! ends an idle keep-alive connection), a body may not pause longer than another (see
+//! [`Serving`]), and open connections are bounded (see [`ConnectionGate`]) so that a flood
+//! cannot take the file descriptors the gateway needs.
 
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
+
+use crate::metrics::Metrics;
+
+/// Connections past the bound that are still served for `/healthz`, `/readyz` and
+/// `/metrics` (anything else gets a 503), so that probes and scrapes see a gateway at its
+/// limit rather than a dead one; past these, new connections are closed at once.
+pub const OPS_HEADROOM: usize = 64;
+
+/// The bound on open client connections, and the count against it.
+pub struct ConnectionGate {
+    open: AtomicUsize,
+    bound: usize,
+    /// Whether this episode of being at the bound was logged already.
+    at_bound: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// How an accepted connection is served.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Full,
+    OpsOnly,
+    Close,
+}
+
+impl ConnectionGate {
+    /// `configured` connections, or (0) half the open-file limit less a reserve: each
+    /// proxied request also holds a provider connection, and the ledger, Redis and
+    /// PostgreSQL need descriptors of their own.
+    pub fn new(configured: usize, metrics: Arc<Metrics>) -> ConnectionGate {
+        let bound = match configured {
+            0 => {
+                let files =
+                    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1_024, |(soft, _)| soft);
+                (usize::try_from(files)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(512)
+                    / 2)
+                .clamp(64, 100_000)
+            }
+            n => n,
+        };
+        ConnectionGate {
+            open: AtomicUsize::new(0),
+            bound,
+            at_bound: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    pub fn bound(&self) -> usize {
+        self.bound
+    }
+
+    fn admit(&self) -> Admit {
+        let open = self.open.load(Ordering::Acquire);
+        if open < self.bound {
+            if open < self.bound - self.bound / 10 && self.at_bound.swap(false, Ordering::AcqRel) {
+                tracing::info!(
+                    open,
+                    bound = self.bound,
+                    "client connections back under the bound"
+                );
+            }
+            return Admit::Full;
+        }
+        if !self.at_bound.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                open,
+                bound = self.bound,
+                "client connection bound reached: new connections serve only /healthz, /readyz and /metrics, or are closed"
+            );
+        }
+        match open < self.bound + OPS_HEADROOM {
+            true => {
+                self.metrics
+                    .connections_shed
+                    .with_label_values(&["ops_only"])
+                    .inc();
+                Admit::OpsOnly
+            }
+            false => {
+                self.metrics
+                    .connections_shed
+                    .with_label_values(&["closed"])
+                    .inc();
+                Admit::Close
+            }
+        }
+    }
+
+    fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.metrics.client_connections.inc();
+        OpenConnection(self.clone())
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection(Arc<ConnectionGate>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_connections.dec();
+    }
+}
+
+/// What a lane serves: the full router, the operational endpoints for connections past the
+/// bound, and the timeouts on a client's request head and body.
+#[derive(Clone)]
+pub struct Serving {
+    pub full: Router,
+    pub ops_only: Router,
+    pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+}
 
 /// The running lanes. Dropping the sender side (when the acceptor ends) starts their drain.
 pub struct Lanes {
@@ -34,7 +159,8 @@ impl Lanes {
     /// cutting what is left.
     pub fn start(
         listener: TcpListener,
-        router: Router,
+        serving: Serving,
+        gate: Arc<ConnectionGate>,
         stop: watch::Receiver<bool>,
         grace: Duration,
         count: usize,
@@ -47,14 +173,14 @@ impl Lanes {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (router, stop) = (router.clone(), stop.clone());
+            let (serving, stop) = (serving.clone(), stop.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("tollgate-lane-{index}"))
-                .spawn(move || runtime.block_on(serve_lane(incoming, router, stop, grace)))?;
+                .spawn(move || runtime.block_on(serve_lane(incoming, serving, stop, grace)))?;
             senders.push(sender);
             threads.push(thread);
         }
-        tokio::spawn(accept(listener, senders, stop));
+        tokio::spawn(accept(listener, senders, gate, stop));
         Ok(Lanes { threads })
     }
 
@@ -74,9 +200,17 @@ impl Lanes {
     }
 }
 
+/// An accepted connection on its way to a lane.
+struct Handed {
+    stream: std::net::TcpStream,
+    open: OpenConnection,
+    ops_only: bool,
+}
+
 async fn accept(
     listener: TcpListener,
-    lanes: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    lanes: Vec<mpsc::UnboundedSender<Handed>>,
+    gate: Arc<ConnectionGate>,
     mut stop: watch::Receiver<bool>,
 ) {
     for lane in (0..lanes.len()).cycle() {
@@ -86,10 +220,19 @@ async fn accept(
         };
         match accepted {
             Ok((stream, _)) => {
+                let admit = gate.admit();
+                if admit == Admit::Close {
+                    drop(stream);
+                    continue;
+                }
                 set_no_delay(&stream);
                 match stream.into_std() {
                     Ok(stream) => {
-                        let _ = lanes[lane].send(stream);
+                        let _ = lanes[lane].send(Handed {
+                            stream,
+                            open: gate.opened(),
+                            ops_only: admit == Admit::OpsOnly,
+                        });
                     }
                     Err(error) => tracing::debug!(%error, "cannot hand a connection over"),
                 }
@@ -114,16 +257,26 @@ fn is_connection_error(error: &std::io::Error) -> bool {
 }
 
 async fn serve_lane(
-    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    router: Router,
+    mut incoming: mpsc::UnboundedReceiver<Handed>,
+    serving: Serving,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> bool {
     let mut connections = JoinSet::new();
-    while let Some(stream) = incoming.recv().await {
-        match TcpStream::from_std(stream) {
+    while let Some(handed) = incoming.recv().await {
+        match TcpStream::from_std(handed.stream) {
             Ok(stream) => {
-                connections.spawn(serve_connection(stream, router.clone(), stop.clone()));
+                let router = match handed.ops_only {
+                    true => serving.ops_only.clone(),
+                    false => serving.full.clone(),
+                };
+                let timeouts = (serving.header_read_timeout, serving.body_idle_timeout);
+                let open = handed.open;
+                let stop = stop.clone();
+                connections.spawn(async move {
+                    serve_connection(stream, router, timeouts, stop).await;
+                    drop(open);
+                });
             }
             Err(error) => tracing::debug!(%error, "cannot register a connection"),
         }
@@ -140,11 +293,23 @@ async fn serve_lane(
     false
 }
 
-async fn serve_connection(stream: TcpStream, router: Router, mut stop: watch::Receiver<bool>) {
-    let service = TowerToHyperService::new(
-        router.map_request(|request: Request<Incoming>| request.map(Body::new)),
-    );
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// `timeouts`: for the request head, and between two pieces of a body.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    timeouts: (Duration, Duration),
+    mut stop: watch::Receiver<bool>,
+) {
+    let (header_read, body_idle) = timeouts;
+    let service =
+        TowerToHyperService::new(router.map_request(move |request: Request<Incoming>| {
+            request.map(|body| Body::new(TimeoutBody::new(body_idle, body)))
+        }));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
     let mut connection =
         pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
     let mut stopping = pin!(stop.wait_for(|stop| *stop));

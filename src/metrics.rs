@@ -34,6 +34,10 @@ pub struct Metrics {
     pub state_admissions: IntCounterVec,
     pub usage_batch_duration: Histogram,
     pub usage_batch_retries: IntCounter,
+    /// Client connections open now.
+    pub client_connections: IntGauge,
+    /// Connections accepted past the bound: served for operations only, or closed at once.
+    pub connections_shed: IntCounterVec,
     /// Whole answers whose output could not be counted (the counting task failed): billed on
     /// the provider's usage when it reported one, else with no output tokens.
     pub output_count_failures: IntCounter,
@@ -128,6 +132,9 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("usage_batch_retries_total"));
         register(&registry, Box::new(usage_batch_retries.clone()));
+        let client_connections = IntGauge::new("client_connections", "Client connections open now")
+            .unwrap_or_else(|_| unreachable_metric("client_connections"));
+        register(&registry, Box::new(client_connections.clone()));
         let output_count_failures = IntCounter::new(
             "output_count_failures_total",
             "Answers whose output tokens could not be counted (billed on provider usage alone)",
@@ -257,6 +264,13 @@ impl Metrics {
             usage_batch_duration,
             usage_batch_retries,
             output_count_failures,
+            client_connections,
+            connections_shed: counter(
+                &registry,
+                "connections_shed_total",
+                "Connections accepted past the connection bound, by what was done: ops_only or closed",
+                &["action"],
+            ),
             config_reloads: counter(
                 &registry,
                 "config_reloads_total",
@@ -291,6 +305,8 @@ impl Metrics {
             Box::new(self.usage_batch_duration.clone()),
             Box::new(self.usage_batch_retries.clone()),
             Box::new(self.output_count_failures.clone()),
+            Box::new(self.client_connections.clone()),
+            Box::new(self.connections_shed.clone()),
             Box::new(self.state_admissions.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.budget_overshoot_usd.clone()),

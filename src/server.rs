@@ -20,7 +20,7 @@ use crate::auth::store::{KeyStore, SqliteKeyStore};
 use crate::config::Config;
 use crate::config::{StateBackend, StoreBackend};
 use crate::error::GatewayError;
-use crate::lanes::Lanes;
+use crate::lanes::{ConnectionGate, Lanes, Serving};
 use crate::limits::BudgetPeriod;
 use crate::limits::{Limiter, SystemClock};
 use crate::meter::sink::Durability;
@@ -178,9 +178,21 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let config = self.app.config();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let gate = Arc::new(ConnectionGate::new(
+            config.server.max_connections,
+            self.app.metrics.clone(),
+        ));
+        tracing::info!(bound = gate.bound(), "client connections bounded");
+        let serving = Serving {
+            full: self.router(),
+            ops_only: ops_only_router(self.app.clone()),
+            header_read_timeout: config.server.header_read_timeout,
+            body_idle_timeout: config.server.body_idle_timeout,
+        };
         let lanes = Lanes::start(
             listener,
-            self.router(),
+            serving,
+            gate,
             stop_rx,
             config.server.shutdown_grace,
             config.server.workers,
@@ -398,6 +410,21 @@ fn admin_router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin::routes());
     finish(routes, app)
+}
+
+/// What a connection past the bound is served: the operational endpoints, and a 503 for
+/// anything else.
+fn ops_only_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(at_connection_bound)
+        .with_state(app)
+}
+
+async fn at_connection_bound() -> Response {
+    GatewayError::AtConnectionBound.into_response()
 }
 
 fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {

@@ -664,3 +664,105 @@ async fn graceful_stop_flushes_every_record() {
         "the mock answers 16 one-token words by default"
     );
 }
+
+/// Hostile connections: half a request head, or a body that stops, no longer hold a
+/// connection open indefinitely.
+#[tokio::test]
+async fn slow_heads_and_stalled_bodies_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Harness::start_with_server("header_read_timeout_ms = 300\nbody_idle_timeout_ms = 300")
+        .await;
+    let address = gw.url.trim_start_matches("http://").to_owned();
+
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a half head is cut");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":",
+        gw.key
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a stalled body is cut");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+/// A flood of connections past `max_connections`: health checks and scrapes still answer, the
+/// API says it is at its limit, connections past the headroom are closed at once, and all is
+/// well again when the flood leaves.
+#[tokio::test]
+async fn a_connection_flood_leaves_health_checks_answering() {
+    use tokio::io::AsyncReadExt;
+    let gw = Harness::start_with_server("max_connections = 4").await;
+    let address = gw.url.trim_start_matches("http://").to_owned();
+    let mut flood = Vec::new();
+    for _ in 0..10 {
+        flood.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let health = fresh()
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let refused = fresh()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&gw.key)
+        .json(&hello("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "connection_limit");
+
+    for _ in 0..70 {
+        flood.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    let mut closed = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), closed.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed at once: {read:?}"
+    );
+
+    drop(flood);
+    let mut answered = false;
+    for _ in 0..100 {
+        let response = fresh()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&gw.key)
+            .json(&hello("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answered, "served again once the flood left");
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("tollgate_connections_shed_total{action=\"ops_only\"}"));
+    assert!(metrics.contains("tollgate_connections_shed_total{action=\"closed\"}"));
+}

@@ -172,6 +172,11 @@ pub struct ServerConfig {
     pub reload_poll: Duration,
     /// Threads serving client connections (each a single-threaded runtime, see `lanes`).
     pub workers: usize,
+    /// Open client connections served in full (see `lanes::ConnectionGate`); 0 derives it
+    /// from the open-file limit when serving starts.
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
 }
 
 /// A provider endpoint. Holds its own pooled HTTP client so timeouts are per upstream.
@@ -591,6 +596,9 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
         per_key_metrics: raw.per_key_metrics,
         reload_poll: Duration::from_secs(raw.reload_poll_secs.max(1)),
         workers,
+        max_connections: raw.max_connections,
+        header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms.max(1)),
+        body_idle_timeout: Duration::from_millis(raw.body_idle_timeout_ms.max(1)),
     }
 }
 

@@ -136,6 +136,13 @@ pub struct RawServer {
     pub reload_poll_secs: u64,
     /// Threads serving client connections; 0 means one per core.
     pub workers: usize,
+    /// Open client connections served in full; 0 derives it from the open-file limit.
+    pub max_connections: usize,
+    /// How long a client has to send a request head (and an idle keep-alive connection
+    /// waits for its next request).
+    pub header_read_timeout_ms: u64,
+    /// The longest pause allowed between two pieces of a request body.
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -152,6 +159,9 @@ impl Default for RawServer {
             per_key_metrics: true,
             reload_poll_secs: 2,
             workers: 0,
+            max_connections: 0,
+            header_read_timeout_ms: 20_000,
+            body_idle_timeout_ms: 20_000,
         }
     }
 }

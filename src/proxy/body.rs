@@ -34,10 +34,7 @@ pub(super) async fn read_body(
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut length = 0;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame
-            .map_err(|_| GatewayError::bad_request("the request body could not be read"))?
-            .into_data()
-        else {
+        let Ok(data) = frame.map_err(unreadable)?.into_data() else {
             continue;
         };
         length += data.len();
@@ -51,6 +48,16 @@ pub(super) async fn read_body(
         0 | 1 => chunks.pop().unwrap_or_default(),
         _ => Bytes::from(chunks.concat()),
     })
+}
+
+/// A body that could not be read: it paused too long (`server.body_idle_timeout_ms`), or
+/// the connection failed under it.
+fn unreadable(error: axum::Error) -> GatewayError {
+    let inner = error.into_inner();
+    match inner.downcast_ref::<tower_http::timeout::TimeoutError>() {
+        Some(_) => GatewayError::BodyTimeout,
+        None => GatewayError::bad_request("the request body could not be read"),
+    }
 }
 
 /// How much of a refused body is still read and dropped, and for how long: a server that

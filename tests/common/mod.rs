@@ -117,6 +117,11 @@ impl Harness {
         Harness::start_full(options, "", extra).await
     }
 
+    /// A gateway with extra lines in `[server]`.
+    pub async fn start_with_server(server_lines: &str) -> Harness {
+        Harness::start_full(MockOptions::default(), server_lines, "").await
+    }
+
     /// A gateway whose admin API is on its own listener (given in `server_lines`). The test
     /// key is created directly in the store, since the harness only knows the client URL.
     pub async fn start_separate_admin(server_lines: &str) -> Harness {
