@@ -5,9 +5,12 @@
 //!
 //! Behaviour can be steered per request with a `mock` object in the body, which a gateway
 //! forwards like any unknown field: `reply_tokens`, `reply`, `prompt_tokens`, `cached_tokens`,
-//! `fail` (`"500"`, `"503"`, `"429"`, `"hang"`, `"cut"`), `cut_after` (chunks), `retry_after`,
-//! `fail_first` (fail only the first N attempts with the same `x-request-id`), `tool_call` and
-//! `no_done` (end a stream without `data: [DONE]`, as some compatible servers do).
+//! `fail` (`"500"`, `"503"`, `"429"`, `"401"` (quoting the key it was sent), `"hang"`, `"cut"`,
+//! `"stall"` (a stream stops sending after `cut_after` chunks and stays open)), `cut_after`
+//! (chunks), `retry_after`, `fail_first` (fail only the first N attempts with the same
+//! `x-request-id`), `tool_call`, `no_done` (end a stream without `data: [DONE]`, as some
+//! compatible servers do), `no_usage` (report no usage) and `malformed` (a stream event, or a
+//! whole answer, that is not JSON).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -70,6 +73,10 @@ pub enum FailMode {
     Cut {
         after_chunks: u64,
     },
+    /// Streams: some chunks, then nothing more, the connection left open.
+    Stall {
+        after_chunks: u64,
+    },
 }
 
 impl FromStr for FailMode {
@@ -81,6 +88,7 @@ impl FromStr for FailMode {
             }),
             "hang" => Ok(FailMode::Hang),
             "cut" => Ok(FailMode::Cut { after_chunks: 3 }),
+            "stall" => Ok(FailMode::Stall { after_chunks: 3 }),
             code => match code.parse::<u16>() {
                 Ok(status) if (400..600).contains(&status) => Ok(FailMode::Status(status)),
                 _ => Err(format!("unknown failure mode `{text}`")),
@@ -295,6 +303,9 @@ fn failure(shared: &Shared, headers: &HeaderMap, body: &Value) -> Option<FailMod
             FailMode::Cut { .. } => FailMode::Cut {
                 after_chunks: steer["cut_after"].as_u64().unwrap_or(3),
             },
+            FailMode::Stall { .. } => FailMode::Stall {
+                after_chunks: steer["cut_after"].as_u64().unwrap_or(3),
+            },
             other => other,
         }),
         _ => None,
@@ -329,9 +340,22 @@ fn failure(shared: &Shared, headers: &HeaderMap, body: &Value) -> Option<FailMod
     None
 }
 
-/// Answers a failure that happens before any byte of a body.
-async fn fail_early(mode: FailMode) -> Option<Response> {
+/// Answers a failure that happens before any byte of a body. A 401 quotes the key it was
+/// sent, as providers do (in part): a gateway must not pass that on.
+async fn fail_early(mode: FailMode, headers: &HeaderMap) -> Option<Response> {
     match mode {
+        FailMode::Status(401) => {
+            let key = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .map_or("", |value| value.trim_start_matches("Bearer "));
+            Some(error_response(
+                401,
+                "invalid_request_error",
+                "invalid_api_key",
+                &format!("Incorrect API key provided: {key}."),
+            ))
+        }
         FailMode::Status(status) => Some(error_response(
             status,
             "server_error",
@@ -354,7 +378,7 @@ async fn fail_early(mode: FailMode) -> Option<Response> {
             std::future::pending::<()>().await;
             None
         }
-        FailMode::Cut { .. } => None,
+        FailMode::Cut { .. } | FailMode::Stall { .. } => None,
     }
 }
 
@@ -429,7 +453,7 @@ async fn generate(
         tokio::time::sleep(shared.options.latency).await;
     }
     if let Some(mode) = failing {
-        if let Some(response) = fail_early(mode).await {
+        if let Some(response) = fail_early(mode, &headers).await {
             return response;
         }
     }
@@ -468,9 +492,12 @@ async fn generate(
     } else {
         pieces.len() as u64
     };
-    let usage = usage_json(prompt, completion_per_choice * choices, cached);
-    let cut_after = match failing {
-        Some(FailMode::Cut { after_chunks }) => Some(after_chunks),
+    let usage = (body["mock"]["no_usage"] != json!(true))
+        .then(|| usage_json(prompt, completion_per_choice * choices, cached));
+    let malformed = body["mock"]["malformed"] == json!(true);
+    let interrupt = match failing {
+        Some(FailMode::Cut { after_chunks }) => Some(Interrupt::Cut(after_chunks)),
+        Some(FailMode::Stall { after_chunks }) => Some(Interrupt::Stall(after_chunks)),
         _ => None,
     };
     if body["stream"] == json!(true) {
@@ -484,14 +511,30 @@ async fn generate(
             choices,
             finish,
             tool_call: tool_call.then_some(tool_name.as_str()),
-            usage: include_usage.then_some(usage),
+            usage: usage.filter(|_| include_usage),
         });
         if body["mock"]["no_done"] == json!(true) {
             frames.pop();
         }
-        return stream_response(shared, frames, cut_after);
+        if malformed {
+            frames.insert(
+                1.min(frames.len()),
+                Bytes::from_static(b"data: {not json\n\n"),
+            );
+        }
+        return stream_response(shared, frames, interrupt);
     }
-    if cut_after.is_some() {
+    if malformed {
+        return Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from("{not json"))
+            .unwrap_or_default();
+    }
+    if let Some(Interrupt::Stall(_)) = interrupt {
+        std::future::pending::<()>().await;
+    }
+    if interrupt.is_some() {
         // A non-streamed cut: the connection drops before any byte of the answer.
         return Response::builder()
             .status(200)
@@ -519,11 +562,14 @@ async fn generate(
         Kind::Chat => "chat.completion",
         Kind::Completion => "text_completion",
     };
-    axum::Json(json!({
+    let mut answer = json!({
         "id": id, "object": object, "created": created, "model": model,
-        "choices": choices, "usage": usage, "system_fingerprint": "fp_mock", "service_tier": "default"
-    }))
-    .into_response()
+        "choices": choices, "system_fingerprint": "fp_mock", "service_tier": "default"
+    });
+    if let Some(usage) = usage {
+        answer["usage"] = usage;
+    }
+    axum::Json(answer).into_response()
 }
 
 struct StreamPlan<'a> {
@@ -618,7 +664,19 @@ impl Drop for StreamGuard {
     }
 }
 
-fn stream_response(shared: Arc<Shared>, frames: Vec<Bytes>, cut_after: Option<u64>) -> Response {
+/// How a stream is broken off: the connection dropped, or left open and silent, after so
+/// many chunks.
+#[derive(Clone, Copy)]
+enum Interrupt {
+    Cut(u64),
+    Stall(u64),
+}
+
+fn stream_response(
+    shared: Arc<Shared>,
+    frames: Vec<Bytes>,
+    interrupt: Option<Interrupt>,
+) -> Response {
     let pace = shared
         .options
         .tokens_per_sec
@@ -633,21 +691,27 @@ fn stream_response(shared: Arc<Shared>, frames: Vec<Bytes>, cut_after: Option<u6
         frames.into_iter().enumerate(),
         guard,
         pace,
-        cut_after,
+        interrupt,
         total,
     );
     let stream = futures_util::stream::unfold(
         state,
-        |(mut frames, mut guard, pace, cut_after, total)| async move {
+        |(mut frames, mut guard, pace, interrupt, total)| async move {
             let (index, frame) = frames.next()?;
-            if cut_after.is_some_and(|after| index as u64 >= after) {
-                guard.finished = true;
-                // Let the chunks already written reach the peer before the connection drops.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                return Some((
-                    Err(std::io::Error::other("mock cut the stream")),
-                    (frames, guard, pace, cut_after, total),
-                ));
+            match interrupt {
+                Some(Interrupt::Cut(after)) if index as u64 >= after => {
+                    guard.finished = true;
+                    // Let the chunks already written reach the peer before the connection drops.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return Some((
+                        Err(std::io::Error::other("mock cut the stream")),
+                        (frames, guard, pace, interrupt, total),
+                    ));
+                }
+                Some(Interrupt::Stall(after)) if index as u64 >= after => {
+                    std::future::pending::<()>().await;
+                }
+                _ => {}
             }
             if let (Some(pace), true) = (pace, index > 0) {
                 tokio::time::sleep(pace).await;
@@ -657,7 +721,7 @@ fn stream_response(shared: Arc<Shared>, frames: Vec<Bytes>, cut_after: Option<u6
             }
             Some((
                 Ok::<Bytes, std::io::Error>(frame),
-                (frames, guard, pace, cut_after, total),
+                (frames, guard, pace, interrupt, total),
             ))
         },
     );
@@ -675,7 +739,7 @@ async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: 
         Err(response) => return response,
     };
     if let Some(mode) = failure(&shared, &headers, &body) {
-        if let Some(response) = fail_early(mode).await {
+        if let Some(response) = fail_early(mode, &headers).await {
             return response;
         }
     }

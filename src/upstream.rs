@@ -135,6 +135,16 @@ pub async fn forward(
                 progress.billing = None;
             }
             let retry_after = match &result {
+                // The provider refused the gateway's own key: no retry here can succeed, but
+                // another model's provider may.
+                Ok(response) if matches!(response.status().as_u16(), 401 | 403) => {
+                    last = result.map(|response| Forwarded {
+                        model: model.clone(),
+                        response,
+                        strip_usage_chunk,
+                    });
+                    continue 'models;
+                }
                 Ok(response) if !retryable_status(response.status().as_u16()) => {
                     return result.map(|response| Forwarded {
                         model: model.clone(),

@@ -254,3 +254,125 @@ fn the_open_file_limit_is_raised_to_the_hard_limit() {
     let soft = open_files.split_whitespace().nth(3).unwrap();
     assert_eq!(soft, hard, "{open_files}");
 }
+
+/// No secret leaves the gateway: with logs at trace level, the provider key, the admin token
+/// and a client's secret appear in no log line, no `/metrics` sample, no error body and no
+/// admin answer — through success, streaming, refusals, a provider refusing the gateway's key
+/// (whose body quotes that key) and bad input. The one place a secret appears is the answer
+/// that creates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_metrics_or_answers() {
+    use common::{config_text, temp_dir, ADMIN_TOKEN, PROVIDER_KEY};
+    let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock = tollgate::mock_upstream::MockUpstream::start(mock_listener, Default::default())
+        .await
+        .unwrap();
+    let dir = temp_dir("secrets");
+    let config = dir.join("routes.toml");
+    std::fs::write(&config, config_text(&mock.base_url(), &dir, "")).unwrap();
+    let log_path = dir.join("gateway.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .env("TOLLGATE_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let mut seen = String::new();
+    let record = |response: reqwest::Response| async move {
+        let mut text = format!("{} {:?}\n", response.status(), response.headers());
+        text.push_str(&response.text().await.unwrap_or_default());
+        text
+    };
+
+    let created = http
+        .post(format!("{url}/admin/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"name": "secretive", "budget_usd": 0.00002}))
+        .send()
+        .await
+        .unwrap();
+    let created: Value = created.json().await.unwrap();
+    let secret = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let chat = |body: Value, key: String| {
+        http.post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    let hello = |extra: Value| {
+        let mut body = json!({"model": "gpt-4o-mini", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hello"}]});
+        for (name, value) in extra.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        body
+    };
+    for body in [
+        hello(json!({})),
+        hello(json!({"stream": true})),
+        hello(json!({"mock": {"fail": "401"}})),
+        hello(json!({"mock": {"fail": "500"}})),
+        hello(json!({"max_tokens": 100000})),
+        json!({"model": "nope", "messages": []}),
+        json!({"messages": "not a list"}),
+    ] {
+        seen.push_str(&record(chat(body, secret.clone()).await.unwrap()).await);
+    }
+    let near_miss = format!("{}x", &secret[..secret.len() - 1]);
+    seen.push_str(&record(chat(hello(json!({})), near_miss).await.unwrap()).await);
+    for path in [
+        format!("/admin/keys/{id}"),
+        "/admin/keys".to_owned(),
+        "/admin/usage?group_by=key".to_owned(),
+        format!("/admin/invoices/{id}"),
+    ] {
+        let response = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        seen.push_str(&record(response).await);
+    }
+    let wrong_admin = http
+        .get(format!("{url}/admin/keys"))
+        .bearer_auth(format!("{ADMIN_TOKEN}x"))
+        .send()
+        .await
+        .unwrap();
+    seen.push_str(&record(wrong_admin).await);
+    seen.push_str(&record(http.get(format!("{url}/metrics")).send().await.unwrap()).await);
+
+    // SIGTERM, so every log line is written.
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("the provider refused the gateway's credentials"));
+    assert!(
+        log.contains("[provider key]"),
+        "the quoted key was redacted"
+    );
+    for (what, secret) in [
+        ("provider key", PROVIDER_KEY),
+        ("admin token", ADMIN_TOKEN),
+        ("client secret", secret.as_str()),
+    ] {
+        assert!(!log.contains(secret), "{what} in the log");
+        assert!(!seen.contains(secret), "{what} in an answer or /metrics");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

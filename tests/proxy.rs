@@ -766,3 +766,269 @@ async fn a_connection_flood_leaves_health_checks_answering() {
     assert!(metrics.contains("tollgate_connections_shed_total{action=\"ops_only\"}"));
     assert!(metrics.contains("tollgate_connections_shed_total{action=\"closed\"}"));
 }
+
+const FAULTS_CONFIG: &str = r#"
+[upstreams.dead]
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+connect_timeout_ms = 500
+
+[models."dead-model"]
+upstream = "dead"
+tier = "deadtier"
+encoding = "o200k_base"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[router]
+virtual_model = "auto"
+default = "shaky"
+[router.tiers.shaky]
+models = [{ model = "gpt-4o", weight = 1 }]
+fallback_tier = "steady"
+[router.tiers.steady]
+models = [{ model = "gpt-4o-mini", weight = 1 }]
+[router.tiers.deadtier]
+models = [{ model = "dead-model", weight = 1 }]
+fallback_tier = "steady"
+[[router.rules]]
+name = "to-the-dead"
+target = "deadtier"
+when = { any_keywords = ["deadly"] }
+"#;
+
+/// One row of the fault matrix: what the client saw and what the ledger kept.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: u16,
+    /// The error code, or for a 200 whether the stream reached its `[DONE]`.
+    code: String,
+    ledger_status: u16,
+    outcome: Outcome,
+    billed: bool,
+}
+
+/// Every upstream fault × (non-streaming, streaming, `auto` with a fallback): the client's
+/// status and error, the ledger row, the key's limits settled (nothing reserved, its one
+/// concurrency slot free again) and each request counted once in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_matrix() {
+    let gw = Harness::start_with(MockOptions::default(), FAULTS_CONFIG).await;
+    let key = gw
+        .create_key(json!({"name": "faulty", "budget_usd": 1, "max_concurrency": 1}))
+        .await;
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let id = key["id"].as_str().unwrap().to_owned();
+    let completed = |code: &str, outcome: Outcome| Seen {
+        status: 200,
+        code: code.to_owned(),
+        ledger_status: if code == "done" { 200 } else { 502 },
+        outcome,
+        billed: true,
+    };
+    // A stream that went silent: the client's stream is cut, the ledger says it timed out.
+    let timed_out = || Seen {
+        ledger_status: 504,
+        ..completed("cut", Outcome::GatewayError)
+    };
+    let failed = |status: u16, code: &str, outcome: Outcome| Seen {
+        status,
+        code: code.to_owned(),
+        ledger_status: status,
+        outcome,
+        billed: false,
+    };
+    let fallback = || completed("done", Outcome::Completed);
+    // (fault, mock steering, model for the named cases, non-streaming, streaming, auto).
+    let cases: Vec<(&str, Value, &str, Seen, Seen, Seen)> = vec![
+        (
+            "connection refused",
+            json!({}),
+            "dead-model",
+            failed(502, "upstream_unreachable", Outcome::GatewayError),
+            failed(502, "upstream_unreachable", Outcome::GatewayError),
+            fallback(),
+        ),
+        (
+            // Before any byte of the answer: the head of a stream has reached the client, so
+            // a stream is not retried; a whole answer is, and falls back under `auto`.
+            "reset before the answer",
+            json!({"fail": "cut", "cut_after": 0}),
+            "gpt-4o",
+            failed(502, "upstream_unreachable", Outcome::GatewayError),
+            completed("cut", Outcome::GatewayError),
+            completed("cut", Outcome::GatewayError),
+        ),
+        (
+            "429 with Retry-After",
+            json!({"fail": "429", "retry_after": 0}),
+            "gpt-4o",
+            failed(429, "rate_limit_exceeded", Outcome::UpstreamError),
+            failed(429, "rate_limit_exceeded", Outcome::UpstreamError),
+            fallback(),
+        ),
+        (
+            "500",
+            json!({"fail": "500"}),
+            "gpt-4o",
+            failed(500, "server_error", Outcome::UpstreamError),
+            failed(500, "server_error", Outcome::UpstreamError),
+            fallback(),
+        ),
+        (
+            "503",
+            json!({"fail": "503"}),
+            "gpt-4o",
+            failed(503, "server_error", Outcome::UpstreamError),
+            failed(503, "server_error", Outcome::UpstreamError),
+            fallback(),
+        ),
+        (
+            "hang before headers",
+            json!({"fail": "hang"}),
+            "gpt-4o",
+            failed(504, "upstream_timeout", Outcome::GatewayError),
+            failed(504, "upstream_timeout", Outcome::GatewayError),
+            fallback(),
+        ),
+        (
+            "hang mid-stream",
+            json!({"fail": "stall", "cut_after": 3}),
+            "gpt-4o",
+            failed(504, "upstream_timeout", Outcome::GatewayError),
+            timed_out(),
+            timed_out(),
+        ),
+        (
+            "reset mid-stream",
+            json!({"fail": "cut", "cut_after": 3}),
+            "gpt-4o",
+            failed(502, "upstream_unreachable", Outcome::GatewayError),
+            completed("cut", Outcome::GatewayError),
+            completed("cut", Outcome::GatewayError),
+        ),
+        (
+            "malformed answer",
+            json!({"malformed": true}),
+            "gpt-4o",
+            failed(502, "upstream_error", Outcome::GatewayError),
+            completed("done", Outcome::Completed),
+            completed("done", Outcome::Completed),
+        ),
+        (
+            "usage missing",
+            json!({"no_usage": true}),
+            "gpt-4o",
+            completed("done", Outcome::Completed),
+            completed("done", Outcome::Completed),
+            completed("done", Outcome::Completed),
+        ),
+        (
+            "401 from the provider",
+            json!({"fail": "401"}),
+            "gpt-4o",
+            failed(502, "upstream_auth_failed", Outcome::UpstreamError),
+            failed(502, "upstream_auth_failed", Outcome::UpstreamError),
+            fallback(),
+        ),
+    ];
+    let requests_counted = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("tollgate_requests_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut mismatches = Vec::new();
+    let mut recorded = gw.usage_records(0).await.len();
+    for (fault, steering, model, plain, streamed, auto) in cases {
+        for (mode, expected) in [
+            ("non-streaming", plain),
+            ("streaming", streamed),
+            ("auto", auto),
+        ] {
+            let before = requests_counted(&gw.metrics().await);
+            let stream = mode != "non-streaming";
+            let mut steering = steering.clone();
+            let (model, content) = match mode {
+                "auto" => (
+                    "auto",
+                    if model == "dead-model" {
+                        "deadly hello"
+                    } else {
+                        "hello"
+                    },
+                ),
+                _ => (model, "hello"),
+            };
+            if mode == "auto" && model != "dead-model" && steering["fail"].is_string() {
+                // Only the primary's attempts fail: the fallback model is asked afterwards.
+                let attempts = if steering["fail"] == "401" { 1 } else { 2 };
+                steering["fail_first"] = json!(attempts);
+            }
+            let body = json!({"model": model, "stream": stream, "max_tokens": 20,
+                "messages": [{"role": "user", "content": content}], "mock": steering});
+            let response = gw
+                .http
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .bearer_auth(&secret)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let request_id = response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let code = match status {
+                200 => match response.text().await {
+                    Ok(text) if text.trim_end().ends_with("data: [DONE]") || !stream => "done",
+                    _ => "cut",
+                }
+                .to_owned(),
+                _ => {
+                    let error: Value = response.json().await.unwrap_or(Value::Null);
+                    error["error"]["code"]
+                        .as_str()
+                        .unwrap_or("not an OpenAI error")
+                        .to_owned()
+                }
+            };
+            recorded += 1;
+            let records = gw.usage_records(recorded).await;
+            let record = records.iter().find(|r| r.request_id == request_id);
+            let seen = Seen {
+                status,
+                code,
+                ledger_status: record.map_or(0, |r| r.status),
+                outcome: record.map_or(Outcome::Rejected, |r| r.outcome),
+                billed: record.is_some_and(|r| r.charge.nanos() > 0),
+            };
+            if seen != expected {
+                mismatches.push(format!(
+                    "{fault} / {mode}: expected {expected:?}, saw {seen:?}"
+                ));
+            }
+            let state: Value = gw
+                .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if state["reserved_usd"] != json!(0) {
+                mismatches.push(format!("{fault} / {mode}: still reserved: {state}"));
+            }
+            let after = requests_counted(&gw.metrics().await);
+            if after - before != 1.0 {
+                mismatches.push(format!(
+                    "{fault} / {mode}: counted {} times",
+                    after - before
+                ));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}

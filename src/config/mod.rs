@@ -198,6 +198,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The provider key itself (from `authorization`), to keep it out of logged text.
+    pub fn api_key(&self) -> Option<&str> {
+        let value = self.authorization.as_ref()?.to_str().ok()?;
+        Some(value.strip_prefix("Bearer ").unwrap_or(value)).filter(|key| !key.is_empty())
+    }
+
     pub fn client(&self) -> &ProviderClient {
         self.clients
             .get_or(|| provider_client(self.connect_timeout))

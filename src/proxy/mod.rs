@@ -471,9 +471,10 @@ impl Exchange {
                 .inc();
         }
         let outcome = match error {
-            GatewayError::UpstreamTimeout | GatewayError::UpstreamUnreachable(_) => {
-                Outcome::GatewayError
-            }
+            GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamAnswer { .. }
+            | GatewayError::UpstreamCredentials { .. } => Outcome::GatewayError,
             _ => Outcome::Rejected,
         };
         self.settle(Ending {
@@ -503,7 +504,11 @@ impl Exchange {
             _ => Bytes::new(),
         };
         let unreadable = if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            let text = String::from_utf8_lossy(&body[..body.len().min(1_000)]).into_owned();
+            let mut text = String::from_utf8_lossy(&body[..body.len().min(1_000)]).into_owned();
+            // Providers quote the key they were sent; the log must not hold it.
+            if let Some(key) = self.model.as_ref().and_then(|m| m.upstream.api_key()) {
+                text = text.replace(key, "[provider key]");
+            }
             tracing::error!(
                 upstream = self.model.as_ref().map_or("-", |m| m.upstream.name.as_str()),
                 status = status.as_u16(),
@@ -560,7 +565,7 @@ impl Exchange {
         };
         let ttft = self.accepted.elapsed();
         let inline_max = self.config.server.inline_count_max_bytes;
-        let (reported, output, finish_reason) = meter_body(
+        let Some((reported, output, finish_reason)) = meter_body(
             &self.app.tokenizer,
             &self.app.metrics,
             &model,
@@ -568,7 +573,14 @@ impl Exchange {
             body.clone(),
             inline_max,
         )
-        .await;
+        .await
+        else {
+            return Err(GatewayError::UpstreamAnswer {
+                status: StatusCode::BAD_GATEWAY,
+                message: "the upstream answered with a success status and a body that is not JSON"
+                    .to_owned(),
+            });
+        };
         self.counted.output = output;
         let committed = self.settle(Ending {
             answered: true,
@@ -681,8 +693,9 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError 
     }
 }
 
-/// Reads usage, output count and finish reason from a whole JSON answer; tokenizing an answer
-/// over `inline_max` bytes runs on the blocking pool, a smaller one costs less than the hop.
+/// Reads usage, output count and finish reason from a whole JSON answer (`None` when it is not
+/// JSON); tokenizing an answer over `inline_max` bytes runs on the blocking pool, a smaller one
+/// costs less than the hop.
 async fn meter_body(
     tokenizer: &Tokenizer,
     metrics: &crate::metrics::Metrics,
@@ -690,14 +703,12 @@ async fn meter_body(
     endpoint: Endpoint,
     body: Bytes,
     inline_max: usize,
-) -> (Option<TokenUsage>, u64, Option<String>) {
+) -> Option<(Option<TokenUsage>, u64, Option<String>)> {
     let tokenizer = *tokenizer;
     let encoding = model.encoding;
     let inline = endpoint == Endpoint::Embeddings || body.len() <= inline_max;
     let work = move |body: Bytes| {
-        let Some(answer) = Answer::parse(&body) else {
-            return (None, 0, None);
-        };
+        let answer = Answer::parse(&body)?;
         let reported = answer.usage();
         let mut output = OutputCounter::default();
         answer.read_output(&mut output);
@@ -705,7 +716,7 @@ async fn meter_body(
             Endpoint::Embeddings => 0,
             _ => output.finish(&tokenizer, encoding),
         };
-        (reported, tokens, output.finish_reason().map(str::to_owned))
+        Some((reported, tokens, output.finish_reason().map(str::to_owned)))
     };
     if inline {
         return work(body);
@@ -717,9 +728,8 @@ async fn meter_body(
             // The provider's own figures are still billed, when it gave them.
             tracing::error!(%error, "output tokens not counted");
             metrics.output_count_failures.inc();
-            let answer = Answer::parse(&kept);
-            let reported = answer.as_ref().and_then(Answer::usage);
-            (reported, 0, None)
+            let answer = Answer::parse(&kept)?;
+            Some((answer.usage(), 0, None))
         }
     }
 }
