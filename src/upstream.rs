@@ -66,7 +66,9 @@ pub struct Forwarded {
 pub struct Attempt<'a> {
     pub endpoint: Endpoint,
     /// The client's body as received (already parsed and checked to be an object).
-    pub body: &'a [u8],
+    pub body: &'a Bytes,
+    /// Whether the body is small enough to splice on the serving lane.
+    pub inline: bool,
     pub stream: bool,
     pub request_id: &'a HeaderValue,
     pub policy: &'a RetryPolicy,
@@ -111,12 +113,7 @@ pub async fn forward(
                 .with_label_values(&[model.name.as_str()])
                 .inc();
         }
-        let (body, strip_usage_chunk) = upstream_body(
-            attempt.body,
-            &model.upstream_model,
-            attempt.endpoint,
-            attempt.stream,
-        )?;
+        let (body, strip_usage_chunk) = splice(attempt, model).await?;
         for try_on_model in 0..attempt.policy.attempts_per_model {
             if progress.attempts >= attempt.policy.max_attempts {
                 break 'models;
@@ -202,6 +199,23 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
         .min(policy.backoff_max);
     let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::rng().random_range(0..=millis))
+}
+
+/// [`upstream_body`] for `model`, on the blocking pool for a large body.
+async fn splice(attempt: &Attempt<'_>, model: &Model) -> Result<(Bytes, bool), GatewayError> {
+    if attempt.inline {
+        return upstream_body(
+            attempt.body,
+            &model.upstream_model,
+            attempt.endpoint,
+            attempt.stream,
+        );
+    }
+    let (client, upstream_model) = (attempt.body.clone(), model.upstream_model.clone());
+    let (endpoint, stream) = (attempt.endpoint, attempt.stream);
+    tokio::task::spawn_blocking(move || upstream_body(&client, &upstream_model, endpoint, stream))
+        .await
+        .map_err(|error| GatewayError::Internal(format!("cannot encode the request: {error}")))?
 }
 
 /// The body sent upstream: the client's bytes, member for member and in the client's order,

@@ -32,7 +32,7 @@ use crate::limits::{Demand, RateLimitHeaders, Refusal};
 use crate::meter::answer::Answer;
 use crate::meter::record::{Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
-use crate::route::KeyPolicy;
+use crate::route::{Decision, KeyPolicy, RouteError};
 use crate::state::{FallbackGate, Pass, Refused};
 use crate::upstream;
 use body::{parse_request, read_body};
@@ -92,7 +92,11 @@ async fn proxy(
         .ok_or(GatewayError::InvalidApiKey)?;
     exchange.key = Some(key.clone());
     let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
-    let request = parse_request(&bytes)?;
+    // A large body is parsed, counted, routed and spliced on the blocking pool: on the serving
+    // lane its work would delay every other request there.
+    let inline = bytes.len() <= config.server.inline_count_max_bytes;
+    let parsing = bytes.clone();
+    let request = off_lane(inline, move || parse_request(&parsing)).await??;
     exchange.requested_model = request.model.clone();
     exchange.streamed = request.stream;
 
@@ -114,11 +118,10 @@ async fn proxy(
             param: Some("model"),
         });
     }
-    let inline = bytes.len() <= config.server.inline_count_max_bytes;
     // The routing model's prompt is measured with o200k_base, the encoding of every current
     // OpenAI family; it is recounted below if the chosen model uses another.
     let encoding = direct.as_ref().map_or(Encoding::O200kBase, |m| m.encoding);
-    let (body, input_tokens) = count_input(
+    let (mut body, input_tokens) = count_input(
         &exchange.app.tokenizer,
         exchange.endpoint,
         encoding,
@@ -133,7 +136,12 @@ async fn proxy(
             exchange.route_rule = "direct".to_owned();
             vec![model]
         }
-        None => exchange.route(&config, &key, &body)?,
+        None => {
+            let (decided, body_back) =
+                decide_route(&config, &key, body, input_tokens, inline).await?;
+            body = body_back;
+            exchange.route(&config, decided)?
+        }
     };
     let chosen = candidates[0].clone();
     exchange.model = Some(chosen.clone());
@@ -156,6 +164,7 @@ async fn proxy(
     let attempt = upstream::Attempt {
         endpoint: exchange.endpoint,
         body: &bytes,
+        inline,
         stream: request.stream,
         request_id: &exchange.request_id,
         policy: &config.retry,
@@ -280,6 +289,53 @@ async fn count_input(
     .map_err(|error| GatewayError::Internal(format!("token counting failed: {error}")))
 }
 
+/// Runs `work` here, or on the blocking pool when it is not `inline`.
+async fn off_lane<T: Send + 'static>(
+    inline: bool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, GatewayError> {
+    if inline {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| GatewayError::Internal(format!("request work failed: {error}")))
+}
+
+/// The router's decision for a request to the virtual model, made off the lane for a large
+/// body (its text detectors read up to 64 KiB); the body comes back with it.
+async fn decide_route(
+    config: &Arc<Config>,
+    key: &KeyRecord,
+    body: Value,
+    prompt_tokens: u64,
+    inline: bool,
+) -> Result<(Result<Decision, RouteError>, Value), GatewayError> {
+    let Some(router) = &config.router else {
+        return Err(GatewayError::UnknownModel(
+            body["model"].as_str().unwrap_or_default().to_owned(),
+        ));
+    };
+    // A key allowed the routing model may be served by any model it picks.
+    let allowed_models = key
+        .models
+        .clone()
+        .filter(|list| !list.iter().any(|m| router.is_virtual(m)));
+    let policy = KeyPolicy {
+        allowed_models,
+        ..KeyPolicy::default()
+    };
+    let config = config.clone();
+    off_lane(inline, move || {
+        let decided = match &config.router {
+            Some(router) => router.decide(&body, prompt_tokens, &policy, &mut rand::rng()),
+            None => Err(RouteError::NothingAllowed(String::new())),
+        };
+        (decided, body)
+    })
+    .await
+}
+
 /// The facts of one request, filled in phase by phase and turned into its usage record when
 /// it ends. A request settles exactly once: `settled` guards it.
 struct Exchange {
@@ -357,27 +413,13 @@ impl Exchange {
     }
 
     /// Routing for the virtual model: the chosen model first, then its fallbacks.
+    /// Takes the router's decision: the metrics, the rule, the models to try in order.
     fn route(
         &mut self,
         config: &Config,
-        key: &KeyRecord,
-        body: &Value,
+        decided: Result<Decision, RouteError>,
     ) -> Result<Vec<Arc<Model>>, GatewayError> {
-        let Some(router) = &config.router else {
-            return Err(GatewayError::UnknownModel(self.requested_model.clone()));
-        };
-        // A key allowed the routing model may be served by any model it picks.
-        let allowed_models = key
-            .models
-            .clone()
-            .filter(|list| !list.iter().any(|m| router.is_virtual(m)));
-        let policy = KeyPolicy {
-            allowed_models,
-            ..KeyPolicy::default()
-        };
-        let decision = router
-            .decide(body, self.counted.input, &policy, &mut rand::rng())
-            .map_err(|error| GatewayError::ModelNotAllowed(error.to_string()))?;
+        let decision = decided.map_err(|error| GatewayError::ModelNotAllowed(error.to_string()))?;
         self.app
             .metrics
             .route_decisions
