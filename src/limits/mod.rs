@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use dashmap::DashMap;
 
-pub use budget::{Budget, BudgetPeriod, BudgetSnapshot, UNCAPPED};
+pub use budget::{Budget, BudgetExceeded, BudgetPeriod, BudgetSnapshot, UNCAPPED};
 use gcra::{Gcra, Snapshot};
 
 use crate::money::Money;
@@ -124,6 +124,15 @@ pub enum Refusal {
     InsufficientQuota { remaining: Money, needed: Money },
     /// The shared state that holds the limits cannot be reached (`fail_closed`).
     Unavailable,
+}
+
+impl From<BudgetExceeded> for Refusal {
+    fn from(exceeded: BudgetExceeded) -> Refusal {
+        Refusal::InsufficientQuota {
+            remaining: exceeded.remaining,
+            needed: exceeded.needed,
+        }
+    }
 }
 
 impl Refusal {
@@ -454,12 +463,7 @@ impl Limiter {
             }
         }
         if let Some(budget) = key.and_then(|k| k.budget.as_ref()) {
-            ticket.reserved = budget
-                .reserve(demand.cost, now_us / 1_000)
-                .map_err(|exceeded| Refusal::InsufficientQuota {
-                    remaining: exceeded.remaining,
-                    needed: exceeded.needed,
-                })?;
+            ticket.reserved = budget.reserve(demand.cost, now_us / 1_000)?;
         }
         Ok(())
     }
@@ -545,13 +549,7 @@ impl Limiter {
         let Some(budget) = key.as_ref().and_then(|key| key.budget.as_ref()) else {
             return Ok(Settlement::default());
         };
-        let reserved =
-            budget
-                .reserve(amount, now_ms)
-                .map_err(|exceeded| Refusal::InsufficientQuota {
-                    remaining: exceeded.remaining,
-                    needed: exceeded.needed,
-                })?;
+        let reserved = budget.reserve(amount, now_ms)?;
         let settled = budget.settle(reserved, amount, now_ms);
         Ok(Settlement {
             overshoot: Money::ZERO,

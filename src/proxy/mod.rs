@@ -138,8 +138,10 @@ async fn proxy(
         }
         None => {
             let (decided, body_back) =
-                decide_route(&config, &key, body, input_tokens, inline).await?;
+                decide_route(&config, key.models.clone(), body, input_tokens, inline).await?;
             body = body_back;
+            let decided = decided
+                .ok_or_else(|| GatewayError::UnknownModel(exchange.requested_model.clone()))?;
             exchange.route(&config, decided)?
         }
     };
@@ -302,35 +304,27 @@ async fn off_lane<T: Send + 'static>(
         .map_err(|error| GatewayError::Internal(format!("request work failed: {error}")))
 }
 
-/// The router's decision for a request to the virtual model, made off the lane for a large
-/// body (its text detectors read up to 64 KiB); the body comes back with it.
+/// The router's decision for a request to the virtual model (`None` without a router), made
+/// off the lane for a large body (its text detectors read up to 64 KiB); the body comes back
+/// with it.
 async fn decide_route(
     config: &Arc<Config>,
-    key: &KeyRecord,
+    key_models: Option<Vec<String>>,
     body: Value,
     prompt_tokens: u64,
     inline: bool,
-) -> Result<(Result<Decision, RouteError>, Value), GatewayError> {
-    let Some(router) = &config.router else {
-        return Err(GatewayError::UnknownModel(
-            body["model"].as_str().unwrap_or_default().to_owned(),
-        ));
-    };
-    // A key allowed the routing model may be served by any model it picks.
-    let allowed_models = key
-        .models
-        .clone()
-        .filter(|list| !list.iter().any(|m| router.is_virtual(m)));
-    let policy = KeyPolicy {
-        allowed_models,
-        ..KeyPolicy::default()
-    };
+) -> Result<(Option<Result<Decision, RouteError>>, Value), GatewayError> {
     let config = config.clone();
     off_lane(inline, move || {
-        let decided = match &config.router {
-            Some(router) => router.decide(&body, prompt_tokens, &policy, &mut rand::rng()),
-            None => Err(RouteError::NothingAllowed(String::new())),
-        };
+        let decided = config.router.as_ref().map(|router| {
+            // A key allowed the routing model may be served by any model it picks.
+            let policy = KeyPolicy {
+                allowed_models: key_models
+                    .filter(|list| !list.iter().any(|m| router.is_virtual(m))),
+                ..KeyPolicy::default()
+            };
+            router.decide(&body, prompt_tokens, &policy, &mut rand::rng())
+        });
         (decided, body)
     })
     .await

@@ -461,13 +461,6 @@ impl Plan {
             _ => None,
         }
     }
-
-    pub fn outcome_price(&self, outcome: &str) -> Option<Money> {
-        match self {
-            Plan::PerOutcome { outcomes, .. } => outcomes.get(outcome).copied(),
-            _ => None,
-        }
-    }
 }
 
 /// Validation problems, by field path.

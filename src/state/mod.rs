@@ -201,22 +201,16 @@ impl Admission {
                 Ok(Admitted::Refused(refusal, headers)) => {
                     return Err(Refused { refusal, headers })
                 }
-                Ok(Admitted::NeedsSeed) => {
-                    let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
-                    let spent = match spend_from_ledger(ledger, key_id, period).await {
-                        Ok(spent) => spent,
-                        Err(error) => {
-                            tracing::error!(%error, "cannot read a budget's spend from the ledger");
-                            return Err(Refused {
-                                refusal: Refusal::Unavailable,
-                                headers: RateLimitHeaders::default(),
-                            });
-                        }
-                    };
-                    if let Err(error) = redis.seed_spend(key_id, period, spent).await {
-                        return unavailable(error);
+                Ok(Admitted::NeedsSeed) => match seed_spend(redis, ledger, key_id, limits).await {
+                    Ok(()) => {}
+                    Err(Unseeded::Ledger) => {
+                        return Err(Refused {
+                            refusal: Refusal::Unavailable,
+                            headers: RateLimitHeaders::default(),
+                        })
                     }
-                }
+                    Err(Unseeded::Redis(error)) => return unavailable(error),
+                },
                 Err(error) => return unavailable(error),
             }
         }
@@ -325,19 +319,11 @@ impl Admission {
                 Ok(Some(Charged::Done)) => return Ok(Charge::Done(Vec::new())),
                 Ok(Some(Charged::Refused(refusal))) => return Err(refusal),
                 Ok(Some(Charged::Repeat(first))) => return Ok(Charge::Repeat(first)),
-                Ok(None) => {
-                    let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
-                    match spend_from_ledger(ledger, key_id, period).await {
-                        Ok(spent) => match redis.seed_spend(key_id, period, spent).await {
-                            Ok(()) => continue,
-                            Err(error) => error,
-                        },
-                        Err(error) => {
-                            tracing::error!(%error, "cannot read a budget's spend from the ledger");
-                            return Err(Refusal::Unavailable);
-                        }
-                    }
-                }
+                Ok(None) => match seed_spend(redis, ledger, key_id, limits).await {
+                    Ok(()) => continue,
+                    Err(Unseeded::Ledger) => return Err(Refusal::Unavailable),
+                    Err(Unseeded::Redis(error)) => error,
+                },
                 Err(error) => error,
             };
             if redis.on_unavailable == OnUnavailable::FailOpen {
@@ -370,9 +356,7 @@ impl Admission {
             Ok(None) => {}
             Err(_) => return None,
         }
-        let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
-        let spent = spend_from_ledger(ledger, key_id, period).await.ok()?;
-        redis.seed_spend(key_id, period, spent).await.ok()?;
+        seed_spend(redis, ledger, key_id, limits).await.ok()?;
         redis.budget(key_id, limits).await.ok().flatten()
     }
 
@@ -409,6 +393,34 @@ impl FallbackGate<'_> {
             }
         }
     }
+}
+
+/// Why a key's period spend could not be put into Redis: the ledger could not be read (and
+/// that was logged), or Redis could not be reached.
+enum Unseeded {
+    Ledger,
+    Redis(redis::StateError),
+}
+
+/// Seeds a key's spend for its budget period in Redis from the ledger, unless a replica
+/// already has.
+async fn seed_spend(
+    redis: &RedisState,
+    ledger: &Arc<dyn LedgerReader>,
+    key_id: &str,
+    limits: &KeyLimits,
+) -> Result<(), Unseeded> {
+    let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
+    let spent = spend_from_ledger(ledger, key_id, period)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "cannot read a budget's spend from the ledger");
+            Unseeded::Ledger
+        })?;
+    redis
+        .seed_spend(key_id, period, spent)
+        .await
+        .map_err(Unseeded::Redis)
 }
 
 async fn spend_from_ledger(
