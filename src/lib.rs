@@ -10,6 +10,8 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod lanes;
 pub mod limits;
 pub mod meter;

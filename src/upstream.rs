@@ -224,7 +224,7 @@ async fn splice(attempt: &Attempt<'_>, model: &Model) -> Result<(Bytes, bool), G
 /// are copied as they arrived, never re-encoded, so numbers, escapes and fields this gateway
 /// does not know reach the provider unchanged. Returns whether the usage chunk must be removed
 /// again because the client did not ask for it.
-fn upstream_body(
+pub(crate) fn upstream_body(
     client: &[u8],
     upstream_model: &str,
     endpoint: Endpoint,
