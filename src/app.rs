@@ -37,6 +37,8 @@ pub struct App {
     pub ledger: Arc<dyn LedgerReader>,
     /// Outcome reports lately accepted, for answering their repeats.
     pub outcomes: crate::outcomes::Recent,
+    /// The model and key of each Responses API response served lately.
+    pub response_owners: crate::responses::Owners,
     /// Held by an admin change of a key from its write to its activation here, so that two
     /// changes activate in the order they were written.
     pub key_writes: tokio::sync::Mutex<()>,
@@ -80,6 +82,7 @@ impl App {
             totals: services.totals,
             ledger: services.ledger,
             outcomes: crate::outcomes::Recent::default(),
+            response_owners: crate::responses::Owners::default(),
             key_writes: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             runtime: services.runtime,

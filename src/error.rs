@@ -22,6 +22,9 @@ pub enum GatewayError {
     UnknownModel(String),
     #[error("no route for {0}")]
     NotFound(String),
+    /// A Responses API response this key may not see: unknown, expired or another key's.
+    #[error("Response with id '{0}' not found.")]
+    ResponseNotFound(String),
     #[error("incorrect API key provided")]
     InvalidApiKey,
     #[error("invalid admin token")]
@@ -97,7 +100,9 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::UnknownModel(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::UnknownModel(_)
+            | GatewayError::NotFound(_)
+            | GatewayError::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
             | GatewayError::AdminDisabled => StatusCode::UNAUTHORIZED,
@@ -131,7 +136,8 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::BodyTimeout
             | GatewayError::UnknownModel(_)
-            | GatewayError::NotFound(_) => "invalid_request_error",
+            | GatewayError::NotFound(_)
+            | GatewayError::ResponseNotFound(_) => "invalid_request_error",
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
             | GatewayError::AdminDisabled => "invalid_request_error",
@@ -159,7 +165,7 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::UnknownModel(_) => "model_not_found",
-            GatewayError::NotFound(_) => "not_found",
+            GatewayError::NotFound(_) | GatewayError::ResponseNotFound(_) => "not_found",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
             GatewayError::AdminDisabled => "admin_disabled",

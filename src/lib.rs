@@ -22,6 +22,7 @@ pub mod outcomes;
 pub mod proxy;
 pub mod rating;
 pub mod reload;
+pub mod responses;
 pub mod route;
 pub mod server;
 pub mod state;

@@ -388,6 +388,8 @@ pub fn router(app: Arc<App>, with_admin: bool) -> Router {
         )
         .route("/v1/completions", proxy::endpoint(Endpoint::Completions))
         .route("/v1/embeddings", proxy::endpoint(Endpoint::Embeddings))
+        .route("/v1/responses", proxy::endpoint(Endpoint::Responses))
+        .merge(crate::responses::routes())
         .route("/v1/models", get(proxy::models))
         .route("/v1/models/{id}", get(proxy::model))
         .route("/v1/outcomes", post(crate::outcomes::report))

@@ -16,7 +16,10 @@ pub struct SseTap {
     strip_usage_chunk: bool,
     pub output: OutputCounter,
     pub usage: Option<TokenUsage>,
+    /// The stream's end: `[DONE]`, or the last event of a Responses stream.
     pub saw_done: bool,
+    /// The id of the Responses API response being streamed.
+    pub response_id: Option<String>,
 }
 
 impl SseTap {
@@ -71,6 +74,10 @@ impl SseTap {
         if let Some(usage) = chunk.usage() {
             self.usage = Some(usage);
         }
+        if self.response_id.is_none() {
+            self.response_id = chunk.response_id().map(str::to_owned);
+        }
+        self.saw_done |= chunk.ends_response();
         let usage_only = chunk.is_usage_only();
         chunk.read_output(&mut self.output);
         !(self.strip_usage_chunk && usage_only)

@@ -234,7 +234,9 @@ pub(crate) fn upstream_body(
         GatewayError::Internal(format!("cannot encode the request: {error}"))
     };
     let members: Members = serde_json::from_slice(client).map_err(encode_error)?;
-    let usage_option = stream && endpoint != Endpoint::Embeddings;
+    // Responses streams always end with their usage.
+    let usage_option =
+        stream && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
     let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
     body.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut body, upstream_model).map_err(encode_error)?;
@@ -390,6 +392,34 @@ async fn send(
         .with_label_values(&[upstream.name.as_str(), label])
         .inc();
     outcome
+}
+
+/// A request about something the provider stores (a Responses API response, by its path
+/// under the upstream's base URL), without a body; not retried, not metered.
+pub async fn relay(model: &Model, method: Method, path: &str) -> Result<Reply, GatewayError> {
+    let upstream = &model.upstream;
+    let uri: hyper::http::Uri = format!("{}{path}", upstream.base_url)
+        .parse()
+        .map_err(|_| GatewayError::bad_request("the id is not valid in a URL"))?;
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    if let Some(authorization) = &upstream.authorization {
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, authorization.clone());
+    }
+    match tokio::time::timeout(
+        upstream.first_byte_timeout,
+        upstream.client().request(request),
+    )
+    .await
+    {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(error)) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(error)) => Err(GatewayError::UpstreamUnreachable(describe(&error))),
+        Ok(Ok(response)) => Ok(response),
+    }
 }
 
 fn status_label(status: u16) -> &'static str {

@@ -184,9 +184,9 @@ pub struct Upstream {
     pub name: String,
     /// Base URL without a trailing slash, ending in the API version (`…/v1`).
     pub base_url: String,
-    /// The chat, completions and embeddings URLs, parsed once: parsing one per request was
-    /// a twelfth of the gateway's instructions.
-    endpoint_uris: [hyper::http::Uri; 3],
+    /// Each endpoint's URL, in the order of [`Endpoint::ALL`], parsed once: parsing one per
+    /// request was a twelfth of the gateway's instructions.
+    endpoint_uris: [hyper::http::Uri; 4],
     /// The `Authorization` header value for the provider, resolved from the environment.
     pub authorization: Option<reqwest::header::HeaderValue>,
     /// One pooled client per thread: a lane's requests use only connections whose tasks run
@@ -210,12 +210,7 @@ impl Upstream {
     }
 
     pub fn uri(&self, endpoint: Endpoint) -> hyper::http::Uri {
-        let index = match endpoint {
-            Endpoint::ChatCompletions => 0,
-            Endpoint::Completions => 1,
-            Endpoint::Embeddings => 2,
-        };
-        self.endpoint_uris[index].clone()
+        self.endpoint_uris[endpoint as usize].clone()
     }
 }
 
@@ -630,11 +625,12 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
             .filter(|url| matches!(url.scheme(), "http" | "https"))
             .and_then(|url| url.as_str().parse::<hyper::http::Uri>().ok())
     };
-    let (Some(chat), Some(completions), Some(embeddings)) = (
-        endpoint_url(Endpoint::ChatCompletions),
-        endpoint_url(Endpoint::Completions),
-        endpoint_url(Endpoint::Embeddings),
-    ) else {
+    let Some(endpoint_uris) = Endpoint::ALL
+        .map(endpoint_url)
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|uris| <[hyper::http::Uri; 4]>::try_from(uris).ok())
+    else {
         problems.push(
             &field("base_url"),
             format!("`{}` is not an http(s) URL", raw.base_url),
@@ -679,7 +675,7 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
     Some(Upstream {
         name: name.to_owned(),
         base_url,
-        endpoint_uris: [chat, completions, embeddings],
+        endpoint_uris,
         authorization,
         clients: ThreadLocal::new(),
         connect_timeout: Duration::from_millis(raw.connect_timeout_ms.max(1)),

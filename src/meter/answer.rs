@@ -1,5 +1,6 @@
 //! What metering reads of an upstream answer: a whole chat completion or completion, or one
-//! streamed chunk of either (a chunk's `delta` has a message's shape). Strings are borrowed
+//! streamed chunk of either (a chunk's `delta` has a message's shape); a whole Responses API
+//! response, or one of its stream's typed events. Strings are borrowed
 //! where the JSON has no escapes and every other field is skipped unallocated: parsing answers
 //! into `serde_json::Value` was a fifth of a request's instructions.
 
@@ -15,6 +16,62 @@ pub struct Answer<'a> {
     #[serde(borrow)]
     choices: Option<Vec<Choice<'a>>>,
     usage: Option<WireUsage>,
+    /// A Responses stream event's type (`response.output_text.delta`, …).
+    #[serde(borrow, rename = "type")]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    delta: Option<Cow<'a, str>>,
+    output_index: Option<u64>,
+    /// The response a stream's first and last events carry.
+    #[serde(borrow)]
+    response: Option<Box<Response<'a>>>,
+    /// `response` when the answer is a whole Responses API response.
+    #[serde(borrow)]
+    object: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    output: Option<Vec<OutputItem<'a>>>,
+    #[serde(borrow)]
+    incomplete_details: Option<IncompleteDetails<'a>>,
+}
+
+/// A Responses API response object, as a stream event carries it (only what metering reads).
+#[derive(Deserialize)]
+struct Response<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    incomplete_details: Option<IncompleteDetails<'a>>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct OutputItem<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    content: Option<Vec<ContentPart<'a>>>,
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ContentPart<'a> {
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct IncompleteDetails<'a> {
+    #[serde(borrow)]
+    reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -56,12 +113,16 @@ struct Function<'a> {
 /// month's totals (and the ledger's sums) and, wrapped negative, lift the key's budget cap.
 pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
 
-/// OpenAI's usage object (chat, completions and embeddings share the names).
+/// OpenAI's usage object (chat, completions and embeddings share the names; Responses
+/// calls them input and output).
 #[derive(Deserialize)]
 struct WireUsage {
+    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    #[serde(alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
@@ -81,7 +142,10 @@ impl<'a> Answer<'a> {
     /// `completion_tokens`, or `total_tokens` less the prompt (embeddings send only those); a
     /// usage object that gives neither is not believed, and the gateway's own count is billed.
     pub fn usage(&self) -> Option<TokenUsage> {
-        let usage = self.usage.as_ref()?;
+        let usage = self
+            .usage
+            .as_ref()
+            .or_else(|| self.response.as_ref()?.usage.as_ref())?;
         let prompt = usage.prompt_tokens?;
         let output = usage
             .completion_tokens
@@ -104,9 +168,78 @@ impl<'a> Answer<'a> {
         self.choices.as_ref().is_some_and(Vec::is_empty) && self.usage.is_some()
     }
 
+    /// The event that ends a Responses stream (completed, incomplete or failed).
+    pub fn ends_response(&self) -> bool {
+        matches!(
+            self.event.as_deref(),
+            Some("response.completed" | "response.incomplete" | "response.failed")
+        )
+    }
+
+    /// The id of a Responses API response: the answer's own, or that of the response a
+    /// stream event carries.
+    pub fn response_id(&self) -> Option<&str> {
+        match &self.response {
+            Some(response) => response.id.as_deref(),
+            None if self.object.as_deref() == Some("response") => self.id.as_deref(),
+            None => None,
+        }
+    }
+
     /// Hands every choice's text, refusal and tool-call arguments, and its finish reason, to
-    /// the counter.
+    /// the counter. A Responses answer's output items count by their index in `output` (a
+    /// message's text, a refusal, a function call's arguments); of its stream only the deltas
+    /// count, since the closing events repeat the whole output.
     pub fn read_output(self, output: &mut OutputCounter) {
+        match self.event.as_deref() {
+            Some("response.output_text.delta") | Some("response.refusal.delta") => {
+                let index = self.output_index.unwrap_or(0);
+                match (self.event.as_deref(), &self.delta) {
+                    (Some("response.output_text.delta"), Some(delta)) => {
+                        output.push_text(index, delta)
+                    }
+                    (_, Some(delta)) => output.push_refusal(index, delta),
+                    _ => {}
+                }
+                return;
+            }
+            Some("response.function_call_arguments.delta") => {
+                if let Some(delta) = &self.delta {
+                    output.push_tool_arguments(self.output_index.unwrap_or(0), 0, delta);
+                }
+                return;
+            }
+            Some(_) => {
+                if self.ends_response() {
+                    if let Some(response) = &self.response {
+                        read_finish(&response.status, &response.incomplete_details, output);
+                    }
+                }
+                return;
+            }
+            None => {}
+        }
+        if let Some(items) = self.output {
+            read_finish(&self.status, &self.incomplete_details, output);
+            for (index, item) in items.into_iter().enumerate() {
+                let index = index as u64;
+                if let Some(arguments) = item.arguments {
+                    output.push_tool_arguments(index, 0, &arguments);
+                }
+                if item.kind.as_deref() != Some("message") {
+                    continue;
+                }
+                for part in item.content.unwrap_or_default() {
+                    if let Some(text) = part.text {
+                        output.push_text(index, &text);
+                    }
+                    if let Some(text) = part.refusal {
+                        output.push_refusal(index, &text);
+                    }
+                }
+            }
+            return;
+        }
         for choice in self.choices.unwrap_or_default() {
             let index = choice.index.unwrap_or(0);
             if let Some(message) = choice.message {
@@ -131,6 +264,21 @@ impl<'a> Answer<'a> {
                 output.set_finish_reason(index, &reason);
             }
         }
+    }
+}
+
+/// A Responses API response's finish reason: why it is incomplete, else its status.
+fn read_finish(
+    status: &Option<Cow<'_, str>>,
+    incomplete: &Option<IncompleteDetails<'_>>,
+    output: &mut OutputCounter,
+) {
+    let reason = incomplete
+        .as_ref()
+        .and_then(|details| details.reason.as_deref())
+        .or(status.as_deref());
+    if let Some(reason) = reason {
+        output.set_finish_reason(0, reason);
     }
 }
 

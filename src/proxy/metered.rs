@@ -77,10 +77,11 @@ impl MeteredStream {
         let inline = self.tap.output.text_len() <= exchange.config.server.inline_count_max_bytes;
         let output = std::mem::take(&mut self.tap.output);
         let reported = self.tap.usage;
+        let response_id = self.tap.response_id.take();
         let ttft = self.first_byte;
         let tokenizer = exchange.app.tokenizer;
         let settling = exchange.app.settling.clone();
-        let mut finish = move || {
+        let finish = move || {
             if let Some(model) = &exchange.model {
                 exchange.counted.output = output.finish(&tokenizer, model.encoding);
             }
@@ -92,6 +93,7 @@ impl MeteredStream {
                 reported,
                 finish_reason,
                 ttft,
+                response_id,
             })
         };
         // Counting a long answer can take milliseconds, which must not happen on an async

@@ -106,10 +106,40 @@ async fn proxy(
     if !key.allows_model(&request.model) {
         return Err(GatewayError::ModelNotAllowed(request.model));
     }
-    let direct = config.model(&request.model).cloned();
-    if direct.is_none() && exchange.endpoint != Endpoint::ChatCompletions {
-        // The routing rules judge chat conversations, and the tiers are chat models: a
-        // completion or embedding sent to one would be refused by the provider.
+    if exchange.endpoint == Endpoint::Responses && request.body["background"] == true {
+        // A background response is answered later, through retrieval; its usage would go
+        // unmetered.
+        return Err(GatewayError::BadRequest {
+            message: "background responses are not supported by this gateway: their usage could not be metered; send the request without `background`".to_owned(),
+            param: Some("background"),
+        });
+    }
+    // A conversation continued from a stored response is this key's, and unless the client
+    // names a model it stays with the model that stored it: routing must not move it to
+    // another provider, which does not hold the response.
+    let continued = match exchange.endpoint {
+        Endpoint::Responses => crate::responses::continued(&exchange.app, &request.body, &key.id)?,
+        _ => None,
+    };
+    exchange.carried_input = continued.as_ref().map_or(0, |c| c.context_tokens);
+    let continued = continued.and_then(|c| c.model);
+    if let Some(model) = continued.as_ref().filter(|m| !key.allows_model(&m.name)) {
+        return Err(GatewayError::ModelNotAllowed(model.name.clone()));
+    }
+    let named = config.model(&request.model).cloned();
+    let direct_rule = if named.is_some() {
+        "direct"
+    } else {
+        "previous_response"
+    };
+    let direct = named.or(continued);
+    let routable = matches!(
+        exchange.endpoint,
+        Endpoint::ChatCompletions | Endpoint::Responses
+    );
+    if direct.is_none() && !routable {
+        // The routing rules judge conversations, and the tiers are chat models: a completion
+        // or embedding sent to one would be refused by the provider.
         return Err(GatewayError::BadRequest {
             message: format!(
                 "`{}` routes chat completions only; name a model for this endpoint",
@@ -133,12 +163,19 @@ async fn proxy(
 
     let candidates = match direct {
         Some(model) => {
-            exchange.route_rule = "direct".to_owned();
+            exchange.route_rule = direct_rule.to_owned();
             vec![model]
         }
         None => {
-            let (decided, body_back) =
-                decide_route(&config, key.models.clone(), body, input_tokens, inline).await?;
+            let (decided, body_back) = decide_route(
+                &config,
+                exchange.endpoint,
+                key.models.clone(),
+                body,
+                input_tokens,
+                inline,
+            )
+            .await?;
             body = body_back;
             let decided = decided
                 .ok_or_else(|| GatewayError::UnknownModel(exchange.requested_model.clone()))?;
@@ -213,6 +250,7 @@ impl Drop for Exchange {
                 reported: None,
                 finish_reason: None,
                 ttft: None,
+                response_id: None,
             });
         }
     }
@@ -275,6 +313,9 @@ async fn count_input(
 ) -> Result<(Value, u64), GatewayError> {
     let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
         Endpoint::ChatCompletions => tokenizer.count_chat_prompt(encoding, body),
+        Endpoint::Responses => {
+            tokenizer.count_chat_prompt(encoding, &crate::responses::as_chat(body))
+        }
         Endpoint::Completions => tokenizer.count_completion_prompt(encoding, &body["prompt"]),
         Endpoint::Embeddings => tokenizer.count_embedding_input(encoding, &body["input"]),
     };
@@ -309,6 +350,7 @@ async fn off_lane<T: Send + 'static>(
 /// with it.
 async fn decide_route(
     config: &Arc<Config>,
+    endpoint: Endpoint,
     key_models: Option<Vec<String>>,
     body: Value,
     prompt_tokens: u64,
@@ -323,7 +365,15 @@ async fn decide_route(
                     .filter(|list| !list.iter().any(|m| router.is_virtual(m))),
                 ..KeyPolicy::default()
             };
-            router.decide(&body, prompt_tokens, &policy, &mut rand::rng())
+            match endpoint {
+                Endpoint::Responses => router.decide(
+                    &crate::responses::as_chat(&body),
+                    prompt_tokens,
+                    &policy,
+                    &mut rand::rng(),
+                ),
+                _ => router.decide(&body, prompt_tokens, &policy, &mut rand::rng()),
+            }
         });
         (decided, body)
     })
@@ -348,6 +398,9 @@ struct Exchange {
     model: Option<Arc<Model>>,
     route_rule: String,
     counted: TokenUsage,
+    /// Tokens of the conversation a Responses request continues, which the provider reads
+    /// again besides the request's own input.
+    carried_input: u64,
     progress: upstream::Progress,
     settled: bool,
 }
@@ -376,6 +429,7 @@ impl Exchange {
             model: None,
             route_rule: String::new(),
             counted: TokenUsage::default(),
+            carried_input: 0,
             progress: upstream::Progress::default(),
             settled: false,
         }
@@ -399,6 +453,7 @@ impl Exchange {
             model: self.model.clone(),
             route_rule: std::mem::take(&mut self.route_rule),
             counted: self.counted,
+            carried_input: self.carried_input,
             progress: std::mem::take(&mut self.progress),
             settled: false,
         };
@@ -444,10 +499,14 @@ impl Exchange {
     ) -> Result<(), GatewayError> {
         // A body may carry both limits; which one a provider honours varies, so the larger
         // is reserved.
-        let requested_output = [&body["max_completion_tokens"], &body["max_tokens"]]
-            .into_iter()
-            .filter_map(whole_number)
-            .max();
+        let requested_output = [
+            &body["max_completion_tokens"],
+            &body["max_tokens"],
+            &body["max_output_tokens"],
+        ]
+        .into_iter()
+        .filter_map(whole_number)
+        .max();
         // Legacy completions generate `best_of` answers server-side and bill them all.
         let choices = whole_number(&body["n"])
             .unwrap_or(1)
@@ -464,8 +523,10 @@ impl Exchange {
                     .unwrap_or(model.max_output_tokens)
                     .saturating_mul(choices),
             };
-            let cost = plan.worst_case(model.rated(), self.counted.input, output);
-            demand.tokens = demand.tokens.max(self.counted.input.saturating_add(output));
+            // A continued conversation's earlier turns are read (and billed) again.
+            let input = self.counted.input.saturating_add(self.carried_input);
+            let cost = plan.worst_case(model.rated(), input, output);
+            demand.tokens = demand.tokens.max(input.saturating_add(output));
             demand.cost = demand.cost.max(cost);
         }
         let Some(first) = candidates.first() else {
@@ -520,6 +581,7 @@ impl Exchange {
             reported: None,
             finish_reason: None,
             ttft: None,
+            response_id: None,
         });
     }
 
@@ -575,6 +637,7 @@ impl Exchange {
             reported: None,
             finish_reason: None,
             ttft: None,
+            response_id: None,
         });
         if let Some(retry_after) = retry_after {
             response
@@ -601,7 +664,12 @@ impl Exchange {
         };
         let ttft = self.accepted.elapsed();
         let inline_max = self.config.server.inline_count_max_bytes;
-        let Some((reported, output, finish_reason)) = meter_body(
+        let Some(Metered {
+            reported,
+            output,
+            finish_reason,
+            response_id,
+        }) = meter_body(
             &self.app.tokenizer,
             &self.app.metrics,
             &model,
@@ -625,6 +693,7 @@ impl Exchange {
             reported,
             finish_reason,
             ttft: Some(ttft),
+            response_id,
         });
         if let Some(committed) = committed {
             // Strict durability: the client sees the answer only once its record is committed.
@@ -729,6 +798,15 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError 
     }
 }
 
+/// What metering read of a whole answer.
+struct Metered {
+    reported: Option<TokenUsage>,
+    output: u64,
+    finish_reason: Option<String>,
+    /// A Responses API answer's id.
+    response_id: Option<String>,
+}
+
 /// Reads usage, output count and finish reason from a whole JSON answer (`None` when it is not
 /// JSON); tokenizing an answer over `inline_max` bytes runs on the blocking pool, a smaller one
 /// costs less than the hop.
@@ -739,20 +817,26 @@ async fn meter_body(
     endpoint: Endpoint,
     body: Bytes,
     inline_max: usize,
-) -> Option<(Option<TokenUsage>, u64, Option<String>)> {
+) -> Option<Metered> {
     let tokenizer = *tokenizer;
     let encoding = model.encoding;
     let inline = endpoint == Endpoint::Embeddings || body.len() <= inline_max;
     let work = move |body: Bytes| {
         let answer = Answer::parse(&body)?;
         let reported = answer.usage();
+        let response_id = answer.response_id().map(str::to_owned);
         let mut output = OutputCounter::default();
         answer.read_output(&mut output);
         let tokens = match endpoint {
             Endpoint::Embeddings => 0,
             _ => output.finish(&tokenizer, encoding),
         };
-        Some((reported, tokens, output.finish_reason().map(str::to_owned)))
+        Some(Metered {
+            reported,
+            output: tokens,
+            finish_reason: output.finish_reason().map(str::to_owned),
+            response_id,
+        })
     };
     if inline {
         return work(body);
@@ -765,7 +849,12 @@ async fn meter_body(
             tracing::error!(%error, "output tokens not counted");
             metrics.output_count_failures.inc();
             let answer = Answer::parse(&kept)?;
-            Some((answer.usage(), 0, None))
+            Some(Metered {
+                reported: answer.usage(),
+                output: 0,
+                finish_reason: None,
+                response_id: answer.response_id().map(str::to_owned),
+            })
         }
     }
 }

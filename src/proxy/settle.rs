@@ -35,6 +35,8 @@ pub(super) struct Ending {
     pub reported: Option<TokenUsage>,
     pub finish_reason: Option<String>,
     pub ttft: Option<Duration>,
+    /// The id of the Responses API response served, remembered with its model and key.
+    pub response_id: Option<String>,
 }
 
 /// One request's end, consumed by rating, admission, metrics, alerts and the ledger.
@@ -85,6 +87,19 @@ impl Exchange {
             true => ending.reported.unwrap_or(self.counted),
             false => TokenUsage::default(),
         };
+        if let (true, Some(id), Some(key), Some(model)) =
+            (ending.answered, &ending.response_id, &self.key, &self.model)
+        {
+            self.app.response_owners.remember(
+                id,
+                crate::responses::Owner {
+                    model: model.name.clone(),
+                    key_id: key.id.clone(),
+                    // What a continuation sends the provider again, besides its own input.
+                    context_tokens: self.carried_input.saturating_add(billed.total()),
+                },
+            );
+        }
         let header_id = self.request_id.to_str().unwrap_or_default().to_owned();
         let (request_id, client_request_id) = if self.client_chose_id {
             (crate::api::new_request_id(), Some(header_id))

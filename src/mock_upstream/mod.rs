@@ -10,7 +10,9 @@
 //! (chunks), `retry_after`, `fail_first` (fail only the first N attempts with the same
 //! `x-request-id`), `tool_call`, `no_done` (end a stream without `data: [DONE]`, as some
 //! compatible servers do), `no_usage` (report no usage) and `malformed` (a stream event, or a
-//! whole answer, that is not JSON).
+//! whole answer, that is not JSON). It speaks the Responses API too (see `responses`).
+
+mod responses;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -113,11 +115,19 @@ struct Shared {
     rng: Mutex<SmallRng>,
     attempts: Mutex<HashMap<String, u64>>,
     next_id: AtomicU64,
+    /// Responses API responses, for retrieval and continuation.
+    responses: Mutex<HashMap<String, responses::Stored>>,
 }
 
 impl Shared {
     fn stats(&self) -> std::sync::MutexGuard<'_, MockStats> {
         self.stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn responses(&self) -> std::sync::MutexGuard<'_, HashMap<String, responses::Stored>> {
+        self.responses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -199,6 +209,7 @@ async fn new_shared(options: MockOptions) -> Arc<Shared> {
         stats: Mutex::new(MockStats::default()),
         attempts: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
+        responses: Mutex::new(HashMap::new()),
     })
 }
 
@@ -207,6 +218,16 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
         .with_state(shared)
@@ -408,7 +429,8 @@ fn prompt_tokens(body: &Value, kind: Kind, model: &str) -> u64 {
 fn answer(body: &Value) -> (Vec<String>, bool) {
     let limit = body["max_completion_tokens"]
         .as_u64()
-        .or_else(|| body["max_tokens"].as_u64());
+        .or_else(|| body["max_tokens"].as_u64())
+        .or_else(|| body["max_output_tokens"].as_u64());
     let mut pieces: Vec<String> = match body["mock"]["reply"].as_str() {
         Some(text) => text.split_inclusive(' ').map(str::to_owned).collect(),
         None => {
