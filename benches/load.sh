@@ -4,7 +4,8 @@
 #   (b) nginx proxy_pass in front of the same mock (the plain-proxy reference),
 #   (c) tollgate with auth, caps, routing, metering and rating on (batched ledger),
 #   (d) the same with `durability = "strict"` (group commit before the end of each response),
-# for non-streaming and streaming 1 KB chat requests at 1 and 64 connections, and at 64
+# for non-streaming and streaming 1 KB chat requests, and the same prompt as a streamed
+# Responses API request (`responses` rows), at 1 and 64 connections, and at 64
 # connections paced by 20 ms of think time after each answer ("64p"). Prints p50, p99 and
 # requests/s with ratios to (a) and (b). At saturation a closed loop's latency is set by its
 # throughput (Little's law), so strict's CPU cost shows as latency; the paced rows stay below
@@ -96,25 +97,29 @@ wait_port "$NGINX_PORT"
 # A ~1 KB chat request.
 PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
 THINK_MS=20
-write_script() { # name stream key
+write_script() { # name stream|responses key
+  local body='{"model":"gpt-4o-mini","stream":'$2',"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"'$PROMPT'"}]}'
+  [ "$2" = responses ] &&
+    body='{"model":"gpt-4o-mini","stream":true,"max_output_tokens":16,"instructions":"You are a helpful assistant.","input":"'$PROMPT'"}'
   cat >"$WORK/post_$1_$2.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $3"
-wrk.body = '{"model":"gpt-4o-mini","stream":$2,"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"$PROMPT"}]}'
+wrk.body = '$body'
 LUA
   { cat "$WORK/post_$1_$2.lua"; echo "function delay() return $THINK_MS end"; } >"$WORK/post_$1-paced_$2.lua"
 }
-for stream in false true; do
+for stream in false true responses; do
   write_script batched "$stream" "$KEY"
   write_script strict "$stream" "$STRICT_KEY"
 done
 
-run() { # name url stream connections [script]
-  local threads=$(( ${4%p} < 2 ? 1 : 2 )) seconds=$DURATION script=${5:-batched}
+run() { # name url stream|responses connections [script]
+  local threads=$(( ${4%p} < 2 ? 1 : 2 )) seconds=$DURATION script=${5:-batched} path=/v1/chat/completions
+  [ "$3" = responses ] && path=/v1/responses
   [ "${4%p}" != "$4" ] && script="$script-paced"
   [ "$1" = warm-up ] && seconds=1
-  wrk -t"$threads" -c"${4%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$3.lua" "$2/v1/chat/completions" 2>&1 |
+  wrk -t"$threads" -c"${4%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$3.lua" "$2$path" 2>&1 |
     python3 -c '
 import re, sys
 text = sys.stdin.read()
@@ -132,7 +137,7 @@ print("%s %.3f %.3f %.1f %s" % (sys.argv[1], lat(50), lat(99), rps, errs.group(1
 # pages, upstream connections), and wrk corrects for coordinated omission, so one slow request
 # at 1 connection shows as a p99 of its whole duration: every target gets a discarded second
 # of traffic first.
-for stream in false true; do
+for stream in false true responses; do
   run warm-up "http://127.0.0.1:$MOCK_PORT" "$stream" 64 >/dev/null
   run warm-up "http://127.0.0.1:$NGINX_PORT" "$stream" 64 >/dev/null
   run warm-up "http://127.0.0.1:$GW_PORT" "$stream" 64 >/dev/null
@@ -141,7 +146,7 @@ done
 
 RESULTS="$WORK/results.txt"
 for round in $(seq "$ROUNDS"); do
-  for stream in false true; do
+  for stream in false true responses; do
     for conns in 1 64 64p; do
       run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
       run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"

@@ -57,6 +57,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         list_cost,
         plan_cost: rated.plan_cost,
         micro_credits: rated.micro_credits,
+        response_id: None,
     }
 }
 

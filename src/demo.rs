@@ -106,6 +106,10 @@ Streaming:
 Python (pip install openai):
   python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{secret}"); r = c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}]); print(r.choices[0].message.content, r.usage)'
 
+OpenAI's Responses API, plain and with the SDK:
+  curl -s {base}/responses -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" -d '{{"model": "{model}", "input": "Hello, gateway!"}}'
+  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{secret}"); r = c.responses.create(model="{model}", input="Hi"); print(r.output_text, r.usage)'
+
 The key's live budget, and the metrics:
   curl -s http://{addr}/admin/keys -H "Authorization: Bearer {admin_token}"
   curl -s http://{addr}/metrics | grep ^tollgate_requests_total

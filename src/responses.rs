@@ -87,9 +87,8 @@ async fn relay(
         .and_then(|secret| app.keys.authenticate(secret))
         .ok_or(GatewayError::InvalidApiKey)?;
     // Another key's response is answered as one that does not exist: its id says nothing.
-    let model = app
-        .response_owners
-        .owner(id)
+    let model = owner(app, id)
+        .await
         .filter(|owner| owner.key_id == key.id)
         .and_then(|owner| app.config().model(&owner.model).cloned())
         .ok_or_else(|| GatewayError::ResponseNotFound(id.to_owned()))?;
@@ -126,8 +125,33 @@ pub struct Owner {
     pub context_tokens: u64,
 }
 
+/// The owner of a response the gateway served within [`OWNERS_MS`]: from the responses served
+/// lately here, else from the ledger, where every replica's requests are recorded.
+pub async fn owner(app: &App, id: &str) -> Option<Owner> {
+    if let Some(owner) = app.response_owners.owner(id) {
+        return Some(owner);
+    }
+    let ledger = app.ledger.clone();
+    let lookup = id.to_owned();
+    let record = tokio::task::spawn_blocking(move || ledger.response(&lookup))
+        .await
+        .ok()?
+        .inspect_err(|error| tracing::warn!(%error, "cannot look a response up in the ledger"))
+        .ok()??;
+    if record.started_at_ms <= crate::unix_ms() - OWNERS_MS {
+        return None;
+    }
+    let owner = Owner {
+        model: record.served_model.clone()?,
+        key_id: record.key_id.clone()?,
+        context_tokens: record.billed().total(),
+    };
+    app.response_owners.remember(id, owner.clone());
+    Some(owner)
+}
+
 /// The owners of the responses served lately, bounded in number and age: the newest
-/// [`OWNERS_MAX`] within [`OWNERS_MS`].
+/// [`OWNERS_MAX`] within [`OWNERS_MS`]. The ledger holds them all.
 #[derive(Default)]
 pub struct Owners(DashMap<String, (Owner, i64)>);
 
@@ -175,11 +199,15 @@ pub struct Continued {
 /// changes provider midway. A response this key does not own (another key's, or one the
 /// gateway never served) is not found: the provider would otherwise hand one tenant's
 /// conversation to another.
-pub fn continued(app: &App, body: &Value, key_id: &str) -> Result<Option<Continued>, GatewayError> {
+pub async fn continued(
+    app: &App,
+    body: &Value,
+    key_id: &str,
+) -> Result<Option<Continued>, GatewayError> {
     let Some(previous) = body["previous_response_id"].as_str() else {
         return Ok(None);
     };
-    match app.response_owners.owner(previous) {
+    match owner(app, previous).await {
         Some(owner) if owner.key_id == key_id => Ok(Some(Continued {
             model: app.config().model(&owner.model).cloned(),
             context_tokens: owner.context_tokens,

@@ -751,3 +751,73 @@ async fn outcomes_through_several_replicas_are_charged_once_against_one_cap() {
         assert_eq!(fleet.key(i, &id).await["spend_usd"], json!(3));
     }
 }
+
+/// A Responses API conversation started on one replica continues on another, with the same
+/// model, and its stored response is reachable there by its key only: the owner of a response
+/// is in the shared ledger (strict durability commits it before the answer ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_made_on_one_replica_is_continued_on_another() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("responses");
+    let fleet = Fleet::start_with(
+        &redis,
+        &postgres,
+        "",
+        "[ledger]\ndurability = \"strict\"\n[router]\nvirtual_model = \"auto\"\ndefault = \"cheap\"\n",
+        MockOptions::default(),
+        2,
+    )
+    .await;
+    let (_, secret) = fleet.create_key(0, json!({"name": "talker"})).await;
+    let (_, other) = fleet.create_key(0, json!({"name": "other"})).await;
+    fleet.known_everywhere(&secret).await;
+    fleet.known_everywhere(&other).await;
+    let respond = |i: usize, key: &str, body: Value| {
+        fleet
+            .http
+            .post(format!("{}/v1/responses", fleet.url(i)))
+            .bearer_auth(key.to_owned())
+            .json(&body)
+            .send()
+    };
+    let first = respond(0, &secret, json!({"model": "auto", "input": "Hello"}))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let model = first.headers()["x-tollgate-model"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let id = first.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..4 {
+        let next = respond(
+            1,
+            &secret,
+            json!({"model": "auto", "input": "More", "previous_response_id": id}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(next.status(), 200);
+        assert_eq!(next.headers()["x-tollgate-model"], model.as_str());
+        assert_eq!(next.headers()["x-tollgate-route"], "previous_response");
+    }
+    let stolen = respond(
+        1,
+        &other,
+        json!({"model": "auto", "input": "More", "previous_response_id": id}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stolen.status(), 404);
+    let retrieved = fleet
+        .http
+        .get(format!("{}/v1/responses/{id}", fleet.url(1)))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retrieved.status(), 200);
+}

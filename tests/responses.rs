@@ -297,3 +297,160 @@ async fn a_continuation_reserves_the_conversation_it_carries() {
     .await;
     assert_eq!(fresh.status(), 200);
 }
+
+/// The official OpenAI Python SDK's `responses` client, unmodified: plain, streamed, a
+/// function tool, a continuation through `auto`, retrieval, input items, deletion and a budget
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_speaks_responses_through_the_gateway() {
+    let gw = Harness::start_with(MockOptions::default(), ROUTER).await;
+    let poor = gw
+        .create_key(json!({"name": "poor", "budget_usd": 0.000001}))
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base_url = format!("{}/v1", gw.url);
+    let key = gw.key.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        common::run_python("sdk_responses.py", &[&base_url, &key, &poor], &[])
+    })
+    .await
+    .unwrap();
+    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+
+    assert_eq!(seen["plain"]["object"], "response");
+    assert_eq!(seen["plain"]["status"], "completed");
+    assert_eq!(seen["plain"]["text"], " the quick brown fox jumps");
+    assert_eq!(seen["plain"]["usage"]["input_tokens"], 16);
+    assert_eq!(seen["plain"]["usage"]["output_tokens"], 5);
+    assert_eq!(seen["plain"]["headers"]["x-tollgate-model"], "gpt-4o-mini");
+    assert_eq!(seen["plain"]["headers"]["x-tollgate-route"], "direct");
+
+    assert_eq!(seen["stream"]["text"], seen["stream"]["final_text"]);
+    assert_eq!(seen["stream"]["usage"]["output_tokens"], 7);
+
+    assert_eq!(seen["tool"]["name"], "get_weather");
+    assert_eq!(seen["tool"]["arguments"]["city"], "Oslo");
+
+    assert_eq!(
+        seen["continued"]["headers"]["x-tollgate-model"],
+        "gpt-4o-mini"
+    );
+    assert_eq!(
+        seen["continued"]["headers"]["x-tollgate-route"],
+        "previous_response"
+    );
+    assert_eq!(seen["input_items"], json!(["function_call_output"]));
+    assert_eq!(seen["after_delete"], 404);
+    assert_eq!(seen["refused"]["status"], 429);
+    assert_eq!(seen["refused"]["code"], "insufficient_quota");
+
+    let records = gw.usage_records(6).await;
+    let responses: Vec<_> = records
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::Responses)
+        .collect();
+    assert_eq!(responses.len(), 5, "four answered and one refused");
+    let plain = &responses[0];
+    assert_eq!(plain.counted.input, 16);
+    assert_eq!(plain.counted.output, 5);
+    assert_eq!(plain.charge.nanos(), 16 * 150 + 5 * 600);
+}
+
+/// The gateway remembers whose a response is across a restart: the ledger holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_outlives_a_restart_of_the_gateway() {
+    let mut gw = Harness::start_with(MockOptions::default(), ROUTER).await;
+    let key = gw.key.clone();
+    let first = respond(&gw, &key, json!({"model": "auto", "input": "Hello"})).await;
+    let model = first.headers()["x-tollgate-model"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let id = first.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    gw.restart().await;
+    let next = respond(
+        &gw,
+        &key,
+        json!({"model": "auto", "input": "Again", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(next.status(), 200);
+    assert_eq!(next.headers()["x-tollgate-model"], model.as_str());
+    assert_eq!(next.headers()["x-tollgate-route"], "previous_response");
+    assert_eq!(
+        stored(&gw, &key, reqwest::Method::GET, &id).await.status(),
+        200
+    );
+}
+
+/// Chat completions and Responses on one key, 200 at once: the cap holds across both APIs and
+/// the spend is exactly what the admitted requests cost. Both bodies are the same
+/// conversation — 21 input tokens, 16 output, reserved with 32 — so each costs
+/// 21 × 150 + 16 × 600 = 12,750 nano-dollars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_holds_across_chat_and_responses_under_concurrency() {
+    const ACTUAL: i64 = 12_750;
+    let gw = Harness::start().await;
+    let cap = 20 * ACTUAL;
+    let created = gw
+        .create_key(
+            json!({"name": "mixed", "budget_usd": cap as f64 / 1e9, "budget_period": "day"}),
+        )
+        .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 32, "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hello to the gateway."}], "mock": {"reply_tokens": 16}});
+    let response = json!({"model": "gpt-4o-mini", "max_output_tokens": 32,
+        "instructions": "You are terse.", "input": "Say hello to the gateway.",
+        "mock": {"reply_tokens": 16}});
+    let sent = (0..200).map(|i| {
+        let (path, body) = match i % 2 {
+            0 => ("/v1/chat/completions", &chat),
+            _ => ("/v1/responses", &response),
+        };
+        gw.http
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&key)
+            .json(body)
+            .send()
+    });
+    let mut admitted = 0;
+    for answer in futures_util::future::join_all(sent).await {
+        let answer = answer.unwrap();
+        match answer.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let error: Value = answer.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "insufficient_quota");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let state: Value = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/keys/{}", created["id"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spend = (state["spend_usd"].as_f64().unwrap() * 1e9).round() as i64;
+    assert_eq!(spend, admitted * ACTUAL);
+    assert!(spend <= cap, "spend {spend} passed the cap {cap}");
+    assert!(admitted >= 11, "only {admitted} admitted");
+    assert_eq!(state["reserved_usd"].as_f64().unwrap(), 0.0);
+    let records = gw.usage_records(200).await;
+    let answered: Vec<_> = records.iter().filter(|r| r.answered).collect();
+    assert_eq!(answered.len() as i64, admitted);
+    assert!(answered.iter().any(|r| r.endpoint == Endpoint::Responses));
+    assert!(answered.iter().all(|r| r.charge.nanos() == ACTUAL));
+}

@@ -86,6 +86,7 @@ fn record(n: u32) -> UsageRecord {
         list_cost: Money(if answered { 900_000 + i64::from(n) } else { 0 }),
         plan_cost: Money(if answered { 800_000 + i64::from(n) } else { 0 }),
         micro_credits: u64::from(n) * 3,
+        response_id: None,
     }
 }
 

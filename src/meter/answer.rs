@@ -191,78 +191,74 @@ impl<'a> Answer<'a> {
     /// message's text, a refusal, a function call's arguments); of its stream only the deltas
     /// count, since the closing events repeat the whole output.
     pub fn read_output(self, output: &mut OutputCounter) {
-        match self.event.as_deref() {
-            Some("response.output_text.delta") | Some("response.refusal.delta") => {
-                let index = self.output_index.unwrap_or(0);
-                match (self.event.as_deref(), &self.delta) {
-                    (Some("response.output_text.delta"), Some(delta)) => {
-                        output.push_text(index, delta)
-                    }
-                    (_, Some(delta)) => output.push_refusal(index, delta),
-                    _ => {}
-                }
-                return;
+        let index = self.output_index.unwrap_or(0);
+        match (self.event.as_deref(), &self.delta) {
+            (Some("response.output_text.delta"), Some(delta)) => output.push_text(index, delta),
+            (Some("response.refusal.delta"), Some(delta)) => output.push_refusal(index, delta),
+            (Some("response.function_call_arguments.delta"), Some(delta)) => {
+                output.push_tool_arguments(index, 0, delta)
             }
-            Some("response.function_call_arguments.delta") => {
-                if let Some(delta) = &self.delta {
-                    output.push_tool_arguments(self.output_index.unwrap_or(0), 0, delta);
+            (Some(_), _) => {
+                if let Some(response) = self.response.as_ref().filter(|_| self.ends_response()) {
+                    read_finish(&response.status, &response.incomplete_details, output);
                 }
-                return;
             }
-            Some(_) => {
-                if self.ends_response() {
-                    if let Some(response) = &self.response {
-                        read_finish(&response.status, &response.incomplete_details, output);
-                    }
+            (None, _) => match self.output {
+                Some(items) => {
+                    read_finish(&self.status, &self.incomplete_details, output);
+                    read_items(items, output);
                 }
-                return;
-            }
-            None => {}
+                None => read_choices(self.choices.unwrap_or_default(), output),
+            },
         }
-        if let Some(items) = self.output {
-            read_finish(&self.status, &self.incomplete_details, output);
-            for (index, item) in items.into_iter().enumerate() {
-                let index = index as u64;
-                if let Some(arguments) = item.arguments {
-                    output.push_tool_arguments(index, 0, &arguments);
-                }
-                if item.kind.as_deref() != Some("message") {
-                    continue;
-                }
-                for part in item.content.unwrap_or_default() {
-                    if let Some(text) = part.text {
-                        output.push_text(index, &text);
-                    }
-                    if let Some(text) = part.refusal {
-                        output.push_refusal(index, &text);
-                    }
-                }
-            }
-            return;
+    }
+}
+
+/// A whole Responses answer's output items, each counted under its index in `output`.
+fn read_items(items: Vec<OutputItem<'_>>, output: &mut OutputCounter) {
+    for (index, item) in items.into_iter().enumerate() {
+        let index = index as u64;
+        if let Some(arguments) = item.arguments {
+            output.push_tool_arguments(index, 0, &arguments);
         }
-        for choice in self.choices.unwrap_or_default() {
-            let index = choice.index.unwrap_or(0);
-            if let Some(message) = choice.message {
-                if let Some(text) = message.content {
-                    output.push_text(index, &text);
-                }
-                if let Some(text) = message.refusal {
-                    output.push_refusal(index, &text);
-                }
-                let calls = message.tool_calls.unwrap_or_default();
-                for (position, call) in calls.into_iter().enumerate() {
-                    let tool = call.index.unwrap_or(position as u64);
-                    if let Some(arguments) = call.function.and_then(|f| f.arguments) {
-                        output.push_tool_arguments(index, tool, &arguments);
-                    }
-                }
-            }
-            if let Some(text) = choice.text {
+        if item.kind.as_deref() != Some("message") {
+            continue;
+        }
+        for part in item.content.unwrap_or_default() {
+            if let Some(text) = part.text {
                 output.push_text(index, &text);
             }
-            if let Some(reason) = choice.finish_reason {
-                output.set_finish_reason(index, &reason);
+            if let Some(text) = part.refusal {
+                output.push_refusal(index, &text);
             }
+        }
+    }
+}
+
+/// Chat completion and completion choices, each counted under its own index.
+fn read_choices(choices: Vec<Choice<'_>>, output: &mut OutputCounter) {
+    for choice in choices {
+        let index = choice.index.unwrap_or(0);
+        if let Some(message) = choice.message {
+            if let Some(text) = message.content {
+                output.push_text(index, &text);
+            }
+            if let Some(text) = message.refusal {
+                output.push_refusal(index, &text);
+            }
+            let calls = message.tool_calls.unwrap_or_default();
+            for (position, call) in calls.into_iter().enumerate() {
+                let tool = call.index.unwrap_or(position as u64);
+                if let Some(arguments) = call.function.and_then(|f| f.arguments) {
+                    output.push_tool_arguments(index, tool, &arguments);
+                }
+            }
+        }
+        if let Some(text) = choice.text {
+            output.push_text(index, &text);
+        }
+        if let Some(reason) = choice.finish_reason {
+            output.set_finish_reason(index, &reason);
         }
     }
 }
@@ -306,5 +302,54 @@ mod tests {
         let cached_over_input = br#"{"usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":64}}}"#;
         let usage = Answer::parse(cached_over_input).unwrap().usage().unwrap();
         assert_eq!((usage.input, usage.cached_input, usage.output), (10, 10, 2));
+    }
+
+    #[test]
+    fn a_responses_answer_is_read_whole_or_from_its_deltas_only() {
+        use crate::meter::tokenizer::{Encoding, Tokenizer};
+        let tokenizer = Tokenizer::new().unwrap();
+        let whole = br#"{"id":"resp_1","object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},
+            "output":[{"type":"reasoning","summary":[]},{"type":"message","content":[{"type":"output_text","text":"Hello there"}]},
+                      {"type":"function_call","name":"f","arguments":"{\"a\":1}"}],
+            "usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens":9}}"#;
+        let answer = Answer::parse(whole).unwrap();
+        assert_eq!(answer.response_id(), Some("resp_1"));
+        assert_eq!(
+            answer.usage(),
+            Some(TokenUsage {
+                input: 12,
+                cached_input: 4,
+                output: 9
+            })
+        );
+        let mut read = OutputCounter::default();
+        answer.read_output(&mut read);
+        let expected = tokenizer.count_text(Encoding::O200kBase, "Hello there")
+            + tokenizer.count_text(Encoding::O200kBase, "{\"a\":1}");
+        assert_eq!(read.finish(&tokenizer, Encoding::O200kBase), expected);
+        assert_eq!(read.finish_reason(), Some("max_output_tokens"));
+
+        let mut streamed = OutputCounter::default();
+        let events = [
+            r#"{"type":"response.created","response":{"id":"resp_2","status":"in_progress","output":[]}}"#,
+            r#"{"type":"response.output_text.delta","output_index":1,"delta":"Hello"}"#,
+            r#"{"type":"response.output_text.delta","output_index":1,"delta":" there"}"#,
+            r#"{"type":"response.output_text.done","output_index":1,"text":"Hello there"}"#,
+            r#"{"type":"response.function_call_arguments.delta","output_index":2,"delta":"{\"a\":1}"}"#,
+            r#"{"type":"response.completed","response":{"id":"resp_2","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"Hello there"}]}],"usage":{"input_tokens":3,"output_tokens":5}}}"#,
+        ];
+        let mut ended = false;
+        for event in events {
+            let answer = Answer::parse(event.as_bytes()).unwrap();
+            assert_eq!(
+                answer.response_id(),
+                answer.response.as_ref().map(|_| "resp_2")
+            );
+            ended |= answer.ends_response();
+            answer.read_output(&mut streamed);
+        }
+        assert!(ended);
+        assert_eq!(streamed.finish(&tokenizer, Encoding::O200kBase), expected);
+        assert_eq!(streamed.finish_reason(), Some("completed"));
     }
 }

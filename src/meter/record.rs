@@ -96,6 +96,10 @@ pub struct UsageRecord {
     #[serde(default)]
     pub plan_cost: Money,
     pub micro_credits: u64,
+    /// The Responses API response served, by the provider's id: its model and key answer
+    /// later requests about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
 }
 
 impl UsageRecord {

@@ -214,7 +214,7 @@ pub(super) async fn create(
             event(
                 &mut frames,
                 "response.function_call_arguments.done",
-                json!({"item_id": item_id, "output_index": 0, "arguments": text}),
+                json!({"item_id": item_id, "output_index": 0, "arguments": text, "name": tool}),
             );
         }
         None => {

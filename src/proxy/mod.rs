@@ -118,7 +118,9 @@ async fn proxy(
     // names a model it stays with the model that stored it: routing must not move it to
     // another provider, which does not hold the response.
     let continued = match exchange.endpoint {
-        Endpoint::Responses => crate::responses::continued(&exchange.app, &request.body, &key.id)?,
+        Endpoint::Responses => {
+            crate::responses::continued(&exchange.app, &request.body, &key.id).await?
+        }
         _ => None,
     };
     exchange.carried_input = continued.as_ref().map_or(0, |c| c.context_tokens);

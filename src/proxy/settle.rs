@@ -135,6 +135,7 @@ impl Exchange {
             list_cost: Money::ZERO,
             plan_cost: Money::ZERO,
             micro_credits: 0,
+            response_id: ending.response_id.clone(),
         };
         let closing = Closing {
             app: self.app.clone(),

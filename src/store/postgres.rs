@@ -123,6 +123,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN plan_cost_nanos BIGINT NOT NULL DEFAULT 0;
     UPDATE usage SET plan_cost_nanos = list_cost_nanos;
     "#,
+    // 3: Responses API responses, by id (see the SQLite ledger's migrations).
+    r#"
+    ALTER TABLE usage ADD COLUMN response_id TEXT COLLATE "C";
+    CREATE INDEX usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -479,6 +484,15 @@ impl LedgerReader for PgLedgerReader {
         let records = self.rows(
             &sql::record_sql(Dialect::Postgres),
             &[&request_id],
+            sql::usage_record,
+        )?;
+        Ok(records.into_iter().next())
+    }
+
+    fn response(&self, response_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
+        let records = self.rows(
+            &sql::response_sql(Dialect::Postgres),
+            &[&response_id],
             sql::usage_record,
         )?;
         Ok(records.into_iter().next())

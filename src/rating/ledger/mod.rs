@@ -65,10 +65,12 @@ CREATE TABLE IF NOT EXISTS usage (
     ttft_ms INTEGER,
     client_request_id TEXT,
     answered INTEGER NOT NULL DEFAULT 1,
-    plan_cost_nanos INTEGER NOT NULL DEFAULT 0
+    plan_cost_nanos INTEGER NOT NULL DEFAULT 0,
+    response_id TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
+CREATE INDEX IF NOT EXISTS usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS outcomes (
     idempotency_key TEXT PRIMARY KEY,
     at_ms INTEGER NOT NULL,
@@ -107,6 +109,8 @@ const MIGRATIONS: &[&str] = &[
     // prices of its own does not charge; such rows keep list prices, the best known.
     "ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
      UPDATE usage SET plan_cost_nanos = list_cost_nanos",
+    // Before this, the ledger held no Responses API responses.
+    "ALTER TABLE usage ADD COLUMN response_id TEXT",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -321,6 +325,9 @@ pub trait LedgerReader: Send + Sync {
     /// One usage record by request id, as written.
     fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError>;
 
+    /// The record of the request that was served a Responses API response.
+    fn response(&self, response_id: &str) -> Result<Option<UsageRecord>, LedgerError>;
+
     /// The outcome recorded under an idempotency key, as first reported.
     fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError>;
 
@@ -483,6 +490,15 @@ impl LedgerReader for SqliteLedgerReader {
             .optional()?)
     }
 
+    fn response(&self, response_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
+        let connection = self.connect()?;
+        Ok(connection
+            .query_row(&sql::response_sql(Dialect::Sqlite), [response_id], |row| {
+                sql::usage_record(row)
+            })
+            .optional()?)
+    }
+
     fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError> {
         let connection = self.connect()?;
         Ok(connection
@@ -542,6 +558,7 @@ mod tests {
             list_cost: Money(1_000_000),
             plan_cost: Money(900_000),
             micro_credits: 42,
+            response_id: None,
         }
     }
 
@@ -597,6 +614,8 @@ mod tests {
             "ALTER TABLE usage DROP COLUMN answered;
              ALTER TABLE usage DROP COLUMN client_request_id;
              ALTER TABLE usage DROP COLUMN plan_cost_nanos;
+             DROP INDEX usage_response;
+             ALTER TABLE usage DROP COLUMN response_id;
              PRAGMA user_version = 0",
         )
         .unwrap();

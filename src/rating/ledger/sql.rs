@@ -19,7 +19,7 @@ pub(crate) fn day_of(ms: i64) -> String {
 }
 
 /// The `usage` table's columns and their kinds, in the order of [`usage_values`].
-pub(crate) const USAGE_COLUMNS: [(&str, Kind); 34] = [
+pub(crate) const USAGE_COLUMNS: [(&str, Kind); 35] = [
     ("request_id", Kind::Text),
     ("at_ms", Kind::Int),
     ("day", Kind::Text),
@@ -54,11 +54,12 @@ pub(crate) const USAGE_COLUMNS: [(&str, Kind); 34] = [
     ("client_request_id", Kind::Text),
     ("answered", Kind::Bool),
     ("plan_cost_nanos", Kind::Int),
+    ("response_id", Kind::Text),
 ];
 
 /// A usage record as the ledger stores it, in the order of [`USAGE_COLUMNS`]. The billed token
 /// columns and the day are derived here, once for every store.
-pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 34] {
+pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 35] {
     let billed = record.billed();
     let reported = record.reported;
     let optional = |value: Option<u64>| Column::Int(value.map(|v| v as i64));
@@ -97,6 +98,7 @@ pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 34] {
         Column::optional_text(record.client_request_id.as_deref()),
         Column::Bool(record.answered),
         Column::int(record.plan_cost.nanos()),
+        Column::optional_text(record.response_id.as_deref()),
     ]
 }
 
@@ -134,7 +136,7 @@ pub(crate) const RECORD_COLUMNS: &str =
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
     latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered,
-    plan_cost_nanos";
+    plan_cost_nanos, response_id";
 
 /// Rebuilds a usage record from a row selected as [`RECORD_COLUMNS`], in either store.
 pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Error> {
@@ -177,6 +179,7 @@ pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Erro
         list_cost: Money(row.required_int(25)?),
         plan_cost: Money(row.required_int(29)?),
         micro_credits: row.required_int(26)? as u64,
+        response_id: row.text(30)?,
     })
 }
 
@@ -379,6 +382,14 @@ pub(crate) fn outcome_sql(dialect: Dialect) -> String {
 pub(crate) fn record_sql(dialect: Dialect) -> String {
     format!(
         "SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = {}",
+        dialect.param(1)
+    )
+}
+
+/// The record of the request served a Responses API response; parameter: its id.
+pub(crate) fn response_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT {RECORD_COLUMNS} FROM usage WHERE response_id = {}",
         dialect.param(1)
     )
 }
