@@ -19,14 +19,17 @@ pub enum Endpoint {
     Embeddings,
     /// OpenAI's Responses API (`/v1/responses`).
     Responses,
+    /// Anthropic's Messages API (`/v1/messages`), served as the chat completion it amounts to.
+    Messages,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
         Endpoint::Responses,
+        Endpoint::Messages,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,13 +38,14 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
         }
     }
 
     /// The path under the upstream's base URL (which ends in `/v1`).
     pub fn upstream_path(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::ChatCompletions | Endpoint::Messages => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Responses => "/responses",

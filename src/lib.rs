@@ -2,6 +2,7 @@
 //! meters and rates every request. See README.md for the request's path through the modules.
 
 pub mod admin;
+pub mod anthropic;
 pub mod api;
 pub mod app;
 pub mod auth;

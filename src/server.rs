@@ -389,6 +389,11 @@ pub fn router(app: Arc<App>, with_admin: bool) -> Router {
         .route("/v1/completions", proxy::endpoint(Endpoint::Completions))
         .route("/v1/embeddings", proxy::endpoint(Endpoint::Embeddings))
         .route("/v1/responses", proxy::endpoint(Endpoint::Responses))
+        .route("/v1/messages", proxy::endpoint(Endpoint::Messages))
+        .route(
+            "/v1/messages/count_tokens",
+            axum::routing::post(crate::anthropic::count_tokens),
+        )
         .merge(crate::responses::routes())
         .route("/v1/models", get(proxy::models))
         .route("/v1/models/{id}", get(proxy::model))

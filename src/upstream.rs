@@ -235,8 +235,11 @@ pub(crate) fn upstream_body(
     };
     let members: Members = serde_json::from_slice(client).map_err(encode_error)?;
     // Responses streams always end with their usage.
-    let usage_option =
-        stream && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+    let usage_option = stream
+        && matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Messages
+        );
     let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
     body.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut body, upstream_model).map_err(encode_error)?;

@@ -186,7 +186,7 @@ pub struct Upstream {
     pub base_url: String,
     /// Each endpoint's URL, in the order of [`Endpoint::ALL`], parsed once: parsing one per
     /// request was a twelfth of the gateway's instructions.
-    endpoint_uris: [hyper::http::Uri; 4],
+    endpoint_uris: [hyper::http::Uri; 5],
     /// The `Authorization` header value for the provider, resolved from the environment.
     pub authorization: Option<reqwest::header::HeaderValue>,
     /// One pooled client per thread: a lane's requests use only connections whose tasks run
@@ -629,7 +629,7 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
         .map(endpoint_url)
         .into_iter()
         .collect::<Option<Vec<_>>>()
-        .and_then(|uris| <[hyper::http::Uri; 4]>::try_from(uris).ok())
+        .and_then(|uris| <[hyper::http::Uri; 5]>::try_from(uris).ok())
     else {
         problems.push(
             &field("base_url"),

@@ -65,7 +65,7 @@ async fn handle(
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("req_unknown"));
     let mut exchange = Exchange::accept(app, endpoint, request_id, client_chose_id);
-    match proxy(&mut exchange, &headers, body).await {
+    let response = match proxy(&mut exchange, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             exchange.reject(&error);
@@ -76,7 +76,17 @@ async fn handle(
             }
             response
         }
+    };
+    if endpoint != Endpoint::Messages {
+        return response;
     }
+    let model = response
+        .headers()
+        .get(&X_TOLLGATE_MODEL)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    crate::anthropic::to_messages(response, &model, exchange.counted.input).await
 }
 
 /// The phases, in order. Errors before the upstream answers become gateway errors; from the
@@ -87,11 +97,19 @@ async fn proxy(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = exchange.config.clone();
-    let key = crate::auth::bearer(headers)
+    let secret = match exchange.endpoint {
+        Endpoint::Messages => crate::anthropic::secret(headers),
+        _ => crate::auth::bearer(headers),
+    };
+    let key = secret
         .and_then(|secret| exchange.app.keys.authenticate(secret))
         .ok_or(GatewayError::InvalidApiKey)?;
     exchange.key = Some(key.clone());
     let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
+    let bytes = match exchange.endpoint {
+        Endpoint::Messages => crate::anthropic::to_chat(&bytes)?,
+        _ => bytes,
+    };
     // A large body is parsed, counted, routed and spliced on the blocking pool: on the serving
     // lane its work would delay every other request there.
     let inline = bytes.len() <= config.server.inline_count_max_bytes;
@@ -137,7 +155,7 @@ async fn proxy(
     let direct = named.or(continued);
     let routable = matches!(
         exchange.endpoint,
-        Endpoint::ChatCompletions | Endpoint::Responses
+        Endpoint::ChatCompletions | Endpoint::Responses | Endpoint::Messages
     );
     if direct.is_none() && !routable {
         // The routing rules judge conversations, and the tiers are chat models: a completion
@@ -314,7 +332,9 @@ async fn count_input(
     inline: bool,
 ) -> Result<(Value, u64), GatewayError> {
     let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
-        Endpoint::ChatCompletions => tokenizer.count_chat_prompt(encoding, body),
+        Endpoint::ChatCompletions | Endpoint::Messages => {
+            tokenizer.count_chat_prompt(encoding, body)
+        }
         Endpoint::Responses => {
             tokenizer.count_chat_prompt(encoding, &crate::responses::as_chat(body))
         }

@@ -286,7 +286,10 @@ pub fn python() -> PathBuf {
     let python = root.join(".venv/bin/python");
     let ready = || {
         std::process::Command::new(&python)
-            .args(["-c", "import openai, tiktoken, prometheus_client"])
+            .args([
+                "-c",
+                "import openai, anthropic, tiktoken, prometheus_client",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -316,6 +319,7 @@ pub fn python() -> PathBuf {
                 "install",
                 "--quiet",
                 "openai",
+                "anthropic",
                 "tiktoken",
                 "prometheus-client",
             ])
