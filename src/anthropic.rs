@@ -652,3 +652,172 @@ pub fn error_response(error: GatewayError) -> Response {
     let body = json!({"type": "error", "error": {"type": error_type(status), "message": message}});
     Response::from_parts(parts, Body::from(body.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_messages_request_becomes_the_chat_completion_it_amounts_to() {
+        let request = json!({
+            "model": "auto", "max_tokens": 300, "stream": true,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is here?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"at": "image"}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "a cat"}]},
+                    {"type": "text", "text": "And?"}
+                ]}
+            ],
+            "tools": [{"name": "look", "description": "Look", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "stop_sequences": ["END"], "temperature": 0.5,
+            "metadata": {"user_id": "u-1"}
+        });
+        let chat: Value =
+            serde_json::from_slice(&to_chat(request.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            chat,
+            json!({
+                "model": "auto",
+                "max_completion_tokens": 300,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "What is here?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}
+                    ]},
+                    {"role": "assistant", "content": "Let me look.", "tool_calls": [
+                        {"id": "toolu_1", "type": "function", "function": {"name": "look", "arguments": "{\"at\":\"image\"}"}}
+                    ]},
+                    {"role": "tool", "tool_call_id": "toolu_1", "content": "a cat"},
+                    {"role": "user", "content": [{"type": "text", "text": "And?"}]}
+                ],
+                "tools": [{"type": "function", "function": {"name": "look", "description": "Look", "parameters": {"type": "object"}}}],
+                "tool_choice": "required",
+                "parallel_tool_calls": false,
+                "temperature": 0.5,
+                "stop": ["END"],
+                "stream": true,
+                "user": "u-1",
+                "stream_options": {"include_usage": true}
+            })
+        );
+        for (field, value) in [
+            (
+                "thinking",
+                json!({"type": "enabled", "budget_tokens": 1024}),
+            ),
+            ("top_k", json!(5)),
+        ] {
+            let mut refused = request.clone();
+            refused[field] = value;
+            let error = to_chat(refused.to_string().as_bytes()).unwrap_err();
+            assert!(error.to_string().contains(field), "{error}");
+        }
+        let mut search = request.clone();
+        search["tools"] = json!([{"type": "web_search_20250305", "name": "web_search"}]);
+        assert!(to_chat(search.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_chat_completion_becomes_an_anthropic_message() {
+        let chat = json!({
+            "id": "chatcmpl-1", "object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "Checking.",
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"at\":1}"}}]
+            }}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 10}}
+        });
+        assert_eq!(
+            to_message(&chat, "gpt-4o-mini"),
+            json!({
+                "id": "msg_chatcmpl-1", "type": "message", "role": "assistant", "model": "gpt-4o-mini",
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "call_1", "name": "look", "input": {"at": 1}}
+                ],
+                "stop_reason": "tool_use", "stop_sequence": null,
+                "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10, "output_tokens": 9}
+            })
+        );
+    }
+
+    #[test]
+    fn a_chat_stream_becomes_messages_events_however_it_is_cut() {
+        let chunks = [
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"look","arguments":""}}]}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"at\":"}}]}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":7}}"#,
+        ];
+        let mut stream = String::new();
+        for chunk in chunks {
+            stream.push_str(&format!("data: {chunk}\n\n"));
+        }
+        stream.push_str("data: [DONE]\n\n");
+        let events = |pieces: &[&[u8]]| -> Vec<Value> {
+            let mut translator = Translator::new("gpt-4o-mini", 12);
+            let out: Vec<u8> = pieces
+                .iter()
+                .flat_map(|piece| translator.feed(piece).to_vec())
+                .collect();
+            String::from_utf8(out)
+                .unwrap()
+                .split("\n\n")
+                .filter_map(|event| {
+                    event
+                        .split_once("data: ")
+                        .map(|(_, data)| serde_json::from_str(data).unwrap())
+                })
+                .collect()
+        };
+        let whole = events(&[stream.as_bytes()]);
+        let kinds: Vec<&str> = whole.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(whole[0]["message"]["usage"]["input_tokens"], 12);
+        assert_eq!(
+            whole[2]["delta"],
+            json!({"type": "text_delta", "text": "Hi"})
+        );
+        assert_eq!(
+            whole[4]["content_block"],
+            json!({"type": "tool_use", "id": "call_1", "name": "look", "input": {}})
+        );
+        assert_eq!(whole[4]["index"], 1);
+        assert_eq!(
+            whole[5]["delta"],
+            json!({"type": "input_json_delta", "partial_json": "{\"at\":"})
+        );
+        assert_eq!(whole[8]["delta"]["stop_reason"], "tool_use");
+        assert_eq!(whole[8]["usage"]["output_tokens"], 7);
+        let bytes = stream.as_bytes();
+        let cut: Vec<&[u8]> = bytes.chunks(7).collect();
+        assert_eq!(events(&cut), whole);
+    }
+}
