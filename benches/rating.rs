@@ -58,6 +58,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         plan_cost: rated.plan_cost,
         micro_credits: rated.micro_credits,
         response_id: None,
+        counted_estimate: false,
     }
 }
 

@@ -352,9 +352,18 @@ fn error_type(status: StatusCode) -> &'static str {
 }
 
 /// An answer of chat's path as the Messages client expects it: a whole message, a stream of
-/// Messages events, or an error in Anthropic's shape (status and headers kept).
-pub async fn to_messages(response: Response, model: &str, counted_input: u64) -> Response {
+/// Messages events, or an error in Anthropic's shape (status and headers kept). A `native`
+/// answer, from an upstream that speaks Messages, is already in those shapes.
+pub async fn to_messages(
+    response: Response,
+    model: &str,
+    counted_input: u64,
+    native: bool,
+) -> Response {
     let status = response.status();
+    if native && status.is_success() {
+        return response;
+    }
     let is_stream = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -376,6 +385,9 @@ pub async fn to_messages(response: Response, model: &str, counted_input: u64) ->
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if parsed["type"] == "error" {
+        return Response::from_parts(parts, Body::from(bytes));
+    }
     let translated = if status.is_success() {
         to_message(&parsed, model)
     } else {

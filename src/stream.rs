@@ -73,6 +73,8 @@ impl SseTap {
         };
         if let Some(usage) = chunk.usage() {
             self.usage = Some(usage);
+        } else if let (Some(output), Some(usage)) = (chunk.later_output(), &mut self.usage) {
+            usage.output = output.min(crate::meter::answer::MAX_REPORTED_TOKENS);
         }
         if self.response_id.is_none() {
             self.response_id = chunk.response_id().map(str::to_owned);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::http::header::{HeaderValue, CONTENT_TYPE};
 use hyper::http::{Method, Request};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 
 use crate::api::Endpoint;
 use crate::api::X_REQUEST_ID;
-use crate::config::{Model, RetryPolicy};
+use crate::config::{Model, RetryPolicy, UpstreamKind};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::state::FallbackGate;
@@ -65,8 +65,14 @@ pub struct Forwarded {
 /// Everything [`forward`] needs besides the candidates.
 pub struct Attempt<'a> {
     pub endpoint: Endpoint,
-    /// The client's body as received (already parsed and checked to be an object).
+    /// The client's body as received (already parsed and checked to be an object); for a
+    /// Messages request, the chat completion it amounts to.
     pub body: &'a Bytes,
+    /// A Messages request as the client sent it, for models whose upstream speaks that API.
+    pub messages: Option<&'a Bytes>,
+    /// The client's headers, of which Anthropic's version and beta flags reach an `anthropic`
+    /// upstream.
+    pub client_headers: &'a hyper::http::HeaderMap,
     /// Whether the body is small enough to splice on the serving lane.
     pub inline: bool,
     pub stream: bool,
@@ -113,6 +119,16 @@ pub async fn forward(
                 .with_label_values(&[model.name.as_str()])
                 .inc();
         }
+        if model.upstream.kind == UpstreamKind::Anthropic && attempt.messages.is_none() {
+            last = Err(GatewayError::BadRequest {
+                message: format!(
+                    "the model `{}` is served through Anthropic's Messages API: send this request to /v1/messages",
+                    model.name
+                ),
+                param: Some("model"),
+            });
+            continue;
+        }
         let (body, strip_usage_chunk) = splice(attempt, model).await?;
         for try_on_model in 0..attempt.policy.attempts_per_model {
             if progress.attempts >= attempt.policy.max_attempts {
@@ -120,14 +136,7 @@ pub async fn forward(
             }
             progress.attempts += 1;
             progress.billing = Some(model.clone());
-            let result = send(
-                model,
-                attempt.endpoint,
-                body.clone(),
-                attempt.request_id,
-                attempt.metrics,
-            )
-            .await;
+            let result = send(model, attempt, body.clone()).await;
             if !result.as_ref().is_ok_and(|r| r.status().is_success()) {
                 progress.billing = None;
             }
@@ -203,6 +212,10 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
 
 /// [`upstream_body`] for `model`, on the blocking pool for a large body.
 async fn splice(attempt: &Attempt<'_>, model: &Model) -> Result<(Bytes, bool), GatewayError> {
+    if let (UpstreamKind::Anthropic, Some(messages)) = (model.upstream.kind, attempt.messages) {
+        // Anthropic streams always carry their usage: nothing to ask for.
+        return upstream_body(messages, &model.upstream_model, Endpoint::Messages, false);
+    }
     if attempt.inline {
         return upstream_body(
             attempt.body,
@@ -354,22 +367,27 @@ impl<'de> Deserialize<'de> for Members<'de> {
 struct MemberName<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Sends one attempt and waits for the response headers (not the body).
-async fn send(
-    model: &Model,
-    endpoint: Endpoint,
-    body: Bytes,
-    request_id: &HeaderValue,
-    metrics: &Metrics,
-) -> Result<Reply, GatewayError> {
+async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply, GatewayError> {
+    let metrics = attempt.metrics;
     let upstream = &model.upstream;
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = upstream.uri(endpoint);
+    *request.uri_mut() = upstream.uri(attempt.endpoint);
     let headers = request.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(authorization) = &upstream.authorization {
-        headers.insert(AUTHORIZATION, authorization.clone());
+    headers.insert(X_REQUEST_ID.clone(), attempt.request_id.clone());
+    if let Some((name, value)) = &upstream.credentials {
+        headers.insert(name.clone(), value.clone());
+    }
+    if upstream.kind == UpstreamKind::Anthropic {
+        let version = attempt
+            .client_headers
+            .get("anthropic-version")
+            .unwrap_or(&upstream.anthropic_version);
+        headers.insert("anthropic-version", version.clone());
+        if let Some(beta) = attempt.client_headers.get("anthropic-beta") {
+            headers.insert("anthropic-beta", beta.clone());
+        }
     }
     let started = Instant::now();
     let result = tokio::time::timeout(
@@ -407,10 +425,8 @@ pub async fn relay(model: &Model, method: Method, path: &str) -> Result<Reply, G
     let mut request = Request::new(Full::new(Bytes::new()));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
-    if let Some(authorization) = &upstream.authorization {
-        request
-            .headers_mut()
-            .insert(AUTHORIZATION, authorization.clone());
+    if let Some((name, value)) = &upstream.credentials {
+        request.headers_mut().insert(name.clone(), value.clone());
     }
     match tokio::time::timeout(
         upstream.first_byte_timeout,

@@ -16,22 +16,43 @@ virtual_model = "auto"
 default = "cheap"
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_anthropic_sdk_works_through_the_gateway() {
-    let gw = Harness::start_with(MockOptions::default(), ROUTER).await;
+/// An upstream that speaks the Messages API (the mock again), with a model on it.
+const CLAUDE: &str = r#"
+[upstreams.claude]
+kind = "anthropic"
+base_url = "$MOCK_URL"
+api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+
+[models."claude-sonnet"]
+upstream = "claude"
+tier = "frontier"
+input_per_mtok = 3.0
+cached_input_per_mtok = 0.3
+output_per_mtok = 15.0
+max_output_tokens = 8192
+"#;
+
+/// Runs the SDK script against the gateway with `model`; what it saw.
+async fn sdk(gw: &Harness, model: &str) -> Value {
     let poor = gw
-        .create_key(json!({"name": "poor", "budget_usd": 0.000001}))
+        .create_key(json!({"name": format!("poor-{model}"), "budget_usd": 0.000001}))
         .await["key"]
         .as_str()
         .unwrap()
         .to_owned();
-    let (base_url, key) = (gw.url.clone(), gw.key.clone());
+    let (base_url, key, model) = (gw.url.clone(), gw.key.clone(), model.to_owned());
     let out = tokio::task::spawn_blocking(move || {
-        common::run_python("sdk_anthropic.py", &[&base_url, &key, &poor], &[])
+        common::run_python("sdk_anthropic.py", &[&base_url, &key, &poor, &model], &[])
     })
     .await
     .unwrap();
-    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_anthropic_sdk_works_through_the_gateway() {
+    let gw = Harness::start_with(MockOptions::default(), ROUTER).await;
+    let seen = sdk(&gw, "gpt-4o-mini").await;
 
     assert_eq!(seen["plain"]["type"], "message");
     assert_eq!(seen["plain"]["role"], "assistant");
@@ -91,4 +112,73 @@ async fn the_official_anthropic_sdk_works_through_the_gateway() {
     assert_eq!(plain.charge.nanos(), 16 * 150 + 5 * 600);
     assert!(messages[1].streamed);
     assert_eq!(messages[1].counted.output, 7);
+}
+
+/// A model whose upstream speaks Messages gets the client's request as sent (its model name
+/// changed), with the provider key in `x-api-key` and an `anthropic-version`; its answers and
+/// events reach the client as they are, and are metered from Anthropic's usage (cache reads and
+/// writes included in the input) with the own count marked as an estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_on_an_anthropic_upstream_is_served_natively() {
+    let extra = format!("{ROUTER}{CLAUDE}");
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let seen = sdk(&gw, "claude-sonnet").await;
+    assert_eq!(seen["plain"]["text"], " the quick brown fox jumps");
+    assert_eq!(
+        seen["plain"]["usage"]["input_tokens"], 25,
+        "the mock's fixed prompt"
+    );
+    assert_eq!(seen["plain"]["usage"]["output_tokens"], 5);
+    assert_eq!(
+        seen["plain"]["headers"]["x-tollgate-model"],
+        "claude-sonnet"
+    );
+    assert_eq!(seen["stream"]["text"], seen["stream"]["final_text"]);
+    assert_eq!(seen["stream"]["usage"]["output_tokens"], 7);
+    for tool in ["tool", "streamed_tool"] {
+        assert_eq!(seen[tool]["input"], json!({"city": "Oslo"}), "{tool}");
+        assert_eq!(seen[tool]["stop_reason"], "tool_use", "{tool}");
+    }
+
+    let cached = gw
+        .http
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &gw.key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "claude-sonnet", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "mock": {"prompt_tokens": 1000, "cached_tokens": 600, "cache_write_tokens": 300,
+                "reply_tokens": 4}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), 200);
+    let sent = gw.mock.stats().last_headers;
+    assert_eq!(sent["x-api-key"], common::PROVIDER_KEY);
+    assert!(!sent.contains_key("authorization"));
+    assert!(sent.contains_key("anthropic-version"));
+    let records = gw.usage_records(8).await;
+    let native: Vec<_> = records
+        .iter()
+        .filter(|r| r.served_model.as_deref() == Some("claude-sonnet"))
+        .collect();
+    assert!(native.iter().all(|r| r.counted_estimate));
+    let last = native.last().unwrap();
+    let reported = last.reported.unwrap();
+    assert_eq!(
+        (reported.input, reported.cached_input, reported.output),
+        (1000, 600, 4)
+    );
+    // 400 uncached × $3 + 600 cached × $0.30 + 4 × $15 per million.
+    assert_eq!(last.charge.nanos(), 400 * 3_000 + 600 * 300 + 4 * 15_000);
+
+    let chat = gw
+        .chat(json!({"model": "claude-sonnet", "messages": [{"role": "user", "content": "Hi"}]}))
+        .await;
+    assert_eq!(chat.status(), 400);
+    let error: Value = chat.json().await.unwrap();
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/messages"));
 }

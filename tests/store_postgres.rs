@@ -87,6 +87,7 @@ fn record(n: u32) -> UsageRecord {
         plan_cost: Money(if answered { 800_000 + i64::from(n) } else { 0 }),
         micro_credits: u64::from(n) * 3,
         response_id: None,
+        counted_estimate: false,
     }
 }
 

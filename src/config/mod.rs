@@ -21,6 +21,7 @@ use crate::money::{ModelPrices, Money, TokenPrice};
 use crate::rating::plan::{build_plans, Plan};
 use crate::route::Router;
 use crate::upstream::{provider_client, ProviderClient};
+pub use raw::UpstreamKind;
 
 use raw::RawConfig;
 use thread_local::ThreadLocal;
@@ -187,8 +188,12 @@ pub struct Upstream {
     /// Each endpoint's URL, in the order of [`Endpoint::ALL`], parsed once: parsing one per
     /// request was a twelfth of the gateway's instructions.
     endpoint_uris: [hyper::http::Uri; 5],
-    /// The `Authorization` header value for the provider, resolved from the environment.
-    pub authorization: Option<reqwest::header::HeaderValue>,
+    pub kind: UpstreamKind,
+    /// The header carrying the provider key (`Authorization: Bearer …`, or Anthropic's
+    /// `x-api-key`), resolved from the environment.
+    pub credentials: Option<(hyper::http::HeaderName, hyper::http::HeaderValue)>,
+    /// Sent to an `anthropic` upstream unless the client sent its own.
+    pub anthropic_version: hyper::http::HeaderValue,
     /// One pooled client per thread: a lane's requests use only connections whose tasks run
     /// on that lane (see `crate::lanes`).
     clients: ThreadLocal<ProviderClient>,
@@ -198,9 +203,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The provider key itself (from `authorization`), to keep it out of logged text.
+    /// The provider key itself, to keep it out of logged text.
     pub fn api_key(&self) -> Option<&str> {
-        let value = self.authorization.as_ref()?.to_str().ok()?;
+        let value = self.credentials.as_ref()?.1.to_str().ok()?;
         Some(value.strip_prefix("Bearer ").unwrap_or(value)).filter(|key| !key.is_empty())
     }
 
@@ -220,7 +225,8 @@ impl fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("name", &self.name)
             .field("base_url", &self.base_url)
-            .field("has_key", &self.authorization.is_some())
+            .field("kind", &self.kind)
+            .field("has_key", &self.credentials.is_some())
             .finish()
     }
 }
@@ -253,6 +259,9 @@ pub struct BudgetAlerts {
     pub thresholds_pct: Vec<u8>,
     pub webhook: Option<reqwest::Url>,
 }
+
+/// The Messages API version sent to `anthropic` upstreams by default.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 static LIST_PLAN: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(Plan::list);
 
@@ -620,7 +629,11 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
     let field = |leaf: &'static str| ["upstreams", name, leaf];
     let base_url = raw.base_url.trim_end_matches('/').to_owned();
     let endpoint_url = |endpoint: Endpoint| {
-        reqwest::Url::parse(&format!("{base_url}{}", endpoint.upstream_path()))
+        let path = match raw.kind {
+            UpstreamKind::Openai => endpoint.upstream_path(),
+            UpstreamKind::Anthropic => "/messages",
+        };
+        reqwest::Url::parse(&format!("{base_url}{path}"))
             .ok()
             .filter(|url| matches!(url.scheme(), "http" | "https"))
             .and_then(|url| url.as_str().parse::<hyper::http::Uri>().ok())
@@ -637,14 +650,18 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
         );
         return None;
     };
-    let authorization = match &raw.api_key_env {
+    let (credential_header, credential_prefix) = match raw.kind {
+        UpstreamKind::Openai => (hyper::http::header::AUTHORIZATION, "Bearer "),
+        UpstreamKind::Anthropic => (hyper::http::HeaderName::from_static("x-api-key"), ""),
+    };
+    let credentials = match &raw.api_key_env {
         None => None,
         Some(var) => match std::env::var(var) {
             Ok(key) if !key.is_empty() => {
-                match reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
+                match hyper::http::HeaderValue::from_str(&format!("{credential_prefix}{key}")) {
                     Ok(mut value) => {
                         value.set_sensitive(true);
-                        Some(value)
+                        Some((credential_header, value))
                     }
                     Err(_) => {
                         problems.push(
@@ -663,6 +680,14 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
             }
         },
     };
+    let version = raw
+        .anthropic_version
+        .as_deref()
+        .unwrap_or(ANTHROPIC_VERSION);
+    let Ok(anthropic_version) = hyper::http::HeaderValue::from_str(version) else {
+        problems.push(&field("anthropic_version"), "not a valid header value");
+        return None;
+    };
     for (leaf, value) in [
         ("connect_timeout_ms", raw.connect_timeout_ms),
         ("first_byte_timeout_ms", raw.first_byte_timeout_ms),
@@ -676,7 +701,9 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
         name: name.to_owned(),
         base_url,
         endpoint_uris,
-        authorization,
+        kind: raw.kind,
+        credentials,
+        anthropic_version,
         clients: ThreadLocal::new(),
         connect_timeout: Duration::from_millis(raw.connect_timeout_ms.max(1)),
         first_byte_timeout: Duration::from_millis(raw.first_byte_timeout_ms.max(1)),
@@ -709,6 +736,13 @@ fn build_model(
             );
             None
         }),
+        // Anthropic publishes no tokenizer: the own count is o200k_base's estimate.
+        None if upstream
+            .as_ref()
+            .is_some_and(|upstream| upstream.kind == UpstreamKind::Anthropic) =>
+        {
+            Some(Encoding::O200kBase)
+        }
         None => {
             let upstream_model = raw.upstream_model.as_deref().unwrap_or(name);
             Encoding::for_model(upstream_model).or_else(|| {

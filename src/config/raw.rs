@@ -169,7 +169,14 @@ impl Default for RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
+    /// The API the upstream speaks: `openai` (chat completions and the rest) or `anthropic`
+    /// (the Messages API).
+    #[serde(default)]
+    pub kind: UpstreamKind,
     pub base_url: String,
+    /// The `anthropic-version` header sent to an `anthropic` upstream, unless the client sent
+    /// its own.
+    pub anthropic_version: Option<String>,
     /// Name of the environment variable holding the provider key; the key itself never
     /// appears in the config file.
     pub api_key_env: Option<String>,
@@ -181,6 +188,14 @@ pub struct RawUpstream {
     /// Longest silence allowed between two chunks of a body once it started.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamKind {
+    #[default]
+    Openai,
+    Anthropic,
 }
 
 fn default_connect_timeout_ms() -> u64 {

@@ -1,6 +1,7 @@
 //! What metering reads of an upstream answer: a whole chat completion or completion, or one
 //! streamed chunk of either (a chunk's `delta` has a message's shape); a whole Responses API
-//! response, or one of its stream's typed events. Strings are borrowed
+//! response, or one of its stream's typed events; a whole Anthropic message, or one of its
+//! stream's events. Strings are borrowed
 //! where the JSON has no escapes and every other field is skipped unallocated: parsing answers
 //! into `serde_json::Value` was a fifth of a request's instructions.
 
@@ -16,12 +17,22 @@ pub struct Answer<'a> {
     #[serde(borrow)]
     choices: Option<Vec<Choice<'a>>>,
     usage: Option<WireUsage>,
-    /// A Responses stream event's type (`response.output_text.delta`, …).
+    /// A Responses or Anthropic stream event's type (`response.output_text.delta`,
+    /// `content_block_delta`, …), or `message` for a whole Anthropic message.
     #[serde(borrow, rename = "type")]
     event: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    delta: Option<Cow<'a, str>>,
+    delta: Option<Delta<'a>>,
     output_index: Option<u64>,
+    /// The content block an Anthropic stream event is about.
+    index: Option<u64>,
+    /// An Anthropic message's content blocks.
+    #[serde(borrow)]
+    content: Option<Vec<Block<'a>>>,
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+    /// The message an Anthropic stream's `message_start` carries (with the input usage).
+    message: Option<Box<StartedMessage>>,
     /// The response a stream's first and last events carry.
     #[serde(borrow)]
     response: Option<Box<Response<'a>>>,
@@ -36,6 +47,39 @@ pub struct Answer<'a> {
     output: Option<Vec<OutputItem<'a>>>,
     #[serde(borrow)]
     incomplete_details: Option<IncompleteDetails<'a>>,
+}
+
+/// A stream event's `delta`: text in the Responses API, an object in Anthropic's.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Delta<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Anthropic {
+        #[serde(borrow)]
+        text: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        partial_json: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        thinking: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        stop_reason: Option<Cow<'a, str>>,
+    },
+}
+
+/// An Anthropic content block: text, tool use (its `input` counted as its JSON text), thinking.
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    input: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    thinking: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StartedMessage {
+    usage: Option<WireUsage>,
 }
 
 /// A Responses API response object, as a stream event carries it (only what metering reads).
@@ -124,6 +168,9 @@ struct WireUsage {
     total_tokens: Option<u64>,
     #[serde(alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptTokensDetails>,
+    /// Anthropic's `input_tokens` leave out what was read from and written to the cache.
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -145,8 +192,13 @@ impl<'a> Answer<'a> {
         let usage = self
             .usage
             .as_ref()
-            .or_else(|| self.response.as_ref()?.usage.as_ref())?;
-        let prompt = usage.prompt_tokens?;
+            .or_else(|| self.response.as_ref()?.usage.as_ref())
+            .or_else(|| self.message.as_ref()?.usage.as_ref())?;
+        let cache_read = usage.cache_read_input_tokens.unwrap_or(0);
+        let prompt = usage
+            .prompt_tokens?
+            .saturating_add(cache_read)
+            .saturating_add(usage.cache_creation_input_tokens.unwrap_or(0));
         let output = usage
             .completion_tokens
             .or_else(|| usage.total_tokens.map(|total| total.saturating_sub(prompt)))?;
@@ -157,7 +209,7 @@ impl<'a> Answer<'a> {
                 .prompt_tokens_details
                 .as_ref()
                 .and_then(|details| details.cached_tokens)
-                .unwrap_or(0)
+                .unwrap_or(cache_read)
                 .min(input),
             output: output.min(MAX_REPORTED_TOKENS),
         })
@@ -168,12 +220,22 @@ impl<'a> Answer<'a> {
         self.choices.as_ref().is_some_and(Vec::is_empty) && self.usage.is_some()
     }
 
-    /// The event that ends a Responses stream (completed, incomplete or failed).
+    /// The event that ends a Responses stream (completed, incomplete or failed) or an
+    /// Anthropic one.
     pub fn ends_response(&self) -> bool {
         matches!(
             self.event.as_deref(),
-            Some("response.completed" | "response.incomplete" | "response.failed")
+            Some("response.completed" | "response.incomplete" | "response.failed" | "message_stop")
         )
+    }
+
+    /// The output tokens an Anthropic `message_delta` reports; its input came with
+    /// `message_start`.
+    pub fn later_output(&self) -> Option<u64> {
+        match self.event.as_deref() {
+            Some("message_delta") => self.usage.as_ref()?.completion_tokens,
+            _ => None,
+        }
     }
 
     /// The id of a Responses API response: the answer's own, or that of the response a
@@ -191,12 +253,51 @@ impl<'a> Answer<'a> {
     /// message's text, a refusal, a function call's arguments); of its stream only the deltas
     /// count, since the closing events repeat the whole output.
     pub fn read_output(self, output: &mut OutputCounter) {
-        let index = self.output_index.unwrap_or(0);
+        let index = self.output_index.or(self.index).unwrap_or(0);
         match (self.event.as_deref(), &self.delta) {
-            (Some("response.output_text.delta"), Some(delta)) => output.push_text(index, delta),
-            (Some("response.refusal.delta"), Some(delta)) => output.push_refusal(index, delta),
-            (Some("response.function_call_arguments.delta"), Some(delta)) => {
+            (Some("response.output_text.delta"), Some(Delta::Text(delta))) => {
+                output.push_text(index, delta)
+            }
+            (Some("response.refusal.delta"), Some(Delta::Text(delta))) => {
+                output.push_refusal(index, delta)
+            }
+            (Some("response.function_call_arguments.delta"), Some(Delta::Text(delta))) => {
                 output.push_tool_arguments(index, 0, delta)
+            }
+            (
+                Some("content_block_delta"),
+                Some(Delta::Anthropic {
+                    text,
+                    partial_json,
+                    thinking,
+                    ..
+                }),
+            ) => {
+                if let Some(text) = text.as_deref().or(thinking.as_deref()) {
+                    output.push_text(index, text);
+                }
+                if let Some(json) = partial_json {
+                    output.push_tool_arguments(index, 0, json);
+                }
+            }
+            (Some("message_delta"), Some(Delta::Anthropic { stop_reason, .. })) => {
+                if let Some(reason) = stop_reason {
+                    output.set_finish_reason(0, reason);
+                }
+            }
+            (Some("message"), _) => {
+                for (index, block) in self.content.unwrap_or_default().into_iter().enumerate() {
+                    let index = index as u64;
+                    if let Some(text) = block.text.as_deref().or(block.thinking.as_deref()) {
+                        output.push_text(index, text);
+                    }
+                    if let Some(input) = block.input {
+                        output.push_tool_arguments(index, 0, input.get());
+                    }
+                }
+                if let Some(reason) = &self.stop_reason {
+                    output.set_finish_reason(0, reason);
+                }
             }
             (Some(_), _) => {
                 if let Some(response) = self.response.as_ref().filter(|_| self.ends_response()) {

@@ -100,6 +100,10 @@ pub struct UsageRecord {
     /// later requests about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_id: Option<String>,
+    /// The gateway's own token count is an estimate: the model's provider publishes no
+    /// tokenizer (Anthropic's). Its usage figures are what is billed.
+    #[serde(default)]
+    pub counted_estimate: bool,
 }
 
 impl UsageRecord {

@@ -10,8 +10,10 @@
 //! (chunks), `retry_after`, `fail_first` (fail only the first N attempts with the same
 //! `x-request-id`), `tool_call`, `no_done` (end a stream without `data: [DONE]`, as some
 //! compatible servers do), `no_usage` (report no usage) and `malformed` (a stream event, or a
-//! whole answer, that is not JSON). It speaks the Responses API too (see `responses`).
+//! whole answer, that is not JSON). It speaks the Responses API too (see `responses`), and
+//! Anthropic's Messages API (see `messages`).
 
+mod messages;
 mod responses;
 
 use std::collections::{BTreeMap, HashMap};
@@ -219,6 +221,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses::create))
+        .route("/v1/messages", post(messages::create))
         .route(
             "/v1/responses/{id}",
             get(responses::retrieve).delete(responses::delete),

@@ -77,6 +77,10 @@ async fn handle(
             response
         }
     };
+    let native = exchange
+        .model
+        .as_ref()
+        .is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic);
     if endpoint != Endpoint::Messages {
         return response;
     }
@@ -86,7 +90,7 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    crate::anthropic::to_messages(response, &model, exchange.counted.input).await
+    crate::anthropic::to_messages(response, &model, exchange.counted.input, native).await
 }
 
 /// The phases, in order. Errors before the upstream answers become gateway errors; from the
@@ -106,9 +110,11 @@ async fn proxy(
         .ok_or(GatewayError::InvalidApiKey)?;
     exchange.key = Some(key.clone());
     let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
-    let bytes = match exchange.endpoint {
-        Endpoint::Messages => crate::anthropic::to_chat(&bytes)?,
-        _ => bytes,
+    // A Messages request takes chat's path as the chat completion it amounts to; a model whose
+    // upstream speaks Messages is sent the client's own request.
+    let (bytes, messages) = match exchange.endpoint {
+        Endpoint::Messages => (crate::anthropic::to_chat(&bytes)?, Some(bytes)),
+        _ => (bytes, None),
     };
     // A large body is parsed, counted, routed and spliced on the blocking pool: on the serving
     // lane its work would delay every other request there.
@@ -223,6 +229,8 @@ async fn proxy(
     let attempt = upstream::Attempt {
         endpoint: exchange.endpoint,
         body: &bytes,
+        messages: messages.as_ref(),
+        client_headers: headers,
         inline,
         stream: request.stream,
         request_id: &exchange.request_id,

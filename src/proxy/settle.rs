@@ -136,6 +136,10 @@ impl Exchange {
             plan_cost: Money::ZERO,
             micro_credits: 0,
             response_id: ending.response_id.clone(),
+            counted_estimate: self
+                .model
+                .as_ref()
+                .is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic),
         };
         let closing = Closing {
             app: self.app.clone(),

@@ -128,6 +128,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN response_id TEXT COLLATE "C";
     CREATE INDEX usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
     "#,
+    // 4: own counts that are estimates (see the SQLite ledger's migrations).
+    r#"
+    ALTER TABLE usage ADD COLUMN counted_estimate BOOLEAN NOT NULL DEFAULT FALSE;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -101,7 +101,9 @@ input_per_mtok = 0.02
 output_per_mtok = 0
 {extra}
 "#,
-        data = data_dir.display()
+        data = data_dir.display(),
+        // A test's own sections may point more upstreams at the mock.
+        extra = extra.replace("$MOCK_URL", mock_url),
     )
 }
 

@@ -1,6 +1,6 @@
 """Drives tollgate's Messages API with the official Anthropic Python SDK, unmodified.
 
-Usage: sdk_anthropic.py BASE_URL KEY POOR_KEY. Prints one JSON object of what the SDK saw;
+Usage: sdk_anthropic.py BASE_URL KEY POOR_KEY [MODEL]. Prints one JSON object of what the SDK saw;
 the Rust test asserts on it. Any SDK-side failure raises and fails the test.
 """
 import json
@@ -9,11 +9,12 @@ import sys
 import anthropic
 
 base_url, key, poor_key = sys.argv[1], sys.argv[2], sys.argv[3]
+model = sys.argv[4] if len(sys.argv) > 4 else "gpt-4o-mini"
 client = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0)
 seen = {}
 
 raw = client.messages.with_raw_response.create(
-    model="gpt-4o-mini",
+    model=model,
     max_tokens=64,
     system="Be brief.",
     messages=[{"role": "user", "content": "Say hi"}],
@@ -31,7 +32,7 @@ seen["plain"] = {
 
 pieces = []
 with client.messages.stream(
-    model="gpt-4o-mini",
+    model=model,
     max_tokens=64,
     messages=[{"role": "user", "content": [{"type": "text", "text": "Stream seven words."}]}],
     extra_body={"mock": {"reply_tokens": 7}},
@@ -53,7 +54,7 @@ tools = [{
 }]
 asked = [{"role": "user", "content": "What is the weather in Oslo?"}]
 called = client.messages.create(
-    model="gpt-4o-mini",
+    model=model,
     max_tokens=64,
     tools=tools,
     messages=asked,
@@ -64,7 +65,7 @@ seen["tool"] = {"name": use.name, "input": use.input, "stop_reason": called.stop
 
 streamed_tool = None
 with client.messages.stream(
-    model="gpt-4o-mini",
+    model=model,
     max_tokens=64,
     tools=tools,
     messages=asked,
@@ -87,7 +88,7 @@ answered = client.messages.create(
 seen["answered"] = {"text": answered.content[0].text, "stop_reason": answered.stop_reason}
 
 seen["count"] = client.messages.count_tokens(
-    model="gpt-4o-mini",
+    model=model,
     system="Be brief.",
     messages=[{"role": "user", "content": "Say hi"}],
 ).input_tokens

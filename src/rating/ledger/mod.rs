@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS usage (
     client_request_id TEXT,
     answered INTEGER NOT NULL DEFAULT 1,
     plan_cost_nanos INTEGER NOT NULL DEFAULT 0,
-    response_id TEXT
+    response_id TEXT,
+    counted_estimate INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -111,6 +112,8 @@ const MIGRATIONS: &[&str] = &[
      UPDATE usage SET plan_cost_nanos = list_cost_nanos",
     // Before this, the ledger held no Responses API responses.
     "ALTER TABLE usage ADD COLUMN response_id TEXT",
+    // Before this, every own count was tiktoken's exact count.
+    "ALTER TABLE usage ADD COLUMN counted_estimate INTEGER NOT NULL DEFAULT 0",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -559,6 +562,7 @@ mod tests {
             plan_cost: Money(900_000),
             micro_credits: 42,
             response_id: None,
+            counted_estimate: false,
         }
     }
 
@@ -616,6 +620,7 @@ mod tests {
              ALTER TABLE usage DROP COLUMN plan_cost_nanos;
              DROP INDEX usage_response;
              ALTER TABLE usage DROP COLUMN response_id;
+             ALTER TABLE usage DROP COLUMN counted_estimate;
              PRAGMA user_version = 0",
         )
         .unwrap();

@@ -19,7 +19,7 @@ pub(crate) fn day_of(ms: i64) -> String {
 }
 
 /// The `usage` table's columns and their kinds, in the order of [`usage_values`].
-pub(crate) const USAGE_COLUMNS: [(&str, Kind); 35] = [
+pub(crate) const USAGE_COLUMNS: [(&str, Kind); 36] = [
     ("request_id", Kind::Text),
     ("at_ms", Kind::Int),
     ("day", Kind::Text),
@@ -55,11 +55,12 @@ pub(crate) const USAGE_COLUMNS: [(&str, Kind); 35] = [
     ("answered", Kind::Bool),
     ("plan_cost_nanos", Kind::Int),
     ("response_id", Kind::Text),
+    ("counted_estimate", Kind::Bool),
 ];
 
 /// A usage record as the ledger stores it, in the order of [`USAGE_COLUMNS`]. The billed token
 /// columns and the day are derived here, once for every store.
-pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 35] {
+pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 36] {
     let billed = record.billed();
     let reported = record.reported;
     let optional = |value: Option<u64>| Column::Int(value.map(|v| v as i64));
@@ -99,6 +100,7 @@ pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 35] {
         Column::Bool(record.answered),
         Column::int(record.plan_cost.nanos()),
         Column::optional_text(record.response_id.as_deref()),
+        Column::Bool(record.counted_estimate),
     ]
 }
 
@@ -136,7 +138,7 @@ pub(crate) const RECORD_COLUMNS: &str =
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
     latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered,
-    plan_cost_nanos, response_id";
+    plan_cost_nanos, response_id, counted_estimate";
 
 /// Rebuilds a usage record from a row selected as [`RECORD_COLUMNS`], in either store.
 pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Error> {
@@ -180,6 +182,7 @@ pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Erro
         plan_cost: Money(row.required_int(29)?),
         micro_credits: row.required_int(26)? as u64,
         response_id: row.text(30)?,
+        counted_estimate: row.boolean(31)?,
     })
 }
 
