@@ -388,12 +388,12 @@ async fn a_response_outlives_a_restart_of_the_gateway() {
     );
 }
 
-/// Chat completions and Responses on one key, 200 at once: the cap holds across both APIs and
-/// the spend is exactly what the admitted requests cost. Both bodies are the same
-/// conversation — 21 input tokens, 16 output, reserved with 32 — so each costs
+/// Chat completions, Responses and Anthropic Messages on one key, 200 at once: the cap holds
+/// across the three APIs and the spend is exactly what the admitted requests cost. The bodies
+/// are the same conversation — 21 input tokens, 16 output, reserved with 32 — so each costs
 /// 21 × 150 + 16 × 600 = 12,750 nano-dollars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cap_holds_across_chat_and_responses_under_concurrency() {
+async fn the_cap_holds_across_chat_responses_and_messages_under_concurrency() {
     const ACTUAL: i64 = 12_750;
     let gw = Harness::start().await;
     let cap = 20 * ACTUAL;
@@ -409,10 +409,14 @@ async fn the_cap_holds_across_chat_and_responses_under_concurrency() {
     let response = json!({"model": "gpt-4o-mini", "max_output_tokens": 32,
         "instructions": "You are terse.", "input": "Say hello to the gateway.",
         "mock": {"reply_tokens": 16}});
+    let message = json!({"model": "gpt-4o-mini", "max_tokens": 32, "system": "You are terse.",
+        "messages": [{"role": "user", "content": "Say hello to the gateway."}],
+        "mock": {"reply_tokens": 16}});
     let sent = (0..200).map(|i| {
-        let (path, body) = match i % 2 {
+        let (path, body) = match i % 3 {
             0 => ("/v1/chat/completions", &chat),
-            _ => ("/v1/responses", &response),
+            1 => ("/v1/responses", &response),
+            _ => ("/v1/messages", &message),
         };
         gw.http
             .post(format!("{}{path}", gw.url))
@@ -427,7 +431,12 @@ async fn the_cap_holds_across_chat_and_responses_under_concurrency() {
             200 => admitted += 1,
             429 => {
                 let error: Value = answer.json().await.unwrap();
-                assert_eq!(error["error"]["code"], "insufficient_quota");
+                // Anthropic's shape on /v1/messages, OpenAI's elsewhere.
+                assert!(
+                    error["error"]["code"] == "insufficient_quota"
+                        || error["error"]["type"] == "rate_limit_error",
+                    "{error}"
+                );
             }
             other => panic!("unexpected status {other}"),
         }
@@ -452,5 +461,6 @@ async fn the_cap_holds_across_chat_and_responses_under_concurrency() {
     let answered: Vec<_> = records.iter().filter(|r| r.answered).collect();
     assert_eq!(answered.len() as i64, admitted);
     assert!(answered.iter().any(|r| r.endpoint == Endpoint::Responses));
+    assert!(answered.iter().any(|r| r.endpoint == Endpoint::Messages));
     assert!(answered.iter().all(|r| r.charge.nanos() == ACTUAL));
 }
