@@ -119,10 +119,14 @@ pub async fn forward(
                 .with_label_values(&[model.name.as_str()])
                 .inc();
         }
-        if model.upstream.kind == UpstreamKind::Anthropic && attempt.messages.is_none() {
+        let speaks = match attempt.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Messages => true,
+            _ => model.upstream.kind == UpstreamKind::Openai,
+        };
+        if !speaks {
             last = Err(GatewayError::BadRequest {
                 message: format!(
-                    "the model `{}` is served through Anthropic's Messages API: send this request to /v1/messages",
+                    "the model `{}` is served through Anthropic's Messages API: send chat completions or /v1/messages",
                     model.name
                 ),
                 param: Some("model"),
@@ -212,9 +216,19 @@ fn backoff(policy: &RetryPolicy, try_on_model: u32) -> Duration {
 
 /// [`upstream_body`] for `model`, on the blocking pool for a large body.
 async fn splice(attempt: &Attempt<'_>, model: &Model) -> Result<(Bytes, bool), GatewayError> {
-    if let (UpstreamKind::Anthropic, Some(messages)) = (model.upstream.kind, attempt.messages) {
+    if model.upstream.kind == UpstreamKind::Anthropic {
         // Anthropic streams always carry their usage: nothing to ask for.
-        return upstream_body(messages, &model.upstream_model, Endpoint::Messages, false);
+        return match attempt.messages {
+            Some(messages) => {
+                upstream_body(messages, &model.upstream_model, Endpoint::Messages, false)
+            }
+            None => crate::anthropic::messages_request(
+                attempt.body,
+                &model.upstream_model,
+                model.max_output_tokens,
+            )
+            .map(|body| (body, false)),
+        };
     }
     if attempt.inline {
         return upstream_body(

@@ -172,13 +172,104 @@ async fn a_model_on_an_anthropic_upstream_is_served_natively() {
     // 400 uncached × $3 + 600 cached × $0.30 + 4 × $15 per million.
     assert_eq!(last.charge.nanos(), 400 * 3_000 + 600 * 300 + 4 * 15_000);
 
-    let chat = gw
-        .chat(json!({"model": "claude-sonnet", "messages": [{"role": "user", "content": "Hi"}]}))
-        .await;
-    assert_eq!(chat.status(), 400);
-    let error: Value = chat.json().await.unwrap();
+    // The Responses API has no translation to Messages yet.
+    let responses = gw
+        .post("/v1/responses")
+        .json(&json!({"model": "claude-sonnet", "input": "Hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(responses.status(), 400);
+    let error: Value = responses.json().await.unwrap();
     assert!(error["error"]["message"]
         .as_str()
         .unwrap()
         .contains("/v1/messages"));
+}
+
+/// An OpenAI chat request with tools, whole and streamed, served by a model on an Anthropic
+/// upstream: the upstream is sent a Messages request, and the client gets chat's shapes back,
+/// field by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_are_served_by_an_anthropic_model() {
+    let extra = format!("{ROUTER}{CLAUDE}");
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}}}}]);
+    let body = json!({"model": "claude-sonnet", "max_tokens": 64,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Weather in Oslo?"}],
+        "tools": tools, "mock": {"tool_call": true, "reply": "{\"city\": \"Oslo\"}"}});
+    let answer = gw.chat(body.clone()).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-tollgate-model"], "claude-sonnet");
+    let answer: Value = answer.json().await.unwrap();
+    let sent = gw.mock.stats().last_body;
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["max_tokens"], 64);
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["properties"]["city"]["type"],
+        "string"
+    );
+    assert!(answer["id"].as_str().unwrap().starts_with("chatcmpl-msg_"));
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], "claude-sonnet");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert!(call["id"].as_str().unwrap().starts_with("toolu_"));
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Oslo\"}");
+    assert_eq!(answer["usage"]["prompt_tokens"], 25);
+    assert_eq!(answer["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let text = gw.chat(streamed.clone()).await.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let arguments: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(arguments, "{\"city\": \"Oslo\"}");
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [&json!("tool_calls")]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], 25);
+
+    streamed["stream_options"] = Value::Null;
+    let plain = gw.chat(streamed).await.text().await.unwrap();
+    assert!(
+        !plain.contains("\"usage\""),
+        "a usage chunk nobody asked for: {plain}"
+    );
+
+    let records = gw.usage_records(3).await;
+    for record in &records {
+        assert_eq!(record.served_model.as_deref(), Some("claude-sonnet"));
+        assert!(record.counted_estimate);
+        assert_eq!(record.reported.unwrap().input, 25);
+    }
+    assert!(records
+        .iter()
+        .all(|r| r.reported.unwrap().output == records[0].reported.unwrap().output));
 }

@@ -81,7 +81,7 @@ async fn handle(
         .model
         .as_ref()
         .is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic);
-    if endpoint != Endpoint::Messages {
+    if !(endpoint == Endpoint::Messages || endpoint == Endpoint::ChatCompletions && native) {
         return response;
     }
     let model = response
@@ -90,7 +90,15 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    crate::anthropic::to_messages(response, &model, exchange.counted.input, native).await
+    match endpoint {
+        Endpoint::Messages => {
+            crate::anthropic::to_messages(response, &model, exchange.counted.input, native).await
+        }
+        Endpoint::ChatCompletions => {
+            crate::anthropic::to_chat_answer(response, &model, exchange.asks_usage).await
+        }
+        _ => response,
+    }
 }
 
 /// The phases, in order. Errors before the upstream answers become gateway errors; from the
@@ -123,6 +131,7 @@ async fn proxy(
     let request = off_lane(inline, move || parse_request(&parsing)).await??;
     exchange.requested_model = request.model.clone();
     exchange.streamed = request.stream;
+    exchange.asks_usage = request.body["stream_options"]["include_usage"] == true;
 
     if !config.knows_model(&request.model) {
         return Err(GatewayError::UnknownModel(request.model));
@@ -422,6 +431,8 @@ struct Exchange {
     accepted_ms: i64,
     requested_model: String,
     streamed: bool,
+    /// The client asked for a stream's usage chunk (`stream_options.include_usage`).
+    asks_usage: bool,
     key: Option<Arc<KeyRecord>>,
     pass: Option<Pass>,
     rate_headers: RateLimitHeaders,
@@ -453,6 +464,7 @@ impl Exchange {
             accepted_ms: crate::unix_ms(),
             requested_model: String::new(),
             streamed: false,
+            asks_usage: false,
             key: None,
             pass: None,
             rate_headers: RateLimitHeaders::default(),
@@ -477,6 +489,7 @@ impl Exchange {
             accepted_ms: self.accepted_ms,
             requested_model: std::mem::take(&mut self.requested_model),
             streamed: self.streamed,
+            asks_usage: self.asks_usage,
             key: self.key.clone(),
             pass: self.pass.take(),
             rate_headers: self.rate_headers,

@@ -19,6 +19,10 @@ use futures_util::Stream;
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
+mod from_chat;
+
+pub use from_chat::{messages_request, to_chat_answer};
+
 use crate::app::App;
 use crate::error::GatewayError;
 use crate::meter::tokenizer::Encoding;
