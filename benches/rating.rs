@@ -20,6 +20,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         input: 900 + (i % 200) as u64,
         cached_input: 0,
         output: 300,
+        cache_write_input: 0,
     };
     let key_id = format!("key_{:04}", i % 100);
     let (rated, list_cost) = rater.rate(

@@ -199,7 +199,7 @@ pub enum MoneyError {
 }
 
 /// A price per million tokens, stored as whole nano-dollars per token.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TokenPrice {
     nanos_per_token: i64,
 }
@@ -238,14 +238,24 @@ impl TokenPrice {
 pub struct ModelPrices {
     pub input: TokenPrice,
     pub cached_input: TokenPrice,
+    /// Input written to the provider's prompt cache (Anthropic's cache writes).
+    pub cache_write_input: TokenPrice,
     pub output: TokenPrice,
 }
 
 impl ModelPrices {
-    /// List cost of a request's tokens. `cached` is part of `input`.
-    pub fn cost(&self, input: u64, cached: u64, output: u64) -> Money {
-        let cached = cached.min(input);
-        self.input.cost(input - cached) + self.cached_input.cost(cached) + self.output.cost(output)
+    /// List cost of tokens: input read from the provider's cache, written to it, neither;
+    /// output.
+    pub fn cost(&self, cached: u64, written: u64, plain: u64, output: u64) -> Money {
+        self.cached_input.cost(cached)
+            + self.cache_write_input.cost(written)
+            + self.input.cost(plain)
+            + self.output.cost(output)
+    }
+
+    /// The dearest price an input token may have, for worst cases.
+    pub fn top_input(&self) -> TokenPrice {
+        self.input.max(self.cache_write_input)
     }
 }
 

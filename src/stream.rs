@@ -199,7 +199,8 @@ mod tests {
             Some(TokenUsage {
                 input: 9,
                 cached_input: 4,
-                output: 2
+                output: 2,
+                cache_write_input: 0,
             })
         );
     }

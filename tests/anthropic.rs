@@ -28,6 +28,7 @@ upstream = "claude"
 tier = "frontier"
 input_per_mtok = 3.0
 cached_input_per_mtok = 0.3
+cache_write_input_per_mtok = 3.75
 output_per_mtok = 15.0
 max_output_tokens = 8192
 "#;
@@ -166,11 +167,21 @@ async fn a_model_on_an_anthropic_upstream_is_served_natively() {
     let last = native.last().unwrap();
     let reported = last.reported.unwrap();
     assert_eq!(
-        (reported.input, reported.cached_input, reported.output),
-        (1000, 600, 4)
+        (
+            reported.input,
+            reported.cached_input,
+            reported.cache_write_input,
+            reported.output
+        ),
+        (1000, 600, 300, 4)
     );
-    // 400 uncached × $3 + 600 cached × $0.30 + 4 × $15 per million.
-    assert_eq!(last.charge.nanos(), 400 * 3_000 + 600 * 300 + 4 * 15_000);
+    // 100 plain × $3 + 600 read × $0.30 + 300 written × $3.75 + 4 × $15 per million.
+    assert_eq!(
+        last.charge.nanos(),
+        100 * 3_000 + 600 * 300 + 300 * 3_750 + 4 * 15_000
+    );
+    let stored = gw.app.ledger.record(&last.request_id).unwrap().unwrap();
+    assert_eq!(stored.reported, last.reported, "cache writes reach the ledger");
 
     // The Responses API has no translation to Messages yet.
     let responses = gw

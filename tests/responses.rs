@@ -81,7 +81,8 @@ async fn a_response_is_counted_rated_and_recorded_like_a_chat_completion() {
             TokenUsage {
                 input: 16,
                 cached_input: 0,
-                output: 7
+                output: 7,
+                cache_write_input: 0,
             }
         );
         assert_eq!(record.reported, Some(record.counted));

@@ -54,8 +54,8 @@ fn shipped_rules_route_the_labelled_set() {
             ));
         }
         let model = config.model(&decision.model).unwrap();
-        routed_cost += model.prices.cost(tokens, 0, ASSUMED_OUTPUT_TOKENS);
-        frontier_cost += frontier.prices.cost(tokens, 0, ASSUMED_OUTPUT_TOKENS);
+        routed_cost += model.prices.cost(0, 0, tokens, ASSUMED_OUTPUT_TOKENS);
+        frontier_cost += frontier.prices.cost(0, 0, tokens, ASSUMED_OUTPUT_TOKENS);
         total += 1;
     }
     let correct: u64 = confusion

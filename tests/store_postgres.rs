@@ -68,11 +68,13 @@ fn record(n: u32) -> UsageRecord {
             input: 100 + u64::from(n),
             cached_input: u64::from(n % 5),
             output: 20 + u64::from(n),
+            cache_write_input: 0,
         }),
         counted: TokenUsage {
             input: 90 + u64::from(n),
             cached_input: 0,
             output: 21 + u64::from(n),
+            cache_write_input: 0,
         },
         attempts: 1 + n % 3,
         answered,

@@ -792,6 +792,10 @@ fn build_model(
         Some(value) => price("cached_input_per_mtok", value),
         None => input,
     };
+    let cache_write_input = match raw.cache_write_input_per_mtok {
+        Some(value) => price("cache_write_input_per_mtok", value),
+        None => input,
+    };
     let output = price("output_per_mtok", raw.output_per_mtok);
     Some(Model {
         name: name.to_owned(),
@@ -805,6 +809,7 @@ fn build_model(
         prices: ModelPrices {
             input: input?,
             cached_input: cached_input?,
+            cache_write_input: cache_write_input?,
             output: output?,
         },
         max_output_tokens: raw.max_output_tokens,
@@ -835,7 +840,7 @@ output_per_mtok = 0.60
         assert_eq!(model.upstream.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(model.prices.input.nanos_per_token(), 150);
         assert_eq!(model.prices.cached_input.nanos_per_token(), 150);
-        assert_eq!(model.prices.cost(1000, 0, 1000), Money(750_000));
+        assert_eq!(model.prices.cost(0, 0, 1000, 1000), Money(750_000));
     }
 
     #[test]

@@ -219,6 +219,9 @@ pub struct RawModel {
     pub encoding: Option<String>,
     pub input_per_mtok: f64,
     pub cached_input_per_mtok: Option<f64>,
+    /// Input written to the provider's prompt cache (Anthropic's cache writes); by default
+    /// the input price.
+    pub cache_write_input_per_mtok: Option<f64>,
     pub output_per_mtok: f64,
     /// The worst case reserved against budgets when a request names no `max_tokens`.
     #[serde(default = "default_max_output_tokens")]

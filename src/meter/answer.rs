@@ -203,15 +203,20 @@ impl<'a> Answer<'a> {
             .completion_tokens
             .or_else(|| usage.total_tokens.map(|total| total.saturating_sub(prompt)))?;
         let input = prompt.min(MAX_REPORTED_TOKENS);
+        let cached_input = usage
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(cache_read)
+            .min(input);
         Some(TokenUsage {
             input,
-            cached_input: usage
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|details| details.cached_tokens)
-                .unwrap_or(cache_read)
-                .min(input),
+            cached_input,
             output: output.min(MAX_REPORTED_TOKENS),
+            cache_write_input: usage
+                .cache_creation_input_tokens
+                .unwrap_or(0)
+                .min(input - cached_input),
         })
     }
 
@@ -393,6 +398,7 @@ mod tests {
                 input: MAX_REPORTED_TOKENS,
                 cached_input: MAX_REPORTED_TOKENS,
                 output: MAX_REPORTED_TOKENS,
+                cache_write_input: 0,
             }
         );
         let partial = br#"{"usage":{"prompt_tokens":10}}"#;
@@ -420,7 +426,8 @@ mod tests {
             Some(TokenUsage {
                 input: 12,
                 cached_input: 4,
-                output: 9
+                output: 9,
+                cache_write_input: 0,
             })
         );
         let mut read = OutputCounter::default();

@@ -9,17 +9,37 @@ use crate::api::Endpoint;
 use crate::money::Money;
 
 /// Token figures for one request. `cached_input` is the part of `input` served from the
-/// provider's prompt cache (it is included in `input`, as OpenAI reports it).
+/// provider's prompt cache (it is included in `input`, as OpenAI reports it);
+/// `cache_write_input` the part written to it (Anthropic bills those writes at a premium).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUsage {
     pub input: u64,
     pub cached_input: u64,
     pub output: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_input: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl TokenUsage {
     pub fn total(&self) -> u64 {
         self.input + self.output
+    }
+
+    /// List cost of these tokens at `prices`.
+    pub fn cost(&self, prices: &crate::money::ModelPrices) -> crate::money::Money {
+        let (cached, written, plain) = self.input_parts();
+        prices.cost(cached, written, plain, self.output)
+    }
+
+    /// The input as (read from the cache, written to it, neither), each held inside `input`.
+    pub fn input_parts(&self) -> (u64, u64, u64) {
+        let cached = self.cached_input.min(self.input);
+        let written = self.cache_write_input.min(self.input - cached);
+        (cached, written, self.input - cached - written)
     }
 }
 

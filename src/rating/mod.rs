@@ -91,9 +91,7 @@ impl Rater {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut unknown_month = Cursor::default();
         let cursor = guard.cursor(month).unwrap_or(&mut unknown_month);
-        let list_cost = model
-            .prices
-            .cost(usage.input, usage.cached_input, usage.output);
+        let list_cost = usage.cost(model.prices);
         (plan.rate(cursor, model, usage, seats), list_cost)
     }
 }

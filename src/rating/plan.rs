@@ -77,6 +77,7 @@ pub struct RawTier {
 pub struct RawPrice {
     pub input_per_mtok: f64,
     pub cached_input_per_mtok: Option<f64>,
+    pub cache_write_input_per_mtok: Option<f64>,
     pub output_per_mtok: f64,
 }
 
@@ -189,17 +190,13 @@ fn scale(value: i128, numerator: i128, denominator: i128) -> i64 {
 /// the month's places from `placed` on — cached input, the rest of the input, then output —
 /// each at its price and the rate of the tier its place falls in.
 fn graduated(tiers: &[Tier], placed: u64, request: &Metered) -> i128 {
-    let TokenUsage {
-        input,
-        cached_input,
-        output,
-    } = request.usage;
-    let cached_input = cached_input.min(input);
+    let (cached, written, plain) = request.usage.input_parts();
     let prices = &request.prices;
     let runs = [
-        (cached_input, prices.cached_input.nanos_per_token()),
-        (input - cached_input, prices.input.nanos_per_token()),
-        (output, prices.output.nanos_per_token()),
+        (cached, prices.cached_input.nanos_per_token()),
+        (written, prices.cache_write_input.nanos_per_token()),
+        (plain, prices.input.nanos_per_token()),
+        (request.usage.output, prices.output.nanos_per_token()),
     ];
     let mut exact = 0i128;
     let mut position = placed;
@@ -338,7 +335,7 @@ impl Plan {
             prices,
             delta: Cursor {
                 tokens,
-                plan_cost: prices.cost(usage.input, usage.cached_input, usage.output),
+                plan_cost: usage.cost(&prices),
                 micro_credits,
             },
         }
@@ -387,7 +384,9 @@ impl Plan {
 
     /// The most a request of these tokens could be charged, for budget reservations.
     pub fn worst_case(&self, model: RatedModel<'_>, input: u64, output: u64) -> Money {
-        let cost = self.prices(&model).cost(input, 0, output);
+        let prices = self.prices(&model);
+        // Any of the input may be written to the provider's cache, at its price.
+        let cost = prices.top_input().cost(input) + prices.output.cost(output);
         match self {
             Plan::PerToken {
                 markup_bp, tiers, ..
@@ -573,6 +572,9 @@ pub fn build_plans(
                             cached_input: price
                                 .cached_input_per_mtok
                                 .map_or(input, |v| per(v, "cached_input_per_mtok", problems)),
+                            cache_write_input: price
+                                .cache_write_input_per_mtok
+                                .map_or(input, |v| per(v, "cache_write_input_per_mtok", problems)),
                             output: per(price.output_per_mtok, "output_per_mtok", problems),
                         },
                     );
@@ -700,6 +702,7 @@ mod tests {
         ModelPrices {
             input: price,
             cached_input: price,
+            cache_write_input: price,
             output: price,
         }
     }
@@ -713,6 +716,7 @@ mod tests {
             input,
             cached_input: 0,
             output,
+            cache_write_input: 0,
         }
     }
 
@@ -735,6 +739,7 @@ mod tests {
             input: TokenPrice::from_nanos_per_token(2_500),
             cached_input: TokenPrice::from_nanos_per_token(1_250),
             output: TokenPrice::from_nanos_per_token(10_000),
+            cache_write_input: TokenPrice::from_nanos_per_token(2_500),
         };
         let plans = plans(
             "[pro]\nkind = \"per_token\"\nmarkup_pct = 20\n",
@@ -761,6 +766,7 @@ mod tests {
             input: 1_000,
             cached_input: 400,
             output: 500,
+            cache_write_input: 0,
         };
         let rated = plans["list"].rate(
             &mut Cursor::default(),
@@ -840,6 +846,7 @@ mod tests {
             input: TokenPrice::from_nanos_per_token(100),
             cached_input: TokenPrice::from_nanos_per_token(50),
             output: TokenPrice::from_nanos_per_token(400),
+            cache_write_input: TokenPrice::from_nanos_per_token(100),
         };
         let plans = plans(
             "[g]\nkind = \"per_token\"\nmarkup_pct = 12.5\ntiers = [{ up_to_tokens = 1000, rate_pct = 100 }, { rate_pct = 50 }]\n",
@@ -849,6 +856,7 @@ mod tests {
             input: 900,
             cached_input: 300,
             output: 300,
+            cache_write_input: 0,
         };
         let mut cursor = Cursor::default();
         let rated = plans["g"].rate(&mut cursor, model("m", &prices, "cheap"), usage, 1);

@@ -551,9 +551,7 @@ impl RatingTotals {
 
 /// The ledger's list-price column: the model's own prices, whatever the plan charges.
 fn list_cost(model: &Model, usage: crate::meter::record::TokenUsage) -> Money {
-    model
-        .prices
-        .cost(usage.input, usage.cached_input, usage.output)
+    usage.cost(&model.prices)
 }
 
 async fn totals_from_ledger(ledger: &Arc<dyn LedgerReader>, key_id: &str, month: i64) -> Cursor {

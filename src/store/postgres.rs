@@ -132,6 +132,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE usage ADD COLUMN counted_estimate BOOLEAN NOT NULL DEFAULT FALSE;
     "#,
+    // 5: prompt-cache writes (see the SQLite ledger's migrations).
+    r#"
+    ALTER TABLE usage ADD COLUMN cache_write_input_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens BIGINT;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -67,7 +67,9 @@ CREATE TABLE IF NOT EXISTS usage (
     answered INTEGER NOT NULL DEFAULT 1,
     plan_cost_nanos INTEGER NOT NULL DEFAULT 0,
     response_id TEXT,
-    counted_estimate INTEGER NOT NULL DEFAULT 0
+    counted_estimate INTEGER NOT NULL DEFAULT 0,
+    cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
+    reported_cache_write_input_tokens INTEGER
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
@@ -114,6 +116,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN response_id TEXT",
     // Before this, every own count was tiktoken's exact count.
     "ALTER TABLE usage ADD COLUMN counted_estimate INTEGER NOT NULL DEFAULT 0",
+    // Before this, no provider reported prompt-cache writes.
+    "ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER",
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -552,6 +557,7 @@ mod tests {
                 input: 12,
                 cached_input: 0,
                 output: 7,
+                cache_write_input: 0,
             },
             attempts: 2,
             answered: true,
@@ -578,6 +584,7 @@ mod tests {
                 input: 13,
                 cached_input: 8,
                 output: 9,
+                cache_write_input: 0,
             }),
         );
         let events = [
@@ -621,6 +628,8 @@ mod tests {
              DROP INDEX usage_response;
              ALTER TABLE usage DROP COLUMN response_id;
              ALTER TABLE usage DROP COLUMN counted_estimate;
+             ALTER TABLE usage DROP COLUMN cache_write_input_tokens;
+             ALTER TABLE usage DROP COLUMN reported_cache_write_input_tokens;
              PRAGMA user_version = 0",
         )
         .unwrap();

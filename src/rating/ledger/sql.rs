@@ -19,7 +19,7 @@ pub(crate) fn day_of(ms: i64) -> String {
 }
 
 /// The `usage` table's columns and their kinds, in the order of [`usage_values`].
-pub(crate) const USAGE_COLUMNS: [(&str, Kind); 36] = [
+pub(crate) const USAGE_COLUMNS: [(&str, Kind); 38] = [
     ("request_id", Kind::Text),
     ("at_ms", Kind::Int),
     ("day", Kind::Text),
@@ -56,11 +56,13 @@ pub(crate) const USAGE_COLUMNS: [(&str, Kind); 36] = [
     ("plan_cost_nanos", Kind::Int),
     ("response_id", Kind::Text),
     ("counted_estimate", Kind::Bool),
+    ("cache_write_input_tokens", Kind::Int),
+    ("reported_cache_write_input_tokens", Kind::Int),
 ];
 
 /// A usage record as the ledger stores it, in the order of [`USAGE_COLUMNS`]. The billed token
 /// columns and the day are derived here, once for every store.
-pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 36] {
+pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 38] {
     let billed = record.billed();
     let reported = record.reported;
     let optional = |value: Option<u64>| Column::Int(value.map(|v| v as i64));
@@ -101,6 +103,8 @@ pub(crate) fn usage_values(record: &UsageRecord) -> [Column<'_>; 36] {
         Column::int(record.plan_cost.nanos()),
         Column::optional_text(record.response_id.as_deref()),
         Column::Bool(record.counted_estimate),
+        Column::int(billed.cache_write_input as i64),
+        optional(reported.map(|r| r.cache_write_input)),
     ]
 }
 
@@ -138,7 +142,7 @@ pub(crate) const RECORD_COLUMNS: &str =
     reported_input_tokens, reported_cached_input_tokens, reported_output_tokens,
     counted_input_tokens, counted_cached_input_tokens, counted_output_tokens, attempts,
     latency_ms, ttft_ms, charge_nanos, list_cost_nanos, micro_credits, client_request_id, answered,
-    plan_cost_nanos, response_id, counted_estimate";
+    plan_cost_nanos, response_id, counted_estimate, reported_cache_write_input_tokens";
 
 /// Rebuilds a usage record from a row selected as [`RECORD_COLUMNS`], in either store.
 pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Error> {
@@ -147,6 +151,7 @@ pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Erro
             input: input as u64,
             cached_input: row.required_int(16)? as u64,
             output: row.required_int(17)? as u64,
+            cache_write_input: row.int(32)?.unwrap_or(0) as u64,
         }),
         None => None,
     };
@@ -172,6 +177,7 @@ pub(crate) fn usage_record<R: RowSource>(row: &R) -> Result<UsageRecord, R::Erro
             input: row.required_int(18)? as u64,
             cached_input: row.required_int(19)? as u64,
             output: row.required_int(20)? as u64,
+            cache_write_input: 0,
         },
         attempts: row.number(21)?,
         answered: row.boolean(28)?,
