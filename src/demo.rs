@@ -110,6 +110,9 @@ OpenAI's Responses API, plain and with the SDK:
   curl -s {base}/responses -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" -d '{{"model": "{model}", "input": "Hello, gateway!"}}'
   python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{secret}"); r = c.responses.create(model="{model}", input="Hi"); print(r.output_text, r.usage)'
 
+Anthropic's Messages API, with the SDK (pip install anthropic):
+  python3 -c 'import anthropic; c = anthropic.Anthropic(base_url="http://{addr}", api_key="{secret}"); m = c.messages.create(model="{model}", max_tokens=256, messages=[{{"role": "user", "content": "Hi"}}]); print(m.content[0].text, m.usage)'
+
 The key's live budget, and the metrics:
   curl -s http://{addr}/admin/keys -H "Authorization: Bearer {admin_token}"
   curl -s http://{addr}/metrics | grep ^tollgate_requests_total

@@ -183,6 +183,21 @@ async fn a_model_on_an_anthropic_upstream_is_served_natively() {
     let stored = gw.app.ledger.record(&last.request_id).unwrap().unwrap();
     assert_eq!(stored.reported, last.reported, "cache writes reach the ledger");
 
+    // An overloaded provider's 529 reaches the client as it was sent, after the retries.
+    let overloaded = gw
+        .http
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &gw.key)
+        .json(&json!({"model": "claude-sonnet", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Hi"}], "mock": {"fail": "529"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overloaded.status(), 529);
+    let error: Value = overloaded.json().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "overloaded_error");
+
     // The Responses API has no translation to Messages yet.
     let responses = gw
         .post("/v1/responses")

@@ -32,7 +32,7 @@ fn every_line_the_demo_prints_works_when_pasted() {
         .iter()
         .filter(|line| line.starts_with("  curl ") || line.starts_with("  python3 "))
         .collect();
-    assert_eq!(pasted.len(), 7, "{printed:#?}");
+    assert_eq!(pasted.len(), 8, "{printed:#?}");
     let mut answers = Vec::new();
     for line in pasted {
         let command = line
@@ -64,10 +64,11 @@ fn every_line_the_demo_prints_works_when_pasted() {
         answers[3]
     );
     assert!(answers[4].contains("input_tokens="), "{}", answers[4]);
-    assert!(answers[5].contains("\"spend_usd\""), "{}", answers[5]);
+    assert!(answers[5].contains("cache_read_input_tokens="), "{}", answers[5]);
+    assert!(answers[6].contains("\"spend_usd\""), "{}", answers[6]);
     assert!(
-        answers[6].contains("tollgate_requests_total{"),
+        answers[7].contains("tollgate_requests_total{"),
         "{}",
-        answers[6]
+        answers[7]
     );
 }
