@@ -181,7 +181,10 @@ async fn a_model_on_an_anthropic_upstream_is_served_natively() {
         100 * 3_000 + 600 * 300 + 300 * 3_750 + 4 * 15_000
     );
     let stored = gw.app.ledger.record(&last.request_id).unwrap().unwrap();
-    assert_eq!(stored.reported, last.reported, "cache writes reach the ledger");
+    assert_eq!(
+        stored.reported, last.reported,
+        "cache writes reach the ledger"
+    );
 
     // An overloaded provider's 529 reaches the client as it was sent, after the retries.
     let overloaded = gw
@@ -298,4 +301,43 @@ async fn chat_completions_are_served_by_an_anthropic_model() {
     assert!(records
         .iter()
         .all(|r| r.reported.unwrap().output == records[0].reported.unwrap().output));
+}
+
+/// Throttle refusals in each API's shape: OpenAI's `rate_limit_exceeded` on the Responses API,
+/// Anthropic's `rate_limit_error` on Messages, both with `retry-after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttles_refuse_in_each_apis_shape() {
+    let gw = Harness::start().await;
+    let key = gw.create_key(json!({"name": "slow", "rpm": 1})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let message = |key: &str| {
+        gw.http
+            .post(format!("{}/v1/messages", gw.url))
+            .header("x-api-key", key)
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+    };
+    assert_eq!(message(&key).await.unwrap().status(), 200);
+    let refused = message(&key).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "rate_limit_error");
+
+    let responses = gw
+        .http
+        .post(format!("{}/v1/responses", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-4o-mini", "input": "Hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(responses.status(), 429);
+    assert!(responses.headers().contains_key("retry-after"));
+    let error: Value = responses.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
 }

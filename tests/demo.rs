@@ -64,7 +64,11 @@ fn every_line_the_demo_prints_works_when_pasted() {
         answers[3]
     );
     assert!(answers[4].contains("input_tokens="), "{}", answers[4]);
-    assert!(answers[5].contains("cache_read_input_tokens="), "{}", answers[5]);
+    assert!(
+        answers[5].contains("cache_read_input_tokens="),
+        "{}",
+        answers[5]
+    );
     assert!(answers[6].contains("\"spend_usd\""), "{}", answers[6]);
     assert!(
         answers[7].contains("tollgate_requests_total{"),
