@@ -147,13 +147,19 @@ fn events(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let end = memchr::memchr_iter(b'\n', rest)
-            .find(|&newline| ends_blank_line(rest, newline))
-            .map_or(rest.len(), |newline| newline + 1);
+        let end = first_event_end(rest).unwrap_or(rest.len());
         let (event, tail) = rest.split_at(end);
         rest = tail;
         Some(event)
     })
+}
+
+/// End of the first complete event of `bytes` (which start where an event starts): just past
+/// its blank line.
+pub(crate) fn first_event_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes)
+        .find(|&newline| ends_blank_line(bytes, newline))
+        .map(|newline| newline + 1)
 }
 
 /// Whether the line ending at `newline` is blank (`\n` or `\r\n`), for `bytes` that start
@@ -168,7 +174,7 @@ fn ends_blank_line(bytes: &[u8], newline: usize) -> bool {
 
 /// The payload of an event's `data:` line. OpenAI sends one data line per event; multi-line
 /// data would be joined with newlines, which no OpenAI-compatible provider emits.
-fn event_data(event: &[u8]) -> Option<&[u8]> {
+pub(crate) fn event_data(event: &[u8]) -> Option<&[u8]> {
     let mut rest = event;
     loop {
         let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());

@@ -3,18 +3,14 @@
 //! error — back into chat's shapes. What chat can ask and Messages cannot do (`n` > 1,
 //! `logprobs`, a JSON-schema `response_format`, audio) is refused with a 400 naming it.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use axum::body::Body;
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
-use super::{find_event_end, invalid, unsupported};
+use super::{invalid, unsupported, Events, Translated};
 use crate::error::GatewayError;
 
 /// The Messages request a chat completion request amounts to, for `upstream_model`;
@@ -286,11 +282,7 @@ pub async fn to_chat_answer(response: Response, model: &str, include_usage: bool
         .is_some_and(|value| value.starts_with("text/event-stream"));
     let (mut parts, body) = response.into_parts();
     if status.is_success() && is_stream {
-        let stream = ChunkStream {
-            upstream: body.into_data_stream(),
-            translator: Chunks::new(model, include_usage),
-            done: false,
-        };
+        let stream = Translated::new(body.into_data_stream(), Chunks::new(model, include_usage));
         return Response::from_parts(parts, Body::from_stream(stream));
     }
     let bytes = body
@@ -327,7 +319,6 @@ struct Chunks {
     /// Each content block's tool call number, for the tool use blocks.
     tools: Vec<(u64, u64)>,
     input_usage: Value,
-    partial: BytesMut,
 }
 
 impl Chunks {
@@ -339,7 +330,6 @@ impl Chunks {
             include_usage,
             tools: Vec::new(),
             input_usage: Value::Null,
-            partial: BytesMut::new(),
         }
     }
 
@@ -360,23 +350,7 @@ impl Chunks {
         );
     }
 
-    fn feed(&mut self, bytes: &[u8]) -> Bytes {
-        self.partial.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.partial) {
-            let event = self.partial.split_to(end);
-            let data = event[..]
-                .split(|b| *b == b'\n')
-                .find_map(|line| line.strip_prefix(b"data:"))
-                .map(<[u8]>::trim_ascii);
-            if let Some(event) = data.and_then(|data| serde_json::from_slice::<Value>(data).ok()) {
-                self.event(&event, &mut out);
-            }
-        }
-        Bytes::from(out)
-    }
-
-    fn event(&mut self, event: &Value, out: &mut Vec<u8>) {
+    fn message_event(&mut self, event: &Value, out: &mut Vec<u8>) {
         match event["type"].as_str() {
             Some("message_start") => {
                 self.id = completion_id(&event["message"]["id"]);
@@ -439,38 +413,10 @@ impl Chunks {
     }
 }
 
-struct ChunkStream<S> {
-    upstream: S,
-    translator: Chunks,
-    done: bool,
-}
-
-impl<S> Stream for ChunkStream<S>
-where
-    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
-{
-    type Item = Result<Bytes, axum::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut this.upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let out = this.translator.feed(&chunk);
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
-                    }
-                }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-                Poll::Ready(None) => {
-                    this.done = true;
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => return Poll::Pending,
-            }
+impl Events for Chunks {
+    fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if let Ok(event) = serde_json::from_slice::<Value>(data) {
+            self.message_event(&event, out);
         }
     }
 }
@@ -556,10 +502,11 @@ mod tests {
             .map(|e| format!("event: x\ndata: {e}\n\n"))
             .collect();
         let mut chunks = Chunks::new("claude-x", true);
+        let mut partial = bytes::BytesMut::new();
         let out: Vec<u8> = stream
             .as_bytes()
             .chunks(5)
-            .flat_map(|piece| chunks.feed(piece).to_vec())
+            .flat_map(|piece| super::super::translate(&mut chunks, &mut partial, piece).to_vec())
             .collect();
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"));

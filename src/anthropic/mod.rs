@@ -376,11 +376,7 @@ pub async fn to_messages(
     let (mut parts, body) = response.into_parts();
     if status.is_success() && is_stream {
         let events = Translator::new(model, counted_input);
-        let stream = TranslatedStream {
-            upstream: body.into_data_stream(),
-            translator: events,
-            done: false,
-        };
+        let stream = Translated::new(body.into_data_stream(), events);
         return Response::from_parts(parts, Body::from_stream(stream));
     }
     let bytes = body
@@ -419,7 +415,6 @@ struct Translator {
     next_index: u64,
     stop_reason: &'static str,
     usage: Option<Value>,
-    partial: BytesMut,
 }
 
 impl Translator {
@@ -432,36 +427,11 @@ impl Translator {
             next_index: 0,
             stop_reason: "end_turn",
             usage: None,
-            partial: BytesMut::new(),
         }
     }
 
     fn event(out: &mut Vec<u8>, kind: &str, data: Value) {
         out.extend_from_slice(format!("event: {kind}\ndata: {data}\n\n").as_bytes());
-    }
-
-    /// Translates every complete chat event in `chunk`.
-    fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        self.partial.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.partial) {
-            let event = self.partial.split_to(end);
-            let Some(data) = event[..]
-                .split(|b| *b == b'\n')
-                .find_map(|line| line.strip_prefix(b"data:"))
-                .map(<[u8]>::trim_ascii)
-            else {
-                continue;
-            };
-            if data == b"[DONE]" {
-                self.finish(&mut out);
-                continue;
-            }
-            if let Ok(chunk) = serde_json::from_slice::<Value>(data) {
-                self.chunk(&chunk, &mut out);
-            }
-        }
-        Bytes::from(out)
     }
 
     fn chunk(&mut self, chunk: &Value, out: &mut Vec<u8>) {
@@ -569,28 +539,66 @@ impl Translator {
     }
 }
 
-fn find_event_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(2)
-        .position(|pair| pair == b"\n\n")
-        .map(|at| at + 2)
-        .or_else(|| {
-            bytes
-                .windows(4)
-                .position(|quad| quad == b"\r\n\r\n")
-                .map(|at| at + 4)
-        })
+impl Events for Translator {
+    fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if data == b"[DONE]" {
+            self.finish(out);
+        } else if let Ok(chunk) = serde_json::from_slice::<Value>(data) {
+            self.chunk(&chunk, out);
+        }
+    }
+
+    /// A provider may end without `[DONE]`: the stream's end closes the message.
+    fn end(&mut self, out: &mut Vec<u8>) {
+        self.finish(out);
+    }
 }
 
-struct TranslatedStream<S> {
+/// One API's stream events turned into another's, event by event.
+trait Events {
+    /// Translates one complete event, given its `data`.
+    fn event(&mut self, data: &[u8], out: &mut Vec<u8>);
+
+    /// What the end of the stream adds.
+    fn end(&mut self, _out: &mut Vec<u8>) {}
+}
+
+/// Translates the complete events in `partial` and `chunk`, keeping an unfinished one.
+fn translate(events: &mut impl Events, partial: &mut BytesMut, chunk: &[u8]) -> Bytes {
+    partial.extend_from_slice(chunk);
+    let mut out = Vec::new();
+    while let Some(end) = crate::stream::first_event_end(partial) {
+        let event = partial.split_to(end);
+        if let Some(data) = crate::stream::event_data(&event) {
+            events.event(data, &mut out);
+        }
+    }
+    Bytes::from(out)
+}
+
+/// An answer's event stream, translated as its events arrive.
+struct Translated<S, E> {
     upstream: S,
-    translator: Translator,
+    events: E,
+    partial: BytesMut,
     done: bool,
 }
 
-impl<S> Stream for TranslatedStream<S>
+impl<S, E> Translated<S, E> {
+    fn new(upstream: S, events: E) -> Translated<S, E> {
+        Translated {
+            upstream,
+            events,
+            partial: BytesMut::new(),
+            done: false,
+        }
+    }
+}
+
+impl<S, E> Stream for Translated<S, E>
 where
     S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+    E: Events + Unpin,
 {
     type Item = Result<Bytes, axum::Error>;
 
@@ -602,17 +610,16 @@ where
             }
             match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let out = this.translator.feed(&chunk);
+                    let out = translate(&mut this.events, &mut this.partial, &chunk);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Ready(None) => {
-                    // A provider may end without `[DONE]`: the stream's end closes the message.
                     this.done = true;
                     let mut out = Vec::new();
-                    this.translator.finish(&mut out);
+                    this.events.end(&mut out);
                     return Poll::Ready((!out.is_empty()).then(|| Ok(Bytes::from(out))));
                 }
                 Poll::Pending => return Poll::Pending,
@@ -785,9 +792,10 @@ mod tests {
         stream.push_str("data: [DONE]\n\n");
         let events = |pieces: &[&[u8]]| -> Vec<Value> {
             let mut translator = Translator::new("gpt-4o-mini", 12);
+            let mut partial = BytesMut::new();
             let out: Vec<u8> = pieces
                 .iter()
-                .flat_map(|piece| translator.feed(piece).to_vec())
+                .flat_map(|piece| translate(&mut translator, &mut partial, piece).to_vec())
                 .collect();
             String::from_utf8(out)
                 .unwrap()
