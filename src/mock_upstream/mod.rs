@@ -118,7 +118,7 @@ struct Shared {
     attempts: Mutex<HashMap<String, u64>>,
     next_id: AtomicU64,
     /// Responses API responses, for retrieval and continuation.
-    responses: Mutex<HashMap<String, responses::Stored>>,
+    responses: Mutex<responses::Store>,
 }
 
 impl Shared {
@@ -128,7 +128,7 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn responses(&self) -> std::sync::MutexGuard<'_, HashMap<String, responses::Stored>> {
+    fn responses(&self) -> std::sync::MutexGuard<'_, responses::Store> {
         self.responses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -211,7 +211,7 @@ async fn new_shared(options: MockOptions) -> Arc<Shared> {
         stats: Mutex::new(MockStats::default()),
         attempts: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
-        responses: Mutex::new(HashMap::new()),
+        responses: Mutex::new(responses::Store::default()),
     })
 }
 
