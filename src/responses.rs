@@ -187,6 +187,41 @@ impl Owners {
     }
 }
 
+/// Refuses what the gateway could not meter or could not check belongs to the key: a
+/// background response (answered later, through retrieval), and a stored conversation or
+/// stored items named by id, which the provider resolves across everything its account holds,
+/// another tenant's included. `previous_response_id` is checked (see [`continued`]).
+pub fn check_request(body: &Value) -> Result<(), GatewayError> {
+    let refuse = |message: &str, param: &'static str| {
+        Err(GatewayError::BadRequest {
+            message: message.to_owned(),
+            param: Some(param),
+        })
+    };
+    if body["background"] == true {
+        return refuse(
+            "background responses are not supported by this gateway: their usage could not be metered; send the request without `background`",
+            "background",
+        );
+    }
+    if !body["conversation"].is_null() {
+        return refuse(
+            "stored conversations are not supported by this gateway: it cannot check that one belongs to your key; continue with `previous_response_id`",
+            "conversation",
+        );
+    }
+    let by_reference = body["input"]
+        .as_array()
+        .is_some_and(|items| items.iter().any(|item| item["type"] == "item_reference"));
+    if by_reference {
+        return refuse(
+            "input items by reference are not supported by this gateway: it cannot check that they belong to your key; send the items themselves",
+            "input",
+        );
+    }
+    Ok(())
+}
+
 /// A conversation continued with `previous_response_id`: the model that produced that
 /// response and the tokens the provider will read again.
 pub struct Continued {

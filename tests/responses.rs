@@ -247,6 +247,21 @@ async fn refusals_come_before_the_upstream_in_openai_shape() {
     assert_eq!(background.status(), 400);
     let error: Value = background.json().await.unwrap();
     assert_eq!(error["error"]["param"], "background");
+    for (field, value, param) in [
+        ("conversation", json!("conv_123"), "conversation"),
+        (
+            "input",
+            json!([{"type": "item_reference", "id": "msg_of_another_tenant"}]),
+            "input",
+        ),
+    ] {
+        let mut body = json!({"model": "gpt-4o-mini", "input": "Go on"});
+        body[field] = value;
+        let refused = respond(&gw, &gw.key, body).await;
+        assert_eq!(refused.status(), 400);
+        let error: Value = refused.json().await.unwrap();
+        assert_eq!(error["error"]["param"], param);
+    }
     assert_eq!(gw.mock.stats().by_path.get("/v1/responses"), None);
 }
 

@@ -139,13 +139,8 @@ async fn proxy(
     if !key.allows_model(&request.model) {
         return Err(GatewayError::ModelNotAllowed(request.model));
     }
-    if exchange.endpoint == Endpoint::Responses && request.body["background"] == true {
-        // A background response is answered later, through retrieval; its usage would go
-        // unmetered.
-        return Err(GatewayError::BadRequest {
-            message: "background responses are not supported by this gateway: their usage could not be metered; send the request without `background`".to_owned(),
-            param: Some("background"),
-        });
+    if exchange.endpoint == Endpoint::Responses {
+        crate::responses::check_request(&request.body)?;
     }
     // A conversation continued from a stored response is this key's, and unless the client
     // names a model it stays with the model that stored it: routing must not move it to
