@@ -28,8 +28,12 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
         /// Listen address, overriding `server.listen`.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Data dir (keys and ledger), overriding `server.data_dir`; relative to the working
+        /// directory. A container's config can then stay the repository's.
+        #[arg(long, env = "TOLLGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Run the gateway, a mock upstream and a demo key on loopback, and print how to call it.
     Demo {

@@ -40,10 +40,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
             let mut loaded = Config::load(&config)?;
             if let Some(listen) = listen {
                 loaded.server.listen = listen;
+            }
+            if let Some(data_dir) = data_dir {
+                loaded.server.data_dir = data_dir;
             }
             init_logging(loaded.server.log_json);
             raise_open_file_limit();
