@@ -3,14 +3,11 @@
 //! error — back into chat's shapes. What chat can ask and Messages cannot do (`n` > 1,
 //! `logprobs`, a JSON-schema `response_format`, audio) is refused with a 400 naming it.
 
-use axum::body::Body;
-use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
-use super::{invalid, unsupported, Events, Translated};
+use super::{invalid, translate_answer, unsupported, Events};
 use crate::error::GatewayError;
 
 /// The Messages request a chat completion request amounts to, for `upstream_model`;
@@ -274,40 +271,22 @@ fn to_completion(message: &Value, model: &str) -> Value {
 /// A Messages upstream's answer as a chat client expects it: a chat completion, a stream of
 /// chunks (the usage chunk only if `include_usage`), or an error in OpenAI's shape.
 pub async fn to_chat_answer(response: Response, model: &str, include_usage: bool) -> Response {
-    let status = response.status();
-    let is_stream = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("text/event-stream"));
-    let (mut parts, body) = response.into_parts();
-    if status.is_success() && is_stream {
-        let stream = Translated::new(body.into_data_stream(), Chunks::new(model, include_usage));
-        return Response::from_parts(parts, Body::from_stream(stream));
-    }
-    let bytes = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let translated = match (status.is_success(), parsed["type"].as_str()) {
-        (true, Some("message")) => to_completion(&parsed, model),
-        (false, Some("error")) => json!({"error": {
-            "message": parsed["error"]["message"],
-            "type": parsed["error"]["type"],
-            "param": null,
-            "code": null,
-        }}),
-        // Already OpenAI's shape: the gateway's own errors.
-        _ => return Response::from_parts(parts, Body::from(bytes)),
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Response::from_parts(parts, Body::from(translated.to_string()))
+    let events = Chunks::new(model, include_usage);
+    translate_answer(response, events, |status, bytes| {
+        let parsed: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        match (status.is_success(), parsed["type"].as_str()) {
+            (true, Some("message")) => Some(to_completion(&parsed, model)),
+            (false, Some("error")) => Some(json!({"error": {
+                "message": parsed["error"]["message"],
+                "type": parsed["error"]["type"],
+                "param": null,
+                "code": null,
+            }})),
+            // Already OpenAI's shape: the gateway's own errors.
+            _ => None,
+        }
+    })
+    .await
 }
 
 /// The chat chunks of a Messages event stream.

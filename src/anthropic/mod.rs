@@ -364,10 +364,37 @@ pub async fn to_messages(
     counted_input: u64,
     native: bool,
 ) -> Response {
-    let status = response.status();
-    if native && status.is_success() {
+    if native && response.status().is_success() {
         return response;
     }
+    let events = Translator::new(model, counted_input);
+    translate_answer(response, events, |status, bytes| {
+        let parsed: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        if parsed["type"] == "error" {
+            return None;
+        }
+        Some(if status.is_success() {
+            to_message(&parsed, model)
+        } else {
+            let message = parsed["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+            json!({"type": "error", "error": {"type": error_type(status), "message": message}})
+        })
+    })
+    .await
+}
+
+/// An answer in one API's shapes turned into another's, its status and headers kept: an event
+/// stream by `events` as it arrives; a whole body by `whole`, whose JSON replaces it (`None`
+/// keeps the body as it is).
+async fn translate_answer<E: Events + Send + Unpin + 'static>(
+    response: Response,
+    events: E,
+    whole: impl FnOnce(StatusCode, &[u8]) -> Option<Value>,
+) -> Response {
+    let status = response.status();
     let is_stream = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -375,7 +402,6 @@ pub async fn to_messages(
         .is_some_and(|value| value.starts_with("text/event-stream"));
     let (mut parts, body) = response.into_parts();
     if status.is_success() && is_stream {
-        let events = Translator::new(model, counted_input);
         let stream = Translated::new(body.into_data_stream(), events);
         return Response::from_parts(parts, Body::from_stream(stream));
     }
@@ -384,18 +410,8 @@ pub async fn to_messages(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if parsed["type"] == "error" {
+    let Some(translated) = whole(status, &bytes) else {
         return Response::from_parts(parts, Body::from(bytes));
-    }
-    let translated = if status.is_success() {
-        to_message(&parsed, model)
-    } else {
-        let message = parsed["error"]["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        json!({"type": "error", "error": {"type": error_type(status), "message": message}})
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
