@@ -748,14 +748,15 @@ async fn a_connection_flood_leaves_health_checks_answering() {
     drop(flood);
     let mut answered = false;
     for _ in 0..100 {
+        // Until the gateway has seen the flood's connections close, a new one may still be
+        // past the bound, and closed at once.
         let response = fresh()
             .post(format!("{}/v1/chat/completions", gw.url))
             .bearer_auth(&gw.key)
             .json(&hello("gpt-4o-mini"))
             .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
+            .await;
+        if response.is_ok_and(|response| response.status() == 200) {
             answered = true;
             break;
         }
