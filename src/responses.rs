@@ -229,29 +229,23 @@ pub struct Continued {
     pub context_tokens: u64,
 }
 
-/// The conversation a request continues, if it names `previous_response_id`. Unless the client
+/// The conversation a request continues by `previous_response_id`. Unless the client
 /// names a model, it goes to the model that produced that response, so a conversation never
 /// changes provider midway. A response this key does not own (another key's, or one the
 /// gateway never served) is not found: the provider would otherwise hand one tenant's
 /// conversation to another.
-pub async fn continued(
-    app: &App,
-    body: &Value,
-    key_id: &str,
-) -> Result<Option<Continued>, GatewayError> {
-    let Some(previous) = body["previous_response_id"].as_str() else {
-        return Ok(None);
-    };
+pub async fn continued(app: &App, previous: &str, key_id: &str) -> Result<Continued, GatewayError> {
     match owner(app, previous).await {
-        Some(owner) if owner.key_id == key_id => Ok(Some(Continued {
+        Some(owner) if owner.key_id == key_id => Ok(Continued {
             model: app.config().model(&owner.model).cloned(),
             context_tokens: owner.context_tokens,
-        })),
+        }),
         _ => Err(GatewayError::ResponseNotFound(previous.to_owned())),
     }
 }
 
-/// The chat request a Responses request amounts to, for counting its prompt and routing it:
+/// The chat request a Responses request amounts to, which is what is counted, routed and
+/// reserved:
 /// `instructions` as the system message, `input` (a string, or items: messages with text,
 /// image, audio and file parts, function calls and their outputs) as the conversation,
 /// function tools in chat's shape (the provider's built-in tools by their type), and a JSON

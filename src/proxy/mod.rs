@@ -81,21 +81,21 @@ async fn handle(
         .model
         .as_ref()
         .is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic);
-    if !(endpoint == Endpoint::Messages || endpoint == Endpoint::ChatCompletions && native) {
-        return response;
-    }
-    let model = response
-        .headers()
-        .get(&X_TOLLGATE_MODEL)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let model = || {
+        exchange
+            .model
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
+    };
     match endpoint {
         Endpoint::Messages => {
-            crate::anthropic::to_messages(response, &model, exchange.counted.input, native).await
+            let (model, input) = (model(), exchange.counted.input);
+            crate::anthropic::to_messages(response, &model, input, native).await
         }
-        Endpoint::ChatCompletions => {
-            crate::anthropic::to_chat_answer(response, &model, exchange.asks_usage).await
+        Endpoint::ChatCompletions if native => {
+            let (model, asks_usage) = (model(), exchange.asks_usage);
+            crate::anthropic::to_chat_answer(response, &model, asks_usage).await
         }
         _ => response,
     }
@@ -128,7 +128,21 @@ async fn proxy(
     // lane its work would delay every other request there.
     let inline = bytes.len() <= config.server.inline_count_max_bytes;
     let parsing = bytes.clone();
-    let request = off_lane(inline, move || parse_request(&parsing)).await??;
+    let endpoint = exchange.endpoint;
+    let (request, previous_response) = off_lane(inline, move || {
+        let mut request = parse_request(&parsing)?;
+        let mut previous = None;
+        // Read once as the chat it amounts to: counting, routing and the reservation read that.
+        if endpoint == Endpoint::Responses {
+            crate::responses::check_request(&request.body)?;
+            previous = request.body["previous_response_id"]
+                .as_str()
+                .map(str::to_owned);
+            request.body = crate::responses::as_chat(&request.body);
+        }
+        Ok::<_, GatewayError>((request, previous))
+    })
+    .await??;
     exchange.requested_model = request.model.clone();
     exchange.streamed = request.stream;
     exchange.asks_usage = request.body["stream_options"]["include_usage"] == true;
@@ -139,17 +153,14 @@ async fn proxy(
     if !key.allows_model(&request.model) {
         return Err(GatewayError::ModelNotAllowed(request.model));
     }
-    if exchange.endpoint == Endpoint::Responses {
-        crate::responses::check_request(&request.body)?;
-    }
     // A conversation continued from a stored response is this key's, and unless the client
     // names a model it stays with the model that stored it: routing must not move it to
     // another provider, which does not hold the response.
-    let continued = match exchange.endpoint {
-        Endpoint::Responses => {
-            crate::responses::continued(&exchange.app, &request.body, &key.id).await?
+    let continued = match &previous_response {
+        Some(previous) => {
+            Some(crate::responses::continued(&exchange.app, previous, &key.id).await?)
         }
-        _ => None,
+        None => None,
     };
     exchange.carried_input = continued.as_ref().map_or(0, |c| c.context_tokens);
     let continued = continued.and_then(|c| c.model);
@@ -197,15 +208,8 @@ async fn proxy(
             vec![model]
         }
         None => {
-            let (decided, body_back) = decide_route(
-                &config,
-                exchange.endpoint,
-                key.models.clone(),
-                body,
-                input_tokens,
-                inline,
-            )
-            .await?;
+            let (decided, body_back) =
+                decide_route(&config, key.models.clone(), body, input_tokens, inline).await?;
             body = body_back;
             let decided = decided
                 .ok_or_else(|| GatewayError::UnknownModel(exchange.requested_model.clone()))?;
@@ -344,11 +348,9 @@ async fn count_input(
     inline: bool,
 ) -> Result<(Value, u64), GatewayError> {
     let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
-        Endpoint::ChatCompletions | Endpoint::Messages => {
+        // A Responses or Messages request is already the chat it amounts to.
+        Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses => {
             tokenizer.count_chat_prompt(encoding, body)
-        }
-        Endpoint::Responses => {
-            tokenizer.count_chat_prompt(encoding, &crate::responses::as_chat(body))
         }
         Endpoint::Completions => tokenizer.count_completion_prompt(encoding, &body["prompt"]),
         Endpoint::Embeddings => tokenizer.count_embedding_input(encoding, &body["input"]),
@@ -384,7 +386,6 @@ async fn off_lane<T: Send + 'static>(
 /// with it.
 async fn decide_route(
     config: &Arc<Config>,
-    endpoint: Endpoint,
     key_models: Option<Vec<String>>,
     body: Value,
     prompt_tokens: u64,
@@ -399,15 +400,7 @@ async fn decide_route(
                     .filter(|list| !list.iter().any(|m| router.is_virtual(m))),
                 ..KeyPolicy::default()
             };
-            match endpoint {
-                Endpoint::Responses => router.decide(
-                    &crate::responses::as_chat(&body),
-                    prompt_tokens,
-                    &policy,
-                    &mut rand::rng(),
-                ),
-                _ => router.decide(&body, prompt_tokens, &policy, &mut rand::rng()),
-            }
+            router.decide(&body, prompt_tokens, &policy, &mut rand::rng())
         });
         (decided, body)
     })
@@ -537,14 +530,10 @@ impl Exchange {
     ) -> Result<(), GatewayError> {
         // A body may carry both limits; which one a provider honours varies, so the larger
         // is reserved.
-        let requested_output = [
-            &body["max_completion_tokens"],
-            &body["max_tokens"],
-            &body["max_output_tokens"],
-        ]
-        .into_iter()
-        .filter_map(whole_number)
-        .max();
+        let requested_output = [&body["max_completion_tokens"], &body["max_tokens"]]
+            .into_iter()
+            .filter_map(whole_number)
+            .max();
         // Legacy completions generate `best_of` answers server-side and bill them all.
         let choices = whole_number(&body["n"])
             .unwrap_or(1)
