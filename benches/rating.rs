@@ -44,7 +44,7 @@ fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecor
         upstream: Some("openai".to_owned()),
         tier: Some(model.tier.clone()),
         route_rule: Some("default".to_owned()),
-        streamed: i % 2 == 0,
+        streamed: i.is_multiple_of(2),
         status: 200,
         outcome: Outcome::Completed,
         finish_reason: Some("stop".to_owned()),

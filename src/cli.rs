@@ -40,7 +40,7 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
         /// Gateway address; by default `server.listen`, or any free port if that is taken.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_LISTEN")]
         listen: Option<SocketAddr>,
     },
     /// Run a deterministic OpenAI-compatible upstream for tests, benches and demos.

@@ -2,6 +2,7 @@
 //! loopback with the given config (every upstream pointed at the mock), creates a demo key in a
 //! throwaway data dir, and prints lines that work when pasted.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -47,7 +48,14 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
         Ok(listener) => listener,
         Err(_) => server::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,
     };
-    let addr = listener.local_addr()?;
+    let bound = listener.local_addr()?;
+    // Bound to every interface (as in a container), it is reached through loopback or a
+    // published port, never at 0.0.0.0.
+    let addr = if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+    } else {
+        bound
+    };
     let secret = auth::new_secret();
     let key = KeyRecord {
         budget_usd: Some(Money::from_micros(5_000_000)),
@@ -64,17 +72,28 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
         .context("storing the demo key")?;
     gateway.app.key_activated(key, None);
     let model = gateway.app.config().demo_model();
-    println!(
-        "{}",
-        instructions(
-            addr,
-            &mock.base_url(),
-            &secret,
-            &admin_token,
-            &model,
-            &data_dir
-        )
+    let mut printed = String::new();
+    if bound.ip().is_unspecified() {
+        printed = format!(
+            "Listening on all interfaces ({bound}), as in a container: from the host, publish \
+             the port (docker run -p {port}:{port} …) and use localhost:{port}.\n\n",
+            port = bound.port()
+        );
+    }
+    printed += &instructions(
+        addr,
+        &mock.base_url(),
+        &secret,
+        &admin_token,
+        &model,
+        &data_dir,
     );
+    // One write, and a reader that went away (a closed pipe) does not stop the demo.
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(printed.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
     gateway.serve(listener, server::termination()).await?;
     mock.shutdown().await;
     Ok(())

@@ -174,6 +174,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("reading the listen address")?;
     println!("tollgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
+    for upstream in gateway.app.config().upstreams.values() {
+        tracing::info!(
+            upstream = %upstream.name,
+            base_url = %upstream.base_url,
+            provider_key = if upstream.credentials.is_some() { "set" } else { "not set" },
+            "forwarding to upstream"
+        );
+    }
     gateway.serve(listener, server::termination()).await?;
     Ok(())
 }

@@ -19,7 +19,9 @@ fn every_line_the_demo_prints_works_when_pasted() {
         .spawn()
         .unwrap();
     let mut printed = Vec::new();
-    for line in BufReader::new(demo.stdout.take().unwrap()).lines() {
+    // Held open until the demo is stopped, as a terminal would be.
+    let mut stdout = BufReader::new(demo.stdout.take().unwrap()).lines();
+    for line in stdout.by_ref() {
         let line = line.unwrap();
         let last = line.contains("/metrics");
         printed.push(line);
@@ -45,7 +47,8 @@ fn every_line_the_demo_prints_works_when_pasted() {
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(
             output.status.success() && !stdout.trim().is_empty(),
-            "{command}\n{stdout}\n{}",
+            "{command}\n{}\n{stdout}\n{}",
+            output.status,
             String::from_utf8_lossy(&output.stderr)
         );
         answers.push(stdout);

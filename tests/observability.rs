@@ -197,14 +197,20 @@ fn dashboards_and_alerts_use_only_exported_metrics() {
 }
 
 /// The alert rules are valid, and each fires on the synthetic series it guards
-/// (`deploy/prometheus/alerts.test.yml`): a rule that can never fire fails here.
+/// (`deploy/prometheus/alerts.test.yml`, `deploy/compose/alerts-shared-state.test.yml`): a
+/// rule that can never fire fails here.
 #[test]
 fn alert_rules_pass_promtool() {
-    let prometheus = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
-    for (command, file) in [("check", "alerts.yml"), ("test", "alerts.test.yml")] {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for (command, file) in [
+        ("check", "prometheus/alerts.yml"),
+        ("test", "prometheus/alerts.test.yml"),
+        ("check", "compose/alerts-shared-state.yml"),
+        ("test", "compose/alerts-shared-state.test.yml"),
+    ] {
         let Ok(output) = Command::new("promtool")
             .args([command, "rules"])
-            .arg(prometheus.join(file))
+            .arg(deploy.join(file))
             .output()
         else {
             eprintln!("promtool is not installed (.ci/run installs it); rules not checked here");

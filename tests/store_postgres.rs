@@ -45,18 +45,18 @@ fn record(n: u32) -> UsageRecord {
     let answered = n % 7 != 3;
     UsageRecord {
         request_id: format!("req_{:05}", (n * 7919) % 1000),
-        client_request_id: (n % 2 == 0).then(|| format!("client-{n}")),
+        client_request_id: n.is_multiple_of(2).then(|| format!("client-{n}")),
         started_at_ms: START_MS + i64::from(n) * DAY_MS / 10,
         key_id: key.map(|(id, _)| id.to_owned()),
         key_name: key.map(|(_, name)| name.to_owned()),
-        plan: (n % 3 == 0).then(|| "seats".to_owned()),
+        plan: n.is_multiple_of(3).then(|| "seats".to_owned()),
         endpoint: [Endpoint::ChatCompletions, Endpoint::Embeddings][n as usize % 2],
         requested_model: ["auto", "gpt-4o"][n as usize % 2].to_owned(),
         served_model: models[n as usize % models.len()].map(str::to_owned),
         upstream: Some("mock".to_owned()),
         tier: (n % 2 == 1).then(|| "cheap".to_owned()),
         route_rule: None,
-        streamed: n % 2 == 0,
+        streamed: n.is_multiple_of(2),
         status: if answered { 200 } else { 429 },
         outcome: if answered {
             Outcome::Completed
@@ -79,7 +79,7 @@ fn record(n: u32) -> UsageRecord {
         attempts: 1 + n % 3,
         answered,
         latency_ms: 300 + u64::from(n),
-        ttft_ms: (n % 2 == 0).then_some(40 + u64::from(n)),
+        ttft_ms: n.is_multiple_of(2).then_some(40 + u64::from(n)),
         charge: Money(if answered {
             1_000_000 + i64::from(n) * 333
         } else {

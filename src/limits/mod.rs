@@ -237,7 +237,7 @@ pub fn go_duration(duration: Duration) -> String {
     let hours = ms / 3_600_000;
     let minutes = (ms % 3_600_000) / 60_000;
     let seconds_ms = ms % 60_000;
-    let seconds = if seconds_ms % 1_000 == 0 {
+    let seconds = if seconds_ms.is_multiple_of(1_000) {
         format!("{}s", seconds_ms / 1_000)
     } else {
         let text = format!("{}.{:03}", seconds_ms / 1_000, seconds_ms % 1_000);

