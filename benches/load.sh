@@ -1,36 +1,43 @@
 #!/usr/bin/env bash
-# Load comparison on loopback, all in one run so the figures share one machine state:
-#   (a) direct calls to the mock upstream,
-#   (b) nginx proxy_pass in front of the same mock (the plain-proxy reference),
-#   (c) tollgate with auth, caps, routing, metering and rating on (batched ledger),
-#   (d) the same with `durability = "strict"` (group commit before the end of each response),
-# for non-streaming and streaming 1 KB chat requests, and the same prompt as a streamed
-# Responses API request (`responses` rows), at 1 and 64 connections, and at 64
-# connections paced by 20 ms of think time after each answer ("64p"). Prints p50, p99 and
-# requests/s with ratios to (a) and (b). At saturation a closed loop's latency is set by its
-# throughput (Little's law), so strict's CPU cost shows as latency; the paced rows stay below
-# saturation, where strict's added latency is the commit wait itself. Installs wrk and nginx from Debian if missing.
-# Every run is repeated ROUNDS times, the targets taking turns within a round, and the table
-# shows each figure's median: on a shared 2-core machine one run can be off by 20 %.
+# Load comparison on loopback, all in one run so the figures share one machine state. The
+# upstream is a stub cheaper than anything it judges: nginx answering from its config (fixed
+# bodies captured once from tollgate's mock; the echo module writes a stream's 19 SSE events
+# one by one, and waits 50 ms before the answer of the `slow` stub). In front of it:
+#   stub             the stub itself, called directly (the floor),
+#   nginx            nginx proxy_pass to the stub (the plain-proxy reference),
+#   tollgate         tollgate with auth, caps, throttles, routing, counting, rating and the
+#                    batched ledger on,
+#   tollgate-strict  the same with `durability = "strict"` (group commit before each answer
+#                    ends),
+# for non-streaming and streaming ~1 KB chat requests and a streamed Responses API request,
+# at 1 and 64 connections and at 64 connections paced by 20 ms of think time ("64p"), plus
+# non-streaming at 1 connection in front of the 50 ms stub ("slow"). Each run also reads the
+# target's own CPU time (/proc utime+stime over the run ÷ requests) and, for nginx and
+# tollgate, its RSS idle and at peak.
 #
-# Ends with two fsync probes of the disk under the data dir: alone, and beside batched load.
+# Every run is repeated ROUNDS times, the targets taking turns within a round, and the tables
+# show medians: on a shared 2-core machine one run can be off by 20 %. Installs wrk, nginx and
+# its echo module from Debian if missing. Ends with two fsync probes of the disk under the
+# data dir: alone, and beside batched load.
 #
-#   benches/load.sh [seconds per run, default 5] [rounds, default 3]
+#   benches/load.sh [seconds per run, default 5] [rounds, default 3]      (SKIP_BUILD=1 to reuse
+#                                                                          target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
 ROUNDS="${2:-3}"
 
-need() { command -v "$1" >/dev/null 2>&1 || NEED_APT+=("$2"); }
+ECHO_MODULE=/usr/lib/nginx/modules/ngx_http_echo_module.so
 NEED_APT=()
-need wrk wrk
-need nginx nginx
+command -v wrk >/dev/null 2>&1 || NEED_APT+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || NEED_APT+=(nginx)
+[ -f "$ECHO_MODULE" ] || NEED_APT+=(libnginx-mod-http-echo)
 if [ "${#NEED_APT[@]}" -gt 0 ]; then
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEED_APT[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --quiet
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet
 BIN=target/release/tollgate
 WORK=$(mktemp -d)
 PIDS=()
@@ -40,35 +47,89 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
+# A ~1 KB chat request, and the same prompt as a Responses request.
+PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
+chat_body() { # model stream
+  echo '{"model":"'$1'","stream":'$2',"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"'$PROMPT'"}]}'
+}
+responses_body() { # model
+  echo '{"model":"'$1'","stream":true,"max_output_tokens":16,"instructions":"You are a helpful assistant.","input":"'$PROMPT'"}'
+}
+
+# The stub's answers: what tollgate's mock answers to these requests, captured once.
 MOCK_PORT=$(free_port)
 "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
-PIDS+=($!)
+MOCK_PID=$!
 wait_port "$MOCK_PORT"
+mkdir -p "$WORK/bodies"
+curl -s "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" -d "$(chat_body gpt-4o-mini false)" >"$WORK/bodies/chat.json"
+curl -s "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" -d "$(chat_body gpt-4o-mini true)" >"$WORK/bodies/chat.sse"
+curl -s "http://127.0.0.1:$MOCK_PORT/v1/responses" -d "$(responses_body gpt-4o-mini)" >"$WORK/bodies/responses.sse"
+kill "$MOCK_PID"; wait "$MOCK_PID" 2>/dev/null || true
 
-export TOLLGATE_ADMIN_TOKEN=bench-admin
-start_gateway() { # durability; sets PORT and KEY
-  local dir="$WORK/$1"
-  PORT=$(free_port)
-  mkdir -p "$dir"
-  sed -e "s#http://127.0.0.1:9099/v1#http://127.0.0.1:$MOCK_PORT/v1#" \
-      -e "s#^data_dir = .*#data_dir = \"$dir/data\"#" \
-      -e "s#^log_format = .*#log_format = \"json\"#" routes.toml >"$dir/routes.toml"
-  printf '\n[ledger]\ndurability = "%s"\n' "$1" >>"$dir/routes.toml"
-  TOLLGATE_LOG=warn "$BIN" serve --config "$dir/routes.toml" --listen "127.0.0.1:$PORT" >"$dir/gw.log" 2>&1 &
-  PIDS+=($!)
-  wait_port "$PORT"
-  KEY=$(curl -s "http://127.0.0.1:$PORT/admin/keys" -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
-    -H 'content-type: application/json' \
-    -d '{"name":"bench","budget_usd":1000000,"budget_period":"month","rpm":100000000,"tpm":100000000000}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# Ports: the stub's, then nginx's in front of each.
+STUB_JSON=$(free_port) STUB_SSE=$(free_port) STUB_SLOW=$(free_port)
+PROXY_JSON=$(free_port) PROXY_SSE=$(free_port) PROXY_SLOW=$(free_port)
+mkdir -p "$WORK/stub" "$WORK/nginx"
+python3 - "$WORK" "$ECHO_MODULE" "$STUB_JSON" "$STUB_SSE" "$STUB_SLOW" <<'PY'
+import sys
+work, module, json_port, sse_port, slow_port = sys.argv[1:]
+def quoted(text):
+    # nginx reads \n inside quotes as a newline; `$` would start a variable.
+    assert "$" not in text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+def events(path):
+    body = open(f"{work}/bodies/{path}").read()
+    chunks = [e + "\n\n" for e in body.split("\n\n") if e.strip()]
+    return "\n".join(f"      echo -n {quoted(c)};\n      echo_flush;" for c in chunks)
+chat = open(f"{work}/bodies/chat.json").read()
+print(f"""load_module {module};
+worker_processes 1;
+pid {work}/stub/nginx.pid;
+error_log {work}/stub/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/stub;
+  server {{
+    listen 127.0.0.1:{json_port} backlog=4096;
+    location / {{ default_type application/json; return 200 {quoted(chat)}; }}
+  }}
+  server {{
+    listen 127.0.0.1:{sse_port} backlog=4096;
+    location /v1/responses {{
+      default_type text/event-stream;
+{events("responses.sse")}
+    }}
+    location / {{
+      default_type text/event-stream;
+{events("chat.sse")}
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{slow_port} backlog=4096;
+    location / {{ default_type application/json; echo_sleep 0.05; echo -n {quoted(chat)}; }}
+  }}
+}}""", file=open(f"{work}/stub/nginx.conf", "w"))
+PY
+"$NGINX" -c "$WORK/stub/nginx.conf" -g 'daemon off;' &
+STUB_PID=$!
+PIDS+=($!)
+
+proxy_server() { # listen upstream
+  cat <<NGINX
+  upstream u$1 { server 127.0.0.1:$2; keepalive 128; }
+  server {
+    listen 127.0.0.1:$1 backlog=4096;
+    location / {
+      proxy_pass http://u$1;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+NGINX
 }
-start_gateway strict
-STRICT_PORT=$PORT STRICT_KEY=$KEY
-start_gateway batched
-GW_PORT=$PORT
-
-NGINX_PORT=$(free_port)
-mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<NGINX
 worker_processes 1;
 pid $WORK/nginx/nginx.pid;
@@ -78,110 +139,199 @@ http {
   access_log off;
   client_body_temp_path $WORK/nginx;
   proxy_temp_path $WORK/nginx;
-  upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://mock;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }
-  }
+$(proxy_server "$PROXY_JSON" "$STUB_JSON")
+$(proxy_server "$PROXY_SSE" "$STUB_SSE")
+$(proxy_server "$PROXY_SLOW" "$STUB_SLOW")
 }
 NGINX
 "$NGINX" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+PROXY_PID=$!
 PIDS+=($!)
-wait_port "$NGINX_PORT"
+for port in "$STUB_JSON" "$STUB_SSE" "$STUB_SLOW" "$PROXY_JSON" "$PROXY_SSE" "$PROXY_SLOW"; do wait_port "$port"; done
 
-# A ~1 KB chat request.
-PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
+# tollgate: one upstream per stub, one model per upstream (the model picks the stub, as the
+# port does for nginx), prices of gpt-4o-mini and its tokenizer.
+export TOLLGATE_ADMIN_TOKEN=bench-admin
+start_gateway() { # durability; sets PORT, KEY and GW_PID
+  local dir="$WORK/$1"
+  PORT=$(free_port)
+  mkdir -p "$dir"
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s/data"\nlog_format = "json"\n\n' "$PORT" "$dir"
+    printf '[ledger]\ndurability = "%s"\n\n' "$1"
+    for stub in json:"$STUB_JSON" stream:"$STUB_SSE" slow:"$STUB_SLOW"; do
+      printf '[upstreams.%s]\nbase_url = "http://127.0.0.1:%s/v1"\n\n' "${stub%:*}" "${stub#*:}"
+      printf '[models."gpt-4o-mini-%s"]\nupstream = "%s"\ntier = "cheap"\nencoding = "o200k_base"\n' "${stub%:*}" "${stub%:*}"
+      printf 'input_per_mtok = 0.15\ncached_input_per_mtok = 0.075\noutput_per_mtok = 0.60\n\n'
+    done
+    printf '[router]\ndefault = "cheap"\n'
+  } >"$dir/routes.toml"
+  TOLLGATE_LOG=warn "$BIN" serve --config "$dir/routes.toml" >"$dir/gw.log" 2>&1 &
+  GW_PID=$!
+  PIDS+=($!)
+  wait_port "$PORT"
+  KEY=$(curl -s "http://127.0.0.1:$PORT/admin/keys" -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
+    -H 'content-type: application/json' \
+    -d '{"name":"bench","budget_usd":1000000,"budget_period":"month","rpm":100000000,"tpm":100000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+}
+start_gateway strict
+STRICT_PORT=$PORT STRICT_KEY=$KEY STRICT_PID=$GW_PID
+start_gateway batched
+GW_PORT=$PORT GW_KEY=$KEY
+
+rss_kib() { # pids…: summed VmRSS, or VmHWM with HWM=1
+  local field=VmRSS total=0
+  [ -n "${HWM:-}" ] && field=VmHWM
+  for pid in "$@"; do
+    total=$((total + $(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/status")))
+  done
+  echo "$total"
+}
+process_tree() { echo "$1" $(pgrep -P "$1" || true); }
+IDLE_RSS_NGINX=$(rss_kib $(process_tree "$PROXY_PID"))
+IDLE_RSS_GW=$(rss_kib "$GW_PID")
+
 THINK_MS=20
-write_script() { # name stream|responses key
-  local body='{"model":"gpt-4o-mini","stream":'$2',"max_tokens":16,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"'$PROMPT'"}]}'
-  [ "$2" = responses ] &&
-    body='{"model":"gpt-4o-mini","stream":true,"max_output_tokens":16,"instructions":"You are a helpful assistant.","input":"'$PROMPT'"}'
-  cat >"$WORK/post_$1_$2.lua" <<LUA
+# Each kind of traffic: the request body's path and model suffix, and the stub and nginx port.
+declare -A PATH_OF=([chat]=/v1/chat/completions [stream]=/v1/chat/completions [responses]=/v1/responses [slow]=/v1/chat/completions)
+declare -A MODEL_OF=([chat]=json [stream]=stream [responses]=stream [slow]=slow)
+declare -A STUB_OF=([chat]=$STUB_JSON [stream]=$STUB_SSE [responses]=$STUB_SSE [slow]=$STUB_SLOW)
+declare -A PROXY_OF=([chat]=$PROXY_JSON [stream]=$PROXY_SSE [responses]=$PROXY_SSE [slow]=$PROXY_SLOW)
+write_script() { # kind key name
+  local model="gpt-4o-mini-${MODEL_OF[$1]}" body
+  case $1 in
+    chat | slow) body=$(chat_body "$model" false) ;;
+    stream) body=$(chat_body "$model" true) ;;
+    responses) body=$(responses_body "$model") ;;
+  esac
+  cat >"$WORK/post_$3_$1.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $3"
+wrk.headers["Authorization"] = "Bearer $2"
 wrk.body = '$body'
 LUA
-  { cat "$WORK/post_$1_$2.lua"; echo "function delay() return $THINK_MS end"; } >"$WORK/post_$1-paced_$2.lua"
+  { cat "$WORK/post_$3_$1.lua"; echo "function delay() return $THINK_MS end"; } >"$WORK/post_$3-paced_$1.lua"
 }
-for stream in false true responses; do
-  write_script batched "$stream" "$KEY"
-  write_script strict "$stream" "$STRICT_KEY"
+for kind in chat stream responses slow; do
+  write_script "$kind" "$GW_KEY" batched
+  write_script "$kind" "$STRICT_KEY" strict
 done
 
-run() { # name url stream|responses connections [script]
-  local threads=$(( ${4%p} < 2 ? 1 : 2 )) seconds=$DURATION script=${5:-batched} path=/v1/chat/completions
-  [ "$3" = responses ] && path=/v1/responses
-  [ "${4%p}" != "$4" ] && script="$script-paced"
-  [ "$1" = warm-up ] && seconds=1
-  wrk -t"$threads" -c"${4%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$3.lua" "$2$path" 2>&1 |
-    python3 -c '
+cpu_ticks() { # pids…: utime + stime, in clock ticks
+  local total=0
+  for pid in "$@"; do total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat"))); done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
+run() { # name kind connections script pids…: prints "name p50 p99 mean rps errors cpu_us"
+  local name=$1 kind=$2 conns=$3 script=$4
+  shift 4
+  local threads=$(( ${conns%p} < 2 ? 1 : 2 )) seconds=$DURATION url port
+  case $name in
+    stub) port=${STUB_OF[$kind]} ;;
+    nginx) port=${PROXY_OF[$kind]} ;;
+    tollgate) port=$GW_PORT ;;
+    tollgate-strict) port=$STRICT_PORT ;;
+  esac
+  [ "${conns%p}" != "$conns" ] && script="$script-paced"
+  [ "$name" = warm-up ] && seconds=1
+  local before=$(cpu_ticks "$@")
+  wrk -t"$threads" -c"${conns%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$kind.lua" \
+    "http://127.0.0.1:$port${PATH_OF[$kind]}" >"$WORK/wrk.out" 2>&1
+  local after=$(cpu_ticks "$@")
+  python3 - "$name" "$((after - before))" "$TICK" "$WORK/wrk.out" <<'PY'
 import re, sys
-text = sys.stdin.read()
+name, ticks, tick = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+text = open(sys.argv[4]).read()
+def ms(value, unit):
+    return float(value) / 1000 if unit == "us" else float(value) if unit == "ms" else float(value) * 1000
 def lat(p):
-    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, text, re.M)
-    v, u = float(m.group(1)), m.group(2)
-    return v / 1000 if u == "us" else v if u == "ms" else v * 1000
+    return ms(*re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, text, re.M).groups())
+mean = ms(*re.search(r"Latency\s+([\d.]+)(us|ms|s)", text).groups())
+requests = int(re.search(r"(\d+) requests in", text).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print("%s %.3f %.3f %.1f %s" % (sys.argv[1], lat(50), lat(99), rps, errs.group(1) if errs else 0))
-' "$1"
+# /proc counts CPU time in ticks (10 ms): below a few thousand requests a run's figure is noise.
+cpu_us = ticks * 1e6 / tick / requests if requests >= 2000 else float("nan")
+print("%s %.3f %.3f %.3f %.1f %s %.1f" % (name, lat(50), lat(99), mean, rps, errs.group(1) if errs else 0, cpu_us))
+PY
 }
+
+run_target() { # name kind connections
+  case $1 in
+    stub) run stub "$2" "$3" batched $(process_tree "$STUB_PID") ;;
+    nginx) run nginx "$2" "$3" batched $(process_tree "$PROXY_PID") ;;
+    tollgate) run tollgate "$2" "$3" batched "$GW_PID" ;;
+    tollgate-strict) run tollgate-strict "$2" "$3" strict "$STRICT_PID" ;;
+  esac
+}
+
+ROWS=("chat 1" "chat 64" "chat 64p" "stream 1" "stream 64" "stream 64p" "responses 1" "responses 64" "slow 1")
+TARGETS=(stub nginx tollgate tollgate-strict)
 
 # A process's first requests pay for its lazily built state (thread-local caches, allocator
 # pages, upstream connections), and wrk corrects for coordinated omission, so one slow request
 # at 1 connection shows as a p99 of its whole duration: every target gets a discarded second
 # of traffic first.
-for stream in false true responses; do
-  run warm-up "http://127.0.0.1:$MOCK_PORT" "$stream" 64 >/dev/null
-  run warm-up "http://127.0.0.1:$NGINX_PORT" "$stream" 64 >/dev/null
-  run warm-up "http://127.0.0.1:$GW_PORT" "$stream" 64 >/dev/null
-  run warm-up "http://127.0.0.1:$STRICT_PORT" "$stream" 64 strict >/dev/null
+for kind in chat stream responses; do
+  for target in "${TARGETS[@]}"; do
+    [ "$target" = tollgate-strict ] && s=strict || s=batched
+    port=$GW_PORT
+    case $target in stub) port=${STUB_OF[$kind]} ;; nginx) port=${PROXY_OF[$kind]} ;; tollgate-strict) port=$STRICT_PORT ;; esac
+    wrk -t2 -c64 -d1s -s "$WORK/post_${s}_$kind.lua" "http://127.0.0.1:$port${PATH_OF[$kind]}" >/dev/null 2>&1
+  done
 done
 
 RESULTS="$WORK/results.txt"
 for round in $(seq "$ROUNDS"); do
-  for stream in false true responses; do
-    for conns in 1 64 64p; do
-      run direct "http://127.0.0.1:$MOCK_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-      run nginx "http://127.0.0.1:$NGINX_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-      run tollgate "http://127.0.0.1:$GW_PORT" "$stream" "$conns" | sed "s/^/$stream $conns /" >>"$RESULTS"
-      run tollgate-strict "http://127.0.0.1:$STRICT_PORT" "$stream" "$conns" strict | sed "s/^/$stream $conns /" >>"$RESULTS"
+  for row in "${ROWS[@]}"; do
+    set -- $row
+    for target in "${TARGETS[@]}"; do
+      run_target "$target" "$1" "$2" | sed "s/^/$1 $2 /" >>"$RESULTS"
     done
   done
 done
+PEAK_RSS_NGINX=$(HWM=1 rss_kib $(process_tree "$PROXY_PID"))
+PEAK_RSS_GW=$(HWM=1 rss_kib "$GW_PID")
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$IDLE_RSS_NGINX" "$PEAK_RSS_NGINX" "$IDLE_RSS_GW" "$PEAK_RSS_GW" <<'PY'
 import statistics, sys
+results, rss = sys.argv[1], [int(v) / 1024 for v in sys.argv[2:]]
 runs = {}
-for line in open(sys.argv[1]):
-    stream, conns, name, *figures = line.split()
-    runs.setdefault((stream, conns, name), []).append([float(f) for f in figures])
-# Medians of the latencies and rates; the non-2xx column counts every round's errors.
-rows = [[*key, *(statistics.median(run[i] for run in group) for i in range(3)),
-         sum(run[3] for run in group)] for key, group in runs.items()]
-by = {(r[0], r[1], r[2]): r for r in rows}
-print("| stream | conns | target | p50 ms | p99 ms | req/s | req/s vs direct | req/s vs nginx | p50 +ms vs nginx | p99 +ms vs nginx | non-2xx (all rounds) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for r in rows:
-    stream, conns, name, p50, p99, rps, errs = r
-    d = by[(stream, conns, "direct")]; n = by[(stream, conns, "nginx")]
-    print("| %s | %s | %s | %.3f | %.3f | %.0f | %.2f | %.2f | %+.3f | %+.3f | %s |" % (
-        stream, conns, name, float(p50), float(p99), float(rps),
-        float(rps) / float(d[5]), float(rps) / float(n[5]),
-        float(p50) - float(n[3]), float(p99) - float(n[4]), int(errs)))
+for line in open(results):
+    kind, conns, name, *figures = line.split()
+    runs.setdefault((kind, conns, name), []).append([float(f) for f in figures])
+# Medians of every figure; the non-2xx column counts every round's errors.
+med = {key: [statistics.median(run[i] for run in group) for i in range(6)] + [sum(run[4] for run in group)]
+       for key, group in runs.items()}
+# med[key] = p50, p99, mean, rps, (errors median), cpu_us, errors summed
+print("| traffic | conns | target | p50 ms | p99 ms | mean ms | req/s | vs stub | vs nginx | p50 +ms vs nginx | p99 +ms vs nginx | CPU µs/req | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for (kind, conns, name), m in med.items():
+    s, n = med[(kind, conns, "stub")], med[(kind, conns, "nginx")]
+    print("| %s | %s | %s | %.3f | %.3f | %.3f | %.0f | %.2f | %.2f | %+.3f | %+.3f | %.1f | %d |" % (
+        kind, conns, name, m[0], m[1], m[2], m[3], m[3] / s[3], m[3] / n[3],
+        m[0] - n[0], m[1] - n[1], m[5], m[6]))
 print()
 print("medians of %d rounds" % len(next(iter(runs.values()))))
-print("strict durability vs batched (same traffic): added p50 / p99 in ms")
-for r in rows:
-    if r[2] == "tollgate-strict":
-        b = by[(r[0], r[1], "tollgate")]
-        print("  stream=%s conns=%s: %+.3f / %+.3f" % (r[0], r[1], float(r[3]) - float(b[3]), float(r[4]) - float(b[4])))
+def fig(kind, conns, name, i):
+    return med[(kind, conns, name)][i]
+print()
+print("| figure | nginx proxy_pass | tollgate | goal |")
+print("|---|---|---|---|")
+for label, kind in (("CPU µs per non-streaming request, 64 conns", "chat"), ("CPU µs per 19-event stream, 64 conns", "stream")):
+    print("| %s | %.1f | %.1f | ≤ 2× nginx (%.2f×) |" % (label, fig(kind, "64", "nginx", 5), fig(kind, "64", "tollgate", 5),
+          fig(kind, "64", "tollgate", 5) / fig(kind, "64", "nginx", 5)))
+for label, kind in (("req/s at 64 conns vs nginx, non-streaming", "chat"), ("req/s at 64 conns vs nginx, streaming", "stream")):
+    print("| %s | 1.00 | %.2f | ≥ 0.6 |" % (label, fig(kind, "64", "tollgate", 3) / fig(kind, "64", "nginx", 3)))
+stub = fig("slow", "1", "stub", 2)
+print("| mean added latency, 1 conn, 50 ms upstream | %+.3f ms | %+.3f ms | ≤ nginx + 0.2 ms |" % (
+    fig("slow", "1", "nginx", 2) - stub, fig("slow", "1", "tollgate", 2) - stub))
+print("| added p99, 1 conn, 0 ms upstream (vs stub) | %+.3f ms | %+.3f ms | ≤ +0.5 ms |" % (
+    fig("chat", "1", "nginx", 1) - fig("chat", "1", "stub", 1), fig("chat", "1", "tollgate", 1) - fig("chat", "1", "stub", 1)))
+print("| RSS idle / peak under load (MiB) | %.0f / %.0f | %.0f / %.0f | ≤ 150 under load |" % tuple(rss))
 PY
 
 # Strict durability waits for an fsync per commit, so its tail is bounded below by the disk's.
@@ -211,5 +361,5 @@ PY
 python3 "$WORK/probe.py" idle "$WORK/fsync-probe-idle" "$DURATION"
 python3 "$WORK/probe.py" "beside batched load" "$WORK/fsync-probe-load" "$DURATION" &
 PROBE=$!
-run load "http://127.0.0.1:$GW_PORT" true 64 >/dev/null
+run_target tollgate stream 64 >/dev/null
 wait "$PROBE"
