@@ -221,7 +221,14 @@ fn run_writer(
     // the events that made it.
     let mut acks: Vec<Option<oneshot::Sender<()>>> = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
+    let interval = writer.commit_interval();
     while let Some(first) = rx.blocking_recv() {
+        // Gather before the commit, not after it: the event that wakes an idle writer is sent
+        // just before its request's answer is written, and a commit started at once would
+        // take the CPU from that answer (the scheduler favours a thread that slept).
+        if !interval.is_zero() && matches!(first, Envelope::Event(..)) {
+            std::thread::sleep(interval);
+        }
         let mut close = None;
         let mut next = Some(first);
         // Take whatever is already queued, up to a batch: one commit for many events is what
@@ -258,7 +265,6 @@ fn run_writer(
             let _ = done.send(());
             return;
         }
-        std::thread::sleep(writer.commit_interval());
     }
 }
 
