@@ -31,6 +31,18 @@ async fn the_environment_sets_the_data_dir_and_the_address() {
         .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    assert_serving(&url).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        state.join("keys.sqlite").exists(),
+        "the keys live in TOLLGATE_DATA_DIR"
+    );
+    assert!(state.join("ledger.sqlite").exists());
+}
+
+/// A started gateway answers both probes and takes an admin write, which opens its stores.
+async fn assert_serving(url: &str) {
     let http = reqwest::Client::new();
     for path in ["/healthz", "/readyz"] {
         let status = http
@@ -49,13 +61,6 @@ async fn the_environment_sets_the_data_dir_and_the_address() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        state.join("keys.sqlite").exists(),
-        "the keys live in TOLLGATE_DATA_DIR"
-    );
-    assert!(state.join("ledger.sqlite").exists());
 }
 
 /// The final stage of `deploy/Dockerfile`, as far as running the image depends on it.
@@ -286,19 +291,7 @@ async fn the_image_serves_as_its_user_with_a_read_only_config() {
         return;
     };
     let (url, log) = first_url(&mut child);
-    let http = reqwest::Client::new();
-    for path in ["/healthz", "/readyz"] {
-        let response = http.get(format!("{url}{path}")).send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-    }
-    let created = http
-        .post(format!("{url}/admin/keys"))
-        .bearer_auth(common::ADMIN_TOKEN)
-        .json(&serde_json::json!({"name": "in-the-image"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    assert_serving(&url).await;
     let _ = child.kill();
     let _ = child.wait();
     let log: Vec<String> = log.try_iter().collect();

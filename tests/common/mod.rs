@@ -287,13 +287,14 @@ pub fn python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     let ready = || {
-        std::process::Command::new(&python)
-            .args([
-                "-c",
-                "import openai, anthropic, tiktoken, prometheus_client, kubernetes_validate",
-            ])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        root.join(".venv/bin/hadolint").exists()
+            && std::process::Command::new(&python)
+                .args([
+                    "-c",
+                    "import openai, anthropic, tiktoken, prometheus_client, kubernetes_validate",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success())
     };
     if ready() {
         return python;
