@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use tollgate::api::Endpoint;
-use tollgate::config::{Config, Model};
-use tollgate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
+use tollgate::config::Config;
+use tollgate::meter::record::MeterEvent;
 use tollgate::meter::sink::Durability;
 use tollgate::meter::sink::UsageWriter;
 use tollgate::rating::ledger::LedgerWriter;
@@ -15,53 +14,8 @@ use tollgate::rating::Rater;
 
 use tollgate::meter::sink::MAX_BATCH as BATCH;
 
-fn record(i: usize, model: &Model, rater: &Rater, config: &Config) -> UsageRecord {
-    let usage = TokenUsage {
-        input: 900 + (i % 200) as u64,
-        cached_input: 0,
-        output: 300,
-        cache_write_input: 0,
-    };
-    let key_id = format!("key_{:04}", i % 100);
-    let (rated, list_cost) = rater.rate(
-        &key_id,
-        config.plan(None),
-        model.rated(),
-        usage,
-        1,
-        1_795_000_000_000,
-    );
-    UsageRecord {
-        request_id: tollgate::api::new_request_id(),
-        client_request_id: None,
-        started_at_ms: 1_795_000_000_000 + i as i64,
-        key_id: Some(key_id),
-        key_name: Some("bench".to_owned()),
-        plan: None,
-        endpoint: Endpoint::ChatCompletions,
-        requested_model: "auto".to_owned(),
-        served_model: Some(model.name.clone()),
-        upstream: Some("openai".to_owned()),
-        tier: Some(model.tier.clone()),
-        route_rule: Some("default".to_owned()),
-        streamed: i.is_multiple_of(2),
-        status: 200,
-        outcome: Outcome::Completed,
-        finish_reason: Some("stop".to_owned()),
-        reported: Some(usage),
-        counted: usage,
-        attempts: 1,
-        answered: true,
-        latency_ms: 120,
-        ttft_ms: Some(40),
-        charge: rated.charge,
-        list_cost,
-        plan_cost: rated.plan_cost,
-        micro_credits: rated.micro_credits,
-        response_id: None,
-        counted_estimate: false,
-    }
-}
+#[path = "support/records.rs"]
+mod records;
 
 fn bench_rating(c: &mut Criterion) {
     std::env::set_var("OPENAI_API_KEY", "sk-bench");
@@ -84,7 +38,10 @@ fn bench_rating(c: &mut Criterion) {
             },
             |start| {
                 let events: Vec<MeterEvent> = (start..start + BATCH)
-                    .map(|i| MeterEvent::Usage(record(i, &model, &rater, &config)))
+                    .map(|i| {
+                        let at = 1_795_000_000_000 + i as i64;
+                        MeterEvent::Usage(records::record(i, 100, at, &model, &rater, &config))
+                    })
                     .collect();
                 writer.write_batch(&events).unwrap();
             },
