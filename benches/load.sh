@@ -225,21 +225,23 @@ cpu_ticks() { # pids…: utime + stime, in clock ticks
 }
 TICK=$(getconf CLK_TCK)
 
+port_of() { # target kind
+  case $1 in
+    stub) echo "${STUB_OF[$2]}" ;;
+    nginx) echo "${PROXY_OF[$2]}" ;;
+    tollgate) echo "$GW_PORT" ;;
+    tollgate-strict) echo "$STRICT_PORT" ;;
+  esac
+}
+
 run() { # name kind connections script pids…: prints "name p50 p99 mean rps errors cpu_us"
   local name=$1 kind=$2 conns=$3 script=$4
   shift 4
-  local threads=$(( ${conns%p} < 2 ? 1 : 2 )) seconds=$DURATION url port
-  case $name in
-    stub) port=${STUB_OF[$kind]} ;;
-    nginx) port=${PROXY_OF[$kind]} ;;
-    tollgate) port=$GW_PORT ;;
-    tollgate-strict) port=$STRICT_PORT ;;
-  esac
+  local threads=$(( ${conns%p} < 2 ? 1 : 2 ))
   [ "${conns%p}" != "$conns" ] && script="$script-paced"
-  [ "$name" = warm-up ] && seconds=1
   local before=$(cpu_ticks "$@")
-  wrk -t"$threads" -c"${conns%p}" -d"${seconds}s" --latency -s "$WORK/post_${script}_$kind.lua" \
-    "http://127.0.0.1:$port${PATH_OF[$kind]}" >"$WORK/wrk.out" 2>&1
+  wrk -t"$threads" -c"${conns%p}" -d"${DURATION}s" --latency -s "$WORK/post_${script}_$kind.lua" \
+    "http://127.0.0.1:$(port_of "$name" "$kind")${PATH_OF[$kind]}" >"$WORK/wrk.out" 2>&1
   local after=$(cpu_ticks "$@")
   python3 - "$name" "$((after - before))" "$TICK" "$WORK/wrk.out" <<'PY'
 import re, sys
@@ -278,9 +280,8 @@ TARGETS=(stub nginx tollgate tollgate-strict)
 for kind in chat stream responses; do
   for target in "${TARGETS[@]}"; do
     [ "$target" = tollgate-strict ] && s=strict || s=batched
-    port=$GW_PORT
-    case $target in stub) port=${STUB_OF[$kind]} ;; nginx) port=${PROXY_OF[$kind]} ;; tollgate-strict) port=$STRICT_PORT ;; esac
-    wrk -t2 -c64 -d1s -s "$WORK/post_${s}_$kind.lua" "http://127.0.0.1:$port${PATH_OF[$kind]}" >/dev/null 2>&1
+    wrk -t2 -c64 -d1s -s "$WORK/post_${s}_$kind.lua" \
+      "http://127.0.0.1:$(port_of "$target" "$kind")${PATH_OF[$kind]}" >/dev/null 2>&1
   done
 done
 

@@ -51,7 +51,8 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
     let bound = listener.local_addr()?;
     // Bound to every interface (as in a container), it is reached through loopback or a
     // published port, never at 0.0.0.0.
-    let addr = if bound.ip().is_unspecified() {
+    let everywhere = bound.ip().is_unspecified();
+    let addr = if everywhere {
         SocketAddr::from(([127, 0, 0, 1], bound.port()))
     } else {
         bound
@@ -72,14 +73,15 @@ pub async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Resu
         .context("storing the demo key")?;
     gateway.app.key_activated(key, None);
     let model = gateway.app.config().demo_model();
-    let mut printed = String::new();
-    if bound.ip().is_unspecified() {
-        printed = format!(
+    let mut printed = if everywhere {
+        format!(
             "Listening on all interfaces ({bound}), as in a container: from the host, publish \
              the port (docker run -p {port}:{port} …) and use localhost:{port}.\n\n",
             port = bound.port()
-        );
-    }
+        )
+    } else {
+        String::new()
+    };
     printed += &instructions(
         addr,
         &mock.base_url(),

@@ -77,25 +77,16 @@ async fn handle(
             response
         }
     };
-    let native = exchange
-        .model
-        .as_ref()
-        .is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic);
-    let model = || {
-        exchange
-            .model
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default()
-    };
+    let served = exchange.model.as_deref();
+    let native =
+        served.is_some_and(|model| model.upstream.kind == crate::config::UpstreamKind::Anthropic);
+    let model = served.map_or("", |model| model.name.as_str());
     match endpoint {
         Endpoint::Messages => {
-            let (model, input) = (model(), exchange.counted.input);
-            crate::anthropic::to_messages(response, &model, input, native).await
+            crate::anthropic::to_messages(response, model, exchange.counted.input, native).await
         }
         Endpoint::ChatCompletions if native => {
-            let (model, asks_usage) = (model(), exchange.asks_usage);
-            crate::anthropic::to_chat_answer(response, &model, asks_usage).await
+            crate::anthropic::to_chat_answer(response, model, exchange.asks_usage).await
         }
         _ => response,
     }
