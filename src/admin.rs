@@ -58,7 +58,8 @@ fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
         })
 }
 
-/// `GET /admin/usage?from=&to=&group_by=key|model|day[&key_id=]`: requests, tokens and cost.
+/// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour[&key_id=]`: requests,
+/// tokens and cost, read from the rollups (see `rating::ledger::rollup`).
 /// `to` is exclusive; a bare date means that day's midnight, so `to=2026-11-26` includes the
 /// 25th. Defaults: the last 30 days, grouped by key.
 async fn usage(
@@ -81,11 +82,14 @@ async fn usage(
     let group = match query.group_by.as_deref().unwrap_or("key") {
         "key" => GroupBy::Key,
         "model" => GroupBy::Model,
+        "tier" => GroupBy::Tier,
+        "rule" => GroupBy::Rule,
         "day" => GroupBy::Day,
+        "hour" => GroupBy::Hour,
         other => {
             return Err(field_error(
                 "group_by",
-                format!("`{other}` is not key, model or day"),
+                format!("`{other}` is not key, model, tier, rule, day or hour"),
             ))
         }
     };

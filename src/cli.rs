@@ -76,7 +76,7 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
     },
-    /// Usage over a time range, grouped by key, model or day.
+    /// Usage over a time range, grouped by key, model, tier, route rule, day or hour.
     Usage {
         #[command(flatten)]
         admin: AdminArgs,
@@ -86,7 +86,7 @@ pub enum Command {
         /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
         #[arg(long)]
         to: Option<String>,
-        /// key, model or day.
+        /// key, model, tier, rule, day or hour.
         #[arg(long, default_value = "key")]
         group_by: String,
         /// Only this key.

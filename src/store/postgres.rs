@@ -26,8 +26,11 @@ use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
 use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
+use crate::rating::ledger::rollup::{self, Rollups};
 use crate::rating::ledger::sql;
-use crate::rating::ledger::{GroupBy, LedgerError, LedgerReader, PeriodUsage, UsageRow};
+use crate::rating::ledger::{
+    GroupBy, LedgerError, LedgerReader, Migration, PeriodUsage, UsageRow,
+};
 use crate::rating::plan::Cursor;
 use crate::store::row::{names, Column, Dialect, Kind, RowSource};
 
@@ -46,9 +49,9 @@ const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
 /// a released step never changes. Text is compared and sorted by bytes (`COLLATE "C"`), as in
 /// SQLite, so reports group and order the same in both stores; integers are SQLite's 64 bits
 /// and money is nano-dollars.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: keys, the usage ledger and outcomes, as in SQLite.
-    r#"
+    Migration::Sql(r#"
     CREATE TABLE keys (
         id TEXT COLLATE "C" PRIMARY KEY,
         name TEXT COLLATE "C" NOT NULL,
@@ -117,26 +120,29 @@ const MIGRATIONS: &[&str] = &[
         charge_nanos BIGINT NOT NULL
     );
     CREATE INDEX outcomes_key_time ON outcomes (key_id, at_ms);
-    "#,
+    "#),
     // 2: a key's month totals at its plan's prices (see the SQLite ledger's migrations).
-    r#"
+    Migration::Sql(r#"
     ALTER TABLE usage ADD COLUMN plan_cost_nanos BIGINT NOT NULL DEFAULT 0;
     UPDATE usage SET plan_cost_nanos = list_cost_nanos;
-    "#,
+    "#),
     // 3: Responses API responses, by id (see the SQLite ledger's migrations).
-    r#"
+    Migration::Sql(r#"
     ALTER TABLE usage ADD COLUMN response_id TEXT COLLATE "C";
     CREATE INDEX usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
-    "#,
+    "#),
     // 4: own counts that are estimates (see the SQLite ledger's migrations).
-    r#"
+    Migration::Sql(r#"
     ALTER TABLE usage ADD COLUMN counted_estimate BOOLEAN NOT NULL DEFAULT FALSE;
-    "#,
+    "#),
     // 5: prompt-cache writes (see the SQLite ledger's migrations).
-    r#"
+    Migration::Sql(r#"
     ALTER TABLE usage ADD COLUMN cache_write_input_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens BIGINT;
-    "#,
+    "#),    // 6: outcomes by time, for the spend restored at start.
+    Migration::Sql("CREATE INDEX outcomes_time ON outcomes (at_ms)"),
+    // 7: rollups (see `rating::ledger::rollup`), filled from the rows already written.
+    Migration::Rollups,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +264,7 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
         }
         let mut transaction = client.transaction()?;
         transaction
-            .batch_execute(migration)
+            .batch_execute(&migration.sql(Dialect::Postgres))
             .map_err(|source| PgError::Migration { version, source })?;
         transaction.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, now())",
@@ -430,6 +436,25 @@ impl PgLedgerReader {
     }
 }
 
+impl rollup::Lines for PgLedgerReader {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn lines(
+        &self,
+        sql: &str,
+        params: &[Column<'_>],
+        bucket: bool,
+    ) -> Result<Vec<rollup::Line>, LedgerError> {
+        let values: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|param| param as &(dyn ToSql + Sync))
+            .collect();
+        self.rows(sql, &values, |row| rollup::Line::read(row, bucket))
+    }
+}
+
 impl LedgerReader for PgLedgerReader {
     fn usage(
         &self,
@@ -438,35 +463,27 @@ impl LedgerReader for PgLedgerReader {
         group: GroupBy,
         key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError> {
-        self.rows(
-            &sql::usage_sql(Dialect::Postgres, group),
-            &[&from_ms, &to_ms, &key_id],
-            |row| sql::usage_row(row, group),
-        )
+        rollup::usage(self, from_ms, to_ms, group, key_id)
     }
 
     fn spend_since(
         &self,
         from_ms: i64,
     ) -> Result<std::collections::HashMap<String, Money>, LedgerError> {
-        let rows = self.rows(
-            &sql::spend_sql(Dialect::Postgres),
+        let usage = rollup::by_key_since(self, from_ms)?;
+        let outcomes = self.rows(
+            &sql::outcome_spend_sql(Dialect::Postgres),
             &[&from_ms],
             sql::spend_row,
         )?;
-        Ok(sql::spend_by_key(rows))
+        Ok(sql::spend_by_key(usage, outcomes))
     }
 
     fn cursors(
         &self,
         month_start_ms: i64,
     ) -> Result<std::collections::HashMap<String, Cursor>, LedgerError> {
-        let rows = self.rows(
-            &sql::cursors_sql(Dialect::Postgres),
-            &[&month_start_ms],
-            sql::cursor_row,
-        )?;
-        Ok(rows.into_iter().collect())
+        Ok(sql::cursors(rollup::by_key_since(self, month_start_ms)?))
     }
 
     fn period_usage(
@@ -475,18 +492,17 @@ impl LedgerReader for PgLedgerReader {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<PeriodUsage, LedgerError> {
+        let models = rollup::grouped(self, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
         let values: [&(dyn ToSql + Sync); 3] = [&key_id, &from_ms, &to_ms];
-        let models = self.rows(
-            &sql::period_models_sql(Dialect::Postgres),
-            &values,
-            sql::model_line,
-        )?;
         let outcomes = self.rows(
             &sql::period_outcomes_sql(Dialect::Postgres),
             &values,
             sql::outcome_line,
         )?;
-        Ok(sql::period_usage(models, outcomes))
+        Ok(sql::period_usage(
+            models.into_iter().map(|(model, (_, totals))| (model, totals)),
+            outcomes,
+        ))
     }
 
     fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError> {
@@ -521,33 +537,41 @@ impl LedgerReader for PgLedgerReader {
     }
 }
 
-/// `INSERT … SELECT FROM UNNEST(arrays) ON CONFLICT DO NOTHING`: one statement, prepared once,
-/// writes a whole batch's rows of a table, one array per column; a row already written (a
-/// retried batch, or the same record from another replica) is skipped.
-fn batch_insert(table: &str, columns: &[(&str, Kind)], unique: &str) -> String {
+/// `INSERT … SELECT FROM UNNEST(arrays) {conflict}`: one statement, prepared once, writes a
+/// whole batch's rows of a table, one array per column.
+fn batch_insert(table: &str, columns: &[(&str, Kind)], conflict: &str) -> String {
     let arrays: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(n, (_, kind))| format!("${}::{}", n + 1, kind.pg_array()))
         .collect();
     format!(
-        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({unique}) DO NOTHING",
+        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) {conflict}",
         names(columns),
         arrays.join(", ")
     )
 }
 
 /// Rows turned into one array of values per column, for [`batch_insert`].
-fn by_column<'a, const N: usize>(
-    rows: impl Iterator<Item = [Column<'a>; N]>,
+fn by_column<'a, R: IntoIterator<Item = Column<'a>>>(
+    width: usize,
+    rows: impl Iterator<Item = R>,
 ) -> Vec<Vec<Column<'a>>> {
-    let mut columns: Vec<Vec<Column<'a>>> = (0..N).map(|_| Vec::new()).collect();
+    let mut columns: Vec<Vec<Column<'a>>> = (0..width).map(|_| Vec::new()).collect();
     for row in rows {
         for (column, value) in columns.iter_mut().zip(row) {
             column.push(value);
         }
     }
     columns
+}
+
+/// A statement's parameters: one array per column.
+fn arrays<'a>(columns: &'a [Vec<Column<'_>>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    columns
+        .iter()
+        .map(|column| column as &(dyn ToSql + Sync))
+        .collect()
 }
 
 /// How many rows of a batch were new (the others were already written).
@@ -562,6 +586,8 @@ struct Session {
     client: Client,
     usage: Statement,
     outcomes: Statement,
+    rollup_keys: Statement,
+    rollup_routes: Statement,
 }
 
 impl Session {
@@ -574,46 +600,88 @@ impl Session {
             Durability::Batched => "SET synchronous_commit = off",
             Durability::Strict => "SET synchronous_commit = on",
         })?;
-        let usage = client.prepare(&batch_insert("usage", &sql::USAGE_COLUMNS, "request_id"))?;
+        // A row already written (a retried batch, or the same record from another replica) is
+        // skipped; the usage insert answers the ids it wrote, so that only those are summed.
+        let usage = client.prepare(&batch_insert(
+            "usage",
+            &sql::USAGE_COLUMNS,
+            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        ))?;
         let outcomes = client.prepare(&batch_insert(
             "outcomes",
             &sql::OUTCOME_COLUMNS,
-            "idempotency_key",
+            "ON CONFLICT (idempotency_key) DO NOTHING",
         ))?;
+        let [rollup_keys, rollup_routes] = [&rollup::KEYS, &rollup::ROUTES].map(|table| {
+            client.prepare(&batch_insert(
+                table.name,
+                &table.columns(),
+                &table.on_conflict(),
+            ))
+        });
         Ok(Session {
             client,
             usage,
             outcomes,
+            rollup_keys: rollup_keys?,
+            rollup_routes: rollup_routes?,
         })
     }
 
-    /// Writes a batch in one transaction; answers how many rows were new.
+    /// Writes a batch and its rollups in one transaction; answers how many rows were new.
     fn write(&mut self, events: &[MeterEvent]) -> Result<Inserted, postgres::Error> {
-        let usage = by_column(events.iter().filter_map(|event| match event {
-            MeterEvent::Usage(record) => Some(sql::usage_values(record)),
-            MeterEvent::Outcome(_) => None,
-        }));
-        let outcomes = by_column(events.iter().filter_map(|event| match event {
-            MeterEvent::Outcome(outcome) => Some(sql::outcome_values(outcome)),
-            MeterEvent::Usage(_) => None,
-        }));
+        let records: Vec<&UsageRecord> = events
+            .iter()
+            .filter_map(|event| match event {
+                MeterEvent::Usage(record) => Some(record),
+                MeterEvent::Outcome(_) => None,
+            })
+            .collect();
+        let outcomes: Vec<&OutcomeEvent> = events
+            .iter()
+            .filter_map(|event| match event {
+                MeterEvent::Outcome(outcome) => Some(outcome),
+                MeterEvent::Usage(_) => None,
+            })
+            .collect();
         let mut transaction = self.client.transaction()?;
-        let mut inserted = [0; 2];
-        for (count, (statement, columns)) in inserted
-            .iter_mut()
-            .zip([(&self.usage, usage), (&self.outcomes, outcomes)])
-        {
-            if columns.first().is_some_and(|column| !column.is_empty()) {
-                let values: Vec<&(dyn ToSql + Sync)> = columns
-                    .iter()
-                    .map(|column| column as &(dyn ToSql + Sync))
-                    .collect();
-                *count = transaction.execute(statement, &values)?;
+        let mut inserted = Inserted::default();
+        if !records.is_empty() {
+            let columns = by_column(
+                sql::USAGE_COLUMNS.len(),
+                records.iter().map(|record| sql::usage_values(record)),
+            );
+            let mut written: std::collections::HashSet<String> = transaction
+                .query(&self.usage, &arrays(&columns))?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            inserted.usage = written.len() as u64;
+            let mut rollups = Rollups::default();
+            // `remove`: a record twice in one batch was written, and is summed, once.
+            for record in records {
+                if written.remove(&record.request_id) {
+                    rollups.add(record);
+                }
+            }
+            if !rollups.is_empty() {
+                let width = rollup::KEYS.columns().len();
+                let keys = by_column(width, rollups.key_rows());
+                transaction.execute(&self.rollup_keys, &arrays(&keys))?;
+                let width = rollup::ROUTES.columns().len();
+                let routes = by_column(width, rollups.route_rows());
+                transaction.execute(&self.rollup_routes, &arrays(&routes))?;
             }
         }
+        if !outcomes.is_empty() {
+            let columns = by_column(
+                sql::OUTCOME_COLUMNS.len(),
+                outcomes.iter().map(|outcome| sql::outcome_values(outcome)),
+            );
+            inserted.outcomes = transaction.execute(&self.outcomes, &arrays(&columns))?;
+        }
         transaction.commit()?;
-        let [usage, outcomes] = inserted;
-        Ok(Inserted { usage, outcomes })
+        Ok(inserted)
     }
 }
 

@@ -26,6 +26,7 @@ use crate::money::Money;
 use crate::rating::plan::Cursor;
 use crate::store::row::{names, Dialect, Kind};
 
+pub(crate) mod rollup;
 pub(crate) mod sql;
 
 pub const FILE: &str = "ledger.sqlite";
@@ -86,7 +87,38 @@ CREATE TABLE IF NOT EXISTS outcomes (
     charge_nanos INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outcomes_key_time ON outcomes (key_id, at_ms);
+CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes (at_ms);
 ";
+
+/// The rollup tables (see [`rollup`]), created with the rest of a new ledger's schema.
+fn rollup_schema(dialect: Dialect) -> String {
+    format!(
+        "{}; {};",
+        rollup::KEYS.create_sql(dialect),
+        rollup::ROUTES.create_sql(dialect)
+    )
+}
+
+/// One step of a ledger's schema history.
+pub(crate) enum Migration {
+    Sql(&'static str),
+    /// Creates the rollups and fills them from the rows already written.
+    Rollups,
+}
+
+impl Migration {
+    pub(crate) fn sql(&self, dialect: Dialect) -> std::borrow::Cow<'static, str> {
+        match self {
+            Migration::Sql(sql) => std::borrow::Cow::Borrowed(sql),
+            Migration::Rollups => std::borrow::Cow::Owned(format!(
+                "{} {} {}",
+                rollup_schema(dialect),
+                rollup::KEYS.backfill_sql(dialect),
+                rollup::ROUTES.backfill_sql(dialect)
+            )),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -100,25 +132,27 @@ pub enum LedgerError {
 
 /// Changes to a ledger written by an earlier version, in order; `PRAGMA user_version` counts
 /// those applied. `SCHEMA` always creates the latest shape, so a new ledger starts counted.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // Before this, a client's own `x-request-id` was the ledger's unique key.
-    "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
+    Migration::Sql("ALTER TABLE usage ADD COLUMN client_request_id TEXT"),
     // Before this, a refused or failed request's counted prompt stood in the billed token
     // columns (its charge was zero all the same, and the provider had billed nothing).
-    "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
+    Migration::Sql("ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
      UPDATE usage SET answered = 0, input_tokens = 0, cached_input_tokens = 0, output_tokens = 0
-         WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0",
+         WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0"),
     // Before this, a key's month totals were rebuilt from list prices, which a plan with
     // prices of its own does not charge; such rows keep list prices, the best known.
-    "ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
-     UPDATE usage SET plan_cost_nanos = list_cost_nanos",
+    Migration::Sql("ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
+     UPDATE usage SET plan_cost_nanos = list_cost_nanos"),
     // Before this, the ledger held no Responses API responses.
-    "ALTER TABLE usage ADD COLUMN response_id TEXT",
+    Migration::Sql("ALTER TABLE usage ADD COLUMN response_id TEXT"),
     // Before this, every own count was tiktoken's exact count.
-    "ALTER TABLE usage ADD COLUMN counted_estimate INTEGER NOT NULL DEFAULT 0",
+    Migration::Sql("ALTER TABLE usage ADD COLUMN counted_estimate INTEGER NOT NULL DEFAULT 0"),
     // Before this, no provider reported prompt-cache writes.
-    "ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER",
+    Migration::Sql("ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER"),
+    // Before this, every report summed the raw rows of its range.
+    Migration::Rollups,
 ];
 
 /// Creates the tables, or brings an older ledger up to date, in one transaction so that the
@@ -147,9 +181,10 @@ fn prepare_schema(connection: &mut Connection) -> Result<(), LedgerError> {
         MIGRATIONS.len()
     };
     for migration in MIGRATIONS.iter().skip(applied) {
-        transaction.execute_batch(migration)?;
+        transaction.execute_batch(&migration.sql(Dialect::Sqlite))?;
     }
     transaction.execute_batch(SCHEMA)?;
+    transaction.execute_batch(&rollup_schema(Dialect::Sqlite))?;
     transaction.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
     transaction.commit()?;
     Ok(())
@@ -289,20 +324,55 @@ impl UsageWriter for LedgerWriter {
             let mut outcomes = transaction
                 .prepare_cached(&insert_or_ignore("outcomes", &sql::OUTCOME_COLUMNS))
                 .map_err(sink_error)?;
+            let mut rollups = rollup::Rollups::default();
             for event in events {
-                let result = match event {
+                match event {
                     MeterEvent::Usage(record) => {
-                        usage.execute(params_from_iter(sql::usage_values(record)))
+                        let inserted = usage
+                            .execute(params_from_iter(sql::usage_values(record)))
+                            .map_err(sink_error)?;
+                        // A replayed record is already summed.
+                        if inserted == 1 {
+                            rollups.add(record);
+                        }
                     }
                     MeterEvent::Outcome(outcome) => {
-                        outcomes.execute(params_from_iter(sql::outcome_values(outcome)))
+                        outcomes
+                            .execute(params_from_iter(sql::outcome_values(outcome)))
+                            .map_err(sink_error)?;
                     }
-                };
-                result.map_err(sink_error)?;
+                }
+            }
+            if !rollups.is_empty() {
+                for (table, rows) in [
+                    (&rollup::KEYS, rollups.key_rows().collect::<Vec<_>>()),
+                    (&rollup::ROUTES, rollups.route_rows().collect()),
+                ] {
+                    let mut upsert = transaction
+                        .prepare_cached(&upsert(table))
+                        .map_err(sink_error)?;
+                    for row in rows {
+                        upsert
+                            .execute(params_from_iter(row))
+                            .map_err(sink_error)?;
+                    }
+                }
             }
         }
         transaction.commit().map_err(sink_error)
     }
+}
+
+/// Adds one group's sums to a rollup table.
+fn upsert(table: &rollup::Table) -> String {
+    let columns = table.columns();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) {}",
+        table.name,
+        names(&columns),
+        Dialect::Sqlite.params(columns.len()),
+        table.on_conflict()
+    )
 }
 
 /// The reading side of a ledger, whatever stores it. Every method blocks: callers run it on a
@@ -357,7 +427,11 @@ pub struct SqliteLedgerReader {
 pub enum GroupBy {
     Key,
     Model,
+    Tier,
+    Rule,
     Day,
+    /// The UTC hour, for time series.
+    Hour,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -440,6 +514,27 @@ impl SqliteLedgerReader {
     }
 }
 
+impl rollup::Lines for Connection {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn lines(
+        &self,
+        sql: &str,
+        params: &[crate::store::row::Column<'_>],
+        bucket: bool,
+    ) -> Result<Vec<rollup::Line>, LedgerError> {
+        let mut statement = self.prepare(sql)?;
+        let lines = statement
+            .query_map(params_from_iter(params), |row| {
+                rollup::Line::read(row, bucket)
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(lines)
+    }
+}
+
 impl LedgerReader for SqliteLedgerReader {
     fn usage(
         &self,
@@ -448,28 +543,25 @@ impl LedgerReader for SqliteLedgerReader {
         group: GroupBy,
         key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError> {
-        let connection = self.connect()?;
-        let mut statement = connection.prepare(&sql::usage_sql(Dialect::Sqlite, group))?;
-        let rows = statement.query_map(params![from_ms, to_ms, key_id], |row| {
-            sql::usage_row(row, group)
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rollup::usage(&self.connect()?, from_ms, to_ms, group, key_id)
     }
 
     fn spend_since(&self, from_ms: i64) -> Result<HashMap<String, Money>, LedgerError> {
         let connection = self.connect()?;
-        let mut statement = connection.prepare(&sql::spend_sql(Dialect::Sqlite))?;
-        let rows = statement
+        let usage = rollup::by_key_since(&connection, from_ms)?;
+        let mut statement = connection.prepare(&sql::outcome_spend_sql(Dialect::Sqlite))?;
+        let outcomes = statement
             .query_map([from_ms], |row| sql::spend_row(row))?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(sql::spend_by_key(rows))
+        Ok(sql::spend_by_key(usage, outcomes))
     }
 
     fn cursors(&self, month_start_ms: i64) -> Result<HashMap<String, Cursor>, LedgerError> {
         let connection = self.connect()?;
-        let mut statement = connection.prepare(&sql::cursors_sql(Dialect::Sqlite))?;
-        let rows = statement.query_map([month_start_ms], |row| sql::cursor_row(row))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(sql::cursors(rollup::by_key_since(
+            &connection,
+            month_start_ms,
+        )?))
     }
 
     fn period_usage(
@@ -479,17 +571,17 @@ impl LedgerReader for SqliteLedgerReader {
         to_ms: i64,
     ) -> Result<PeriodUsage, LedgerError> {
         let connection = self.connect()?;
-        let models = connection
-            .prepare(&sql::period_models_sql(Dialect::Sqlite))?
-            .query_map(params![key_id, from_ms, to_ms], |row| sql::model_line(row))?
-            .collect::<Result<_, _>>()?;
+        let models = rollup::grouped(&connection, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
         let outcomes = connection
             .prepare(&sql::period_outcomes_sql(Dialect::Sqlite))?
             .query_map(params![key_id, from_ms, to_ms], |row| {
                 sql::outcome_line(row)
             })?
             .collect::<Result<_, _>>()?;
-        Ok(sql::period_usage(models, outcomes))
+        Ok(sql::period_usage(
+            models.into_iter().map(|(model, (_, totals))| (model, totals)),
+            outcomes,
+        ))
     }
 
     fn record(&self, request_id: &str) -> Result<Option<UsageRecord>, LedgerError> {

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use super::{GroupBy, PeriodUsage, UsageRow};
+use super::rollup::Totals;
+use super::PeriodUsage;
 use crate::meter::record::{OutcomeEvent, TokenUsage, UsageRecord};
 use crate::money::Money;
 use crate::rating::plan::Cursor;
@@ -206,120 +207,18 @@ pub(crate) fn outcome_event<R: RowSource>(row: &R) -> Result<OutcomeEvent, R::Er
     })
 }
 
-/// Usage between two times, grouped; parameters: from, to, key id (or NULL for every key).
-pub(crate) fn usage_sql(dialect: Dialect, group: GroupBy) -> String {
-    let column = match group {
-        GroupBy::Key => "COALESCE(key_id, '')",
-        GroupBy::Model => "COALESCE(served_model, requested_model)",
-        GroupBy::Day => "day",
-    };
-    let sum = |expression| dialect.sum(expression);
+/// Each key's charges for outcomes since a time; parameter: from. (Its usage charges are
+/// read from the rollups.)
+pub(crate) fn outcome_spend_sql(dialect: Dialect) -> String {
     format!(
-        "SELECT {column}, MAX(key_name), COUNT(*), {}, {}, {}, {}, {}, {}
-         FROM usage WHERE at_ms >= {} AND at_ms < {} AND ({key} IS NULL OR key_id = {key})
-         GROUP BY 1 ORDER BY 1",
-        sum("input_tokens"),
-        sum("cached_input_tokens"),
-        sum("output_tokens"),
-        sum("charge_nanos"),
-        sum("list_cost_nanos"),
-        sum("CASE WHEN status >= 400 AND answered THEN 1 ELSE 0 END"),
-        dialect.param(1),
-        dialect.param(2),
-        key = dialect.nullable_text(3),
-    )
-}
-
-pub(crate) fn usage_row<R: RowSource>(row: &R, group: GroupBy) -> Result<UsageRow, R::Error> {
-    Ok(UsageRow {
-        group: row.required_text(0)?,
-        key_name: match group {
-            GroupBy::Key => row.text(1)?,
-            GroupBy::Model | GroupBy::Day => None,
-        },
-        requests: row.required_int(2)? as u64,
-        input_tokens: row.required_int(3)? as u64,
-        cached_input_tokens: row.required_int(4)? as u64,
-        output_tokens: row.required_int(5)? as u64,
-        cost_usd: Money(row.required_int(6)?),
-        list_cost_usd: Money(row.required_int(7)?),
-        errors_billed: row.required_int(8)? as u64,
-    })
-}
-
-/// Each key's charges since a time, requests' and outcomes' (a key may appear twice; see
-/// [`spend_by_key`]); parameter: from.
-pub(crate) fn spend_sql(dialect: Dialect) -> String {
-    let sum = dialect.sum("charge_nanos");
-    let from = dialect.param(1);
-    format!(
-        "SELECT key_id, {sum} FROM usage WHERE at_ms >= {from} AND key_id IS NOT NULL GROUP BY key_id
-         UNION ALL
-         SELECT key_id, {sum} FROM outcomes WHERE at_ms >= {from} GROUP BY key_id"
+        "SELECT key_id, {} FROM outcomes WHERE at_ms >= {} GROUP BY key_id",
+        dialect.sum("charge_nanos"),
+        dialect.param(1)
     )
 }
 
 pub(crate) fn spend_row<R: RowSource>(row: &R) -> Result<(String, Money), R::Error> {
     Ok((row.required_text(0)?, Money(row.required_int(1)?)))
-}
-
-/// Each key's running totals since the month's start; parameter: the start.
-pub(crate) fn cursors_sql(dialect: Dialect) -> String {
-    format!(
-        "SELECT key_id, {}, {}, {}
-         FROM usage WHERE at_ms >= {} AND key_id IS NOT NULL GROUP BY key_id",
-        dialect.sum("input_tokens + output_tokens"),
-        dialect.sum("plan_cost_nanos"),
-        dialect.sum("micro_credits"),
-        dialect.param(1)
-    )
-}
-
-pub(crate) fn cursor_row<R: RowSource>(row: &R) -> Result<(String, Cursor), R::Error> {
-    Ok((
-        row.required_text(0)?,
-        Cursor {
-            tokens: row.required_int(1)? as u64,
-            plan_cost: Money(row.required_int(2)?),
-            micro_credits: row.required_int(3)? as u64,
-        },
-    ))
-}
-
-/// One key's usage in a period by model; parameters: key id, from, to.
-pub(crate) fn period_models_sql(dialect: Dialect) -> String {
-    format!(
-        "SELECT COALESCE(served_model, requested_model), COUNT(*), {}, {}, {}, {}
-         FROM usage WHERE key_id = {} AND at_ms >= {} AND at_ms < {} GROUP BY 1 ORDER BY 1",
-        dialect.sum("input_tokens"),
-        dialect.sum("output_tokens"),
-        dialect.sum("charge_nanos"),
-        dialect.sum("micro_credits"),
-        dialect.param(1),
-        dialect.param(2),
-        dialect.param(3)
-    )
-}
-
-/// A model's line of [`period_models_sql`].
-pub(crate) struct ModelLine {
-    model: String,
-    requests: u64,
-    input: u64,
-    output: u64,
-    charge: Money,
-    micro_credits: u64,
-}
-
-pub(crate) fn model_line<R: RowSource>(row: &R) -> Result<ModelLine, R::Error> {
-    Ok(ModelLine {
-        model: row.required_text(0)?,
-        requests: row.required_int(1)? as u64,
-        input: row.required_int(2)? as u64,
-        output: row.required_int(3)? as u64,
-        charge: Money(row.required_int(4)?),
-        micro_credits: row.required_int(5)? as u64,
-    })
 }
 
 /// One key's outcomes in a period by type; parameters: key id, from, to.
@@ -343,42 +242,63 @@ pub(crate) fn outcome_line<R: RowSource>(row: &R) -> Result<(String, u64, Money)
     ))
 }
 
-/// A period's usage from its model and outcome lines, with the totals of the models.
+/// A period's usage from its models' totals and its outcome lines.
 pub(crate) fn period_usage(
-    models: Vec<ModelLine>,
+    models: impl IntoIterator<Item = (String, Totals)>,
     outcomes: Vec<(String, u64, Money)>,
 ) -> PeriodUsage {
     let mut usage = PeriodUsage {
         outcomes,
         ..PeriodUsage::default()
     };
-    for line in models {
-        usage.tokens += line.input + line.output;
-        usage.charge += line.charge;
-        usage.micro_credits += line.micro_credits;
+    for (model, totals) in models {
+        let (input, output) = (totals.input_tokens as u64, totals.output_tokens as u64);
+        usage.tokens += input + output;
+        usage.charge += Money(totals.charge_nanos);
+        usage.micro_credits += totals.micro_credits as u64;
         usage.by_model.push((
-            line.model,
-            line.requests,
-            line.input,
-            line.output,
-            line.charge,
+            model,
+            totals.requests as u64,
+            input,
+            output,
+            Money(totals.charge_nanos),
         ));
     }
     usage
 }
 
-/// Spend by key from the rows of [`spend_sql`].
+/// Spend by key: usage charges from the rollups plus outcome charges.
 pub(crate) fn spend_by_key(
-    rows: impl IntoIterator<Item = (String, Money)>,
+    usage: impl IntoIterator<Item = (String, Totals)>,
+    outcomes: impl IntoIterator<Item = (String, Money)>,
 ) -> HashMap<String, Money> {
-    let mut spend = HashMap::new();
-    for (key, charge) in rows {
+    let mut spend: HashMap<String, Money> = usage
+        .into_iter()
+        .map(|(key, totals)| (key, Money(totals.charge_nanos)))
+        .collect();
+    for (key, charge) in outcomes {
         *spend.entry(key).or_insert(Money::ZERO) += charge;
     }
     spend
 }
 
-/// One usage record by request id; parameter: the id.
+/// Each key's running totals for rating from its usage totals since the month's start.
+pub(crate) fn cursors(
+    usage: impl IntoIterator<Item = (String, Totals)>,
+) -> HashMap<String, Cursor> {
+    usage
+        .into_iter()
+        .map(|(key, totals)| {
+            let cursor = Cursor {
+                tokens: (totals.input_tokens + totals.output_tokens) as u64,
+                plan_cost: Money(totals.plan_cost_nanos),
+                micro_credits: totals.micro_credits as u64,
+            };
+            (key, cursor)
+        })
+        .collect()
+}
+
 /// One outcome by its idempotency key (already prefixed with its key id).
 pub(crate) fn outcome_sql(dialect: Dialect) -> String {
     format!(
@@ -388,6 +308,7 @@ pub(crate) fn outcome_sql(dialect: Dialect) -> String {
     )
 }
 
+/// One usage record by request id; parameter: the id.
 pub(crate) fn record_sql(dialect: Dialect) -> String {
     format!(
         "SELECT {RECORD_COLUMNS} FROM usage WHERE request_id = {}",
