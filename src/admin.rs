@@ -41,21 +41,13 @@ struct UsageQuery {
     key_id: Option<String>,
 }
 
-/// `YYYY-MM-DD` (UTC midnight) or RFC 3339, to Unix milliseconds.
 fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
-    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        if let Some(midnight) = day.and_hms_opt(0, 0, 0) {
-            return Ok(midnight.and_utc().timestamp_millis());
-        }
-    }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|_| {
-            field_error(
-                field,
-                format!("`{text}` is not a date (YYYY-MM-DD) or an RFC 3339 time"),
-            )
-        })
+    crate::api::parse_instant(text).ok_or_else(|| {
+        field_error(
+            field,
+            format!("`{text}` is not a date (YYYY-MM-DD) or an RFC 3339 time"),
+        )
+    })
 }
 
 /// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour[&key_id=]`: requests,

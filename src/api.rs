@@ -66,6 +66,19 @@ pub fn new_request_id() -> String {
 #[derive(Clone, Copy)]
 pub struct ClientChoseRequestId;
 
+/// `YYYY-MM-DD` (UTC midnight) or RFC 3339, to Unix milliseconds.
+pub fn parse_instant(text: &str) -> Option<i64> {
+    if let Some(midnight) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|day| day.and_hms_opt(0, 0, 0))
+    {
+        return Some(midnight.and_utc().timestamp_millis());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

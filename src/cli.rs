@@ -109,6 +109,24 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Write a period's raw usage rows from the ledger (the configured store) to stdout, e.g.
+    /// before `[ledger] raw_retention_days` drops them.
+    Export {
+        #[arg(long, default_value = "routes.toml")]
+        config: PathBuf,
+        /// Data dir of an embedded ledger, overriding `server.data_dir`.
+        #[arg(long, env = "TOLLGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Start, inclusive: YYYY-MM-DD or RFC 3339.
+        #[arg(long)]
+        from: String,
+        /// End, exclusive: YYYY-MM-DD or RFC 3339.
+        #[arg(long)]
+        to: String,
+        /// csv (the ledger's columns) or jsonl (one record per line).
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Jsonl)]
+        format: ExportFormatArg,
+    },
     /// Copy this replica's SQLite key store and ledger (under `server.data_dir`) into a shared
     /// store. Rows already there are kept, so running it again copies only what is missing.
     Migrate {
@@ -121,6 +139,12 @@ pub enum Command {
         #[arg(long, env = "TOLLGATE_POSTGRES_URL", hide_env_values = true)]
         postgres_url: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormatArg {
+    Csv,
+    Jsonl,
 }
 
 /// A shared store to migrate into.

@@ -124,8 +124,9 @@ fn cell(row: &Value, column: &str) -> String {
     }
 }
 
-fn csv_cell(text: &str) -> String {
-    if text.contains([',', '"', '\n']) {
+/// Text as a CSV cell (RFC 4180): quoted when it holds a comma, a quote or a line break.
+pub(crate) fn csv_cell(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
         text.to_owned()

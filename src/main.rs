@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::Value;
 
-use tollgate::cli::{AdminArgs, Cli, Command, KeysCommand, StoreKind};
+use tollgate::cli::{AdminArgs, Cli, Command, ExportFormatArg, KeysCommand, StoreKind};
 use tollgate::client::{render, AdminClient};
 use tollgate::config::Config;
 use tollgate::mock_upstream::{self, MockOptions};
@@ -121,6 +121,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ],
                 "data",
             ))
+        }
+        Command::Export {
+            config,
+            data_dir,
+            from,
+            to,
+            format,
+        } => {
+            use tollgate::rating::ledger::export::{export, ExportFormat};
+            let mut loaded = Config::load(&config)?;
+            if let Some(data_dir) = data_dir {
+                loaded.server.data_dir = data_dir;
+            }
+            let instant = |text: &str, flag: &str| {
+                tollgate::api::parse_instant(text).with_context(|| {
+                    format!("{flag} `{text}` is not a date (YYYY-MM-DD) or an RFC 3339 time")
+                })
+            };
+            let (from, to) = (instant(&from, "--from")?, instant(&to, "--to")?);
+            let ledger = tollgate::server::ledger_reader(&loaded)?;
+            let format = match format {
+                ExportFormatArg::Csv => ExportFormat::Csv,
+                ExportFormatArg::Jsonl => ExportFormat::JsonLines,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let written = export(ledger.as_ref(), from, to, format, &mut out)?;
+            eprintln!("exported {written} usage records");
+            Ok(())
         }
         Command::Migrate {
             to: StoreKind::Postgres,

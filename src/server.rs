@@ -71,7 +71,10 @@ impl Gateway {
             let backend = config.store.clone();
             let data_dir = config.server.data_dir.clone();
             let durability = config.durability;
-            tokio::task::spawn_blocking(move || open_store(&backend, &data_dir, durability))
+            let retention = config.raw_retention_days;
+            tokio::task::spawn_blocking(move || {
+                open_store(&backend, &data_dir, durability, retention)
+            })
                 .await
                 .map_err(|e| StartError::Store(e.to_string()))??
         };
@@ -289,22 +292,44 @@ fn open_store(
     backend: &StoreBackend,
     data_dir: &std::path::Path,
     durability: Durability,
+    raw_retention_days: Option<u32>,
 ) -> Result<Store, StartError> {
     let failed = |e: &dyn std::fmt::Display| StartError::Store(e.to_string());
     match backend {
         StoreBackend::Sqlite => Ok(Store {
             keys: Arc::new(SqliteKeyStore::open(data_dir).map_err(|e| failed(&e))?),
-            writer: Box::new(LedgerWriter::open(data_dir, durability).map_err(|e| failed(&e))?),
+            writer: Box::new(
+                LedgerWriter::open(data_dir, durability)
+                    .map_err(|e| failed(&e))?
+                    .with_raw_retention(raw_retention_days),
+            ),
             ledger: Arc::new(SqliteLedgerReader::new(data_dir)),
         }),
         StoreBackend::Postgres { url } => {
             let store = PgStore::connect(url).map_err(|e| failed(&e))?;
             Ok(Store {
                 keys: Arc::new(store.key_store()),
-                writer: Box::new(store.ledger_writer(durability).map_err(|e| failed(&e))?),
+                writer: Box::new(
+                    store
+                        .ledger_writer(durability)
+                        .map_err(|e| failed(&e))?
+                        .with_raw_retention(raw_retention_days),
+                ),
                 ledger: Arc::new(store.ledger_reader()),
             })
         }
+    }
+}
+
+/// The ledger of a configuration's store, for reading it outside a running gateway.
+pub fn ledger_reader(config: &Config) -> Result<Arc<dyn LedgerReader>, StartError> {
+    match &config.store {
+        StoreBackend::Sqlite => Ok(Arc::new(SqliteLedgerReader::new(&config.server.data_dir))),
+        StoreBackend::Postgres { url } => Ok(Arc::new(
+            PgStore::connect(url)
+                .map_err(|e| StartError::Store(e.to_string()))?
+                .ledger_reader(),
+        )),
     }
 }
 

@@ -1174,3 +1174,98 @@ async fn random_months_are_billed_as_documented() {
         gw.stop().await;
     }
 }
+
+/// Traffic through the gateway is reported by route rule, tier and hour from the rollups, and
+/// `tollgate export` writes exactly the records the ledger holds.
+#[tokio::test]
+async fn usage_groups_by_rule_tier_and_hour_and_export_writes_the_ledger() {
+    let mut harness = Harness::start().await;
+    let prompts = [
+        "Say hello.",
+        "Write a Rust function that parses ```fn main() {}``` and explain it step by step.",
+        "Think carefully and prove, step by step, that the square root of two is irrational.",
+    ];
+    for prompt in prompts.iter().cycle().take(7) {
+        let response = harness
+            .chat(json!({"model": "auto", "messages": [{"role": "user", "content": prompt}]}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    let records = harness.usage_records(7).await;
+    assert_eq!(records.len(), 7);
+    for (group, field) in [
+        ("rule", "route_rule"),
+        ("tier", "tier"),
+        ("hour", "started_at_ms"),
+    ] {
+        let report: Value = harness
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/usage?group_by={group}&from=2000-01-01"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut expected: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for record in &records {
+            let name = match field {
+                "route_rule" => record.route_rule.clone().unwrap_or_default(),
+                "tier" => record.tier.clone().unwrap_or_default(),
+                _ => chrono::DateTime::from_timestamp_millis(record.started_at_ms)
+                    .unwrap()
+                    .format("%Y-%m-%dT%H:00:00Z")
+                    .to_string(),
+            };
+            let line = expected.entry(name).or_default();
+            line.0 += 1;
+            line.1 += record.billed().input;
+        }
+        let reported: std::collections::BTreeMap<String, (u64, u64)> = report["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let group = row["group"].as_str().unwrap().to_owned();
+                let requests = row["requests"].as_u64().unwrap();
+                (group, (requests, row["input_tokens"].as_u64().unwrap()))
+            })
+            .collect();
+        assert_eq!(reported, expected, "group_by={group}");
+        if group == "rule" {
+            assert!(expected.len() >= 2, "the prompts take several rules: {expected:?}");
+        }
+    }
+    harness.stop().await;
+
+    let export = |format: &str, from: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["export", "--config"])
+            .arg(harness.data_dir.join("routes.toml"))
+            .args(["--from", from, "--to", "2100-01-01", "--format", format])
+            .output()
+            .unwrap()
+    };
+    let jsonl = export("jsonl", "2000-01-01");
+    assert!(jsonl.status.success(), "{jsonl:?}");
+    let exported: Vec<UsageRecord> = String::from_utf8(jsonl.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(exported, records);
+    assert_eq!(
+        String::from_utf8_lossy(&jsonl.stderr).trim(),
+        "exported 7 usage records"
+    );
+    let csv = export("csv", "2000-01-01");
+    let text = String::from_utf8(csv.stdout).unwrap();
+    assert!(text.starts_with("request_id,at_ms,day,key_id,"), "{text}");
+    assert_eq!(text.lines().count(), 1 + 7);
+    let refused = export("csv", "yesterday");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("--from `yesterday` is not a date (YYYY-MM-DD) or an RFC 3339 time"));
+}

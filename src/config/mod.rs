@@ -40,6 +40,8 @@ pub struct Config {
     /// Pricing plans by name; always holds `list` (per-token at list price).
     pub plans: HashMap<String, Plan>,
     pub durability: Durability,
+    /// Whole days raw usage rows are kept (`[ledger] raw_retention_days`); `None` keeps them.
+    pub raw_retention_days: Option<u32>,
     pub router: Option<Router>,
     /// Chosen at start-up; a reload that changes it is logged and takes effect on restart.
     pub state: StateBackend,
@@ -463,6 +465,19 @@ impl Config {
                 Durability::Batched
             }
         };
+        let raw_retention_days = match raw.ledger.raw_retention_days {
+            None => None,
+            Some(days @ 1..=36_500) => u32::try_from(days).ok(),
+            Some(other) => {
+                problems.push(
+                    &["ledger", "raw_retention_days"],
+                    format!(
+                        "{other} is not a number of days from 1 to 36500; leave it out to keep raw rows"
+                    ),
+                );
+                None
+            }
+        };
         let catalog: Vec<(String, String)> = model_order
             .iter()
             .filter_map(|name| models.get(name).map(|m| (name.clone(), m.tier.clone())))
@@ -484,6 +499,7 @@ impl Config {
             router,
             plans,
             durability,
+            raw_retention_days,
             budget_alerts: BudgetAlerts {
                 thresholds_pct: raw.budgets.alert_thresholds_pct.clone(),
                 webhook,

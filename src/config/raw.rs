@@ -84,12 +84,15 @@ impl Default for RawStore {
 pub struct RawLedger {
     /// `batched` (default) or `strict`.
     pub durability: String,
+    /// Whole days raw usage rows are kept; absent keeps them forever.
+    pub raw_retention_days: Option<i64>,
 }
 
 impl Default for RawLedger {
     fn default() -> Self {
         RawLedger {
             durability: "batched".to_owned(),
+            raw_retention_days: None,
         }
     }
 }

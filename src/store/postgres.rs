@@ -29,7 +29,7 @@ use crate::money::Money;
 use crate::rating::ledger::rollup::{self, Rollups};
 use crate::rating::ledger::sql;
 use crate::rating::ledger::{
-    GroupBy, LedgerError, LedgerReader, Migration, PeriodUsage, UsageRow,
+    GroupBy, LedgerError, LedgerReader, Migration, PeriodUsage, Pruner, UsageRow,
 };
 use crate::rating::plan::Cursor;
 use crate::store::row::{names, Column, Dialect, Kind, RowSource};
@@ -139,8 +139,12 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql(r#"
     ALTER TABLE usage ADD COLUMN cache_write_input_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens BIGINT;
-    "#),    // 6: outcomes by time, for the spend restored at start.
-    Migration::Sql("CREATE INDEX outcomes_time ON outcomes (at_ms)"),
+    "#),    // 6: outcomes by time, for the spend restored at start; usage by key and time is read
+    // from the rollups, and its index no longer pays for what every insert costs.
+    Migration::Sql(
+        "CREATE INDEX outcomes_time ON outcomes (at_ms);
+         DROP INDEX IF EXISTS usage_key_time;",
+    ),
     // 7: rollups (see `rating::ledger::rollup`), filled from the rows already written.
     Migration::Rollups,
 ];
@@ -239,6 +243,7 @@ impl PgStore {
             config: self.pool.config.clone(),
             durability,
             session: Some(session),
+            pruner: Pruner::default(),
         })
     }
 }
@@ -535,6 +540,21 @@ impl LedgerReader for PgLedgerReader {
     fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {
         self.rows(&sql::records_sql(), &[], sql::usage_record)
     }
+
+    fn records_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: (i64, &str),
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, LedgerError> {
+        let limit = i64::from(limit);
+        self.rows(
+            &sql::records_page_sql(Dialect::Postgres),
+            &[&from_ms, &to_ms, &after.0, &after.1, &limit],
+            sql::usage_record,
+        )
+    }
 }
 
 /// `INSERT … SELECT FROM UNNEST(arrays) {conflict}`: one statement, prepared once, writes a
@@ -692,6 +712,7 @@ pub struct PgLedgerWriter {
     config: Config,
     durability: Durability,
     session: Option<Session>,
+    pruner: Pruner,
 }
 
 /// The server's failures that may pass (connection lost, server shutting down or out of
@@ -735,10 +756,27 @@ impl PgLedgerWriter {
                 .map_err(|error| SinkError::Storage(error.to_string()))?,
         };
         let result = session.write(events);
+        if result.is_ok() {
+            let now = crate::unix_ms();
+            if let Some(before) = self.pruner.due(now) {
+                let deleted = session
+                    .client
+                    .execute(&sql::prune_sql(Dialect::Postgres), &[&before])
+                    .map_err(|error| error.to_string());
+                self.pruner.pruned(now, deleted);
+            }
+        }
         // A closed connection is dropped here and opened again by the next try.
         if !session.client.is_closed() {
             self.session = Some(session);
         }
         result.map_err(|error| sink_error(&error))
+    }
+
+    /// Keeps raw usage rows `days` whole days (all of them when `None`). Every replica prunes;
+    /// a row is deleted once, whoever gets there first.
+    pub fn with_raw_retention(mut self, days: Option<u32>) -> PgLedgerWriter {
+        self.pruner = Pruner::new(days);
+        self
     }
 }

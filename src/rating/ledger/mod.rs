@@ -26,6 +26,7 @@ use crate::money::Money;
 use crate::rating::plan::Cursor;
 use crate::store::row::{names, Dialect, Kind};
 
+pub mod export;
 pub(crate) mod rollup;
 pub(crate) mod sql;
 
@@ -72,7 +73,6 @@ CREATE TABLE IF NOT EXISTS usage (
     cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
     reported_cache_write_input_tokens INTEGER
 );
-CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (at_ms);
 CREATE INDEX IF NOT EXISTS usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -151,7 +151,9 @@ const MIGRATIONS: &[Migration] = &[
     // Before this, no provider reported prompt-cache writes.
     Migration::Sql("ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER"),
-    // Before this, every report summed the raw rows of its range.
+    // Before this, every report summed the raw rows of its range: by key over time through
+    // this index, which every insert paid for and the rollups no longer need.
+    Migration::Sql("DROP INDEX IF EXISTS usage_key_time"),
     Migration::Rollups,
 ];
 
@@ -227,6 +229,49 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// not yet copied, and the WAL file stays at 16 MiB.
 const WRITER_CHECKPOINT_PAGES: i64 = 4_096;
 
+/// Drops raw usage rows older than `[ledger] raw_retention_days` whole days, a chunk at a
+/// time after the writer's commits, so that a backlog never holds up a batch for long.
+/// Rollups, outcomes and so invoices are kept; a report whose range starts or ends inside a
+/// dropped hour reads that partial hour as empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pruner {
+    days: Option<u32>,
+    next_ms: i64,
+}
+
+impl Pruner {
+    /// Rows one prune deletes at most.
+    pub(crate) const CHUNK: u64 = 5_000;
+
+    pub(crate) fn new(days: Option<u32>) -> Pruner {
+        Pruner { days, next_ms: 0 }
+    }
+
+    /// The time before which rows go, when a prune is due.
+    pub(crate) fn due(&self, now_ms: i64) -> Option<i64> {
+        let days = i64::from(self.days?);
+        (now_ms >= self.next_ms).then(|| rollup::Grain::Day.floor(now_ms) - days * 86_400_000)
+    }
+
+    /// After a prune: the next chunk of a backlog a second later, otherwise an hour later.
+    pub(crate) fn pruned(&mut self, now_ms: i64, result: Result<u64, String>) {
+        let wait_ms = match result {
+            Ok(deleted) if deleted >= Pruner::CHUNK => 1_000,
+            Ok(deleted) => {
+                if deleted > 0 {
+                    tracing::info!(deleted, "raw usage rows past their retention dropped");
+                }
+                3_600_000
+            }
+            Err(error) => {
+                tracing::warn!(%error, "dropping raw usage rows past their retention failed");
+                60_000
+            }
+        };
+        self.next_ms = now_ms + wait_ms;
+    }
+}
+
 /// The writing side; lives on the usage thread. Checkpoints mostly run on a thread of their
 /// own so that a commit seldom waits for the WAL to be copied into the database file: with
 /// SQLite's automatic checkpoints on the writer alone, every thousandth page stalled the whole
@@ -235,6 +280,7 @@ pub struct LedgerWriter {
     connection: Connection,
     durability: Durability,
     checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    pruner: Pruner,
 }
 
 impl LedgerWriter {
@@ -259,7 +305,27 @@ impl LedgerWriter {
             connection,
             durability,
             checkpointer: Some((stop, thread)),
+            pruner: Pruner::default(),
         })
+    }
+
+    /// Keeps raw usage rows `days` whole days (all of them when `None`).
+    pub fn with_raw_retention(mut self, days: Option<u32>) -> LedgerWriter {
+        self.pruner = Pruner::new(days);
+        self
+    }
+
+    /// Drops a chunk of raw rows past their retention, when one is due.
+    fn prune(&mut self) {
+        let now = crate::unix_ms();
+        if let Some(before) = self.pruner.due(now) {
+            let deleted = self
+                .connection
+                .execute(&sql::prune_sql(Dialect::Sqlite), params![before])
+                .map(|deleted| deleted as u64)
+                .map_err(|error| error.to_string());
+            self.pruner.pruned(now, deleted);
+        }
     }
 }
 
@@ -359,7 +425,9 @@ impl UsageWriter for LedgerWriter {
                 }
             }
         }
-        transaction.commit().map_err(sink_error)
+        transaction.commit().map_err(sink_error)?;
+        self.prune();
+        Ok(())
     }
 }
 
@@ -412,8 +480,19 @@ pub trait LedgerReader: Send + Sync {
     /// The outcome recorded under an idempotency key, as first reported.
     fn outcome(&self, idempotency_key: &str) -> Result<Option<OutcomeEvent>, LedgerError>;
 
-    /// Every usage record in time order (tests and exports).
+    /// Every usage record in time order (tests).
     fn records(&self) -> Result<Vec<UsageRecord>, LedgerError>;
+
+    /// Up to `limit` usage records in `[from_ms, to_ms)` after `after` (a record's time and
+    /// request id; the range's start and `""` for the first page), in time order: exports
+    /// page through a range without holding it in memory.
+    fn records_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: (i64, &str),
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, LedgerError>;
 }
 
 /// The SQLite reading side: a connection per call, so reads never wait on the writer's
@@ -621,6 +700,23 @@ impl LedgerReader for SqliteLedgerReader {
             .collect::<Result<_, _>>()?;
         Ok(records)
     }
+
+    fn records_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: (i64, &str),
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, LedgerError> {
+        let connection = self.connect()?;
+        let mut statement = connection.prepare(&sql::records_page_sql(Dialect::Sqlite))?;
+        let records = statement
+            .query_map(params![from_ms, to_ms, after.0, after.1, limit], |row| {
+                sql::usage_record(row)
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(records)
+    }
 }
 
 #[cfg(test)]
@@ -745,6 +841,97 @@ mod tests {
             "the refused request's prompt is not in the totals"
         );
         assert_eq!(cursor.plan_cost, written.plan_cost);
+        drop(writer);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn raw_rows_past_their_retention_go_and_their_rollups_stay() {
+        let dir = std::env::temp_dir().join(format!("tollgate-retain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let day = 86_400_000;
+        let now = crate::unix_ms();
+        let mut writer = LedgerWriter::open(&dir, Durability::Batched)
+            .unwrap()
+            .with_raw_retention(Some(3));
+        let events: Vec<MeterEvent> = [("old_1", 10), ("old_2", 4), ("new_1", 2), ("new_2", 0)]
+            .into_iter()
+            .map(|(id, days_ago)| {
+                let mut record = record(id, None);
+                record.started_at_ms = now - days_ago * day;
+                MeterEvent::Usage(record)
+            })
+            .collect();
+        writer.write_batch(&events).unwrap();
+        let reader = SqliteLedgerReader::new(&dir);
+        let kept: Vec<String> = reader
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|record| record.request_id)
+            .collect();
+        assert_eq!(kept, ["new_1", "new_2"]);
+        let by_key = reader
+            .usage(0, i64::MAX, GroupBy::Key, None)
+            .unwrap();
+        assert_eq!(by_key[0].requests, 4, "the rollups still count every request");
+        assert_eq!(by_key[0].cost_usd, Money(4 * 1_234_567));
+        let invoice = reader
+            .period_usage("key_1", now - 20 * day, now + day)
+            .unwrap();
+        assert_eq!(invoice.charge, Money(4 * 1_234_567));
+        drop(writer);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_export_pages_through_a_period_in_time_order() {
+        use export::{export, ExportFormat};
+        let dir = std::env::temp_dir().join(format!("tollgate-export-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut writer = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        let base = 1_795_000_000_000;
+        // Three records a millisecond: pages end between records of the same time.
+        let records: Vec<UsageRecord> = (0..12_001)
+            .map(|n| {
+                let mut record = record(&format!("req_{:05}", 12_001 - n), None);
+                record.started_at_ms = base + n / 3;
+                record.key_name = Some("team, \"a\"".to_owned());
+                record
+            })
+            .collect();
+        let events: Vec<MeterEvent> = records.iter().cloned().map(MeterEvent::Usage).collect();
+        writer.write_batch(&events).unwrap();
+        let (from, to) = (base + 10, base + 3_900);
+        let mut expected: Vec<UsageRecord> = records
+            .into_iter()
+            .filter(|r| (from..to).contains(&r.started_at_ms))
+            .collect();
+        expected.sort_by(|a, b| {
+            (a.started_at_ms, &a.request_id).cmp(&(b.started_at_ms, &b.request_id))
+        });
+        let reader = SqliteLedgerReader::new(&dir);
+
+        let mut out = Vec::new();
+        let written = export(&reader, from, to, ExportFormat::JsonLines, &mut out).unwrap();
+        let exported: Vec<UsageRecord> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(written, 11_670);
+        assert_eq!(exported, expected);
+
+        let mut out = Vec::new();
+        export(&reader, from, to, ExportFormat::Csv, &mut out).unwrap();
+        let csv = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 1 + 11_670);
+        assert_eq!(lines[0], names(&sql::USAGE_COLUMNS).replace(", ", ","));
+        assert!(lines[1].starts_with(&format!(
+            "{},{},2026-11-18,key_1,\"team, \"\"a\"\"\",seats,",
+            expected[0].request_id, expected[0].started_at_ms
+        )));
         drop(writer);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -328,3 +328,29 @@ pub(crate) fn response_sql(dialect: Dialect) -> String {
 pub(crate) fn records_sql() -> String {
     format!("SELECT {RECORD_COLUMNS} FROM usage ORDER BY at_ms, request_id")
 }
+
+/// Deletes a chunk of the raw usage rows before a time; parameter: the time.
+pub(crate) fn prune_sql(dialect: Dialect) -> String {
+    format!(
+        "DELETE FROM usage WHERE request_id IN
+         (SELECT request_id FROM usage WHERE at_ms < {} LIMIT {})",
+        dialect.param(1),
+        super::Pruner::CHUNK
+    )
+}
+
+/// A page of usage records in `[from, to)` after a record, in time order; parameters: from,
+/// to, the last record's time and request id (the range's start and `''` for the first page),
+/// and the page's size.
+pub(crate) fn records_page_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT {RECORD_COLUMNS} FROM usage
+         WHERE at_ms >= {from} AND at_ms < {} AND (at_ms, request_id) > ({}, {})
+         ORDER BY at_ms, request_id LIMIT {}",
+        dialect.param(2),
+        dialect.param(3),
+        dialect.param(4),
+        dialect.param(5),
+        from = dialect.param(1),
+    )
+}
