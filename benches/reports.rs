@@ -1,7 +1,9 @@
-//! Reports against a large embedded ledger: usage by key, model and day, one key's usage, an
-//! invoice's period usage, and the spend and rating totals restored at start, each timed
-//! (median of 3) on ledgers of 1M and 10M synthetic records — 1,000 keys, four models, one
-//! month. A ledger is built once under `target/bench-ledgers/` and reused by later runs.
+//! Reports against a large embedded ledger: usage by key, model, tier, day and hour, one key's
+//! usage, an invoice's period usage, and the spend and rating totals restored at start, each
+//! timed (median of 3) on ledgers of 1M and 10M synthetic records — 1,000 keys, four models,
+//! one month — with the ledger's write rate when it builds one and the migration's time when
+//! it opens one written before rollups. A ledger is built once under `target/bench-ledgers/`
+//! and reused by later runs.
 //!
 //!   cargo bench --bench reports                 # 1M and 10M rows
 //!   cargo bench --bench reports -- 270000       # other sizes
@@ -107,7 +109,10 @@ fn main() {
         reader.record("req_none").unwrap();
         let opened = opened.elapsed();
         if opened > Duration::from_secs(1) {
-            println!("| {rows} | migration to rollups | {:.1} s |", opened.as_secs_f64());
+            println!(
+                "| {rows} | migration to rollups | {:.1} s |",
+                opened.as_secs_f64()
+            );
         }
         let last_day = month_end - 86_400_000;
         let reports: [Report; 10] = [

@@ -75,8 +75,8 @@ impl Gateway {
             tokio::task::spawn_blocking(move || {
                 open_store(&backend, &data_dir, durability, retention)
             })
-                .await
-                .map_err(|e| StartError::Store(e.to_string()))??
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))??
         };
         let pipeline = UsagePipeline::start(
             store.writer,

@@ -1235,7 +1235,10 @@ async fn usage_groups_by_rule_tier_and_hour_and_export_writes_the_ledger() {
             .collect();
         assert_eq!(reported, expected, "group_by={group}");
         if group == "rule" {
-            assert!(expected.len() >= 2, "the prompts take several rules: {expected:?}");
+            assert!(
+                expected.len() >= 2,
+                "the prompts take several rules: {expected:?}"
+            );
         }
     }
     harness.stop().await;

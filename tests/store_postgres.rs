@@ -395,7 +395,10 @@ fn raw_rows_past_their_retention_go_and_their_rollups_stay() {
     let by_key = reader.usage(0, i64::MAX, GroupBy::Key, None).unwrap();
     assert_eq!(by_key.len(), 1);
     assert_eq!(by_key[0].group, "key_a");
-    assert_eq!(by_key[0].requests, 4, "the rollups still count every request");
+    assert_eq!(
+        by_key[0].requests, 4,
+        "the rollups still count every request"
+    );
 }
 
 #[test]

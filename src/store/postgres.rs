@@ -51,7 +51,8 @@ const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
 /// and money is nano-dollars.
 const MIGRATIONS: &[Migration] = &[
     // 1: keys, the usage ledger and outcomes, as in SQLite.
-    Migration::Sql(r#"
+    Migration::Sql(
+        r#"
     CREATE TABLE keys (
         id TEXT COLLATE "C" PRIMARY KEY,
         name TEXT COLLATE "C" NOT NULL,
@@ -120,26 +121,35 @@ const MIGRATIONS: &[Migration] = &[
         charge_nanos BIGINT NOT NULL
     );
     CREATE INDEX outcomes_key_time ON outcomes (key_id, at_ms);
-    "#),
+    "#,
+    ),
     // 2: a key's month totals at its plan's prices (see the SQLite ledger's migrations).
-    Migration::Sql(r#"
+    Migration::Sql(
+        r#"
     ALTER TABLE usage ADD COLUMN plan_cost_nanos BIGINT NOT NULL DEFAULT 0;
     UPDATE usage SET plan_cost_nanos = list_cost_nanos;
-    "#),
+    "#,
+    ),
     // 3: Responses API responses, by id (see the SQLite ledger's migrations).
-    Migration::Sql(r#"
+    Migration::Sql(
+        r#"
     ALTER TABLE usage ADD COLUMN response_id TEXT COLLATE "C";
     CREATE INDEX usage_response ON usage (response_id) WHERE response_id IS NOT NULL;
-    "#),
+    "#,
+    ),
     // 4: own counts that are estimates (see the SQLite ledger's migrations).
-    Migration::Sql(r#"
+    Migration::Sql(
+        r#"
     ALTER TABLE usage ADD COLUMN counted_estimate BOOLEAN NOT NULL DEFAULT FALSE;
-    "#),
+    "#,
+    ),
     // 5: prompt-cache writes (see the SQLite ledger's migrations).
-    Migration::Sql(r#"
+    Migration::Sql(
+        r#"
     ALTER TABLE usage ADD COLUMN cache_write_input_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens BIGINT;
-    "#),    // 6: outcomes by time, for the spend restored at start; usage by key and time is read
+    "#,
+    ), // 6: outcomes by time, for the spend restored at start; usage by key and time is read
     // from the rollups, and its index no longer pays for what every insert costs.
     Migration::Sql(
         "CREATE INDEX outcomes_time ON outcomes (at_ms);
@@ -505,7 +515,9 @@ impl LedgerReader for PgLedgerReader {
             sql::outcome_line,
         )?;
         Ok(sql::period_usage(
-            models.into_iter().map(|(model, (_, totals))| (model, totals)),
+            models
+                .into_iter()
+                .map(|(model, (_, totals))| (model, totals)),
             outcomes,
         ))
     }

@@ -72,7 +72,10 @@ fn csv_cell(value: &Column<'_>) -> String {
     match value {
         Column::Int(value) => value.map(|v| v.to_string()).unwrap_or_default(),
         Column::Bool(value) => u8::from(*value).to_string(),
-        Column::Text(text) => text.as_deref().map(crate::client::csv_cell).unwrap_or_default(),
+        Column::Text(text) => text
+            .as_deref()
+            .map(crate::client::csv_cell)
+            .unwrap_or_default(),
         Column::Bytes(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }

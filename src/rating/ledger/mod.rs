@@ -137,20 +137,26 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql("ALTER TABLE usage ADD COLUMN client_request_id TEXT"),
     // Before this, a refused or failed request's counted prompt stood in the billed token
     // columns (its charge was zero all the same, and the provider had billed nothing).
-    Migration::Sql("ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
+    Migration::Sql(
+        "ALTER TABLE usage ADD COLUMN answered INTEGER NOT NULL DEFAULT 1;
      UPDATE usage SET answered = 0, input_tokens = 0, cached_input_tokens = 0, output_tokens = 0
-         WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0"),
+         WHERE status >= 400 AND charge_nanos = 0 AND list_cost_nanos = 0",
+    ),
     // Before this, a key's month totals were rebuilt from list prices, which a plan with
     // prices of its own does not charge; such rows keep list prices, the best known.
-    Migration::Sql("ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
-     UPDATE usage SET plan_cost_nanos = list_cost_nanos"),
+    Migration::Sql(
+        "ALTER TABLE usage ADD COLUMN plan_cost_nanos INTEGER NOT NULL DEFAULT 0;
+     UPDATE usage SET plan_cost_nanos = list_cost_nanos",
+    ),
     // Before this, the ledger held no Responses API responses.
     Migration::Sql("ALTER TABLE usage ADD COLUMN response_id TEXT"),
     // Before this, every own count was tiktoken's exact count.
     Migration::Sql("ALTER TABLE usage ADD COLUMN counted_estimate INTEGER NOT NULL DEFAULT 0"),
     // Before this, no provider reported prompt-cache writes.
-    Migration::Sql("ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER"),
+    Migration::Sql(
+        "ALTER TABLE usage ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens INTEGER",
+    ),
     // Before this, every report summed the raw rows of its range: by key over time through
     // this index, which every insert paid for and the rollups no longer need.
     Migration::Sql("DROP INDEX IF EXISTS usage_key_time"),
@@ -418,9 +424,7 @@ impl UsageWriter for LedgerWriter {
                         .prepare_cached(&upsert(table))
                         .map_err(sink_error)?;
                     for row in rows {
-                        upsert
-                            .execute(params_from_iter(row))
-                            .map_err(sink_error)?;
+                        upsert.execute(params_from_iter(row)).map_err(sink_error)?;
                     }
                 }
             }
@@ -658,7 +662,9 @@ impl LedgerReader for SqliteLedgerReader {
             })?
             .collect::<Result<_, _>>()?;
         Ok(sql::period_usage(
-            models.into_iter().map(|(model, (_, totals))| (model, totals)),
+            models
+                .into_iter()
+                .map(|(model, (_, totals))| (model, totals)),
             outcomes,
         ))
     }
@@ -871,10 +877,11 @@ mod tests {
             .map(|record| record.request_id)
             .collect();
         assert_eq!(kept, ["new_1", "new_2"]);
-        let by_key = reader
-            .usage(0, i64::MAX, GroupBy::Key, None)
-            .unwrap();
-        assert_eq!(by_key[0].requests, 4, "the rollups still count every request");
+        let by_key = reader.usage(0, i64::MAX, GroupBy::Key, None).unwrap();
+        assert_eq!(
+            by_key[0].requests, 4,
+            "the rollups still count every request"
+        );
         assert_eq!(by_key[0].cost_usd, Money(4 * 1_234_567));
         let invoice = reader
             .period_usage("key_1", now - 20 * day, now + day)

@@ -398,9 +398,8 @@ impl<'a> Rollups<'a> {
 
     /// `rollup_keys` rows, in the order of [`KEYS`]' columns.
     pub(crate) fn key_rows(&self) -> impl Iterator<Item = Vec<Column<'a>>> + '_ {
-        self.keys
-            .iter()
-            .map(|(&(grain, bucket, key_id, model, tier, rule), (key_name, totals))| {
+        self.keys.iter().map(
+            |(&(grain, bucket, key_id, model, tier, rule), (key_name, totals))| {
                 let mut row = vec![
                     Column::text(grain.name()),
                     Column::int(bucket),
@@ -412,7 +411,8 @@ impl<'a> Rollups<'a> {
                 ];
                 row.extend(totals.columns());
                 row
-            })
+            },
+        )
     }
 
     /// `rollup_routes` rows, in the order of [`ROUTES`]' columns.
@@ -440,8 +440,12 @@ pub(crate) trait Lines {
 
     /// The rows of `sql` with `params` bound, each read by [`Line::read`]; `bucket` says the
     /// group column is a bucket's start rather than text.
-    fn lines(&self, sql: &str, params: &[Column<'_>], bucket: bool)
-        -> Result<Vec<Line>, LedgerError>;
+    fn lines(
+        &self,
+        sql: &str,
+        params: &[Column<'_>],
+        bucket: bool,
+    ) -> Result<Vec<Line>, LedgerError>;
 }
 
 /// One group of one part of a report.
@@ -654,8 +658,16 @@ mod tests {
                 (Source::Rollup(Grain::Hour), hour(1), nov),
                 (Source::Rollup(Grain::Month), nov, dec),
                 (Source::Rollup(Grain::Day), dec, dec + DAY_MS),
-                (Source::Rollup(Grain::Hour), dec + DAY_MS, dec + DAY_MS + HOUR_MS),
-                (Source::Raw, dec + DAY_MS + HOUR_MS, dec + DAY_MS + HOUR_MS + 7),
+                (
+                    Source::Rollup(Grain::Hour),
+                    dec + DAY_MS,
+                    dec + DAY_MS + HOUR_MS
+                ),
+                (
+                    Source::Raw,
+                    dec + DAY_MS + HOUR_MS,
+                    dec + DAY_MS + HOUR_MS + 7
+                ),
             ]
         );
         assert_eq!(nov, 1_793_491_200_000, "2026-11-01T00:00:00Z");
@@ -674,7 +686,9 @@ mod tests {
 
     fn record(rng: &mut impl Rng, n: usize) -> UsageRecord {
         let answered = rng.random_bool(0.9);
-        let status = *[200, 200, 200, 429, 502].get(rng.random_range(0..5)).unwrap_or(&200);
+        let status = *[200, 200, 200, 429, 502]
+            .get(rng.random_range(0..5))
+            .unwrap_or(&200);
         let usage = TokenUsage {
             input: rng.random_range(0..5_000),
             cached_input: rng.random_range(0..100),
@@ -791,9 +805,13 @@ mod tests {
                     _ => None,
                 };
                 let from_rollups = grouped(&connection, from, to, group, key.as_deref()).unwrap();
-                let from_raw =
-                    summed(&connection, &[(Source::Raw, from, to)], group, key.as_deref())
-                        .unwrap();
+                let from_raw = summed(
+                    &connection,
+                    &[(Source::Raw, from, to)],
+                    group,
+                    key.as_deref(),
+                )
+                .unwrap();
                 assert_eq!(
                     from_rollups, from_raw,
                     "seed {seed}, {group:?} over [{from}, {to}) for {key:?}"
@@ -844,8 +862,8 @@ mod tests {
             return;
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(std::process::id()));
-        let mut writer = LedgerWriter::open(std::path::Path::new(&dir), Durability::Strict)
-            .unwrap();
+        let mut writer =
+            LedgerWriter::open(std::path::Path::new(&dir), Durability::Strict).unwrap();
         let first = rng.random_range(0..1_000_000_000);
         for n in (first..).step_by(50) {
             let batch: Vec<MeterEvent> = (n..n + rng.random_range(1..50))
