@@ -2,6 +2,7 @@
 //! invoices. Guarded by `TOLLGATE_ADMIN_TOKEN`; with no token configured the admin API refuses
 //! everything rather than running open. Store calls are blocking and run on the blocking pool.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::StringRejection;
@@ -19,7 +20,7 @@ use crate::error::{small_body, GatewayError};
 use crate::limits::BudgetPeriod;
 use crate::money::Money;
 use crate::rating::invoice;
-use crate::rating::ledger::GroupBy;
+use crate::rating::ledger::{regroup, GroupBy};
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -50,8 +51,9 @@ fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
     })
 }
 
-/// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour[&key_id=]`: requests,
-/// tokens and cost, read from the rollups (see `rating::ledger::rollup`).
+/// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour|team|customer[&key_id=]`:
+/// requests, tokens and cost, read from the rollups (see `rating::ledger::rollup`); by team or
+/// customer, each key's usage is summed under its label (usage without one under `""`).
 /// `to` is exclusive; a bare date means that day's midnight, so `to=2026-11-26` includes the
 /// 25th. Defaults: the last 30 days, grouped by key.
 async fn usage(
@@ -71,26 +73,48 @@ async fn usage(
         Some(text) => parse_instant(text, "from")?,
         None => to - 30 * 86_400_000,
     };
-    let group = match query.group_by.as_deref().unwrap_or("key") {
-        "key" => GroupBy::Key,
-        "model" => GroupBy::Model,
-        "tier" => GroupBy::Tier,
-        "rule" => GroupBy::Rule,
-        "day" => GroupBy::Day,
-        "hour" => GroupBy::Hour,
+    let (group, label) = match query.group_by.as_deref().unwrap_or("key") {
+        "key" => (GroupBy::Key, None),
+        "model" => (GroupBy::Model, None),
+        "tier" => (GroupBy::Tier, None),
+        "rule" => (GroupBy::Rule, None),
+        "day" => (GroupBy::Day, None),
+        "hour" => (GroupBy::Hour, None),
+        "team" => (GroupBy::Key, Some(KeyLabel::Team)),
+        "customer" => (GroupBy::Key, Some(KeyLabel::Customer)),
         other => {
             return Err(field_error(
                 "group_by",
-                format!("`{other}` is not key, model, tier, rule, day or hour"),
+                format!("`{other}` is not key, model, tier, rule, day, hour, team or customer"),
             ))
         }
     };
     let ledger = app.ledger.clone();
+    let store = app.key_store.clone();
     let key_id = query.key_id.clone();
     let rows = blocking(move || {
-        ledger
+        let rows = ledger
             .usage(from, to, group, key_id.as_deref())
-            .map_err(store_error)
+            .map_err(store_error)?;
+        let Some(label) = label else {
+            return Ok(rows);
+        };
+        // A key's team or customer as it is now: usage follows a key that moves.
+        let labels: HashMap<String, String> = store
+            .list()
+            .map_err(store_error)?
+            .into_iter()
+            .map(|key| {
+                let name = match label {
+                    KeyLabel::Team => key.team,
+                    KeyLabel::Customer => key.customer,
+                };
+                (key.id, name.unwrap_or_default())
+            })
+            .collect();
+        Ok(regroup(rows, |key| {
+            labels.get(key).cloned().unwrap_or_default()
+        }))
     })
     .await?;
     let totals = json!({
@@ -109,6 +133,13 @@ async fn usage(
         "totals": totals,
     }))
     .into_response())
+}
+
+/// A label of keys that usage can be grouped by.
+#[derive(Debug, Clone, Copy)]
+enum KeyLabel {
+    Team,
+    Customer,
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -76,7 +76,8 @@ pub enum Command {
         #[arg(long, default_value = "routes.toml")]
         config: PathBuf,
     },
-    /// Usage over a time range, grouped by key, model, tier, route rule, day or hour.
+    /// Usage over a time range, grouped by key, model, tier, route rule, day, hour, team or
+    /// customer.
     Usage {
         #[command(flatten)]
         admin: AdminArgs,
@@ -86,7 +87,7 @@ pub enum Command {
         /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
         #[arg(long)]
         to: Option<String>,
-        /// key, model, tier, rule, day or hour.
+        /// key, model, tier, rule, day, hour, team or customer.
         #[arg(long, default_value = "key")]
         group_by: String,
         /// Only this key.

@@ -1175,10 +1175,10 @@ async fn random_months_are_billed_as_documented() {
     }
 }
 
-/// Traffic through the gateway is reported by route rule, tier and hour from the rollups, and
-/// `tollgate export` writes exactly the records the ledger holds.
+/// Traffic through the gateway is reported by team, customer, route rule, tier and hour from
+/// the rollups, and `tollgate export` writes exactly the records the ledger holds.
 #[tokio::test]
-async fn usage_groups_by_rule_tier_and_hour_and_export_writes_the_ledger() {
+async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledger() {
     let mut harness = Harness::start().await;
     let prompts = [
         "Say hello.",
@@ -1191,8 +1191,56 @@ async fn usage_groups_by_rule_tier_and_hour_and_export_writes_the_ledger() {
             .await;
         assert_eq!(response.status(), 200);
     }
-    let records = harness.usage_records(7).await;
-    assert_eq!(records.len(), 7);
+    // Keys in teams and customers: usage groups by each key's labels.
+    let untagged = harness.key.clone();
+    for (team, customer, requests) in [
+        (Some("red"), Some("acme"), 2),
+        (Some("red"), Some("beta"), 1),
+        (Some("blue"), None, 1),
+    ] {
+        let key = harness
+            .create_key(json!({"name": "labelled", "team": team, "customer": customer}))
+            .await;
+        harness.key = key["key"].as_str().unwrap().to_owned();
+        for _ in 0..requests {
+            let response = harness
+                .chat(json!({"model": "auto", "messages": [{"role": "user", "content": "Hi."}]}))
+                .await;
+            assert_eq!(response.status(), 200);
+        }
+    }
+    harness.key = untagged;
+    let records = harness.usage_records(11).await;
+    assert_eq!(records.len(), 11);
+    for (group, expected) in [
+        ("team", json!({"": 7, "blue": 1, "red": 3})),
+        ("customer", json!({"": 8, "acme": 2, "beta": 1})),
+    ] {
+        let report: Value = harness
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/usage?group_by={group}&from=2000-01-01"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let requests: serde_json::Map<String, Value> = report["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row["group"].as_str().unwrap().to_owned(),
+                    row["requests"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(Value::Object(requests), expected, "group_by={group}");
+        assert_eq!(report["totals"]["requests"], 11);
+    }
     for (group, field) in [
         ("rule", "route_rule"),
         ("tier", "tier"),
@@ -1261,12 +1309,12 @@ async fn usage_groups_by_rule_tier_and_hour_and_export_writes_the_ledger() {
     assert_eq!(exported, records);
     assert_eq!(
         String::from_utf8_lossy(&jsonl.stderr).trim(),
-        "exported 7 usage records"
+        "exported 11 usage records"
     );
     let csv = export("csv", "2000-01-01");
     let text = String::from_utf8(csv.stdout).unwrap();
     assert!(text.starts_with("request_id,at_ms,day,key_id,"), "{text}");
-    assert_eq!(text.lines().count(), 1 + 7);
+    assert_eq!(text.lines().count(), 1 + 11);
     let refused = export("csv", "yesterday");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr)

@@ -517,7 +517,7 @@ pub enum GroupBy {
     Hour,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct UsageRow {
     pub group: String,
     pub key_name: Option<String>,
@@ -530,6 +530,27 @@ pub struct UsageRow {
     /// Requests that ended in an error after the provider had billed them (a stream it cut
     /// mid-answer): they are charged their prompt and the output delivered.
     pub errors_billed: u64,
+}
+
+/// Usage rows by key summed again under each key's `label` (a team, a customer), in label
+/// order.
+pub fn regroup(rows: Vec<UsageRow>, label: impl Fn(&str) -> String) -> Vec<UsageRow> {
+    let mut groups: std::collections::BTreeMap<String, UsageRow> = Default::default();
+    for row in rows {
+        let name = label(&row.group);
+        let sum = groups.entry(name.clone()).or_insert_with(|| UsageRow {
+            group: name,
+            ..UsageRow::default()
+        });
+        sum.requests += row.requests;
+        sum.input_tokens += row.input_tokens;
+        sum.cached_input_tokens += row.cached_input_tokens;
+        sum.output_tokens += row.output_tokens;
+        sum.cost_usd += row.cost_usd;
+        sum.list_cost_usd += row.list_cost_usd;
+        sum.errors_billed += row.errors_billed;
+    }
+    groups.into_values().collect()
 }
 
 /// One key's usage in one period, by model, for invoices.
