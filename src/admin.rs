@@ -39,7 +39,31 @@ struct UsageQuery {
     from: Option<String>,
     to: Option<String>,
     group_by: Option<String>,
+    split_by: Option<String>,
     key_id: Option<String>,
+}
+
+/// A `group_by` or `split_by` value: a grouping of the ledger, or a label of keys.
+fn grouping(
+    name: &str,
+    field: &'static str,
+) -> Result<(GroupBy, Option<KeyLabel>), GatewayError> {
+    Ok(match name {
+        "key" => (GroupBy::Key, None),
+        "model" => (GroupBy::Model, None),
+        "tier" => (GroupBy::Tier, None),
+        "rule" => (GroupBy::Rule, None),
+        "day" => (GroupBy::Day, None),
+        "hour" => (GroupBy::Hour, None),
+        "team" => (GroupBy::Key, Some(KeyLabel::Team)),
+        "customer" => (GroupBy::Key, Some(KeyLabel::Customer)),
+        other => {
+            return Err(field_error(
+                field,
+                format!("`{other}` is not key, model, tier, rule, day, hour, team or customer"),
+            ))
+        }
+    })
 }
 
 fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
@@ -51,9 +75,11 @@ fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
     })
 }
 
-/// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour|team|customer[&key_id=]`:
-/// requests, tokens and cost, read from the rollups (see `rating::ledger::rollup`); by team or
-/// customer, each key's usage is summed under its label (usage without one under `""`).
+/// `GET /admin/usage?from=&to=&group_by=key|model|tier|rule|day|hour|team|customer
+/// [&split_by=…][&key_id=]`: requests, tokens and cost, read from the rollups (see
+/// `rating::ledger::rollup`); by team or customer, each key's usage is summed under its label
+/// (usage without one under `""`); `split_by` splits each group by a second grouping (a day
+/// by model, for a stacked chart).
 /// `to` is exclusive; a bare date means that day's midnight, so `to=2026-11-26` includes the
 /// 25th. Defaults: the last 30 days, grouped by key.
 async fn usage(
@@ -73,28 +99,26 @@ async fn usage(
         Some(text) => parse_instant(text, "from")?,
         None => to - 30 * 86_400_000,
     };
-    let (group, label) = match query.group_by.as_deref().unwrap_or("key") {
-        "key" => (GroupBy::Key, None),
-        "model" => (GroupBy::Model, None),
-        "tier" => (GroupBy::Tier, None),
-        "rule" => (GroupBy::Rule, None),
-        "day" => (GroupBy::Day, None),
-        "hour" => (GroupBy::Hour, None),
-        "team" => (GroupBy::Key, Some(KeyLabel::Team)),
-        "customer" => (GroupBy::Key, Some(KeyLabel::Customer)),
-        other => {
-            return Err(field_error(
-                "group_by",
-                format!("`{other}` is not key, model, tier, rule, day, hour, team or customer"),
-            ))
-        }
+    let (group, label) = grouping(query.group_by.as_deref().unwrap_or("key"), "group_by")?;
+    let split = match query.split_by.as_deref() {
+        None => None,
+        Some(name) => match grouping(name, "split_by")? {
+            (split, None) if label.is_none() && split != group => Some(split),
+            _ => {
+                return Err(field_error(
+                    "split_by",
+                    "`split_by` is one of key, model, tier, rule, day and hour other than \
+                     `group_by`, and neither may be team or customer",
+                ))
+            }
+        },
     };
     let ledger = app.ledger.clone();
     let store = app.key_store.clone();
     let key_id = query.key_id.clone();
     let rows = blocking(move || {
         let rows = ledger
-            .usage(from, to, group, key_id.as_deref())
+            .usage_by(from, to, group, split, key_id.as_deref())
             .map_err(store_error)?;
         let Some(label) = label else {
             return Ok(rows);
@@ -127,6 +151,7 @@ async fn usage(
     Ok(axum::Json(json!({
         "object": "usage",
         "group_by": group_name,
+        "split_by": query.split_by,
         "from": from,
         "to": to,
         "data": rows,

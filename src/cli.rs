@@ -90,6 +90,9 @@ pub enum Command {
         /// key, model, tier, rule, day, hour, team or customer.
         #[arg(long, default_value = "key")]
         group_by: String,
+        /// Split each group by a second grouping: key, model, tier, rule, day or hour.
+        #[arg(long)]
+        split_by: Option<String>,
         /// Only this key.
         #[arg(long)]
         key_id: Option<String>,

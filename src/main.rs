@@ -101,24 +101,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             to,
             group_by,
+            split_by,
             key_id,
         } => {
+            let split = split_by.is_some();
             let mut query = vec![("group_by", group_by)];
+            query.extend(split_by.map(|v| ("split_by", v)));
             query.extend(from.map(|v| ("from", v)));
             query.extend(to.map(|v| ("to", v)));
             query.extend(key_id.map(|v| ("key_id", v)));
+            let columns = [
+                "group",
+                "split",
+                "key_name",
+                "requests",
+                "input_tokens",
+                "cached_input_tokens",
+                "output_tokens",
+                "cost_usd",
+            ];
+            // The split column only when asked for.
+            let columns: Vec<&str> = columns
+                .into_iter()
+                .filter(|column| split || *column != "split")
+                .collect();
             runtime()?.block_on(report(
                 admin,
                 format!("/admin/usage?{}", encode_query(&query)),
-                &[
-                    "group",
-                    "key_name",
-                    "requests",
-                    "input_tokens",
-                    "cached_input_tokens",
-                    "output_tokens",
-                    "cost_usd",
-                ],
+                &columns,
                 "data",
             ))
         }

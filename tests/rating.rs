@@ -1192,7 +1192,6 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
         assert_eq!(response.status(), 200);
     }
     // Keys in teams and customers: usage groups by each key's labels.
-    let untagged = harness.key.clone();
     for (team, customer, requests) in [
         (Some("red"), Some("acme"), 2),
         (Some("red"), Some("beta"), 1),
@@ -1201,32 +1200,22 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
         let key = harness
             .create_key(json!({"name": "labelled", "team": team, "customer": customer}))
             .await;
-        harness.key = key["key"].as_str().unwrap().to_owned();
         for _ in 0..requests {
-            let response = harness
-                .chat(json!({"model": "auto", "messages": [{"role": "user", "content": "Hi."}]}))
-                .await;
+            let response = chat_as(&harness, key["key"].as_str().unwrap()).await;
             assert_eq!(response.status(), 200);
         }
     }
-    harness.key = untagged;
     let records = harness.usage_records(11).await;
     assert_eq!(records.len(), 11);
     for (group, expected) in [
         ("team", json!({"": 7, "blue": 1, "red": 3})),
         ("customer", json!({"": 8, "acme": 2, "beta": 1})),
     ] {
-        let report: Value = harness
-            .admin(
-                reqwest::Method::GET,
-                &format!("/admin/usage?group_by={group}&from=2000-01-01"),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let report = get(
+            &harness,
+            &format!("/admin/usage?group_by={group}&from=2000-01-01"),
+        )
+        .await;
         let requests: serde_json::Map<String, Value> = report["data"]
             .as_array()
             .unwrap()
@@ -1246,17 +1235,11 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
         ("tier", "tier"),
         ("hour", "started_at_ms"),
     ] {
-        let report: Value = harness
-            .admin(
-                reqwest::Method::GET,
-                &format!("/admin/usage?group_by={group}&from=2000-01-01"),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let report = get(
+            &harness,
+            &format!("/admin/usage?group_by={group}&from=2000-01-01"),
+        )
+        .await;
         let mut expected: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
         for record in &records {
             let name = match field {
@@ -1288,6 +1271,46 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
                 "the prompts take several rules: {expected:?}"
             );
         }
+    }
+    // A time series split by a second grouping: each hour by model.
+    let series = get(
+        &harness,
+        "/admin/usage?group_by=hour&split_by=model&from=2000-01-01",
+    )
+    .await;
+    let mut expected: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for record in &records {
+        let hour = chrono::DateTime::from_timestamp_millis(record.started_at_ms)
+            .unwrap()
+            .format("%Y-%m-%dT%H:00:00Z")
+            .to_string();
+        let model = record.served_model.clone().unwrap();
+        *expected.entry((hour, model)).or_default() += 1;
+    }
+    let reported: std::collections::BTreeMap<(String, String), u64> = series["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let hour = row["group"].as_str().unwrap().to_owned();
+            let model = row["split"].as_str().unwrap().to_owned();
+            ((hour, model), row["requests"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(reported, expected);
+    assert_eq!(series["split_by"], "model");
+    for split in ["team", "hour", "planet"] {
+        let response = harness
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/usage?group_by=hour&split_by={split}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "split_by={split}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "split_by");
     }
     harness.stop().await;
 

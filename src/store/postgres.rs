@@ -460,25 +460,26 @@ impl rollup::Lines for PgLedgerReader {
         &self,
         sql: &str,
         params: &[Column<'_>],
-        bucket: bool,
+        buckets: &[bool],
     ) -> Result<Vec<rollup::Line>, LedgerError> {
         let values: Vec<&(dyn ToSql + Sync)> = params
             .iter()
             .map(|param| param as &(dyn ToSql + Sync))
             .collect();
-        self.rows(sql, &values, |row| rollup::Line::read(row, bucket))
+        self.rows(sql, &values, |row| rollup::Line::read(row, buckets))
     }
 }
 
 impl LedgerReader for PgLedgerReader {
-    fn usage(
+    fn usage_by(
         &self,
         from_ms: i64,
         to_ms: i64,
         group: GroupBy,
+        split: Option<GroupBy>,
         key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError> {
-        rollup::usage(self, from_ms, to_ms, group, key_id)
+        rollup::usage(self, from_ms, to_ms, group, split, key_id)
     }
 
     fn spend_since(
@@ -507,7 +508,7 @@ impl LedgerReader for PgLedgerReader {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<PeriodUsage, LedgerError> {
-        let models = rollup::grouped(self, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
+        let models = rollup::grouped_by(self, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
         let values: [&(dyn ToSql + Sync); 3] = [&key_id, &from_ms, &to_ms];
         let outcomes = self.rows(
             &sql::period_outcomes_sql(Dialect::Postgres),

@@ -458,6 +458,19 @@ pub trait LedgerReader: Send + Sync {
         to_ms: i64,
         group: GroupBy,
         key_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, LedgerError> {
+        self.usage_by(from_ms, to_ms, group, None, key_id)
+    }
+
+    /// [`LedgerReader::usage`], each group split by a second grouping when given (a day's
+    /// usage by model, say), in group then split order.
+    fn usage_by(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        group: GroupBy,
+        split: Option<GroupBy>,
+        key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError>;
 
     /// What each key's requests were charged since `from_ms`, for budgets. Outcomes are billed
@@ -520,6 +533,9 @@ pub enum GroupBy {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct UsageRow {
     pub group: String,
+    /// The group's part in a split report (`split_by`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
     pub key_name: Option<String>,
     pub requests: u64,
     pub input_tokens: u64,
@@ -627,12 +643,12 @@ impl rollup::Lines for Connection {
         &self,
         sql: &str,
         params: &[crate::store::row::Column<'_>],
-        bucket: bool,
+        buckets: &[bool],
     ) -> Result<Vec<rollup::Line>, LedgerError> {
         let mut statement = self.prepare(sql)?;
         let lines = statement
             .query_map(params_from_iter(params), |row| {
-                rollup::Line::read(row, bucket)
+                rollup::Line::read(row, buckets)
             })?
             .collect::<Result<_, _>>()?;
         Ok(lines)
@@ -640,14 +656,15 @@ impl rollup::Lines for Connection {
 }
 
 impl LedgerReader for SqliteLedgerReader {
-    fn usage(
+    fn usage_by(
         &self,
         from_ms: i64,
         to_ms: i64,
         group: GroupBy,
+        split: Option<GroupBy>,
         key_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, LedgerError> {
-        rollup::usage(&self.connect()?, from_ms, to_ms, group, key_id)
+        rollup::usage(&self.connect()?, from_ms, to_ms, group, split, key_id)
     }
 
     fn spend_since(&self, from_ms: i64) -> Result<HashMap<String, Money>, LedgerError> {
@@ -675,7 +692,7 @@ impl LedgerReader for SqliteLedgerReader {
         to_ms: i64,
     ) -> Result<PeriodUsage, LedgerError> {
         let connection = self.connect()?;
-        let models = rollup::grouped(&connection, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
+        let models = rollup::grouped_by(&connection, from_ms, to_ms, GroupBy::Model, Some(key_id))?;
         let outcomes = connection
             .prepare(&sql::period_outcomes_sql(Dialect::Sqlite))?
             .query_map(params![key_id, from_ms, to_ms], |row| {
@@ -969,8 +986,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tollgate-wal-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut writer = LedgerWriter::open(&dir, Durability::Batched).unwrap();
-        // Each commit appends about five pages (the row and three index entries), so 3,000
-        // commits write some 15,000 frames: well past the writer's checkpoint threshold.
+        // Each commit appends several pages (the row, its index entries and its three hours',
+        // days' and months' rollup rows), so 3,000 commits write well over 15,000 frames:
+        // far past the writer's checkpoint threshold.
         for n in 0..3_000 {
             let event = MeterEvent::Usage(record(&format!("req_{n:06}"), None));
             writer.write_batch(&[event]).unwrap();

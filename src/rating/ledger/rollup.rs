@@ -438,20 +438,20 @@ impl<'a> Rollups<'a> {
 pub(crate) trait Lines {
     fn dialect(&self) -> Dialect;
 
-    /// The rows of `sql` with `params` bound, each read by [`Line::read`]; `bucket` says the
-    /// group column is a bucket's start rather than text.
+    /// The rows of `sql` with `params` bound, each read by [`Line::read`]; `buckets` says, per
+    /// group column, whether it is a bucket's start rather than text.
     fn lines(
         &self,
         sql: &str,
         params: &[Column<'_>],
-        bucket: bool,
+        buckets: &[bool],
     ) -> Result<Vec<Line>, LedgerError>;
 }
 
 /// One group of one part of a report.
 #[derive(Debug)]
 pub(crate) struct Line {
-    group: Group,
+    groups: Vec<Group>,
     key_name: Option<String>,
     totals: Totals,
 }
@@ -463,14 +463,19 @@ enum Group {
 }
 
 impl Line {
-    pub(crate) fn read<R: RowSource>(row: &R, bucket: bool) -> Result<Line, R::Error> {
+    pub(crate) fn read<R: RowSource>(row: &R, buckets: &[bool]) -> Result<Line, R::Error> {
+        let groups = buckets
+            .iter()
+            .enumerate()
+            .map(|(column, bucket)| match bucket {
+                true => row.required_int(column).map(Group::Bucket),
+                false => row.required_text(column).map(Group::Text),
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Line {
-            group: match bucket {
-                true => Group::Bucket(row.required_int(0)?),
-                false => Group::Text(row.required_text(0)?),
-            },
-            key_name: row.text(1)?,
-            totals: Totals::read(row, 2)?,
+            groups,
+            key_name: row.text(buckets.len())?,
+            totals: Totals::read(row, buckets.len() + 1)?,
         })
     }
 }
@@ -480,11 +485,7 @@ impl Line {
 fn group_columns(group: GroupBy) -> (&'static str, &'static str, Grain) {
     match group {
         GroupBy::Key => ("key_id", "COALESCE(key_id, '')", Grain::Month),
-        GroupBy::Model => (
-            "model",
-            "COALESCE(served_model, requested_model)",
-            Grain::Month,
-        ),
+        GroupBy::Model => ("model", MODEL, Grain::Month),
         GroupBy::Tier => ("tier", "COALESCE(tier, '')", Grain::Month),
         GroupBy::Rule => ("route_rule", "COALESCE(route_rule, '')", Grain::Month),
         GroupBy::Day => ("bucket_ms", "day", Grain::Day),
@@ -492,40 +493,61 @@ fn group_columns(group: GroupBy) -> (&'static str, &'static str, Grain) {
     }
 }
 
-/// Usage in `[from, to)`, one total per group in group order, optionally for one key only.
+/// Usage in `[from, to)` summed per combination of `groups` (a time and a dimension, say), in
+/// group order, optionally for one key only.
 pub(crate) fn grouped(
+    store: &impl Lines,
+    from: i64,
+    to: i64,
+    groups: &[GroupBy],
+    key_id: Option<&str>,
+) -> Result<BTreeMap<Vec<String>, (Option<String>, Totals)>, LedgerError> {
+    let coarsest = groups
+        .iter()
+        .map(|group| group_columns(*group).2)
+        .min()
+        .unwrap_or(Grain::Month);
+    summed(store, &cover(from, to, coarsest), groups, key_id)
+}
+
+/// [`grouped`] by one dimension.
+pub(crate) fn grouped_by(
     store: &impl Lines,
     from: i64,
     to: i64,
     group: GroupBy,
     key_id: Option<&str>,
-) -> Result<BTreeMap<String, (Option<String>, Totals)>, LedgerError> {
-    let (_, _, coarsest) = group_columns(group);
-    summed(store, &cover(from, to, coarsest), group, key_id)
+) -> Result<impl Iterator<Item = (String, (Option<String>, Totals))>, LedgerError> {
+    Ok(grouped(store, from, to, &[group], key_id)?
+        .into_iter()
+        .map(|(mut names, sums)| (names.pop().unwrap_or_default(), sums)))
 }
 
 /// Groups summed over `parts` of a range, each read from its source.
 fn summed(
     store: &impl Lines,
     parts: &[(Source, i64, i64)],
-    group: GroupBy,
+    groups: &[GroupBy],
     key_id: Option<&str>,
-) -> Result<BTreeMap<String, (Option<String>, Totals)>, LedgerError> {
+) -> Result<BTreeMap<Vec<String>, (Option<String>, Totals)>, LedgerError> {
     let dialect = store.dialect();
-    let (column, raw_column, _) = group_columns(group);
-    let table = match (group, key_id) {
-        (GroupBy::Key, _) | (_, Some(_)) => &KEYS,
-        _ => &ROUTES,
+    let by_key = groups.contains(&GroupBy::Key);
+    let table = match by_key || key_id.is_some() {
+        true => &KEYS,
+        false => &ROUTES,
     };
     let sum = |expression: &str| dialect.sum(expression);
-    let key_name = |available: bool| match (group, available) {
-        (GroupBy::Key, true) => "MAX(key_name)",
-        _ => "CAST(NULL AS TEXT)",
+    let key_name = match by_key {
+        true => "MAX(key_name)",
+        false => "CAST(NULL AS TEXT)",
     };
-    let mut groups: BTreeMap<String, (Option<String>, Totals)> = BTreeMap::new();
+    let positions: Vec<String> = (1..=groups.len()).map(|n| n.to_string()).collect();
+    let group_by = positions.join(", ");
+    let mut sums: BTreeMap<Vec<String>, (Option<String>, Totals)> = BTreeMap::new();
     for &(source, start, end) in parts {
-        let (sql, params, bucket) = match source {
+        let (sql, params, buckets) = match source {
             Source::Rollup(grain) => {
+                let columns: Vec<&str> = groups.iter().map(|g| group_columns(*g).0).collect();
                 let measures: Vec<String> = MEASURES.iter().map(|m| sum(m)).collect();
                 let key_filter = match table.key_name {
                     true => format!(
@@ -535,9 +557,9 @@ fn summed(
                     false => String::new(),
                 };
                 let sql = format!(
-                    "SELECT {column}, {}, {} FROM {} WHERE grain = {} AND bucket_ms >= {}
-                     AND bucket_ms < {} {key_filter} GROUP BY 1",
-                    key_name(table.key_name),
+                    "SELECT {}, {key_name}, {} FROM {} WHERE grain = {} AND bucket_ms >= {}
+                     AND bucket_ms < {} {key_filter} GROUP BY {group_by}",
+                    columns.join(", "),
                     measures.join(", "),
                     table.name,
                     dialect.param(1),
@@ -552,14 +574,16 @@ fn summed(
                 if table.key_name {
                     params.push(Column::optional_text(key_id));
                 }
-                (sql, params, column == "bucket_ms")
+                let buckets = columns.iter().map(|c| *c == "bucket_ms").collect();
+                (sql, params, buckets)
             }
             Source::Raw => {
+                let columns: Vec<&str> = groups.iter().map(|g| group_columns(*g).1).collect();
                 let measures: Vec<String> = RAW_MEASURES.iter().map(|m| sum(m)).collect();
                 let sql = format!(
-                    "SELECT {raw_column}, {}, {} FROM usage WHERE at_ms >= {} AND at_ms < {}
-                     AND ({key} IS NULL OR key_id = {key}) GROUP BY 1",
-                    key_name(true),
+                    "SELECT {}, {key_name}, {} FROM usage WHERE at_ms >= {} AND at_ms < {}
+                     AND ({key} IS NULL OR key_id = {key}) GROUP BY {group_by}",
+                    columns.join(", "),
                     measures.join(", "),
                     dialect.param(1),
                     dialect.param(2),
@@ -570,23 +594,30 @@ fn summed(
                     Column::int(end),
                     Column::optional_text(key_id),
                 ];
-                (sql, params, group == GroupBy::Hour)
+                let buckets = groups.iter().map(|g| *g == GroupBy::Hour).collect();
+                (sql, params, buckets)
             }
         };
-        for line in store.lines(&sql, &params, bucket)? {
-            let name = match line.group {
-                Group::Text(text) => text,
-                Group::Bucket(start) if group == GroupBy::Hour => hour_of(start),
-                Group::Bucket(start) => super::sql::day_of(start),
-            };
-            let (key_name, totals) = groups.entry(name).or_default();
+        let buckets: Vec<bool> = buckets;
+        for line in store.lines(&sql, &params, &buckets)? {
+            let names = line
+                .groups
+                .into_iter()
+                .zip(groups)
+                .map(|(name, group)| match name {
+                    Group::Text(text) => text,
+                    Group::Bucket(start) if *group == GroupBy::Hour => hour_of(start),
+                    Group::Bucket(start) => super::sql::day_of(start),
+                })
+                .collect();
+            let (key_name, totals) = sums.entry(names).or_default();
             if line.key_name > *key_name {
                 *key_name = line.key_name;
             }
             totals.add(&line.totals);
         }
     }
-    Ok(groups)
+    Ok(sums)
 }
 
 /// The UTC hour a bucket starts, as RFC 3339.
@@ -596,26 +627,33 @@ fn hour_of(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// [`grouped`] as the usage report's rows.
+/// Usage grouped by `group` and, within each group, by `split` when given, as the usage
+/// report's rows.
 pub(crate) fn usage(
     store: &impl Lines,
     from: i64,
     to: i64,
     group: GroupBy,
+    split: Option<GroupBy>,
     key_id: Option<&str>,
 ) -> Result<Vec<UsageRow>, LedgerError> {
-    Ok(grouped(store, from, to, group, key_id)?
+    let groups: Vec<GroupBy> = std::iter::once(group).chain(split).collect();
+    Ok(grouped(store, from, to, &groups, key_id)?
         .into_iter()
-        .map(|(group, (key_name, totals))| UsageRow {
-            group,
-            key_name,
-            requests: totals.requests as u64,
-            input_tokens: totals.input_tokens as u64,
-            cached_input_tokens: totals.cached_input_tokens as u64,
-            output_tokens: totals.output_tokens as u64,
-            cost_usd: Money(totals.charge_nanos),
-            list_cost_usd: Money(totals.list_cost_nanos),
-            errors_billed: totals.errors_billed as u64,
+        .map(|(names, (key_name, totals))| {
+            let mut names = names.into_iter();
+            UsageRow {
+                group: names.next().unwrap_or_default(),
+                split: names.next(),
+                key_name,
+                requests: totals.requests as u64,
+                input_tokens: totals.input_tokens as u64,
+                cached_input_tokens: totals.cached_input_tokens as u64,
+                output_tokens: totals.output_tokens as u64,
+                cost_usd: Money(totals.charge_nanos),
+                list_cost_usd: Money(totals.list_cost_nanos),
+                errors_billed: totals.errors_billed as u64,
+            }
         })
         .collect())
 }
@@ -625,8 +663,7 @@ pub(crate) fn by_key_since(
     store: &impl Lines,
     from: i64,
 ) -> Result<impl Iterator<Item = (String, Totals)>, LedgerError> {
-    Ok(grouped(store, from, OPEN_END_MS, GroupBy::Key, None)?
-        .into_iter()
+    Ok(grouped_by(store, from, OPEN_END_MS, GroupBy::Key, None)?
         .filter(|(key, _)| !key.is_empty())
         .map(|(key, (_, totals))| (key, totals)))
 }
@@ -817,7 +854,7 @@ mod tests {
                     "seed {seed}, {group:?} over [{from}, {to}) for {key:?}"
                 );
             }
-            let all = grouped(&connection, 0, OPEN_END_MS, GroupBy::Key, None).unwrap();
+            let all = grouped(&connection, 0, OPEN_END_MS, &[GroupBy::Key], None).unwrap();
             let requests: i64 = all.values().map(|(_, totals)| totals.requests).sum();
             assert_eq!(requests, 2_000, "each record summed once, replays ignored");
             drop(writer);
