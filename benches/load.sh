@@ -21,7 +21,8 @@
 # data dir: alone, and beside batched load.
 #
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]      (SKIP_BUILD=1 to reuse
-#                                                                          target/release)
+#                                                                          target/release;
+#                                                     PERF_RUN="chat 64" to profile one run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
@@ -240,8 +241,17 @@ run() { # name kind connections script pids…: prints "name p50 p99 mean rps er
   local threads=$(( ${conns%p} < 2 ? 1 : 2 ))
   [ "${conns%p}" != "$conns" ] && script="$script-paced"
   local before=$(cpu_ticks "$@")
+  # PERF_RUN="chat 64" (kind and connections) profiles tollgate's runs of that traffic into
+  # PERF_OUT (default target/perf-load.data, the last round's): `perf report -i` reads it.
+  local perf_pid=
+  if [ "${PERF_RUN:-}" = "$kind $conns" ] && [ "$name" = tollgate ]; then
+    perf record -g -o "${PERF_OUT:-target/perf-load.data}" -p "$1" -- sleep "$DURATION" \
+      >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   wrk -t"$threads" -c"${conns%p}" -d"${DURATION}s" --latency -s "$WORK/post_${script}_$kind.lua" \
     "http://127.0.0.1:$(port_of "$name" "$kind")${PATH_OF[$kind]}" >"$WORK/wrk.out" 2>&1
+  [ -z "$perf_pid" ] || wait "$perf_pid"
   local after=$(cpu_ticks "$@")
   python3 - "$name" "$((after - before))" "$TICK" "$WORK/wrk.out" <<'PY'
 import re, sys
