@@ -44,10 +44,7 @@ struct UsageQuery {
 }
 
 /// A `group_by` or `split_by` value: a grouping of the ledger, or a label of keys.
-fn grouping(
-    name: &str,
-    field: &'static str,
-) -> Result<(GroupBy, Option<KeyLabel>), GatewayError> {
+fn grouping(name: &str, field: &'static str) -> Result<(GroupBy, Option<KeyLabel>), GatewayError> {
     Ok(match name {
         "key" => (GroupBy::Key, None),
         "model" => (GroupBy::Model, None),

@@ -281,6 +281,20 @@ fn reports_equal_the_sqlite_ledgers_for_the_same_records() {
             }
         }
     }
+    for (group, split) in [
+        (GroupBy::Day, GroupBy::Model),
+        (GroupBy::Hour, GroupBy::Tier),
+        (GroupBy::Key, GroupBy::Rule),
+    ] {
+        for (from, to) in ranges {
+            let expected = sqlite.usage_by(from, to, group, Some(split), None).unwrap();
+            assert_eq!(
+                pg.usage_by(from, to, group, Some(split), None).unwrap(),
+                expected,
+                "{group:?} by {split:?} {from}..{to}"
+            );
+        }
+    }
     let by_key = sqlite.usage(0, i64::MAX, GroupBy::Key, None).unwrap();
     let groups: Vec<&str> = by_key.iter().map(|row| row.group.as_str()).collect();
     assert_eq!(groups, ["", "key_B", "key_a", "key_ü"], "ordered by bytes");

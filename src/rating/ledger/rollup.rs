@@ -493,6 +493,10 @@ fn group_columns(group: GroupBy) -> (&'static str, &'static str, Grain) {
     }
 }
 
+/// A report's groups (one name per grouping) with the greatest key name among their rows and
+/// their totals.
+pub(crate) type Sums = BTreeMap<Vec<String>, (Option<String>, Totals)>;
+
 /// Usage in `[from, to)` summed per combination of `groups` (a time and a dimension, say), in
 /// group order, optionally for one key only.
 pub(crate) fn grouped(
@@ -501,7 +505,7 @@ pub(crate) fn grouped(
     to: i64,
     groups: &[GroupBy],
     key_id: Option<&str>,
-) -> Result<BTreeMap<Vec<String>, (Option<String>, Totals)>, LedgerError> {
+) -> Result<Sums, LedgerError> {
     let coarsest = groups
         .iter()
         .map(|group| group_columns(*group).2)
@@ -529,7 +533,7 @@ fn summed(
     parts: &[(Source, i64, i64)],
     groups: &[GroupBy],
     key_id: Option<&str>,
-) -> Result<BTreeMap<Vec<String>, (Option<String>, Totals)>, LedgerError> {
+) -> Result<Sums, LedgerError> {
     let dialect = store.dialect();
     let by_key = groups.contains(&GroupBy::Key);
     let table = match by_key || key_id.is_some() {
@@ -543,7 +547,7 @@ fn summed(
     };
     let positions: Vec<String> = (1..=groups.len()).map(|n| n.to_string()).collect();
     let group_by = positions.join(", ");
-    let mut sums: BTreeMap<Vec<String>, (Option<String>, Totals)> = BTreeMap::new();
+    let mut sums = Sums::new();
     for &(source, start, end) in parts {
         let (sql, params, buckets) = match source {
             Source::Rollup(grain) => {
@@ -828,7 +832,7 @@ mod tests {
                 GroupBy::Day,
                 GroupBy::Hour,
             ];
-            for _ in 0..60 {
+            for _ in 0..100 {
                 let from = T0 + rng.random_range(-6 * DAY_MS..6 * DAY_MS);
                 let from = match rng.random_range(0..3) {
                     0 => Grain::Day.floor(from),
@@ -836,16 +840,20 @@ mod tests {
                     _ => from,
                 };
                 let to = from + rng.random_range(0..40 * DAY_MS);
-                let group = groups[rng.random_range(0..groups.len())];
+                // One dimension, or two: a time series split by model, say.
+                let mut group = vec![groups[rng.random_range(0..groups.len())]];
+                if rng.random_bool(0.5) {
+                    group.push(groups[rng.random_range(0..groups.len())]);
+                }
                 let key = match rng.random_range(0..3) {
                     0 => Some(format!("key_{}", rng.random_range(0..7))),
                     _ => None,
                 };
-                let from_rollups = grouped(&connection, from, to, group, key.as_deref()).unwrap();
+                let from_rollups = grouped(&connection, from, to, &group, key.as_deref()).unwrap();
                 let from_raw = summed(
                     &connection,
                     &[(Source::Raw, from, to)],
-                    group,
+                    &group,
                     key.as_deref(),
                 )
                 .unwrap();
