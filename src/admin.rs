@@ -30,6 +30,7 @@ pub fn routes() -> Router<Arc<App>> {
             get(show_key).patch(update_key).delete(revoke_key),
         )
         .route("/admin/usage", get(usage))
+        .route("/admin/routing/savings", get(routing_savings))
         .route("/admin/invoices/{key_id}", get(invoice))
 }
 
@@ -87,15 +88,7 @@ async fn usage(
     authorize(&app, &headers)?;
     let axum::extract::Query(query) =
         query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
-    let now = crate::unix_ms();
-    let to = match &query.to {
-        Some(text) => parse_instant(text, "to")?,
-        None => now + 1,
-    };
-    let from = match &query.from {
-        Some(text) => parse_instant(text, "from")?,
-        None => to - 30 * 86_400_000,
-    };
+    let (from, to) = report_range(query.from.as_deref(), query.to.as_deref())?;
     let (group, label) = grouping(query.group_by.as_deref().unwrap_or("key"), "group_by")?;
     let split = match query.split_by.as_deref() {
         None => None,
@@ -162,6 +155,76 @@ async fn usage(
 enum KeyLabel {
     Team,
     Customer,
+}
+
+/// A report's `from` and `to`: `to` is exclusive and defaults to now; `from` defaults to 30
+/// days before `to`.
+fn report_range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), GatewayError> {
+    let to = match to {
+        Some(text) => parse_instant(text, "to")?,
+        None => crate::unix_ms() + 1,
+    };
+    let from = match from {
+        Some(text) => parse_instant(text, "from")?,
+        None => to - 30 * 86_400_000,
+    };
+    Ok((from, to))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavingsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    baseline_tier: Option<String>,
+}
+
+/// `GET /admin/routing/savings?from=&to=&baseline_tier=`: what the router's placements cost
+/// at list prices against the same tokens on the baseline tier (default: the dearest), by
+/// route rule and model, with the saving in dollars and percent.
+async fn routing_savings(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<SavingsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let axum::extract::Query(query) =
+        query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+    let (from, to) = report_range(query.from.as_deref(), query.to.as_deref())?;
+    let config = app.config();
+    let tiers: Vec<String> = config
+        .router
+        .as_ref()
+        .map(|router| router.tiers().map(|(name, _)| name.to_owned()).collect())
+        .unwrap_or_default();
+    let baseline = match query.baseline_tier {
+        Some(tier) if tiers.contains(&tier) => tier,
+        Some(tier) => {
+            return Err(field_error(
+                "baseline_tier",
+                format!("`{tier}` is not a tier; tiers: {}", tiers.join(", ")),
+            ))
+        }
+        None => crate::rating::savings::dearest_tier(&config).ok_or_else(|| {
+            field_error("baseline_tier", "the router has no tier to compare with")
+        })?,
+    };
+    let ledger = app.ledger.clone();
+    let rows = blocking(move || {
+        ledger
+            .usage_by(from, to, GroupBy::Rule, Some(GroupBy::Model), None)
+            .map_err(store_error)
+    })
+    .await?;
+    let savings = crate::rating::savings::savings(&config, &rows, &baseline);
+    let mut body =
+        serde_json::to_value(savings).map_err(|error| GatewayError::Internal(error.to_string()))?;
+    if let Value::Object(fields) = &mut body {
+        fields.insert("object".to_owned(), json!("routing.savings"));
+        fields.insert("from".to_owned(), json!(from));
+        fields.insert("to".to_owned(), json!(to));
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]

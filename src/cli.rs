@@ -97,6 +97,21 @@ pub enum Command {
         #[arg(long)]
         key_id: Option<String>,
     },
+    /// What routing saved: the router's placements at list prices against the same tokens on
+    /// a baseline tier (default: the dearest), by route rule and model.
+    Savings {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Start, inclusive: YYYY-MM-DD or RFC 3339 (default: 30 days before `--to`).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// The tier to compare with.
+        #[arg(long)]
+        baseline_tier: Option<String>,
+    },
     /// A key's invoice preview for a month.
     Invoice {
         #[command(flatten)]

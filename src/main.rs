@@ -132,6 +132,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "data",
             ))
         }
+        Command::Savings {
+            admin,
+            from,
+            to,
+            baseline_tier,
+        } => {
+            let mut query: Vec<(&str, String)> = Vec::new();
+            query.extend(from.map(|v| ("from", v)));
+            query.extend(to.map(|v| ("to", v)));
+            query.extend(baseline_tier.map(|v| ("baseline_tier", v)));
+            runtime()?.block_on(report(
+                admin,
+                format!("/admin/routing/savings?{}", encode_query(&query)),
+                &["rule", "model", "requests", "cost_usd", "baseline_cost_usd"],
+                "data",
+            ))
+        }
         Command::Export {
             config,
             data_dir,

@@ -1272,6 +1272,48 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
             );
         }
     }
+    // What routing saved against sending every `auto` request to the dearest tier (frontier:
+    // gpt-4o, $2.50 / $1.25 cached / $10 per million tokens).
+    let savings = get(&harness, "/admin/routing/savings?from=2000-01-01").await;
+    assert_eq!(savings["baseline_tier"], "frontier");
+    // The labelled keys' requests named their model: the router did not place them.
+    let routed: Vec<&UsageRecord> = records
+        .iter()
+        .filter(|r| r.route_rule.as_deref() != Some("direct"))
+        .collect();
+    assert_eq!(routed.len(), 7);
+    assert_eq!(savings["requests"], 7);
+    let cost: i64 = routed.iter().map(|r| r.list_cost.nanos()).sum();
+    let frontier: i64 = routed
+        .iter()
+        .map(|r| {
+            let billed = r.billed();
+            let plain = (billed.input - billed.cached_input) as i64;
+            plain * 2_500 + billed.cached_input as i64 * 1_250 + billed.output as i64 * 10_000
+        })
+        .sum();
+    let money = |nanos: i64| serde_json::to_value(tollgate::money::Money(nanos)).unwrap();
+    assert_eq!(savings["cost_usd"], money(cost));
+    assert_eq!(savings["baseline_cost_usd"], money(frontier));
+    assert_eq!(savings["saving_usd"], money(frontier - cost));
+    assert!(frontier > cost && cost > 0, "{frontier} {cost}");
+    let lines: u64 = savings["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| line["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(lines, 7);
+    let unknown = harness
+        .admin(
+            reqwest::Method::GET,
+            "/admin/routing/savings?baseline_tier=platinum",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+
     // A time series split by a second grouping: each hour by model.
     let series = get(
         &harness,

@@ -6,6 +6,7 @@
 pub mod invoice;
 pub mod ledger;
 pub mod plan;
+pub mod savings;
 
 use std::sync::{Arc, Mutex};
 

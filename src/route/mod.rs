@@ -380,6 +380,13 @@ fn default_rules() -> Vec<RawRule> {
 }
 
 impl Router {
+    /// Every tier with its (model, weight) pairs, in name order.
+    pub fn tiers(&self) -> impl Iterator<Item = (&str, &[(String, u32)])> {
+        self.tiers
+            .iter()
+            .map(|(name, tier)| (name.as_str(), tier.models.as_slice()))
+    }
+
     /// Validates `[router]` against the configured models (name, tier), in declaration order.
     /// Problems come back as (field path, message).
     pub fn build(
