@@ -81,12 +81,8 @@ pub enum Command {
     Usage {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Start, inclusive: YYYY-MM-DD or RFC 3339 (default: 30 days before `--to`).
-        #[arg(long)]
-        from: Option<String>,
-        /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
-        #[arg(long)]
-        to: Option<String>,
+        #[command(flatten)]
+        range: ReportRange,
         /// key, model, tier, rule, day, hour, team or customer.
         #[arg(long, default_value = "key")]
         group_by: String,
@@ -102,12 +98,8 @@ pub enum Command {
     Savings {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Start, inclusive: YYYY-MM-DD or RFC 3339 (default: 30 days before `--to`).
-        #[arg(long)]
-        from: Option<String>,
-        /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
-        #[arg(long)]
-        to: Option<String>,
+        #[command(flatten)]
+        range: ReportRange,
         /// The tier to compare with.
         #[arg(long)]
         baseline_tier: Option<String>,
@@ -164,6 +156,25 @@ pub enum Command {
 pub enum ExportFormatArg {
     Csv,
     Jsonl,
+}
+
+/// A report's time range, as the admin API takes it.
+#[derive(Debug, Clone, Args)]
+pub struct ReportRange {
+    /// Start, inclusive: YYYY-MM-DD or RFC 3339 (default: 30 days before `--to`).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End, exclusive: YYYY-MM-DD or RFC 3339 (default: now).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+impl ReportRange {
+    /// The range as query parameters.
+    pub fn query(self) -> Vec<(&'static str, String)> {
+        let from = self.from.map(|v| ("from", v));
+        from.into_iter().chain(self.to.map(|v| ("to", v))).collect()
+    }
 }
 
 /// A shared store to migrate into.

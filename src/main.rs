@@ -98,8 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Usage {
             admin,
-            from,
-            to,
+            range,
             group_by,
             split_by,
             key_id,
@@ -107,8 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let split = split_by.is_some();
             let mut query = vec![("group_by", group_by)];
             query.extend(split_by.map(|v| ("split_by", v)));
-            query.extend(from.map(|v| ("from", v)));
-            query.extend(to.map(|v| ("to", v)));
+            query.extend(range.query());
             query.extend(key_id.map(|v| ("key_id", v)));
             let columns = [
                 "group",
@@ -134,13 +132,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Savings {
             admin,
-            from,
-            to,
+            range,
             baseline_tier,
         } => {
-            let mut query: Vec<(&str, String)> = Vec::new();
-            query.extend(from.map(|v| ("from", v)));
-            query.extend(to.map(|v| ("to", v)));
+            let mut query = range.query();
             query.extend(baseline_tier.map(|v| ("baseline_tier", v)));
             runtime()?.block_on(report(
                 admin,
