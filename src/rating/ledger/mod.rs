@@ -287,6 +287,26 @@ pub struct LedgerWriter {
     durability: Durability,
     checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     pruner: Pruner,
+    statements: Statements,
+}
+
+/// The writer's statements, spelled once: each batch looks them up in the connection's cache.
+struct Statements {
+    usage: String,
+    outcomes: String,
+    rollup_keys: String,
+    rollup_routes: String,
+}
+
+impl Statements {
+    fn new() -> Statements {
+        Statements {
+            usage: insert_or_ignore("usage", &sql::USAGE_COLUMNS),
+            outcomes: insert_or_ignore("outcomes", &sql::OUTCOME_COLUMNS),
+            rollup_keys: upsert(&rollup::KEYS),
+            rollup_routes: upsert(&rollup::ROUTES),
+        }
+    }
 }
 
 impl LedgerWriter {
@@ -312,6 +332,7 @@ impl LedgerWriter {
             durability,
             checkpointer: Some((stop, thread)),
             pruner: Pruner::default(),
+            statements: Statements::new(),
         })
     }
 
@@ -390,11 +411,12 @@ impl UsageWriter for LedgerWriter {
     fn write_batch(&mut self, events: &[MeterEvent]) -> Result<(), SinkError> {
         let transaction = self.connection.transaction().map_err(sink_error)?;
         {
+            let statements = &self.statements;
             let mut usage = transaction
-                .prepare_cached(&insert_or_ignore("usage", &sql::USAGE_COLUMNS))
+                .prepare_cached(&statements.usage)
                 .map_err(sink_error)?;
             let mut outcomes = transaction
-                .prepare_cached(&insert_or_ignore("outcomes", &sql::OUTCOME_COLUMNS))
+                .prepare_cached(&statements.outcomes)
                 .map_err(sink_error)?;
             let mut rollups = rollup::Rollups::default();
             for event in events {
@@ -415,24 +437,30 @@ impl UsageWriter for LedgerWriter {
                     }
                 }
             }
-            if !rollups.is_empty() {
-                for (table, rows) in [
-                    (&rollup::KEYS, rollups.key_rows().collect::<Vec<_>>()),
-                    (&rollup::ROUTES, rollups.route_rows().collect()),
-                ] {
-                    let mut upsert = transaction
-                        .prepare_cached(&upsert(table))
-                        .map_err(sink_error)?;
-                    for row in rows {
-                        upsert.execute(params_from_iter(row)).map_err(sink_error)?;
-                    }
-                }
-            }
+            upsert_rows(&transaction, &statements.rollup_keys, rollups.key_rows())?;
+            upsert_rows(
+                &transaction,
+                &statements.rollup_routes,
+                rollups.route_rows(),
+            )?;
         }
         transaction.commit().map_err(sink_error)?;
         self.prune();
         Ok(())
     }
+}
+
+/// Runs an upsert for each of a batch's rollup rows.
+fn upsert_rows<'a>(
+    transaction: &rusqlite::Transaction<'_>,
+    sql: &str,
+    rows: impl Iterator<Item = Vec<crate::store::row::Column<'a>>>,
+) -> Result<(), SinkError> {
+    let mut upsert = transaction.prepare_cached(sql).map_err(sink_error)?;
+    for row in rows {
+        upsert.execute(params_from_iter(row)).map_err(sink_error)?;
+    }
+    Ok(())
 }
 
 /// Adds one group's sums to a rollup table.

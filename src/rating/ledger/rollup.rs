@@ -549,7 +549,7 @@ fn summed(
     let group_by = positions.join(", ");
     let mut sums = Sums::new();
     for &(source, start, end) in parts {
-        let (sql, params, buckets) = match source {
+        let (sql, params, buckets): (String, Vec<Column>, Vec<bool>) = match source {
             Source::Rollup(grain) => {
                 let columns: Vec<&str> = groups.iter().map(|g| group_columns(*g).0).collect();
                 let measures: Vec<String> = MEASURES.iter().map(|m| sum(m)).collect();
@@ -602,7 +602,6 @@ fn summed(
                 (sql, params, buckets)
             }
         };
-        let buckets: Vec<bool> = buckets;
         for line in store.lines(&sql, &params, &buckets)? {
             let names = line
                 .groups
