@@ -21,8 +21,9 @@
 //! shared limit first, so no number of replicas admits more than the limit; Redis grants a
 //! slice only while it is small against what remains (see `admit.lua`), so near a limit each
 //! request is admitted in Redis, one by one. The cost of an allowance is capacity held and
-//! unused for a moment: one left idle for a tick is given back, and one is used for at most
-//! half a lease before it must be topped up. Only keys without a concurrency limit, on models
+//! unused for a moment: one left idle for a tick is given back, one is used for at most
+//! half a lease before it must be topped up, and a request Redis refuses for budget first
+//! has this replica give back its allowance's unreserved budget and is tried once more. Only keys without a concurrency limit, on models
 //! without their own throttles, get allowances.
 //!
 //! The month's rating totals are advanced atomically per request, which hands each request
@@ -73,6 +74,7 @@ struct Scripts {
     view: Script,
     charge: Script,
     seed: Script,
+    give_back: Script,
 }
 
 impl Scripts {
@@ -89,6 +91,7 @@ impl Scripts {
             charge: with_prelude(include_str!("scripts/charge.lua")),
             advance: with_prelude(include_str!("scripts/advance.lua")),
             seed: Script::new(include_str!("scripts/seed.lua")),
+            give_back: with_prelude(include_str!("scripts/give_back.lua")),
         }
     }
 }
@@ -399,6 +402,9 @@ fn headers(limits: [u64; 4], pairs: &[i64]) -> RateLimitHeaders {
     }
 }
 
+/// The admission script's reason for a refusal on budget.
+const BUDGET_REFUSED: i64 = 6;
+
 fn refusal(reason: i64, retry_us: i64, remaining: Money, needed: Money) -> Refusal {
     let retry_after = Duration::from_micros(retry_us.max(1) as u64);
     let limited = |limit_kind, scope| Refusal::RateLimited {
@@ -605,29 +611,38 @@ impl RedisState {
             (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
             (Some(_), None) => (crate::api::new_request_id(), true),
         };
-        let keys = vec![
-            key_of(key_id, "leases"),
-            key_of(key_id, "rpm"),
-            key_of(key_id, "tpm"),
-            model_key(model, "rpm"),
-            model_key(model, "tpm"),
-            spend_key(key_id, period_start),
-            key_of(key_id, "lease_amounts"),
-            key_of(key_id, "reserved"),
-        ];
-        let args = vec![
-            Arg::Text(id.clone()),
-            Arg::Int(limits.max_concurrency.map_or(-1, i64::from)),
-            Arg::Int(key_rpm as i64),
-            Arg::Int(key_tpm as i64),
-            Arg::Int(model_rpm as i64),
-            Arg::Int(model_tpm as i64),
-            Arg::Int(demand.tokens as i64),
-            Arg::Int(cap),
-            Arg::Int(demand.cost.nanos().max(0)),
-            Arg::Text(allowance_id.clone()),
-        ];
-        let answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
+        let call = || {
+            let keys = vec![
+                key_of(key_id, "leases"),
+                key_of(key_id, "rpm"),
+                key_of(key_id, "tpm"),
+                model_key(model, "rpm"),
+                model_key(model, "tpm"),
+                spend_key(key_id, period_start),
+                key_of(key_id, "lease_amounts"),
+                key_of(key_id, "reserved"),
+            ];
+            let args = vec![
+                Arg::Text(id.clone()),
+                Arg::Int(limits.max_concurrency.map_or(-1, i64::from)),
+                Arg::Int(key_rpm as i64),
+                Arg::Int(key_tpm as i64),
+                Arg::Int(model_rpm as i64),
+                Arg::Int(model_tpm as i64),
+                Arg::Int(demand.tokens as i64),
+                Arg::Int(cap),
+                Arg::Int(demand.cost.nanos().max(0)),
+                Arg::Text(allowance_id.clone()),
+            ];
+            (keys, args)
+        };
+        let (keys, args) = call();
+        let mut answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
+        if answer.get(..2) == Some(&[1, BUDGET_REFUSED]) && self.give_back_idle_budget(key_id).await
+        {
+            let (keys, args) = call();
+            answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
+        }
         self.decided_in_redis.inc();
         let limits4 = [key_rpm, key_tpm, model_rpm, model_tpm];
         match answer.first().copied() {
@@ -733,6 +748,38 @@ impl RedisState {
             settled: false,
             allowance: Some(shared),
         })
+    }
+
+    /// Gives back what this replica's allowance for a key holds and no request reserved, once
+    /// Redis refused a request of the key for budget: near the cap, budget idle in an
+    /// allowance that cannot admit it (too little left, or past its use) would otherwise
+    /// refuse requests the cap still has room for. True when something went back.
+    async fn give_back_idle_budget(&self, key_id: &str) -> bool {
+        let Some(shared) = self.allowances.get(key_id).map(|entry| entry.clone()) else {
+            return false;
+        };
+        let (id, idle) = {
+            let mut allowance = lock(&shared);
+            let Some(idle) = allowance.budget.filter(|left| *left > 0) else {
+                return false;
+            };
+            allowance.budget = Some(0);
+            (allowance.id.clone(), idle)
+        };
+        let mut invocation = self.scripts.give_back.prepare_invoke();
+        invocation
+            .key(key_of(key_id, "lease_amounts"))
+            .key(key_of(key_id, "reserved"))
+            .arg(id)
+            .arg(idle);
+        match self.run(invocation).await {
+            Ok(Value::Int(given)) => given > 0,
+            Ok(_) => false,
+            Err(error) => {
+                tracing::debug!(%error, "allowance budget not given back; its lease will expire");
+                false
+            }
+        }
     }
 
     /// Adds what Redis granted (-1: the key has no such limit) to the key's allowance.
