@@ -47,6 +47,7 @@ fn bench_admission(c: &mut Criterion) {
                 tpm: record.tpm,
                 max_concurrency: record.max_concurrency,
                 budget: record.budget_usd.map(|cap| (cap, record.budget_period)),
+                ..KeyLimits::default()
             };
             limiter.upsert_key(&record.id, &limits, None);
             index.put(record);

@@ -125,6 +125,7 @@ fn main() {
         tpm: Some(1_000_000_000_000),
         max_concurrency: None,
         budget: Some((Money::from_micros(1_000_000_000_000), BudgetPeriod::Month)),
+        ..KeyLimits::default()
     };
     let exact = KeyLimits {
         max_concurrency: Some(1_000_000),

@@ -484,25 +484,11 @@ fn apply_fields(
             "owner" => record.owner = text(value, "owner")?,
             "team" => record.team = text(value, "team")?,
             "customer" => record.customer = text(value, "customer")?,
-            "budget_usd" => {
-                record.budget_usd = match value {
-                    Value::Null => None,
-                    Value::Number(_) => {
-                        let money: Money = serde_json::from_value(value.clone())
-                            .map_err(|e| field_error("budget_usd", e.to_string()))?;
-                        if money < Money::ZERO {
-                            return Err(field_error("budget_usd", "must not be negative"));
-                        }
-                        Some(money)
-                    }
-                    _ => {
-                        return Err(field_error(
-                            "budget_usd",
-                            "`budget_usd` must be a number of US dollars, or null",
-                        ))
-                    }
-                }
+            "budget_usd" => record.budget_usd = dollars(value, "budget_usd")?,
+            "max_usd_per_minute" => {
+                record.max_usd_per_minute = spend_rate(value, "max_usd_per_minute")?
             }
+            "max_usd_per_hour" => record.max_usd_per_hour = spend_rate(value, "max_usd_per_hour")?,
             "budget_period" => {
                 record.budget_period = serde_json::from_value(value.clone()).map_err(|_| {
                     field_error("budget_period", "must be one of day, week, month, total")
@@ -559,6 +545,38 @@ fn apply_fields(
         }
     }
     Ok(())
+}
+
+/// An amount of US dollars, not negative, or null for none.
+fn dollars(value: &Value, field: &'static str) -> Result<Option<Money>, GatewayError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(_) => {
+            let money: Money = serde_json::from_value(value.clone())
+                .map_err(|e| field_error(field, e.to_string()))?;
+            if money < Money::ZERO {
+                return Err(field_error(field, "must not be negative"));
+            }
+            Ok(Some(money))
+        }
+        _ => Err(field_error(
+            field,
+            format!("`{field}` must be a number of US dollars, or null"),
+        )),
+    }
+}
+
+/// A spend-rate cap: above zero, like a throttle (a key is stopped with `budget_usd: 0`).
+fn spend_rate(value: &Value, field: &'static str) -> Result<Option<Money>, GatewayError> {
+    match dollars(value, field)? {
+        Some(Money::ZERO) => Err(field_error(
+            field,
+            format!(
+                "`{field}` must be above zero (or null for no limit); to stop a key, revoke it or set `budget_usd` to 0"
+            ),
+        )),
+        other => Ok(other),
+    }
 }
 
 fn text(value: &Value, field: &'static str) -> Result<Option<String>, GatewayError> {

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
-use crate::limits::{BudgetPeriod, KeyLimits};
+use crate::limits::{BudgetPeriod, KeyLimits, SpendRate};
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
@@ -177,6 +177,10 @@ pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
         tpm: record.tpm,
         max_concurrency: record.max_concurrency,
         budget: Some(budget),
+        spend_rate: SpendRate {
+            per_minute: record.max_usd_per_minute,
+            per_hour: record.max_usd_per_hour,
+        },
     }
 }
 

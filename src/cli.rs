@@ -248,6 +248,12 @@ pub struct KeyFields {
     pub tpm: Option<u64>,
     #[arg(long)]
     pub max_concurrency: Option<u64>,
+    /// Most USD the key may reserve per minute (e.g. 0.5).
+    #[arg(long)]
+    pub max_usd_per_minute: Option<String>,
+    /// Most USD the key may reserve per hour.
+    #[arg(long)]
+    pub max_usd_per_hour: Option<String>,
     /// Allowed models, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
@@ -273,11 +279,17 @@ impl KeyFields {
         if let Some(v) = &self.name {
             put("name", v.clone().into());
         }
-        if let Some(v) = &self.budget_usd {
-            let number: serde_json::Number = v
-                .parse()
-                .map_err(|_| format!("--budget-usd `{v}` is not a number"))?;
-            put("budget_usd", serde_json::Value::Number(number));
+        for (name, flag, value) in [
+            ("budget_usd", "--budget-usd", &self.budget_usd),
+            ("max_usd_per_minute", "--max-usd-per-minute", &self.max_usd_per_minute),
+            ("max_usd_per_hour", "--max-usd-per-hour", &self.max_usd_per_hour),
+        ] {
+            if let Some(v) = value {
+                let number: serde_json::Number = v
+                    .parse()
+                    .map_err(|_| format!("{flag} `{v}` is not a number"))?;
+                put(name, serde_json::Value::Number(number));
+            }
         }
         if let Some(v) = &self.budget_period {
             put("budget_period", v.clone().into());

@@ -35,6 +35,11 @@ pub struct KeyRecord {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
     pub max_concurrency: Option<u32>,
+    /// Caps on dollars reserved per minute and per hour (see `limits::SpendRate`).
+    #[serde(default)]
+    pub max_usd_per_minute: Option<Money>,
+    #[serde(default)]
+    pub max_usd_per_hour: Option<Money>,
     /// Allowed models (configured names or the virtual routing model); `None` allows all.
     pub models: Option<Vec<String>>,
     pub plan: Option<String>,
@@ -59,6 +64,8 @@ impl KeyRecord {
             rpm: None,
             tpm: None,
             max_concurrency: None,
+            max_usd_per_minute: None,
+            max_usd_per_hour: None,
             models: None,
             plan: None,
             seats: 1,

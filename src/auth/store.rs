@@ -69,9 +69,12 @@ impl SqliteKeyStore {
                 plan TEXT,
                 seats INTEGER NOT NULL DEFAULT 1,
                 created_at_ms INTEGER NOT NULL,
-                revoked_at_ms INTEGER
+                revoked_at_ms INTEGER,
+                usd_per_minute_nanos INTEGER,
+                usd_per_hour_nanos INTEGER
             )",
         )?;
+        add_missing_columns(&connection)?;
         Ok(SqliteKeyStore {
             connection: Mutex::new(connection),
         })
@@ -87,7 +90,7 @@ impl SqliteKeyStore {
 }
 
 /// The `keys` table's columns, in the order of [`key_values`] and [`key_record`].
-const KEY_COLUMNS: [&str; 17] = [
+const KEY_COLUMNS: [&str; 19] = [
     "id",
     "name",
     "prefix",
@@ -105,10 +108,12 @@ const KEY_COLUMNS: [&str; 17] = [
     "seats",
     "created_at_ms",
     "revoked_at_ms",
+    "usd_per_minute_nanos",
+    "usd_per_hour_nanos",
 ];
 
 /// What an update may change: every column but the id, the secret and the creation time.
-const UPDATED_COLUMNS: [usize; 13] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16];
+const UPDATED_COLUMNS: [usize; 15] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18];
 
 /// `KEY_COLUMNS` as a select or insert list.
 pub(crate) fn key_columns() -> String {
@@ -158,7 +163,7 @@ fn period_name(period: BudgetPeriod) -> &'static str {
 
 /// A key as the store keeps it, in the order of `KEY_COLUMNS`: money as nano-dollars, the
 /// allowed models as a JSON array.
-pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 17] {
+pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 19] {
     [
         Column::text(&r.id),
         Column::text(&r.name),
@@ -181,6 +186,8 @@ pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 17] {
         Column::int(i64::from(r.seats)),
         Column::int(r.created_at_ms),
         Column::Int(r.revoked_at_ms),
+        Column::Int(r.max_usd_per_minute.map(Money::nanos)),
+        Column::Int(r.max_usd_per_hour.map(Money::nanos)),
     ]
 }
 
@@ -210,6 +217,8 @@ pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
         rpm: row.optional_number(9)?,
         tpm: row.int(10)?.map(|v| v.max(0) as u64),
         max_concurrency: row.optional_number(11)?,
+        max_usd_per_minute: row.int(17)?.map(Money::from_nanos),
+        max_usd_per_hour: row.int(18)?.map(Money::from_nanos),
         models: match models {
             Some(json) => Some(
                 serde_json::from_str(&json).map_err(|_| row.invalid(12, "models".to_owned()))?,
@@ -221,6 +230,26 @@ pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
         created_at_ms: row.required_int(15)?,
         revoked_at_ms: row.int(16)?,
     })
+}
+
+/// Columns added after the table was first made, added to a store made before them.
+const LATER_COLUMNS: [(&str, &str); 2] = [
+    ("usd_per_minute_nanos", "INTEGER"),
+    ("usd_per_hour_nanos", "INTEGER"),
+];
+
+fn add_missing_columns(connection: &Connection) -> Result<(), StoreError> {
+    for (column, kind) in LATER_COLUMNS {
+        let present: bool = connection.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('keys') WHERE name = ?1)",
+            [column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            connection.execute_batch(&format!("ALTER TABLE keys ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
 }
 
 impl KeyStore for SqliteKeyStore {
@@ -307,6 +336,8 @@ mod tests {
             rpm: Some(60),
             tpm: Some(100_000),
             max_concurrency: Some(4),
+            max_usd_per_minute: Some(Money::parse_usd("0.25").unwrap()),
+            max_usd_per_hour: None,
             models: Some(vec!["auto".into(), "gpt-4o-mini".into()]),
             plan: Some("team".into()),
             seats: 3,
@@ -342,6 +373,39 @@ mod tests {
             "…never stored"
         );
         assert_eq!(store.list().unwrap(), vec![record]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_store_made_before_spend_rates_gains_their_columns() {
+        let dir = std::env::temp_dir().join(format!("tollgate-keys-{}", new_key_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = Connection::open(dir.join("keys.sqlite")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE keys (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL,
+                secret_hash BLOB NOT NULL UNIQUE, owner TEXT, team TEXT, customer TEXT,
+                budget_nanos INTEGER, budget_period TEXT NOT NULL,
+                rpm INTEGER, tpm INTEGER, max_concurrency INTEGER, models TEXT, plan TEXT,
+                seats INTEGER NOT NULL DEFAULT 1, created_at_ms INTEGER NOT NULL,
+                revoked_at_ms INTEGER
+            );
+            INSERT INTO keys (id, name, prefix, secret_hash, budget_period, created_at_ms)
+            VALUES ('key_old', 'old', 'sk-tg-0000', zeroblob(32), 'month', 7);",
+        )
+        .unwrap();
+        drop(old);
+        let mut record = KeyRecord::new("new", &new_secret());
+        record.max_usd_per_hour = Some(Money::parse_usd("3").unwrap());
+        for _ in 0..2 {
+            let store = SqliteKeyStore::open(&dir).unwrap();
+            let old = store.get("key_old").unwrap().unwrap();
+            assert_eq!((old.max_usd_per_minute, old.max_usd_per_hour), (None, None));
+            if store.get(&record.id).unwrap().is_none() {
+                store.insert(&record).unwrap();
+            }
+            assert_eq!(store.get(&record.id).unwrap(), Some(record.clone()));
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }

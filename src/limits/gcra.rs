@@ -1,6 +1,7 @@
-//! GCRA (the generic cell rate algorithm) over one atomic: a limit of N units per minute is a
-//! theoretical arrival time (TAT) that each admitted unit pushes forward by 60s/N, and a
-//! request is admitted while the TAT stays within one minute of now. Unlike a fixed window it
+//! GCRA (the generic cell rate algorithm) over one atomic: a limit of N units per window (a
+//! minute, or an hour for spend) is a theoretical arrival time (TAT) that each admitted unit
+//! pushes forward by window/N, and a request is admitted while the TAT stays within one
+//! window of now. Unlike a fixed window it
 //! has no boundary bursts; unlike `governor` it supports weighted units, refunds (TPM is
 //! corrected when the real output is known) and reports remaining capacity for OpenAI's headers.
 
@@ -9,19 +10,17 @@ use std::time::Duration;
 
 /// The span a per-minute limit looks back over.
 pub const WINDOW_US: i64 = 60_000_000;
+/// The span a per-hour limit looks back over.
+pub const HOUR_US: i64 = 60 * WINDOW_US;
 
 #[derive(Debug)]
 pub struct Gcra {
-    /// Changed in place by [`Gcra::resize`], so that requests admitted under the old limit
-    /// refund into the same state.
-    per_minute: AtomicU64,
+    /// Units per window; changed in place by [`Gcra::resize`], so that requests admitted
+    /// under the old limit refund into the same state.
+    limit: AtomicU64,
+    window_us: i64,
     /// Theoretical arrival time, in microseconds since the Unix epoch.
     tat_us: AtomicI64,
-}
-
-/// Microseconds per unit.
-fn interval_us(per_minute: u64) -> f64 {
-    WINDOW_US as f64 / per_minute as f64
 }
 
 /// The state of one limit, for the `x-ratelimit-*` headers.
@@ -35,49 +34,63 @@ pub struct Snapshot {
 
 impl Gcra {
     pub fn per_minute(per_minute: u64) -> Gcra {
+        Gcra::per_window(per_minute, WINDOW_US)
+    }
+
+    pub fn per_window(limit: u64, window_us: i64) -> Gcra {
         Gcra {
-            per_minute: AtomicU64::new(per_minute.max(1)),
+            limit: AtomicU64::new(limit.max(1)),
+            window_us,
             tat_us: AtomicI64::new(0),
         }
     }
 
     pub fn limit(&self) -> u64 {
-        self.per_minute.load(Ordering::Acquire)
+        self.limit.load(Ordering::Acquire)
     }
 
-    /// Changes the limit keeping the last minute's use, so that changing a key's limit
+    pub fn window_us(&self) -> i64 {
+        self.window_us
+    }
+
+    /// Microseconds per unit.
+    fn interval_us(&self, limit: u64) -> f64 {
+        self.window_us as f64 / limit as f64
+    }
+
+    /// Changes the limit keeping the last window's use, so that changing a key's limit
     /// neither forgives nor doubles what it already took.
-    pub fn resize(&self, per_minute: u64, now_us: i64) {
-        let per_minute = per_minute.max(1);
-        let before = self.per_minute.swap(per_minute, Ordering::AcqRel);
-        if before == per_minute {
+    pub fn resize(&self, limit: u64, now_us: i64) {
+        let limit = limit.max(1);
+        let before = self.limit.swap(limit, Ordering::AcqRel);
+        if before == limit {
             return;
         }
         let used_us = (self.tat_us.load(Ordering::Acquire) - now_us).max(0);
-        let used_units = used_us as f64 / interval_us(before);
-        let carried_us = (used_units * interval_us(per_minute)).ceil() as i64;
+        let used_units = used_us as f64 / self.interval_us(before);
+        let carried_us = (used_units * self.interval_us(limit)).ceil() as i64;
         self.tat_us
             .store(now_us.saturating_add(carried_us), Ordering::Release);
     }
 
     /// Saturates (a float-to-int cast does) rather than wrapping for absurd unit counts.
     fn cost_us(&self, units: u64) -> i64 {
-        (interval_us(self.limit()) * units as f64).ceil() as i64
+        (self.interval_us(self.limit()) * units as f64).ceil() as i64
     }
 
     /// Takes `units` now, or says how long until they would fit. A request larger than the
     /// whole limit can never fit; it is refused with a full window as its wait.
     pub fn acquire(&self, units: u64, now_us: i64) -> Result<Snapshot, Duration> {
         if units > self.limit() {
-            return Err(Duration::from_micros(WINDOW_US as u64));
+            return Err(Duration::from_micros(self.window_us as u64));
         }
         let cost = self.cost_us(units);
         let mut current = self.tat_us.load(Ordering::Acquire);
         loop {
             let new_tat = current.max(now_us).saturating_add(cost);
             let ahead = new_tat - now_us;
-            if ahead > WINDOW_US {
-                return Err(Duration::from_micros((ahead - WINDOW_US).max(1) as u64));
+            if ahead > self.window_us {
+                return Err(Duration::from_micros((ahead - self.window_us).max(1) as u64));
             }
             match self.tat_us.compare_exchange_weak(
                 current,
@@ -120,9 +133,9 @@ impl Gcra {
     }
 
     fn snapshot_at(&self, tat_us: i64, now_us: i64) -> Snapshot {
-        let used_us = (tat_us - now_us).clamp(0, WINDOW_US);
+        let used_us = (tat_us - now_us).clamp(0, self.window_us);
         let limit = self.limit();
-        let remaining = ((WINDOW_US - used_us) as f64 / interval_us(limit)).floor() as u64;
+        let remaining = ((self.window_us - used_us) as f64 / self.interval_us(limit)).floor() as u64;
         Snapshot {
             limit,
             remaining: remaining.min(limit),
@@ -197,5 +210,16 @@ mod tests {
         let snapshot = limit.snapshot(now);
         assert_eq!(snapshot.remaining, 5);
         assert_eq!(snapshot.reset, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_hourly_limit_paces_over_the_hour() {
+        let limit = Gcra::per_window(3_600, HOUR_US);
+        let now = 10 * HOUR_US;
+        limit.acquire(3_000, now).unwrap();
+        assert_eq!(limit.acquire(601, now), Err(Duration::from_secs(1)));
+        assert_eq!(limit.snapshot(now).remaining, 600);
+        assert!(limit.acquire(601, now + SECOND).is_ok());
+        assert_eq!(limit.acquire(4_000, now), Err(Duration::from_secs(3_600)));
     }
 }

@@ -1,5 +1,6 @@
-//! Admission: per-key throttles (requests and tokens per minute, concurrency), per-model
-//! throttles protecting upstream quotas, and per-key budget caps by reservation. A request is
+//! Admission: per-key throttles (requests and tokens per minute, concurrency, dollars per
+//! minute and per hour), per-model throttles protecting upstream quotas, and per-key budget
+//! caps by reservation. A request is
 //! admitted all-or-nothing — a later refusal rolls back what earlier checks took — and gets a
 //! [`Ticket`] that settles exactly once: explicitly with the actual tokens and cost, or on drop
 //! (the request never reached an answer) by giving back what it reserved.
@@ -73,6 +74,23 @@ pub struct KeyLimits {
     pub tpm: Option<u64>,
     pub max_concurrency: Option<u32>,
     pub budget: Option<(Money, BudgetPeriod)>,
+    /// Caps on how fast money can go: what requests may reserve per minute and per hour.
+    pub spend_rate: SpendRate,
+}
+
+/// Dollars a key may reserve per minute and per hour: a runaway loop is slowed to a known
+/// worst case instead of burning a period's budget in an hour. GCRA over nano-dollars, so a
+/// key may spend a whole window's cap at once and then at the cap's pace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpendRate {
+    pub per_minute: Option<Money>,
+    pub per_hour: Option<Money>,
+}
+
+impl SpendRate {
+    pub fn is_none(&self) -> bool {
+        self.per_minute.is_none() && self.per_hour.is_none()
+    }
 }
 
 /// What one request asks for: tokens for TPM (input plus the most output it may produce) and
@@ -93,6 +111,8 @@ struct KeyState {
     /// Counted with or without a limit, so that a limit set later starts from the truth.
     in_flight: Arc<AtomicU32>,
     budget: Option<Arc<Budget>>,
+    usd_per_minute: Option<Arc<Gcra>>,
+    usd_per_hour: Option<Arc<Gcra>>,
 }
 
 struct ModelState {
@@ -102,14 +122,34 @@ struct ModelState {
 
 /// The throttle for a (possibly changed) per-minute limit: the live one, resized in place.
 fn carried(old: Option<&Arc<Gcra>>, per_minute: Option<u64>, now_us: i64) -> Option<Arc<Gcra>> {
-    let per_minute = per_minute?;
+    carried_over(old, per_minute, gcra::WINDOW_US, now_us)
+}
+
+fn carried_over(
+    old: Option<&Arc<Gcra>>,
+    limit: Option<u64>,
+    window_us: i64,
+    now_us: i64,
+) -> Option<Arc<Gcra>> {
+    let limit = limit?;
     Some(match old {
         Some(old) => {
-            old.resize(per_minute, now_us);
+            old.resize(limit, now_us);
             old.clone()
         }
-        None => Arc::new(Gcra::per_minute(per_minute)),
+        None => Arc::new(Gcra::per_window(limit, window_us)),
     })
+}
+
+/// A spend-rate cap as a throttle on nano-dollars.
+fn spend_throttle(
+    old: Option<&Arc<Gcra>>,
+    cap: Option<Money>,
+    window_us: i64,
+    now_us: i64,
+) -> Option<Arc<Gcra>> {
+    let nanos = cap.map(|cap| u64::try_from(cap.nanos()).unwrap_or(0));
+    carried_over(old, nanos, window_us, now_us)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +190,14 @@ impl Refusal {
             } => "model_rpm",
             Refusal::RateLimited { scope: "model", .. } => "model_tpm",
             Refusal::RateLimited {
+                scope: SPEND_PER_MINUTE,
+                ..
+            } => "key_usd_per_minute",
+            Refusal::RateLimited {
+                scope: SPEND_PER_HOUR,
+                ..
+            } => "key_usd_per_hour",
+            Refusal::RateLimited {
                 limit_kind: "requests",
                 ..
             } => "key_rpm",
@@ -159,6 +207,10 @@ impl Refusal {
         }
     }
 }
+
+/// The scopes of a refusal by a spend-rate cap.
+pub const SPEND_PER_MINUTE: &str = "spend_per_minute";
+pub const SPEND_PER_HOUR: &str = "spend_per_hour";
 
 /// Takes units from one throttle, or says which limit refused and how long to wait.
 fn throttle(
@@ -328,6 +380,18 @@ impl Limiter {
             max_concurrency: limits.max_concurrency,
             in_flight: old.map_or_else(Arc::default, |o| o.in_flight.clone()),
             budget,
+            usd_per_minute: spend_throttle(
+                old.and_then(|o| o.usd_per_minute.as_ref()),
+                limits.spend_rate.per_minute,
+                gcra::WINDOW_US,
+                now_us,
+            ),
+            usd_per_hour: spend_throttle(
+                old.and_then(|o| o.usd_per_hour.as_ref()),
+                limits.spend_rate.per_hour,
+                gcra::HOUR_US,
+                now_us,
+            ),
         };
         self.keys.insert(id.to_owned(), Arc::new(state));
     }
@@ -382,6 +446,7 @@ impl Limiter {
             demand_tokens: demand.tokens,
             admitted_us: now_us,
             reserved: Money::ZERO,
+            spend_taken: 0,
             holds_slot: false,
             requests_taken: (false, false),
             headers: RateLimitHeaders::default(),
@@ -462,6 +527,9 @@ impl Limiter {
                 ticket.headers.tokens = tighter(ticket.headers.tokens, Some(snapshot));
             }
         }
+        if let Some(key) = key {
+            ticket.spend_taken = take_spend(key, demand.cost, now_us)?;
+        }
         if let Some(budget) = key.and_then(|k| k.budget.as_ref()) {
             ticket.reserved = budget.reserve(demand.cost, now_us / 1_000)?;
         }
@@ -524,6 +592,7 @@ impl Limiter {
             if let Some(tpm) = &key.tpm {
                 correct(tpm, ticket.tokens);
             }
+            correct_spend(&key, ticket.spend_taken, cost, ticket.admitted_us, now_us);
             if let Some(budget) = &key.budget {
                 let settled = budget.settle(ticket.reserved, cost, now_ms);
                 settlement.overshoot = settled.overshoot;
@@ -544,13 +613,19 @@ impl Limiter {
     /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
     /// whole or not at all.
     pub fn charge(&self, key_id: &str, amount: Money) -> Result<Settlement, Refusal> {
-        let now_ms = self.clock.now_ms();
+        let now_us = self.clock.now_us();
+        let now_ms = now_us / 1_000;
         let key = self.keys.get(key_id).map(|entry| entry.value().clone());
-        let Some(budget) = key.as_ref().and_then(|key| key.budget.as_ref()) else {
+        let Some(key) = key else {
+            return Ok(Settlement::default());
+        };
+        let Some(budget) = key.budget.as_ref() else {
+            charge_spend(&key, amount, now_us);
             return Ok(Settlement::default());
         };
         let reserved = budget.reserve(amount, now_ms)?;
         let settled = budget.settle(reserved, amount, now_ms);
+        charge_spend(&key, amount, now_us);
         Ok(Settlement {
             overshoot: Money::ZERO,
             alerts: self.crossings(budget, settled.used_pct, now_ms),
@@ -583,6 +658,48 @@ pub fn crossed(thresholds_pct: &[u8], mask: u64, used_pct: u64) -> Vec<AlertCros
         .collect()
 }
 
+/// Takes a request's worst-case cost from the key's spend-rate throttles, both or neither;
+/// returns the nano-dollars taken.
+fn take_spend(key: &KeyState, cost: Money, now_us: i64) -> Result<u64, Refusal> {
+    let nanos = u64::try_from(cost.nanos()).unwrap_or(0);
+    if let Some(minute) = &key.usd_per_minute {
+        throttle(minute, nanos, now_us, "requests", SPEND_PER_MINUTE)?;
+    }
+    if let Some(hour) = &key.usd_per_hour {
+        if let Err(refusal) = throttle(hour, nanos, now_us, "requests", SPEND_PER_HOUR) {
+            if let Some(minute) = &key.usd_per_minute {
+                minute.release(nanos);
+            }
+            return Err(refusal);
+        }
+    }
+    Ok(nanos)
+}
+
+/// Replaces what a request took from the spend-rate throttles by what it cost. A request
+/// that outlived a throttle's window has had its reservation age out of it already.
+fn correct_spend(key: &KeyState, taken: u64, cost: Money, admitted_us: i64, now_us: i64) {
+    let cost = u64::try_from(cost.nanos()).unwrap_or(0);
+    for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+        if cost < taken {
+            if now_us.saturating_sub(admitted_us) < limit.window_us() {
+                limit.release(taken - cost);
+            }
+        } else if cost > taken {
+            limit.charge(cost - taken, now_us);
+        }
+    }
+}
+
+/// An amount charged outright (a reported outcome) counts against the spend rate: it is
+/// money gone, but it is never refused for the rate, only the requests after it are paced.
+fn charge_spend(key: &KeyState, amount: Money, now_us: i64) {
+    let nanos = u64::try_from(amount.nanos()).unwrap_or(0);
+    for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+        limit.charge(nanos, now_us);
+    }
+}
+
 /// What an admitted request holds until it settles.
 pub struct Ticket {
     key: Option<Arc<KeyState>>,
@@ -593,6 +710,8 @@ pub struct Ticket {
     demand_tokens: u64,
     admitted_us: i64,
     reserved: Money,
+    /// Nano-dollars taken from the key's spend-rate throttles.
+    spend_taken: u64,
     holds_slot: bool,
     /// Whether a key and a model request unit were taken (kept: the request happened).
     requests_taken: (bool, bool),
@@ -624,6 +743,9 @@ impl Drop for Ticket {
             }
             if let Some(budget) = &key.budget {
                 budget.release(self.reserved);
+            }
+            for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+                limit.release(self.spend_taken);
             }
             if self.holds_slot {
                 key.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -685,6 +807,7 @@ mod tests {
             tpm: Some(1_000),
             max_concurrency: Some(1),
             budget: Some((Money(100), BudgetPeriod::Day)),
+            ..KeyLimits::default()
         };
         limiter.upsert_key("k", &limits, None);
         let refused = limiter.admit("k", "m", demand(10, Money(101)));
@@ -847,5 +970,86 @@ mod tests {
         clock.advance(Duration::from_secs(86_400));
         let t = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
         assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
+    }
+
+    #[test]
+    fn spend_rate_caps_pace_the_worst_case_and_settle_to_the_cost() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock.clone());
+        // $0.01 a minute, $0.10 an hour; each request may cost up to $0.004.
+        let limits = KeyLimits {
+            spend_rate: SpendRate {
+                per_minute: Some(Money(10_000_000)),
+                per_hour: Some(Money(100_000_000)),
+            },
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        let worst = demand(10, Money(4_000_000));
+        let first = limiter.admit("k", "m", worst).unwrap();
+        let second = limiter.admit("k", "m", worst).unwrap();
+        let refused = limiter.admit("k", "m", worst).err().unwrap();
+        assert_eq!(refused.reason(), "key_usd_per_minute");
+        // $0.008 of the minute's $0.01 is held: room for $0.002 more, at $0.01 per 60 s,
+        // comes back after 12 s.
+        let Refusal::RateLimited { retry_after, .. } = refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(retry_after, Duration::from_secs(12));
+        // Settling at the real cost gives back what was reserved beyond it.
+        limiter.settle(first, 10, Money(1_000_000));
+        limiter.settle(second, 10, Money(1_000_000));
+        let third = limiter.admit("k", "m", worst).unwrap();
+        // A dropped ticket (no answer) gives back all it took.
+        drop(third);
+        // Over the hour: $0.002 spent, then whole minutes of $0.01 until the hour's $0.10.
+        let mut admitted = Money(2_000_000);
+        for _ in 0..60 {
+            clock.advance(Duration::from_secs(60));
+            while let Ok(ticket) = limiter.admit("k", "m", demand(10, Money(1_000_000))) {
+                limiter.settle(ticket, 10, Money(1_000_000));
+                admitted = admitted + Money(1_000_000);
+            }
+        }
+        // An hour of minutes at $0.01 would be $0.60. The hourly cap holds it to its burst
+        // ($0.10 at once) plus its pace over the hour: at most cap × (1 + span / window).
+        assert!(
+            admitted > Money(190_000_000) && admitted <= Money(200_000_000),
+            "{admitted:?}"
+        );
+        let refused = limiter
+            .admit("k", "m", demand(10, Money(1_000_000)))
+            .err()
+            .unwrap();
+        assert_eq!(refused.reason(), "key_usd_per_hour");
+    }
+
+    #[test]
+    fn a_spend_rate_refusal_takes_nothing_and_outcomes_count_against_it() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock.clone());
+        let limits = KeyLimits {
+            rpm: Some(100),
+            budget: Some((Money(1_000_000_000), BudgetPeriod::Day)),
+            spend_rate: SpendRate {
+                per_minute: Some(Money(10_000_000)),
+                per_hour: Some(Money(12_000_000)),
+            },
+            ..KeyLimits::default()
+        };
+        limiter.upsert_key("k", &limits, None);
+        // The hour refuses after the minute said yes: the minute keeps nothing of it.
+        let held = limiter.admit("k", "m", demand(0, Money(9_000_000))).unwrap();
+        clock.advance(Duration::from_secs(60));
+        let refused = limiter.admit("k", "m", demand(0, Money(4_000_000)));
+        assert_eq!(refused.err().map(|r| r.reason()), Some("key_usd_per_hour"));
+        assert_eq!(limiter.headers("k", "m").requests.unwrap().remaining, 100);
+        drop(held);
+        let ticket = limiter.admit("k", "m", demand(0, Money(10_000_000))).unwrap();
+        limiter.settle(ticket, 0, Money::ZERO);
+        // A reported outcome is charged whole, and the requests after it wait for the rate.
+        limiter.charge("k", Money(10_000_000)).unwrap();
+        let refused = limiter.admit("k", "m", demand(0, Money(1_000_000)));
+        assert_eq!(refused.err().map(|r| r.reason()), Some("key_usd_per_minute"));
     }
 }

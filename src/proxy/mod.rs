@@ -28,7 +28,8 @@ use crate::app::App;
 use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
-use crate::limits::{Demand, RateLimitHeaders, Refusal};
+use crate::limits::{Demand, RateLimitHeaders, Refusal, SPEND_PER_HOUR, SPEND_PER_MINUTE};
+use crate::money::Money;
 use crate::meter::answer::Answer;
 use crate::meter::record::{Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
@@ -789,9 +790,18 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError 
             scope,
             retry_after,
         } => {
+            let dollars = |cap: Option<Money>| cap.map_or_else(String::new, |c| c.to_usd_string());
             let what = match *scope {
                 "concurrency" => "concurrent requests".to_owned(),
                 "model" => format!("{limit_kind} per minute on this model"),
+                SPEND_PER_MINUTE => format!(
+                    "spend (at most ${} per minute)",
+                    dollars(key.max_usd_per_minute)
+                ),
+                SPEND_PER_HOUR => format!(
+                    "spend (at most ${} per hour)",
+                    dollars(key.max_usd_per_hour)
+                ),
                 _ => format!("{limit_kind} per minute"),
             };
             GatewayError::RateLimited {

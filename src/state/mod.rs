@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::config::Model;
 use crate::limits::{
     AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Limiter, RateLimitHeaders,
-    Refusal, Settlement, Ticket,
+    Refusal, Settlement, SpendRate, Ticket,
 };
 use crate::money::Money;
 use crate::rating::ledger::{LedgerError, LedgerReader};
@@ -64,6 +64,11 @@ fn share_of(limit: u64, share: f64) -> u64 {
     ((limit as f64 * share).floor() as u64).max(1)
 }
 
+/// An amount scaled to one replica's share.
+fn money_share(amount: Money, share: f64) -> Money {
+    Money((amount.nanos() as f64 * share).floor() as i64)
+}
+
 fn shared_limits(limits: &KeyLimits, share: f64) -> KeyLimits {
     KeyLimits {
         rpm: limits.rpm.map(|v| share_of(u64::from(v), share) as u32),
@@ -73,8 +78,12 @@ fn shared_limits(limits: &KeyLimits, share: f64) -> KeyLimits {
             .map(|v| share_of(u64::from(v), share) as u32),
         budget: limits.budget.map(|(cap, period)| match cap {
             crate::limits::UNCAPPED => (cap, period),
-            cap => (Money((cap.nanos() as f64 * share).floor() as i64), period),
+            cap => (money_share(cap, share), period),
         }),
+        spend_rate: SpendRate {
+            per_minute: limits.spend_rate.per_minute.map(|cap| money_share(cap, share)),
+            per_hour: limits.spend_rate.per_hour.map(|cap| money_share(cap, share)),
+        },
     }
 }
 
@@ -111,7 +120,7 @@ impl Admission {
                 local_share.upsert_key(
                     id,
                     &shared_limits(limits, *share),
-                    spent.map(|s| Money((s.nanos() as f64 * share).floor() as i64)),
+                    spent.map(|s| money_share(s, *share)),
                 )
             }
         }

@@ -49,7 +49,7 @@ pub use crate::config::OnUnavailable;
 use crate::limits::gcra::Snapshot;
 use crate::limits::{
     AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, RateLimitHeaders, Refusal,
-    UNCAPPED,
+    SPEND_PER_HOUR, SPEND_PER_MINUTE, UNCAPPED,
 };
 use crate::money::Money;
 use crate::rating::plan::Cursor;
@@ -209,9 +209,33 @@ struct Release {
     key_rpm: (u64, u64),
     key_tpm: (u64, u64),
     model_tpm: (u64, u64),
+    /// The key's spend-rate caps and the nano-dollars the request took from them.
+    spend: (SpendCaps, u64),
     /// A request's release happens once, by its lease; an allowance's is not guarded so,
     /// since a grant that raced its return may give back the same id again.
     once: bool,
+}
+
+/// A key's spend-rate caps as the scripts take them: nano-dollars per minute and per hour,
+/// 0 for none.
+#[derive(Clone, Copy, Default)]
+struct SpendCaps {
+    per_minute: u64,
+    per_hour: u64,
+}
+
+impl SpendCaps {
+    fn of(limits: &KeyLimits) -> SpendCaps {
+        let nanos = |cap: Option<Money>| cap.map_or(0, |cap| u64::try_from(cap.nanos()).unwrap_or(0));
+        SpendCaps {
+            per_minute: nanos(limits.spend_rate.per_minute),
+            per_hour: nanos(limits.spend_rate.per_hour),
+        }
+    }
+
+    fn any(self) -> bool {
+        self.per_minute > 0 || self.per_hour > 0
+    }
 }
 
 /// A slice of one key's shared limits held by this replica (see the module docs). `None`
@@ -256,6 +280,7 @@ impl Allowance {
             key_rpm: (self.key_rpm, self.requests.unwrap_or(0)),
             key_tpm: (self.key_tpm, self.tokens.unwrap_or(0)),
             model_tpm: (0, 0),
+            spend: (SpendCaps::default(), 0),
             once: false,
         }
     }
@@ -286,6 +311,8 @@ pub struct Lease {
     admitted_us: i64,
     reserved: Money,
     cap: Option<Money>,
+    /// The key's spend-rate caps and the nano-dollars taken from them.
+    spend: (SpendCaps, u64),
     headers: RateLimitHeaders,
     settled: bool,
     /// The allowance it was admitted from, if any: it holds no lease of its own.
@@ -419,6 +446,8 @@ fn refusal(reason: i64, retry_us: i64, remaining: Money, needed: Money) -> Refus
         3 => limited("tokens", "key"),
         4 => limited("requests", "model"),
         5 => limited("tokens", "model"),
+        7 => limited("requests", SPEND_PER_MINUTE),
+        8 => limited("requests", SPEND_PER_HOUR),
         _ => Refusal::InsufficientQuota { remaining, needed },
     }
 }
@@ -594,7 +623,9 @@ impl RedisState {
         let key_rpm = limits.rpm.map_or(0, u64::from);
         let key_tpm = limits.tpm.unwrap_or(0);
         let (model_rpm, model_tpm) = model_limits;
-        let may_hold_allowance = model_limits == (0, 0) && limits.max_concurrency.is_none();
+        let spend_caps = SpendCaps::of(limits);
+        let may_hold_allowance =
+            model_limits == (0, 0) && limits.max_concurrency.is_none() && !spend_caps.any();
         if may_hold_allowance {
             if let Some(lease) = self.admit_here(key_id, model, demand, cap) {
                 self.decided_here.inc();
@@ -622,6 +653,8 @@ impl RedisState {
                 spend_key(key_id, period_start),
                 key_of(key_id, "lease_amounts"),
                 key_of(key_id, "reserved"),
+                key_of(key_id, "usd_per_minute"),
+                key_of(key_id, "usd_per_hour"),
             ];
             let args = vec![
                 Arg::Text(id.clone()),
@@ -634,6 +667,8 @@ impl RedisState {
                 Arg::Int(cap),
                 Arg::Int(demand.cost.nanos().max(0)),
                 Arg::Text(allowance_id.clone()),
+                Arg::Int(spend_caps.per_minute as i64),
+                Arg::Int(spend_caps.per_hour as i64),
             ];
             (keys, args)
         };
@@ -672,6 +707,14 @@ impl RedisState {
                     admitted_us: now_ms * 1_000,
                     reserved,
                     cap: (cap >= 0).then_some(Money(cap)),
+                    spend: (
+                        spend_caps,
+                        if spend_caps.any() {
+                            demand.cost.nanos().max(0) as u64
+                        } else {
+                            0
+                        },
+                    ),
                     headers,
                     settled: false,
                     allowance: None,
@@ -745,6 +788,7 @@ impl RedisState {
             admitted_us: crate::unix_ms() * 1_000,
             reserved: Money(reserve),
             cap: (cap >= 0).then_some(Money(cap)),
+            spend: (SpendCaps::default(), 0),
             headers,
             settled: false,
             allowance: Some(shared),
@@ -809,6 +853,7 @@ impl RedisState {
                 key_rpm: (key_rpm, granted(requests).unwrap_or(0)),
                 key_tpm: (key_tpm, granted(tokens).unwrap_or(0)),
                 model_tpm: (0, 0),
+                spend: (SpendCaps::default(), 0),
                 once: false,
             });
             return;
@@ -999,6 +1044,8 @@ impl RedisState {
             key_of(&lease.key_id, "reserved"),
             key_of(&lease.key_id, &format!("alerted:{period_start}")),
             totals_key(&lease.key_id, month_start_ms),
+            key_of(&lease.key_id, "usd_per_minute"),
+            key_of(&lease.key_id, "usd_per_hour"),
         ];
         let args = vec![
             Arg::Text(std::mem::take(&mut lease.id)),
@@ -1015,6 +1062,9 @@ impl RedisState {
             Arg::Int(delta.map_or(-1, |d| d.tokens as i64)),
             Arg::Int(delta.map_or(0, |d| d.plan_cost.nanos())),
             Arg::Int(delta.map_or(0, |d| d.micro_credits as i64)),
+            Arg::Int(lease.spend.0.per_minute as i64),
+            Arg::Int(lease.spend.0.per_hour as i64),
+            Arg::Int(lease.spend.1 as i64),
         ];
         let cap = lease.cap;
         let state = self.clone();
@@ -1055,6 +1105,7 @@ impl RedisState {
         once: Once<'_>,
     ) -> Result<Option<Charged>, StateError> {
         let (cap, period) = cap_of(limits);
+        let spend_caps = SpendCaps::of(limits);
         let period_start = period.start_ms(crate::unix_ms());
         let mut invocation = self.scripts.charge.prepare_invoke();
         invocation
@@ -1063,10 +1114,14 @@ impl RedisState {
             .key(key_of(key_id, "lease_amounts"))
             .key(key_of(key_id, "reserved"))
             .key(key_of(key_id, &format!("once:{}", once.id)))
+            .key(key_of(key_id, "usd_per_minute"))
+            .key(key_of(key_id, "usd_per_hour"))
             .arg(amount.nanos())
             .arg(cap)
             .arg(once.record)
-            .arg(ONCE_KEPT_MS);
+            .arg(ONCE_KEPT_MS)
+            .arg(spend_caps.per_minute)
+            .arg(spend_caps.per_hour);
         let answer = self.run(invocation).await?;
         let Value::Array(parts) = &answer else {
             return Err(StateError::Answer(format!("charge: {answer:?}")));
@@ -1244,6 +1299,8 @@ impl RedisState {
             .key(model_key(&release.model, "tpm"))
             .key(key_of(&release.key_id, "lease_amounts"))
             .key(key_of(&release.key_id, "reserved"))
+            .key(key_of(&release.key_id, "usd_per_minute"))
+            .key(key_of(&release.key_id, "usd_per_hour"))
             .arg(&release.id)
             .arg(release.key_rpm.0)
             .arg(release.key_rpm.1)
@@ -1251,7 +1308,10 @@ impl RedisState {
             .arg(release.key_tpm.1)
             .arg(release.model_tpm.0)
             .arg(release.model_tpm.1)
-            .arg(u8::from(release.once));
+            .arg(u8::from(release.once))
+            .arg(release.spend.0.per_minute)
+            .arg(release.spend.0.per_hour)
+            .arg(release.spend.1);
         self.run(invocation).await.map(|_| ())
     }
 
@@ -1349,6 +1409,7 @@ impl Drop for Lease {
             key_rpm: (0, 0),
             key_tpm: self.key_tpm,
             model_tpm: self.model_tpm,
+            spend: self.spend,
             once: true,
         });
     }

@@ -149,7 +149,8 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE usage ADD COLUMN cache_write_input_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN reported_cache_write_input_tokens BIGINT;
     "#,
-    ), // 6: outcomes by time, for the spend restored at start; usage by key and time is read
+    ),
+    // 6: outcomes by time, for the spend restored at start; usage by key and time is read
     // from the rollups, and its index no longer pays for what every insert costs.
     Migration::Sql(
         "CREATE INDEX outcomes_time ON outcomes (at_ms);
@@ -157,6 +158,11 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // 7: rollups (see `rating::ledger::rollup`), filled from the rows already written.
     Migration::Rollups,
+    // 8: spend-rate caps on keys.
+    Migration::Sql(
+        "ALTER TABLE keys ADD COLUMN usd_per_minute_nanos BIGINT;
+         ALTER TABLE keys ADD COLUMN usd_per_hour_nanos BIGINT;",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

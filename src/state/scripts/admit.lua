@@ -1,13 +1,14 @@
 -- Admits a batch of requests, in order, each against every limit at once, all or nothing.
 -- Per request, KEYS: 1 leases, 2 key rpm, 3 key tpm, 4 model rpm, 5 model tpm, 6 spend,
---   7 lease amounts, 8 reserved
+--   7 lease amounts, 8 reserved, 9 key dollars per minute, 10 key dollars per hour
 -- ARGV: 1 lease ms, 2 replicas, then per request: 1 request id, 2 max concurrency (-1: none),
 --   3 key rpm, 4 key tpm, 5 model rpm, 6 model tpm (0: none), 7 tokens, 8 cap (-1: uncapped),
---   9 cost, 10 allowance id to grant to ('' for none)
+--   9 cost, 10 allowance id to grant to ('' for none), 11 nano-dollars per minute, 12 per hour
+--   (0: none)
 -- Returns per request {0, reserved, snapshots..., [requests, tokens, budget granted]}
 -- admitted, {1, reason, retry_us, remaining, snapshots...} refused (reason 1 concurrency,
--- 2 key rpm, 3 key tpm, 4 model rpm, 5 model tpm, 6 budget), or {2} when the period's spend
--- must first be seeded from the ledger.
+-- 2 key rpm, 3 key tpm, 4 model rpm, 5 model tpm, 6 budget, 7 dollars per minute, 8 per
+-- hour), or {2} when the period's spend must first be seeded from the ledger.
 --
 -- An allowance is a share of a key's remaining RPM, TPM and budget taken for one replica,
 -- which admits from it locally (see `redis.rs`). It is granted only far from every limit — at
@@ -30,6 +31,9 @@ local function admit(K, A)
   local allowance = A[10]
   local throttles = {K[2], K[3], K[4], K[5]}
   local units = {1, tokens, 1, tokens}
+  -- The spend-rate throttles take the request's worst-case cost, after the four above.
+  local spending = spend_throttles(K[9], tonumber(A[11]), K[10], tonumber(A[12]))
+  local spend_units = math.max(cost, 0)
 
   purge(K[1], K[7], K[8])
   local spent = read(K[6])
@@ -63,6 +67,12 @@ local function admit(K, A)
     if not ok then return refuse(i + 1, value) end
     taken[i] = value
   end
+  local spent_tats = {}
+  for i, throttle in ipairs(spending) do
+    local ok, value = gcra_try(throttle[1], throttle[2], spend_units, throttle[3])
+    if not ok then return refuse(6 + i, value) end
+    spent_tats[i] = value
+  end
   local reserve = 0
   if cap >= 0 then
     reserve = math.max(cost, 0)
@@ -71,6 +81,9 @@ local function admit(K, A)
 
   for i = 1, 4 do
     if taken[i] then write(throttles[i], taken[i], 'tat') end
+  end
+  for i, throttle in ipairs(spending) do
+    if spent_tats[i] then write(throttle[1], spent_tats[i], 'tat') end
   end
   if held[K[1]] then held[K[1]] = held[K[1]] + 1 end
   if not new_leases[K[1]] then
@@ -124,7 +137,7 @@ local function admit(K, A)
   return answer
 end
 
-for K, A in calls(8, 10, 2) do
+for K, A in calls(10, 12, 2) do
   table.insert(answers, admit(K, A))
 end
 commit()

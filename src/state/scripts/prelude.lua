@@ -6,6 +6,7 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 local WINDOW = 60000000
+local HOUR = 60 * WINDOW
 
 -- Numbers (Redis writes a Lua number's integer digits exactly; formatting them here costs
 -- more than the command): `read` gives false for a key that does not exist; `write` keeps
@@ -64,27 +65,33 @@ local function commit()
 end
 
 -- How a throttle stands if `units` were taken now: ok and the new TAT, or the wait; and the
--- TAT as it stands.
-local function gcra_try(key, limit, units)
+-- TAT as it stands. The window is a minute unless given (an hour for spend).
+local function gcra_try(key, limit, units, window)
+  window = window or WINDOW
   if limit <= 0 then return true, nil, nil end
   local tat = read(key) or 0
-  if units > limit then return false, WINDOW, tat end
-  local new_tat = math.max(tat, now_us) + math.ceil(WINDOW / limit * units)
+  if units > limit then return false, window, tat end
+  local new_tat = math.max(tat, now_us) + math.ceil(window / limit * units)
   local ahead = new_tat - now_us
-  if ahead > WINDOW then return false, math.max(ahead - WINDOW, 1), tat end
+  if ahead > window then return false, math.max(ahead - window, 1), tat end
   return true, new_tat, tat
 end
 
 -- Gives units back; a throttle whose state expired has nothing left to refund.
-local function gcra_refund(key, limit, units)
+local function gcra_refund(key, limit, units, window)
   if limit <= 0 or units <= 0 then return end
   local tat = read(key)
-  if tat then write(key, tat - math.ceil(WINDOW / limit * units), 'keep') end
+  if tat then write(key, tat - math.ceil((window or WINDOW) / limit * units), 'keep') end
 end
 
-local function gcra_charge(key, limit, units)
+local function gcra_charge(key, limit, units, window)
   if limit <= 0 or units <= 0 then return end
-  write(key, math.max(read(key) or 0, now_us) + math.ceil(WINDOW / limit * units), 'tat')
+  write(key, math.max(read(key) or 0, now_us) + math.ceil((window or WINDOW) / limit * units), 'tat')
+end
+
+-- A key's spend-rate throttles: {key, limit in nano-dollars, window}, per minute and per hour.
+local function spend_throttles(per_minute_key, per_minute, per_hour_key, per_hour)
+  return {{per_minute_key, per_minute, WINDOW}, {per_hour_key, per_hour, HOUR}}
 end
 
 -- Remaining units and microseconds until whole at a given TAT, for the x-ratelimit headers.

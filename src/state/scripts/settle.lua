@@ -5,14 +5,15 @@
 -- (A request admitted from an allowance holds no lease of its own; the gateway sends its one
 -- settlement once and never again.)
 -- Per request, KEYS: 1 leases, 2 key tpm, 3 model tpm, 4 spend, 5 lease amounts, 6 reserved,
---   7 alerted thresholds, 8 the month's rating totals
+--   7 alerted thresholds, 8 the month's rating totals, 9 key dollars per minute, 10 per hour
 -- ARGV: 1 number of alert thresholds n, 2..n+1 thresholds in percent, then per request:
 --   1 request id, 2 key tpm limit, 3 key tokens held, 4 model tpm limit, 5 model tokens held,
 --   6 tokens used, 7 admitted at (us), 8 cost, 9 cap (-1: uncapped), 10 alert ttl ms,
 --   11 the allowance it was admitted from ('' for its own lease), whose budget pays its cost,
 --   12..14 what the request adds to the month's totals (tokens, plan cost, micro-credits), or
 --   -1 when it was rated against them (which advanced them already); totals not seeded yet
---   are left for the first request that needs them
+--   are left for the first request that needs them; 15 nano-dollars per minute, 16 per hour
+--   (0: none), 17 nano-dollars the request took from those throttles
 -- Returns per request {settled (1) or already settled (0), spend, newly crossed threshold mask}.
 local thresholds = {}
 for i = 2, tonumber(ARGV[1]) + 1 do table.insert(thresholds, tonumber(ARGV[i])) end
@@ -61,6 +62,15 @@ local function settle(K, A)
       gcra_charge(key, limit, used - held)
     end
   end
+  local cost, spend_taken = math.max(tonumber(A[8]), 0), tonumber(A[17])
+  for _, throttle in ipairs(spend_throttles(K[9], tonumber(A[15]), K[10], tonumber(A[16]))) do
+    local key, limit, window = throttle[1], throttle[2], throttle[3]
+    if cost < spend_taken then
+      if now_us - tonumber(A[7]) < window then gcra_refund(key, limit, spend_taken - cost, window) end
+    elseif cost > spend_taken then
+      gcra_charge(key, limit, cost - spend_taken, window)
+    end
+  end
   if tonumber(A[12]) >= 0 then
     local month = month_totals(K[8])
     if month then
@@ -84,7 +94,7 @@ local function settle(K, A)
   return {1, spent, first}
 end
 
-for K, A in calls(8, 14, tonumber(ARGV[1]) + 1) do
+for K, A in calls(10, 17, tonumber(ARGV[1]) + 1) do
   table.insert(answers, settle(K, A))
 end
 commit()
