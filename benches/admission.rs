@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tollgate::auth::{hash_secret, KeyIndex, KeyRecord};
-use tollgate::limits::{BudgetPeriod, Demand, KeyLimits, Limiter, SystemClock};
+use tollgate::limits::{BudgetPeriod, Demand, KeyLimits, Limiter, SpendRate, SystemClock};
 use tollgate::money::Money;
 
 fn key(i: usize) -> (String, KeyRecord) {
@@ -35,7 +35,8 @@ fn key(i: usize) -> (String, KeyRecord) {
 
 fn bench_admission(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
-    for keys in [10usize, 100_000] {
+    // The last case adds spend-rate caps (two more throttles, on dollars) to every key.
+    for (keys, spend_rate) in [(10usize, false), (100_000, false), (10, true)] {
         let index = KeyIndex::default();
         let limiter = Limiter::new(Arc::new(SystemClock), vec![50, 80, 100]);
         limiter.set_model("gpt-4o-mini", Some(1_000_000_000), Some(u64::MAX / 4));
@@ -47,6 +48,10 @@ fn bench_admission(c: &mut Criterion) {
                 tpm: record.tpm,
                 max_concurrency: record.max_concurrency,
                 budget: record.budget_usd.map(|cap| (cap, record.budget_period)),
+                spend_rate: SpendRate {
+                    per_minute: spend_rate.then_some(Money::from_micros(1_000_000_000)),
+                    per_hour: spend_rate.then_some(Money::from_micros(10_000_000_000)),
+                },
                 ..KeyLimits::default()
             };
             limiter.upsert_key(&record.id, &limits, None);
@@ -59,7 +64,14 @@ fn bench_admission(c: &mut Criterion) {
         };
         let mut next = 0usize;
         group.bench_with_input(
-            BenchmarkId::new("auth+admit+settle", keys),
+            BenchmarkId::new(
+                if spend_rate {
+                    "auth+admit+settle, spend-rate caps"
+                } else {
+                    "auth+admit+settle"
+                },
+                keys,
+            ),
             &keys,
             |b, _| {
                 b.iter(|| {

@@ -281,8 +281,16 @@ impl KeyFields {
         }
         for (name, flag, value) in [
             ("budget_usd", "--budget-usd", &self.budget_usd),
-            ("max_usd_per_minute", "--max-usd-per-minute", &self.max_usd_per_minute),
-            ("max_usd_per_hour", "--max-usd-per-hour", &self.max_usd_per_hour),
+            (
+                "max_usd_per_minute",
+                "--max-usd-per-minute",
+                &self.max_usd_per_minute,
+            ),
+            (
+                "max_usd_per_hour",
+                "--max-usd-per-hour",
+                &self.max_usd_per_hour,
+            ),
         ] {
             if let Some(v) = value {
                 let number: serde_json::Number = v

@@ -582,6 +582,8 @@ async fn hostile_admin_fields_are_refused_or_made_sane() {
         ("tpm", json!({"tpm": 0})),
         ("max_concurrency", json!({"max_concurrency": 0})),
         ("budget_usd", json!({"budget_usd": "5"})),
+        ("max_usd_per_minute", json!({"max_usd_per_minute": 0})),
+        ("max_usd_per_hour", json!({"max_usd_per_hour": -1})),
     ] {
         let response = patch(body).await.unwrap();
         assert_eq!(response.status(), 400, "{field}");
@@ -642,4 +644,82 @@ async fn a_provider_refusing_the_gateways_key_is_a_gateway_error() {
         assert!(message.contains("your API key is fine"), "{message}");
         assert!(!message.contains("server had an error"), "{message}");
     }
+}
+
+/// A runaway loop on a key capped at $0.01 a minute: it spends the minute's cap at once, then
+/// at the cap's pace (over a span T at most $0.01 × (1 + T / 60 s), GCRA's burst), and the
+/// rest is refused with 429 `rate_limit_exceeded` and a `Retry-After` it can wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_rate_cap_slows_a_runaway_loop_to_a_known_worst_case() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "runaway", "max_usd_per_minute": 0.01}))
+        .await;
+    assert_eq!(created["max_usd_per_minute"], 0.01);
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let body = request(32);
+    let start = std::time::Instant::now();
+    let (mut ok, mut refused, mut waves_after_refusal) = (0u64, Vec::new(), 0);
+    // Waves of 32 at once until some are refused, then three more waves; bounded either way.
+    for _ in 0..100 {
+        let responses = join_all((0..32).map(|_| send_as(&gw, &key, &body))).await;
+        for response in responses {
+            match response.status().as_u16() {
+                200 => ok += 1,
+                429 => refused.push(response),
+                other => panic!("status {other}"),
+            }
+        }
+        if !refused.is_empty() {
+            waves_after_refusal += 1;
+            if waves_after_refusal > 3 {
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!(!refused.is_empty(), "{ok} admitted, none refused");
+    let state = key_state(&gw, &id).await;
+    let spent = (state["spend_usd"].as_f64().unwrap() * 1e9).round() as i64;
+    assert_eq!(spent, ok as i64 * ACTUAL, "{state}");
+    let worst_case = 1e7 * (1.0 + elapsed / 60.0);
+    assert!(
+        (spent as f64) <= worst_case,
+        "spent {spent} nano-dollars in {elapsed:.2} s, more than {worst_case}"
+    );
+    // The loop did reach the cap: what is left is at most the reservations of one wave.
+    assert!(spent >= 10_000_000 - 32 * RESERVED, "spent {spent}");
+    let refusal = refused.remove(0);
+    assert_eq!(refusal.headers()["x-should-retry"], "true");
+    let wait: u64 = refusal.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    let error: Value = refusal.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spend (at most $0.01 per minute)") && message.contains("`runaway`"),
+        "{message}"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "tollgate_rejections_total{{reason=\"key_usd_per_minute\"}} {}",
+            refused.len() + 1
+        )),
+        "{metrics}"
+    );
+    // A cap is changed in place and keeps what the minute already took; null removes it.
+    let changed = patch_key(
+        &gw,
+        &id,
+        json!({"max_usd_per_minute": null, "max_usd_per_hour": 1}),
+    )
+    .await;
+    assert_eq!(changed["max_usd_per_minute"], Value::Null);
+    assert_eq!(send_as(&gw, &key, &body).await.status(), 200);
 }

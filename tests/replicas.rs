@@ -721,6 +721,63 @@ async fn allowances_never_spend_past_the_cap() {
     invoiced_as_spent(fleet.url(2), &id, spend).await;
 }
 
+/// A spend-rate cap held by three replicas at once: the fleet admits what one gateway would
+/// (the minute's cap at once, then its pace) and refuses the rest with `rate_limit_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spend_rate_cap_holds_across_replicas() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("spend_rate");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    let cap = 0.002;
+    let (id, secret) = fleet
+        .create_key(0, json!({"name": "runaway", "max_usd_per_minute": cap}))
+        .await;
+    fleet.known_everywhere(&secret).await;
+    let start = Instant::now();
+    let mut waves_after_refusal = 0;
+    for _ in 0..60 {
+        let statuses = fleet.spread(60, &secret, &hello(100)).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 429),
+            "{statuses:?}"
+        );
+        if statuses.contains(&429) {
+            waves_after_refusal += 1;
+            if waves_after_refusal > 3 {
+                break;
+            }
+        }
+    }
+    assert!(
+        waves_after_refusal > 0,
+        "never refused: {}",
+        fleet.key(0, &id).await
+    );
+    // Settled waves give back what they reserved beyond their cost: one by one, requests
+    // spend that room until the cap refuses again.
+    let mut refused = fleet.chat(1, &secret, &hello(100)).await;
+    for _ in 0..1_000 {
+        if refused.status() != 200 {
+            break;
+        }
+        refused = fleet.chat(1, &secret, &hello(100)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    fleet.nothing_reserved(&id, "every request settled").await;
+    let spend = fleet.key(2, &id).await["spend_usd"].as_f64().unwrap();
+    assert!(
+        spend <= cap * (1.0 + elapsed / 60.0) + 1e-12,
+        "spent {spend} in {elapsed:.2} s"
+    );
+    // The fleet did reach the cap: less than a wave's worst cases ($0.0000614 each) is left.
+    assert!(spend >= cap - 60.0 * 0.0000614, "spent {spend}");
+    invoiced_as_spent(fleet.url(0), &id, spend).await;
+}
+
 /// Outcomes reported through different replicas: each idempotency key is charged once across
 /// them (a repeat on another replica is answered with the first report), and the charges are
 /// held against one cap.

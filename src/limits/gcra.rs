@@ -135,7 +135,8 @@ impl Gcra {
     fn snapshot_at(&self, tat_us: i64, now_us: i64) -> Snapshot {
         let used_us = (tat_us - now_us).clamp(0, self.window_us);
         let limit = self.limit();
-        let remaining = ((self.window_us - used_us) as f64 / self.interval_us(limit)).floor() as u64;
+        let remaining =
+            ((self.window_us - used_us) as f64 / self.interval_us(limit)).floor() as u64;
         Snapshot {
             limit,
             remaining: remaining.min(limit),

@@ -680,7 +680,10 @@ fn take_spend(key: &KeyState, cost: Money, now_us: i64) -> Result<u64, Refusal> 
 /// that outlived a throttle's window has had its reservation age out of it already.
 fn correct_spend(key: &KeyState, taken: u64, cost: Money, admitted_us: i64, now_us: i64) {
     let cost = u64::try_from(cost.nanos()).unwrap_or(0);
-    for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+    for limit in [&key.usd_per_minute, &key.usd_per_hour]
+        .into_iter()
+        .flatten()
+    {
         if cost < taken {
             if now_us.saturating_sub(admitted_us) < limit.window_us() {
                 limit.release(taken - cost);
@@ -695,7 +698,10 @@ fn correct_spend(key: &KeyState, taken: u64, cost: Money, admitted_us: i64, now_
 /// money gone, but it is never refused for the rate, only the requests after it are paced.
 fn charge_spend(key: &KeyState, amount: Money, now_us: i64) {
     let nanos = u64::try_from(amount.nanos()).unwrap_or(0);
-    for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+    for limit in [&key.usd_per_minute, &key.usd_per_hour]
+        .into_iter()
+        .flatten()
+    {
         limit.charge(nanos, now_us);
     }
 }
@@ -744,7 +750,10 @@ impl Drop for Ticket {
             if let Some(budget) = &key.budget {
                 budget.release(self.reserved);
             }
-            for limit in [&key.usd_per_minute, &key.usd_per_hour].into_iter().flatten() {
+            for limit in [&key.usd_per_minute, &key.usd_per_hour]
+                .into_iter()
+                .flatten()
+            {
                 limit.release(self.spend_taken);
             }
             if self.holds_slot {
@@ -1008,7 +1017,7 @@ mod tests {
             clock.advance(Duration::from_secs(60));
             while let Ok(ticket) = limiter.admit("k", "m", demand(10, Money(1_000_000))) {
                 limiter.settle(ticket, 10, Money(1_000_000));
-                admitted = admitted + Money(1_000_000);
+                admitted += Money(1_000_000);
             }
         }
         // An hour of minutes at $0.01 would be $0.60. The hourly cap holds it to its burst
@@ -1039,17 +1048,24 @@ mod tests {
         };
         limiter.upsert_key("k", &limits, None);
         // The hour refuses after the minute said yes: the minute keeps nothing of it.
-        let held = limiter.admit("k", "m", demand(0, Money(9_000_000))).unwrap();
+        let held = limiter
+            .admit("k", "m", demand(0, Money(9_000_000)))
+            .unwrap();
         clock.advance(Duration::from_secs(60));
         let refused = limiter.admit("k", "m", demand(0, Money(4_000_000)));
         assert_eq!(refused.err().map(|r| r.reason()), Some("key_usd_per_hour"));
         assert_eq!(limiter.headers("k", "m").requests.unwrap().remaining, 100);
         drop(held);
-        let ticket = limiter.admit("k", "m", demand(0, Money(10_000_000))).unwrap();
+        let ticket = limiter
+            .admit("k", "m", demand(0, Money(10_000_000)))
+            .unwrap();
         limiter.settle(ticket, 0, Money::ZERO);
         // A reported outcome is charged whole, and the requests after it wait for the rate.
         limiter.charge("k", Money(10_000_000)).unwrap();
         let refused = limiter.admit("k", "m", demand(0, Money(1_000_000)));
-        assert_eq!(refused.err().map(|r| r.reason()), Some("key_usd_per_minute"));
+        assert_eq!(
+            refused.err().map(|r| r.reason()),
+            Some("key_usd_per_minute")
+        );
     }
 }

@@ -81,8 +81,14 @@ fn shared_limits(limits: &KeyLimits, share: f64) -> KeyLimits {
             cap => (money_share(cap, share), period),
         }),
         spend_rate: SpendRate {
-            per_minute: limits.spend_rate.per_minute.map(|cap| money_share(cap, share)),
-            per_hour: limits.spend_rate.per_hour.map(|cap| money_share(cap, share)),
+            per_minute: limits
+                .spend_rate
+                .per_minute
+                .map(|cap| money_share(cap, share)),
+            per_hour: limits
+                .spend_rate
+                .per_hour
+                .map(|cap| money_share(cap, share)),
         },
     }
 }

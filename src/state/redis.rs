@@ -226,7 +226,8 @@ struct SpendCaps {
 
 impl SpendCaps {
     fn of(limits: &KeyLimits) -> SpendCaps {
-        let nanos = |cap: Option<Money>| cap.map_or(0, |cap| u64::try_from(cap.nanos()).unwrap_or(0));
+        let nanos =
+            |cap: Option<Money>| cap.map_or(0, |cap| u64::try_from(cap.nanos()).unwrap_or(0));
         SpendCaps {
             per_minute: nanos(limits.spend_rate.per_minute),
             per_hour: nanos(limits.spend_rate.per_hour),
