@@ -24,6 +24,8 @@ fn key(i: usize) -> (String, KeyRecord) {
         rpm: Some(1_000_000_000),
         tpm: Some(u64::MAX / 4),
         max_concurrency: Some(1_000),
+        max_usd_per_minute: None,
+        max_usd_per_hour: None,
         models: None,
         plan: None,
         seats: 1,
