@@ -54,7 +54,6 @@ fn bench_admission(c: &mut Criterion) {
                     per_minute: spend_rate.then_some(Money::from_micros(1_000_000_000)),
                     per_hour: spend_rate.then_some(Money::from_micros(10_000_000_000)),
                 },
-                ..KeyLimits::default()
             };
             limiter.upsert_key(&record.id, &limits, None);
             index.put(record);
