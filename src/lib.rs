@@ -26,6 +26,7 @@ pub mod reload;
 pub mod responses;
 pub mod route;
 pub mod server;
+pub mod spend_watch;
 pub mod state;
 pub mod store;
 pub mod stream;

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub key_remaining_requests: GaugeVec,
     pub key_remaining_tokens: GaugeVec,
     pub budget_alerts: IntCounterVec,
+    pub velocity_alerts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -192,6 +193,12 @@ impl Metrics {
                 "Budget alert thresholds crossed, by threshold percent",
                 &["threshold"],
             ),
+            velocity_alerts: counter(
+                &registry,
+                "velocity_alerts_total",
+                "Spend spikes announced (once per episode), by what tripped them",
+                &["trigger"],
+            ),
             requests: counter(
                 &registry,
                 "requests_total",
@@ -311,6 +318,7 @@ impl Metrics {
             Box::new(self.config_reloads.clone()),
             Box::new(self.budget_overshoot_usd.clone()),
             Box::new(self.budget_alerts.clone()),
+            Box::new(self.velocity_alerts.clone()),
             Box::new(self.route_decisions.clone()),
             Box::new(self.fallbacks.clone()),
             Box::new(self.key_spend_usd.clone()),

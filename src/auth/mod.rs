@@ -150,6 +150,12 @@ impl KeyIndex {
         }
     }
 
+    /// A live key by id.
+    pub fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        let hash = *self.by_id.get(id)?;
+        self.by_hash.get(&hash).map(|entry| entry.value().clone())
+    }
+
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }

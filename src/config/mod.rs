@@ -260,6 +260,59 @@ impl Model {
 pub struct BudgetAlerts {
     pub thresholds_pct: Vec<u8>,
     pub webhook: Option<reqwest::Url>,
+    pub velocity: Velocity,
+}
+
+/// When a key's spend over the last ten minutes is a spike (see `spend_watch`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Velocity {
+    /// Times the trailing 7-day average for ten minutes; `None` when off.
+    pub factor: Option<f64>,
+    pub min: Money,
+    /// A fixed pace (per hour) that is a spike whatever the history.
+    pub per_hour: Option<Money>,
+    pub check_every: Duration,
+}
+
+/// Dollars from the config file: finite, not negative, to the nano-dollar.
+fn config_dollars(value: f64) -> Option<Money> {
+    (value.is_finite() && value >= 0.0)
+        .then(|| Money::parse_usd(&format!("{value:.9}")).ok())
+        .flatten()
+}
+
+fn velocity_settings(raw: &raw::RawBudgets, problems: &mut Problems) -> Velocity {
+    let factor = match raw.velocity_factor {
+        f if f == 0.0 => None,
+        f if f.is_finite() && f >= 1.0 => Some(f),
+        _ => {
+            problems.push(
+                &["budgets", "velocity_factor"],
+                "must be at least 1 (times the usual rate), or 0 to turn velocity alerts off",
+            );
+            None
+        }
+    };
+    let min = config_dollars(raw.velocity_min_usd).unwrap_or_else(|| {
+        problems.push(&["budgets", "velocity_min_usd"], "must be a number of USD from 0 up");
+        Money::ZERO
+    });
+    let per_hour = raw.velocity_usd_per_hour.and_then(|pace| {
+        let money = config_dollars(pace).filter(|m| *m > Money::ZERO);
+        if money.is_none() {
+            problems.push(&["budgets", "velocity_usd_per_hour"], "must be above zero USD");
+        }
+        money
+    });
+    if !(1..=3_600).contains(&raw.velocity_check_secs) {
+        problems.push(&["budgets", "velocity_check_secs"], "must be 1 to 3600");
+    }
+    Velocity {
+        factor,
+        min,
+        per_hour,
+        check_every: Duration::from_secs(raw.velocity_check_secs.clamp(1, 3_600)),
+    }
 }
 
 /// The Messages API version sent to `anthropic` upstreams by default.
@@ -445,6 +498,7 @@ impl Config {
                 "thresholds are percentages from 1 up",
             );
         }
+        let velocity = velocity_settings(&raw.budgets, problems);
         let catalog: HashMap<String, (ModelPrices, String)> = models
             .iter()
             .map(|(name, model)| (name.clone(), (model.prices, model.tier.clone())))
@@ -503,6 +557,7 @@ impl Config {
             budget_alerts: BudgetAlerts {
                 thresholds_pct: raw.budgets.alert_thresholds_pct.clone(),
                 webhook,
+                velocity,
             },
             source: path.to_owned(),
             server,

@@ -242,6 +242,15 @@ pub struct RawBudgets {
     pub alert_thresholds_pct: Vec<u8>,
     /// Optional URL that receives a JSON event per crossing.
     pub alert_webhook: Option<String>,
+    /// A key spends too fast when its last ten minutes cost more than this many times its
+    /// trailing 7-day average for ten minutes; 0 turns this off.
+    pub velocity_factor: f64,
+    /// …and at least this much (USD), so a key with little history does not alert on cents.
+    pub velocity_min_usd: f64,
+    /// A key also spends too fast when its last ten minutes run above this pace (USD/hour).
+    pub velocity_usd_per_hour: Option<f64>,
+    /// How often spend velocity is checked.
+    pub velocity_check_secs: u64,
 }
 
 impl Default for RawBudgets {
@@ -249,6 +258,10 @@ impl Default for RawBudgets {
         RawBudgets {
             alert_thresholds_pct: vec![50, 80, 100],
             alert_webhook: None,
+            velocity_factor: 5.0,
+            velocity_min_usd: 1.0,
+            velocity_usd_per_hour: None,
+            velocity_check_secs: 60,
         }
     }
 }

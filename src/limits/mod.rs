@@ -308,6 +308,8 @@ pub struct Limiter {
     models: DashMap<String, Arc<ModelState>>,
     clock: Arc<dyn Clock>,
     alert_thresholds_pct: Vec<u8>,
+    /// Alert episodes running, by name, until (ms) they end unless claimed again.
+    episodes: DashMap<String, i64>,
 }
 
 /// A budget threshold crossed by a settlement, to log, count and announce.
@@ -335,6 +337,18 @@ impl Limiter {
             models: DashMap::new(),
             clock,
             alert_thresholds_pct,
+            episodes: DashMap::new(),
+        }
+    }
+
+    /// Claims an alert episode: true when none was running under `name`; every claim keeps
+    /// it running `lasts` more, and one not claimed for that long has ended.
+    pub fn claim_episode(&self, name: &str, lasts: Duration) -> bool {
+        let now_ms = self.clock.now_ms();
+        let until = now_ms + i64::try_from(lasts.as_millis()).unwrap_or(i64::MAX / 2);
+        match self.episodes.insert(name.to_owned(), until) {
+            Some(running) => running <= now_ms,
+            None => true,
         }
     }
 

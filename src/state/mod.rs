@@ -375,6 +375,21 @@ impl Admission {
         redis.budget(key_id, limits).await.ok().flatten()
     }
 
+    /// Claims an alert episode, once across replicas (see `Limiter::claim_episode`). With
+    /// Redis out of reach nobody claims it: the next check tries again.
+    pub async fn claim_episode(&self, name: &str, lasts: std::time::Duration) -> bool {
+        match self {
+            Admission::Embedded(limiter) => limiter.claim_episode(name, lasts),
+            Admission::Shared { redis, .. } => match redis.claim_episode(name, lasts).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    tracing::warn!(%error, "alert episode not claimed; checked again later");
+                    false
+                }
+            },
+        }
+    }
+
     /// Tells the other replicas that a key changed; a no-op for one replica.
     pub async fn publish_key_change(&self, key_id: &str) {
         if let Admission::Shared { redis, .. } = self {

@@ -76,6 +76,7 @@ struct Scripts {
     charge: Script,
     seed: Script,
     give_back: Script,
+    episode: Script,
 }
 
 impl Scripts {
@@ -93,6 +94,7 @@ impl Scripts {
             advance: with_prelude(include_str!("scripts/advance.lua")),
             seed: Script::new(include_str!("scripts/seed.lua")),
             give_back: with_prelude(include_str!("scripts/give_back.lua")),
+            episode: Script::new(include_str!("scripts/episode.lua")),
         }
     }
 }
@@ -945,6 +947,16 @@ impl RedisState {
                 tracing::debug!(%error, "allowance not given back; its lease will expire");
             }
         }
+    }
+
+    /// Claims an alert episode (see `scripts/episode.lua`): true for the one replica that
+    /// starts it.
+    pub async fn claim_episode(&self, name: &str, lasts: Duration) -> Result<bool, StateError> {
+        let mut invocation = self.scripts.episode.prepare_invoke();
+        invocation
+            .key(format!("tg:episode:{name}"))
+            .arg(lasts.as_millis() as u64);
+        Ok(matches!(self.run(invocation).await?, Value::Int(1)))
     }
 
     /// Sets a key's spend for the period that starts at `period_start_ms`, unless a replica

@@ -792,12 +792,12 @@ impl LedgerReader for SqliteLedgerReader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::Endpoint;
     use crate::meter::record::{Outcome, TokenUsage};
 
-    fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
+    pub(crate) fn record(request_id: &str, reported: Option<TokenUsage>) -> UsageRecord {
         UsageRecord {
             request_id: request_id.to_owned(),
             client_request_id: Some(format!("client-{request_id}")),
