@@ -341,7 +341,8 @@ async fn list_keys(
     authorize(&app, &headers)?;
     let store = app.key_store.clone();
     let records = blocking(move || store.list().map_err(store_error)).await?;
-    let views = records.iter().map(|r| key_view(&app, r));
+    let paces = hourly_paces(&app, None).await;
+    let views = records.iter().map(|r| key_view_at(&app, r, &paces));
     let data: Vec<Value> = futures_util::future::join_all(views).await;
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
@@ -611,12 +612,34 @@ fn count(value: &Value, field: &'static str) -> Result<Option<u64>, GatewayError
     }
 }
 
-/// A key as the admin API shows it, with its live budget state.
+/// Each key's spend per hour lately (one key's, with `key_id`), for budget projections; none
+/// when the ledger cannot say.
+async fn hourly_paces(app: &App, key_id: Option<&str>) -> HashMap<String, Money> {
+    let ledger = app.ledger.clone();
+    let key_id = key_id.map(str::to_owned);
+    let now_ms = crate::unix_ms();
+    let paces = blocking(move || {
+        crate::spend_watch::hourly_paces(ledger.as_ref(), now_ms, key_id.as_deref())
+            .map_err(store_error)
+    });
+    paces.await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "budget projections left out");
+        HashMap::new()
+    })
+}
+
+/// A key as the admin API shows it, with its live budget state and its projection.
 async fn key_view(app: &App, record: &KeyRecord) -> Value {
+    let pace = hourly_paces(app, Some(&record.id)).await;
+    key_view_at(app, record, &pace).await
+}
+
+async fn key_view_at(app: &App, record: &KeyRecord, paces: &HashMap<String, Money>) -> Value {
     let mut view = serde_json::to_value(record).unwrap_or_else(|_| json!({}));
     view["object"] = json!("key");
     view["revoked"] = json!(record.is_revoked());
-    if let Value::Object(budget) = app.budget_view(record).await {
+    let pace = paces.get(&record.id).copied().unwrap_or(Money::ZERO);
+    if let Value::Object(budget) = app.budget_view(record, Some(pace)).await {
         for (name, value) in budget {
             view[name] = value;
         }

@@ -143,21 +143,39 @@ impl App {
     }
 
     /// Live budget figures for the admin API. Spend is tracked for every key; an uncapped key
-    /// shows no cap and no remaining amount.
-    pub async fn budget_view(&self, record: &KeyRecord) -> serde_json::Value {
+    /// shows no cap and no remaining amount. With the key's spend per hour, the period is
+    /// projected at that pace too (see `spend_watch::project`).
+    pub async fn budget_view(
+        &self,
+        record: &KeyRecord,
+        pace_per_hour: Option<Money>,
+    ) -> serde_json::Value {
         let limits = self.key_limits(record);
         let Some(snapshot) = self.admission.budget(&record.id, &limits).await else {
             return serde_json::Value::Null;
         };
         let capped = snapshot.budget_usd != crate::limits::UNCAPPED;
-        serde_json::json!({
+        let mut view = serde_json::json!({
             "budget_usd": capped.then_some(snapshot.budget_usd),
             "spend_usd": snapshot.spend_usd,
             "reserved_usd": snapshot.reserved_usd,
             "remaining_usd": capped.then_some(snapshot.remaining_usd),
             "period_start": rfc3339(snapshot.period_start_ms),
             "resets_at": snapshot.resets_at_ms.map(rfc3339),
-        })
+        });
+        if let Some(pace) = pace_per_hour {
+            let projection = crate::spend_watch::project(
+                snapshot.spend_usd,
+                capped.then_some(snapshot.budget_usd),
+                crate::unix_ms(),
+                snapshot.resets_at_ms,
+                pace,
+            );
+            view["pace_usd_per_hour"] = serde_json::json!(projection.pace_per_hour);
+            view["projected_spend_usd"] = serde_json::json!(projection.spend_at_reset);
+            view["cap_reached_at"] = serde_json::json!(projection.cap_reached_ms.map(rfc3339));
+        }
+        view
     }
 }
 

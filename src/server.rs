@@ -224,6 +224,7 @@ impl Gateway {
             self.app.clone(),
             self.app.config().source.clone(),
         ));
+        let spend_watch = tokio::spawn(crate::spend_watch::watch(Arc::downgrade(&self.app)));
         self.app.set_ready(true);
         shutdown.await;
         tracing::info!(
@@ -236,6 +237,7 @@ impl Gateway {
             tracing::info!("all connections drained");
         }
         watcher.abort();
+        spend_watch.abort();
         if let Some(admin_server) = admin_server {
             admin_server.abort();
         }

@@ -90,7 +90,9 @@ pub fn paces(ledger: &dyn LedgerReader, now_ms: i64) -> Result<HashMap<String, P
 /// Checks every key's pace until the gateway is gone.
 pub async fn watch(app: Weak<App>) {
     loop {
-        let Some(every) = app.upgrade().map(|app| app.config().budget_alerts.velocity.check_every)
+        let Some(every) = app
+            .upgrade()
+            .map(|app| app.config().budget_alerts.velocity.check_every)
         else {
             return;
         };
@@ -172,7 +174,7 @@ fn announce(
             "window_minutes": WINDOW.as_secs() / 60,
             "spend_usd": pace.recent,
             "usual_usd": pace.usual,
-            "budget": app.budget_view(&key).await,
+            "budget": app.budget_view(&key, None).await,
         });
         if let Err(error) = app.webhooks.post(url).json(&event).send().await {
             tracing::error!(error = %error.without_url(), "velocity webhook failed");
@@ -200,7 +202,13 @@ pub fn project(
     pace_per_hour: Money,
 ) -> Projection {
     let pace = i128::from(pace_per_hour.nanos().max(0));
-    let at = |ms: i64| Money(spent.nanos().saturating_add((pace * i128::from(ms) / i128::from(HOUR_MS)) as i64));
+    let at = |ms: i64| {
+        Money(
+            spent
+                .nanos()
+                .saturating_add((pace * i128::from(ms) / i128::from(HOUR_MS)) as i64),
+        )
+    };
     let spend_at_reset = resets_at_ms.map(|reset| at((reset - now_ms).max(0)));
     let cap_reached_ms = cap.and_then(|cap| {
         if spent >= cap {
@@ -212,7 +220,9 @@ pub fn project(
         let left = i128::from(cap.nanos() - spent.nanos());
         let ms = (left * i128::from(HOUR_MS) + pace - 1) / pace;
         let reached = now_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX / 2));
-        resets_at_ms.is_none_or(|reset| reached < reset).then_some(reached)
+        resets_at_ms
+            .is_none_or(|reset| reached < reset)
+            .then_some(reached)
     });
     Projection {
         pace_per_hour,
@@ -257,13 +267,27 @@ mod tests {
             recent: Money(recent),
             usual: Money(usual),
         };
-        assert_eq!(spike(pace(6 * DOLLAR, DOLLAR), &five), Some(Trigger::Factor));
+        assert_eq!(
+            spike(pace(6 * DOLLAR, DOLLAR), &five),
+            Some(Trigger::Factor)
+        );
         assert_eq!(spike(pace(5 * DOLLAR, DOLLAR), &five), None, "not above 5×");
-        assert_eq!(spike(pace(DOLLAR / 2, 0), &five), None, "under the $1 floor");
-        assert_eq!(spike(pace(DOLLAR, 0), &five), Some(Trigger::Factor), "no history");
+        assert_eq!(
+            spike(pace(DOLLAR / 2, 0), &five),
+            None,
+            "under the $1 floor"
+        );
+        assert_eq!(
+            spike(pace(DOLLAR, 0), &five),
+            Some(Trigger::Factor),
+            "no history"
+        );
         let fixed = velocity(None, Some(Money(30 * DOLLAR)));
         // $6 in ten minutes is $36 an hour.
-        assert_eq!(spike(pace(6 * DOLLAR, 6 * DOLLAR), &fixed), Some(Trigger::Fixed));
+        assert_eq!(
+            spike(pace(6 * DOLLAR, 6 * DOLLAR), &fixed),
+            Some(Trigger::Fixed)
+        );
         assert_eq!(spike(pace(5 * DOLLAR, 0), &fixed), None, "exactly $30/h");
         assert_eq!(spike(pace(100 * DOLLAR, 0), &velocity(None, None)), None);
     }
@@ -312,17 +336,47 @@ mod tests {
     fn a_projection_runs_the_pace_to_the_reset_and_finds_the_cap() {
         let now = 1_000 * HOUR_MS;
         let reset = now + 10 * HOUR_MS;
-        let projection = project(Money(2 * DOLLAR), Some(Money(10 * DOLLAR)), now, Some(reset), Money(DOLLAR));
+        let projection = project(
+            Money(2 * DOLLAR),
+            Some(Money(10 * DOLLAR)),
+            now,
+            Some(reset),
+            Money(DOLLAR),
+        );
         assert_eq!(projection.spend_at_reset, Some(Money(12 * DOLLAR)));
         assert_eq!(projection.cap_reached_ms, Some(now + 8 * HOUR_MS));
-        let slow = project(Money(2 * DOLLAR), Some(Money(100 * DOLLAR)), now, Some(reset), Money(DOLLAR));
+        let slow = project(
+            Money(2 * DOLLAR),
+            Some(Money(100 * DOLLAR)),
+            now,
+            Some(reset),
+            Money(DOLLAR),
+        );
         assert_eq!(slow.cap_reached_ms, None, "not before the reset");
-        let total = project(Money(2 * DOLLAR), Some(Money(3 * DOLLAR)), now, None, Money(DOLLAR / 2));
+        let total = project(
+            Money(2 * DOLLAR),
+            Some(Money(3 * DOLLAR)),
+            now,
+            None,
+            Money(DOLLAR / 2),
+        );
         assert_eq!(total.spend_at_reset, None);
         assert_eq!(total.cap_reached_ms, Some(now + 2 * HOUR_MS));
-        let idle = project(Money(2 * DOLLAR), Some(Money(3 * DOLLAR)), now, None, Money::ZERO);
+        let idle = project(
+            Money(2 * DOLLAR),
+            Some(Money(3 * DOLLAR)),
+            now,
+            None,
+            Money::ZERO,
+        );
         assert_eq!(idle.cap_reached_ms, None);
-        let over = project(Money(3 * DOLLAR), Some(Money(3 * DOLLAR)), now, None, Money::ZERO);
+        let over = project(
+            Money(3 * DOLLAR),
+            Some(Money(3 * DOLLAR)),
+            now,
+            None,
+            Money::ZERO,
+        );
         assert_eq!(over.cap_reached_ms, Some(now));
     }
 }

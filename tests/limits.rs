@@ -402,9 +402,9 @@ async fn the_sdk_does_not_retry_quota_but_retries_throttles() {
     assert!(metrics.contains("tollgate_rejections_total{reason=\"concurrency\"}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn budget_alerts_reach_the_webhook_once_per_threshold() {
-    // A one-shot HTTP receiver standing in for the team's alerting endpoint.
+/// An HTTP receiver standing in for the team's alerting endpoint: its URL, and each JSON
+/// event it is sent.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
@@ -448,6 +448,12 @@ async fn budget_alerts_reach_the_webhook_once_per_threshold() {
             });
         }
     });
+    (hook, events_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_alerts_reach_the_webhook_once_per_threshold() {
+    let (hook, mut events_rx) = webhook_receiver().await;
     let extra = format!("[budgets]\nalert_thresholds_pct = [50, 80]\nalert_webhook = \"{hook}\"\n");
     let gw = Harness::start_with(MockOptions::default(), &extra).await;
     // Four actual requests' worth: the third crosses 50%, the fourth 80%... but only while a
@@ -722,4 +728,64 @@ async fn a_spend_rate_cap_slows_a_runaway_loop_to_a_known_worst_case() {
     .await;
     assert_eq!(changed["max_usd_per_minute"], Value::Null);
     assert_eq!(send_as(&gw, &key, &body).await.status(), 200);
+}
+
+/// A key spending far faster than it usually does (here: with no history at all) is
+/// announced once per spike, however long the spike lasts; a key under the floor is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_spike_is_announced_once_per_episode() {
+    let (hook, mut events) = webhook_receiver().await;
+    let floor = 10 * ACTUAL;
+    let extra = format!(
+        "[budgets]\nalert_webhook = \"{hook}\"\nvelocity_check_secs = 1\nvelocity_min_usd = {}\n",
+        floor as f64 / 1e9
+    );
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let calm = gw.create_key(json!({"name": "calm"})).await;
+    let burst = gw
+        .create_key(json!({"name": "burst", "budget_usd": 1}))
+        .await;
+    for _ in 0..9 {
+        let key = calm["key"].as_str().unwrap();
+        assert_eq!(send_as(&gw, key, &request(16)).await.status(), 200);
+    }
+    let burst_key = burst["key"].as_str().unwrap().to_owned();
+    for _ in 0..12 {
+        assert_eq!(send_as(&gw, &burst_key, &request(16)).await.status(), 200);
+    }
+    let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+        .await
+        .expect("a spike is announced within a few checks")
+        .unwrap();
+    assert_eq!(event["event"], "spend_velocity");
+    assert_eq!(event["key_name"], "burst");
+    assert_eq!(event["trigger"], "factor");
+    assert_eq!(event["window_minutes"], 10);
+    assert_eq!(
+        (event["spend_usd"].as_f64().unwrap() * 1e9).round() as i64,
+        12 * ACTUAL
+    );
+    assert_eq!(event["usual_usd"], 0.0);
+    assert_eq!(event["budget"]["budget_usd"], 1.0);
+    // The spike goes on for three more checks: still one episode, one announcement.
+    for _ in 0..3 {
+        assert_eq!(send_as(&gw, &burst_key, &request(16)).await.status(), 200);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), events.recv())
+            .await
+            .is_err(),
+        "one announcement per episode"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_velocity_alerts_total{trigger=\"factor\"} 1"),
+        "{metrics}"
+    );
+    // The key's view projects its period: no whole hour of history yet, so no pace.
+    let state = key_state(&gw, burst["id"].as_str().unwrap()).await;
+    assert_eq!(state["pace_usd_per_hour"], 0.0);
+    assert_eq!(state["projected_spend_usd"], state["spend_usd"]);
+    assert_eq!(state["cap_reached_at"], Value::Null);
 }

@@ -294,13 +294,19 @@ fn velocity_settings(raw: &raw::RawBudgets, problems: &mut Problems) -> Velocity
         }
     };
     let min = config_dollars(raw.velocity_min_usd).unwrap_or_else(|| {
-        problems.push(&["budgets", "velocity_min_usd"], "must be a number of USD from 0 up");
+        problems.push(
+            &["budgets", "velocity_min_usd"],
+            "must be a number of USD from 0 up",
+        );
         Money::ZERO
     });
     let per_hour = raw.velocity_usd_per_hour.and_then(|pace| {
         let money = config_dollars(pace).filter(|m| *m > Money::ZERO);
         if money.is_none() {
-            problems.push(&["budgets", "velocity_usd_per_hour"], "must be above zero USD");
+            problems.push(
+                &["budgets", "velocity_usd_per_hour"],
+                "must be above zero USD",
+            );
         }
         money
     });

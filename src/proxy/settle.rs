@@ -405,7 +405,7 @@ pub(crate) fn announce(
             "key_name": key.name,
             "threshold_pct": alert.threshold_pct,
             "used_pct": alert.used_pct,
-            "budget": app.budget_view(&key).await,
+            "budget": app.budget_view(&key, None).await,
         });
         if let Err(error) = app.webhooks.post(url).json(&event).send().await {
             tracing::error!(error = %error.without_url(), "budget webhook failed");
