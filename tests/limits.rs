@@ -402,58 +402,9 @@ async fn the_sdk_does_not_retry_quota_but_retries_throttles() {
     assert!(metrics.contains("tollgate_rejections_total{reason=\"concurrency\"}"));
 }
 
-/// An HTTP receiver standing in for the team's alerting endpoint: its URL, and each JSON
-/// event it is sent.
-async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
-    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
-    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = receiver.accept().await else {
-                return;
-            };
-            let events_tx = events_tx.clone();
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = socket.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buffer).to_string();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if body.len() >= length {
-                            events_tx
-                                .send(serde_json::from_str(&body[..length]).unwrap())
-                                .unwrap();
-                            let _ = socket
-                                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-                                .await;
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (hook, events_rx)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_alerts_reach_the_webhook_once_per_threshold() {
-    let (hook, mut events_rx) = webhook_receiver().await;
+    let (hook, mut events_rx) = common::webhook_receiver().await;
     let extra = format!("[budgets]\nalert_thresholds_pct = [50, 80]\nalert_webhook = \"{hook}\"\n");
     let gw = Harness::start_with(MockOptions::default(), &extra).await;
     // Four actual requests' worth: the third crosses 50%, the fourth 80%... but only while a
@@ -734,7 +685,7 @@ async fn a_spend_rate_cap_slows_a_runaway_loop_to_a_known_worst_case() {
 /// announced once per spike, however long the spike lasts; a key under the floor is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spend_spike_is_announced_once_per_episode() {
-    let (hook, mut events) = webhook_receiver().await;
+    let (hook, mut events) = common::webhook_receiver().await;
     let floor = 10 * ACTUAL;
     let extra = format!(
         "[budgets]\nalert_webhook = \"{hook}\"\nvelocity_check_secs = 1\nvelocity_min_usd = {}\n",

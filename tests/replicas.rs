@@ -778,6 +778,44 @@ async fn a_spend_rate_cap_holds_across_replicas() {
     invoiced_as_spent(fleet.url(0), &id, spend).await;
 }
 
+/// Three replicas watch the same shared ledger: a spike is announced by one of them, once,
+/// however many checks it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spend_spike_is_announced_once_by_the_fleet() {
+    let (hook, mut events) = common::webhook_receiver().await;
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("velocity");
+    let budgets = format!(
+        "[budgets]\nalert_webhook = \"{hook}\"\nvelocity_check_secs = 1\nvelocity_min_usd = 0.0001\n"
+    );
+    let fleet = Fleet::start(&redis, &postgres, &budgets).await;
+    let (_, secret) = fleet.create_key(0, json!({"name": "burst"})).await;
+    fleet.known_everywhere(&secret).await;
+    let statuses = fleet.spread(60, &secret, &hello(100)).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("a spike is announced")
+        .unwrap();
+    assert_eq!(event["event"], "spend_velocity");
+    assert_eq!(event["key_name"], "burst");
+    // Three more checks on each replica while the spike lasts.
+    for _ in 0..3 {
+        fleet.spread(3, &secret, &hello(100)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), events.recv())
+            .await
+            .is_err(),
+        "announced by one replica, once"
+    );
+    let announced = fleet
+        .counter("tollgate_velocity_alerts_total{trigger=\"factor\"}")
+        .await;
+    assert_eq!(announced, 1.0);
+}
+
 /// Outcomes reported through different replicas: each idempotency key is charged once across
 /// them (a repeat on another replica is answered with the first report), and the charges are
 /// held against one cap.

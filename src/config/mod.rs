@@ -283,7 +283,7 @@ fn config_dollars(value: f64) -> Option<Money> {
 
 fn velocity_settings(raw: &raw::RawBudgets, problems: &mut Problems) -> Velocity {
     let factor = match raw.velocity_factor {
-        f if f == 0.0 => None,
+        0.0 => None,
         f if f.is_finite() && f >= 1.0 => Some(f),
         _ => {
             problems.push(
