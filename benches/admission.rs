@@ -26,6 +26,7 @@ fn key(i: usize) -> (String, KeyRecord) {
         max_concurrency: Some(1_000),
         max_usd_per_minute: None,
         max_usd_per_hour: None,
+        soft_budget_usd: None,
         models: None,
         plan: None,
         seats: 1,

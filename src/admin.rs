@@ -486,6 +486,7 @@ fn apply_fields(
             "team" => record.team = text(value, "team")?,
             "customer" => record.customer = text(value, "customer")?,
             "budget_usd" => record.budget_usd = dollars(value, "budget_usd")?,
+            "soft_budget_usd" => record.soft_budget_usd = dollars(value, "soft_budget_usd")?,
             "max_usd_per_minute" => {
                 record.max_usd_per_minute = spend_rate(value, "max_usd_per_minute")?
             }

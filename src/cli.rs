@@ -248,6 +248,9 @@ pub struct KeyFields {
     pub tpm: Option<u64>,
     #[arg(long)]
     pub max_concurrency: Option<u64>,
+    /// Spend (USD) announced once per period to the alert webhook; refuses nothing.
+    #[arg(long)]
+    pub soft_budget_usd: Option<String>,
     /// Most USD the key may reserve per minute (e.g. 0.5).
     #[arg(long)]
     pub max_usd_per_minute: Option<String>,
@@ -281,6 +284,11 @@ impl KeyFields {
         }
         for (name, flag, value) in [
             ("budget_usd", "--budget-usd", &self.budget_usd),
+            (
+                "soft_budget_usd",
+                "--soft-budget-usd",
+                &self.soft_budget_usd,
+            ),
             (
                 "max_usd_per_minute",
                 "--max-usd-per-minute",

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub key_remaining_tokens: GaugeVec,
     pub budget_alerts: IntCounterVec,
     pub velocity_alerts: IntCounterVec,
+    pub soft_budget_alerts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -193,6 +194,12 @@ impl Metrics {
                 "Budget alert thresholds crossed, by threshold percent",
                 &["threshold"],
             ),
+            soft_budget_alerts: counter(
+                &registry,
+                "soft_budget_alerts_total",
+                "Soft budgets reached (once per key and period)",
+                &[],
+            ),
             velocity_alerts: counter(
                 &registry,
                 "velocity_alerts_total",
@@ -319,6 +326,7 @@ impl Metrics {
             Box::new(self.budget_overshoot_usd.clone()),
             Box::new(self.budget_alerts.clone()),
             Box::new(self.velocity_alerts.clone()),
+            Box::new(self.soft_budget_alerts.clone()),
             Box::new(self.route_decisions.clone()),
             Box::new(self.fallbacks.clone()),
             Box::new(self.key_spend_usd.clone()),

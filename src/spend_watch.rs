@@ -8,6 +8,9 @@
 //! its history — is spiking. A spike is one episode while it lasts: claimed once across
 //! replicas (`Admission::claim_episode`), logged, counted and sent to the alert webhook once.
 //! It ends when two checks in a row find the key calm; the next spike is a new episode.
+//!
+//! The same checks announce each key whose period's spend reached its `soft_budget_usd`,
+//! once per key and period (an episode that lasts until the period resets).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -104,9 +107,63 @@ pub async fn watch(app: Weak<App>) {
     }
 }
 
-/// One check: announces each spike that starts an episode.
+/// One check: announces each spike that starts an episode, and each soft budget reached.
 pub async fn check(app: &Arc<App>) {
     let config = app.config();
+    check_velocity(app, &config).await;
+    check_soft_budgets(app, &config).await;
+}
+
+async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
+    const TOTAL_PERIOD_EPISODE: Duration = Duration::from_secs(400 * 86_400);
+    let now_ms = crate::unix_ms();
+    for key in app.keys.filtered(|key| key.soft_budget_usd.is_some()) {
+        let (Some(soft), Some(budget)) = (
+            key.soft_budget_usd,
+            app.admission.budget(&key.id, &app.key_limits(&key)).await,
+        ) else {
+            continue;
+        };
+        if budget.spend_usd < soft {
+            continue;
+        }
+        let lasts = budget.resets_at_ms.map_or(TOTAL_PERIOD_EPISODE, |reset| {
+            Duration::from_millis((reset - now_ms).max(0) as u64 + 3_600_000)
+        });
+        let episode = format!("soft_budget:{}:{}", key.id, budget.period_start_ms);
+        if !app.admission.claim_episode(&episode, lasts).await {
+            continue;
+        }
+        app.metrics
+            .soft_budget_alerts
+            .with_label_values::<&str>(&[])
+            .inc();
+        tracing::warn!(
+            key = %key.name,
+            spend_usd = %budget.spend_usd.to_usd_string(),
+            soft_budget_usd = %soft.to_usd_string(),
+            "soft budget reached"
+        );
+        let Some(url) = config.budget_alerts.webhook.clone() else {
+            continue;
+        };
+        let app = app.clone();
+        app.runtime.clone().spawn(async move {
+            let event = serde_json::json!({
+                "event": "soft_budget_reached",
+                "key_id": key.id,
+                "key_name": key.name,
+                "soft_budget_usd": soft,
+                "budget": app.budget_view(&key, None).await,
+            });
+            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
+                tracing::error!(error = %error.without_url(), "soft budget webhook failed");
+            }
+        });
+    }
+}
+
+async fn check_velocity(app: &Arc<App>, config: &crate::config::Config) {
     let velocity = config.budget_alerts.velocity;
     if velocity.factor.is_none() && velocity.per_hour.is_none() {
         return;
@@ -138,7 +195,7 @@ pub async fn check(app: &Arc<App>) {
             .claim_episode(&format!("velocity:{key_id}"), lasts)
             .await
         {
-            announce(app, &config, key, pace, trigger);
+            announce(app, config, key, pace, trigger);
         }
     }
 }

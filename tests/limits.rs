@@ -740,3 +740,49 @@ async fn a_spend_spike_is_announced_once_per_episode() {
     assert_eq!(state["projected_spend_usd"], state["spend_usd"]);
     assert_eq!(state["cap_reached_at"], Value::Null);
 }
+
+/// A soft budget refuses nothing: reaching it is announced once per period, and the key keeps
+/// being served past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_budget_is_announced_once_and_refuses_nothing() {
+    let (hook, mut events) = common::webhook_receiver().await;
+    let extra = format!(
+        "[budgets]\nalert_webhook = \"{hook}\"\nalert_thresholds_pct = [100]\nvelocity_factor = 0\nvelocity_check_secs = 1\n"
+    );
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let soft = 3 * ACTUAL;
+    let created = gw
+        .create_key(
+            json!({"name": "soft", "soft_budget_usd": soft as f64 / 1e9, "budget_period": "day"}),
+        )
+        .await;
+    assert_eq!(created["soft_budget_usd"].as_f64(), Some(soft as f64 / 1e9));
+    let key = created["key"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        assert_eq!(send_as(&gw, &key, &request(16)).await.status(), 200);
+    }
+    let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+        .await
+        .expect("the soft budget is announced")
+        .unwrap();
+    assert_eq!(event["event"], "soft_budget_reached");
+    assert_eq!(event["key_name"], "soft");
+    assert_eq!(
+        (event["budget"]["spend_usd"].as_f64().unwrap() * 1e9).round() as i64,
+        soft
+    );
+    for _ in 0..3 {
+        assert_eq!(send_as(&gw, &key, &request(16)).await.status(), 200);
+    }
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(2_500), events.recv())
+            .await
+            .is_err(),
+        "once per period"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_soft_budget_alerts_total 1"),
+        "{metrics}"
+    );
+}

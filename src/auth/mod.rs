@@ -40,6 +40,9 @@ pub struct KeyRecord {
     pub max_usd_per_minute: Option<Money>,
     #[serde(default)]
     pub max_usd_per_hour: Option<Money>,
+    /// Spend that is announced once per period and refuses nothing.
+    #[serde(default)]
+    pub soft_budget_usd: Option<Money>,
     /// Allowed models (configured names or the virtual routing model); `None` allows all.
     pub models: Option<Vec<String>>,
     pub plan: Option<String>,
@@ -66,6 +69,7 @@ impl KeyRecord {
             max_concurrency: None,
             max_usd_per_minute: None,
             max_usd_per_hour: None,
+            soft_budget_usd: None,
             models: None,
             plan: None,
             seats: 1,
@@ -148,6 +152,15 @@ impl KeyIndex {
         if let Some((_, hash)) = self.by_id.remove(id) {
             self.by_hash.remove(&hash);
         }
+    }
+
+    /// The live keys that `keep` picks.
+    pub fn filtered(&self, keep: impl Fn(&KeyRecord) -> bool) -> Vec<Arc<KeyRecord>> {
+        self.by_hash
+            .iter()
+            .filter(|entry| keep(entry.value()))
+            .map(|entry| entry.value().clone())
+            .collect()
     }
 
     /// A live key by id.

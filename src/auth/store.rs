@@ -71,7 +71,8 @@ impl SqliteKeyStore {
                 created_at_ms INTEGER NOT NULL,
                 revoked_at_ms INTEGER,
                 usd_per_minute_nanos INTEGER,
-                usd_per_hour_nanos INTEGER
+                usd_per_hour_nanos INTEGER,
+                soft_budget_nanos INTEGER
             )",
         )?;
         add_missing_columns(&connection)?;
@@ -90,7 +91,7 @@ impl SqliteKeyStore {
 }
 
 /// The `keys` table's columns, in the order of [`key_values`] and [`key_record`].
-const KEY_COLUMNS: [&str; 19] = [
+const KEY_COLUMNS: [&str; 20] = [
     "id",
     "name",
     "prefix",
@@ -110,10 +111,11 @@ const KEY_COLUMNS: [&str; 19] = [
     "revoked_at_ms",
     "usd_per_minute_nanos",
     "usd_per_hour_nanos",
+    "soft_budget_nanos",
 ];
 
 /// What an update may change: every column but the id, the secret and the creation time.
-const UPDATED_COLUMNS: [usize; 15] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18];
+const UPDATED_COLUMNS: [usize; 16] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19];
 
 /// `KEY_COLUMNS` as a select or insert list.
 pub(crate) fn key_columns() -> String {
@@ -163,7 +165,7 @@ fn period_name(period: BudgetPeriod) -> &'static str {
 
 /// A key as the store keeps it, in the order of `KEY_COLUMNS`: money as nano-dollars, the
 /// allowed models as a JSON array.
-pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 19] {
+pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 20] {
     [
         Column::text(&r.id),
         Column::text(&r.name),
@@ -188,6 +190,7 @@ pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 19] {
         Column::Int(r.revoked_at_ms),
         Column::Int(r.max_usd_per_minute.map(Money::nanos)),
         Column::Int(r.max_usd_per_hour.map(Money::nanos)),
+        Column::Int(r.soft_budget_usd.map(Money::nanos)),
     ]
 }
 
@@ -219,6 +222,7 @@ pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
         max_concurrency: row.optional_number(11)?,
         max_usd_per_minute: row.int(17)?.map(Money::from_nanos),
         max_usd_per_hour: row.int(18)?.map(Money::from_nanos),
+        soft_budget_usd: row.int(19)?.map(Money::from_nanos),
         models: match models {
             Some(json) => Some(
                 serde_json::from_str(&json).map_err(|_| row.invalid(12, "models".to_owned()))?,
@@ -233,9 +237,10 @@ pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
 }
 
 /// Columns added after the table was first made, added to a store made before them.
-const LATER_COLUMNS: [(&str, &str); 2] = [
+const LATER_COLUMNS: [(&str, &str); 3] = [
     ("usd_per_minute_nanos", "INTEGER"),
     ("usd_per_hour_nanos", "INTEGER"),
+    ("soft_budget_nanos", "INTEGER"),
 ];
 
 fn add_missing_columns(connection: &Connection) -> Result<(), StoreError> {
@@ -338,6 +343,7 @@ mod tests {
             max_concurrency: Some(4),
             max_usd_per_minute: Some(Money::parse_usd("0.25").unwrap()),
             max_usd_per_hour: None,
+            soft_budget_usd: Some(Money::parse_usd("10").unwrap()),
             models: Some(vec!["auto".into(), "gpt-4o-mini".into()]),
             plan: Some("team".into()),
             seats: 3,

@@ -158,10 +158,11 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // 7: rollups (see `rating::ledger::rollup`), filled from the rows already written.
     Migration::Rollups,
-    // 8: spend-rate caps on keys.
+    // 8: spend-rate caps and soft budgets on keys.
     Migration::Sql(
         "ALTER TABLE keys ADD COLUMN usd_per_minute_nanos BIGINT;
-         ALTER TABLE keys ADD COLUMN usd_per_hour_nanos BIGINT;",
+         ALTER TABLE keys ADD COLUMN usd_per_hour_nanos BIGINT;
+         ALTER TABLE keys ADD COLUMN soft_budget_nanos BIGINT;",
     ),
 ];
 
