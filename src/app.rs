@@ -142,6 +142,28 @@ impl App {
         self.admission.remove_key(id);
     }
 
+    /// POSTs an alert about a key to the alert webhook, if one is configured, without
+    /// waiting: `event` is its JSON object, to which the key and its live budget are added.
+    pub fn post_alert(
+        self: &Arc<Self>,
+        config: &Config,
+        key: Arc<KeyRecord>,
+        mut event: serde_json::Value,
+    ) {
+        let Some(url) = config.budget_alerts.webhook.clone() else {
+            return;
+        };
+        let app = self.clone();
+        self.runtime.spawn(async move {
+            event["key_id"] = serde_json::json!(key.id);
+            event["key_name"] = serde_json::json!(key.name);
+            event["budget"] = app.budget_view(&key, None).await;
+            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
+                tracing::error!(error = %error.without_url(), "alert webhook failed");
+            }
+        });
+    }
+
     /// Live budget figures for the admin API. Spend is tracked for every key; an uncapped key
     /// shows no cap and no remaining amount. With the key's spend per hour, the period is
     /// projected at that pace too (see `spend_watch::project`).

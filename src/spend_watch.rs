@@ -144,22 +144,11 @@ async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
             soft_budget_usd = %soft.to_usd_string(),
             "soft budget reached"
         );
-        let Some(url) = config.budget_alerts.webhook.clone() else {
-            continue;
-        };
-        let app = app.clone();
-        app.runtime.clone().spawn(async move {
-            let event = serde_json::json!({
-                "event": "soft_budget_reached",
-                "key_id": key.id,
-                "key_name": key.name,
-                "soft_budget_usd": soft,
-                "budget": app.budget_view(&key, None).await,
-            });
-            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
-                tracing::error!(error = %error.without_url(), "soft budget webhook failed");
-            }
-        });
+        app.post_alert(
+            config,
+            key,
+            serde_json::json!({"event": "soft_budget_reached", "soft_budget_usd": soft}),
+        );
     }
 }
 
@@ -218,25 +207,17 @@ fn announce(
         trigger = trigger.label(),
         "spend velocity alert"
     );
-    let Some(url) = config.budget_alerts.webhook.clone() else {
-        return;
-    };
-    let app = app.clone();
-    app.runtime.clone().spawn(async move {
-        let event = serde_json::json!({
+    app.post_alert(
+        config,
+        key,
+        serde_json::json!({
             "event": "spend_velocity",
-            "key_id": key.id,
-            "key_name": key.name,
             "trigger": trigger.label(),
             "window_minutes": WINDOW.as_secs() / 60,
             "spend_usd": pace.recent,
             "usual_usd": pace.usual,
-            "budget": app.budget_view(&key, None).await,
-        });
-        if let Err(error) = app.webhooks.post(url).json(&event).send().await {
-            tracing::error!(error = %error.without_url(), "velocity webhook failed");
-        }
-    });
+        }),
+    );
 }
 
 /// Where a budget period ends at the current pace.

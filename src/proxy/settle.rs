@@ -394,21 +394,13 @@ pub(crate) fn announce(
         used_pct = alert.used_pct,
         "budget alert"
     );
-    let Some(url) = config.budget_alerts.webhook.clone() else {
-        return;
-    };
-    let (app, key) = (app.clone(), key.clone());
-    app.runtime.clone().spawn(async move {
-        let event = serde_json::json!({
+    app.post_alert(
+        config,
+        key.clone(),
+        serde_json::json!({
             "event": "budget_threshold_crossed",
-            "key_id": key.id,
-            "key_name": key.name,
             "threshold_pct": alert.threshold_pct,
             "used_pct": alert.used_pct,
-            "budget": app.budget_view(&key, None).await,
-        });
-        if let Err(error) = app.webhooks.post(url).json(&event).send().await {
-            tracing::error!(error = %error.without_url(), "budget webhook failed");
-        }
-    });
+        }),
+    );
 }
