@@ -130,6 +130,9 @@ fn keys_round_trip() {
     first.rpm = Some(60);
     first.tpm = Some(u64::MAX);
     first.max_concurrency = Some(4);
+    first.max_usd_per_minute = Some(Money::parse_usd("0.01").unwrap());
+    first.max_usd_per_hour = Some(Money::parse_usd("0.3").unwrap());
+    first.soft_budget_usd = Some(Money::parse_usd("10").unwrap());
     first.models = Some(vec!["auto".into(), "gpt-4o-mini".into()]);
     first.plan = Some("team".into());
     first.seats = 3;
@@ -145,9 +148,11 @@ fn keys_round_trip() {
     first.rpm = None;
     first.models = None;
     first.revoked_at_ms = Some(START_MS + 5);
+    first.max_usd_per_hour = None;
     let changed = keys.modify(&first.id, &mut |stored| {
         stored.rpm = None;
         stored.models = None;
+        stored.max_usd_per_hour = None;
         stored.revoked_at_ms = Some(START_MS + 5);
         true
     });
