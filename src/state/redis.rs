@@ -24,8 +24,8 @@
 //! unused for a moment: one left idle for a tick is given back, one is used for at most
 //! half a lease before it must be topped up, and a request Redis refuses for budget first
 //! has this replica give back its allowance's unreserved budget and is tried once more.
-//! Only keys without a concurrency limit, on models without their own throttles, get
-//! allowances.
+//! Only keys without a concurrency limit or spend-rate caps, on models without their own
+//! throttles, get allowances.
 //!
 //! The month's rating totals are advanced atomically per request, which hands each request
 //! its own segment of the month (see `rating::plan::Plan::advance`), and alert
