@@ -336,3 +336,52 @@ impl KeyFields {
         Ok(serde_json::Value::Object(body))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_body(args: &[&str]) -> Result<serde_json::Value, String> {
+        let cli = Cli::try_parse_from([&["tollgate", "keys", "create"], args].concat())
+            .map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Keys {
+                command: KeysCommand::Create(fields),
+                ..
+            } => fields.to_json(),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn key_flags_become_the_admin_apis_fields() {
+        let body = key_body(&[
+            "--name",
+            "agent",
+            "--budget-usd",
+            "25",
+            "--soft-budget-usd",
+            "20",
+            "--max-usd-per-minute",
+            "0.01",
+            "--max-usd-per-hour",
+            "0.5",
+            "--rpm",
+            "60",
+        ])
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "name": "agent",
+                "budget_usd": 25,
+                "soft_budget_usd": 20,
+                "max_usd_per_minute": 0.01,
+                "max_usd_per_hour": 0.5,
+                "rpm": 60,
+            })
+        );
+        let refused = key_body(&["--max-usd-per-minute", "a cent"]).unwrap_err();
+        assert_eq!(refused, "--max-usd-per-minute `a cent` is not a number");
+    }
+}
