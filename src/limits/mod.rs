@@ -12,7 +12,7 @@
 pub mod budget;
 pub mod gcra;
 
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,6 +310,8 @@ pub struct Limiter {
     alert_thresholds_pct: Vec<u8>,
     /// Alert episodes running, by name, until (ms) they end unless claimed again.
     episodes: DashMap<String, i64>,
+    /// How many episodes were left at the last sweep of ended ones.
+    episodes_swept_at: AtomicUsize,
 }
 
 /// A budget threshold crossed by a settlement, to log, count and announce.
@@ -338,6 +340,7 @@ impl Limiter {
             clock,
             alert_thresholds_pct,
             episodes: DashMap::new(),
+            episodes_swept_at: AtomicUsize::new(1_024),
         }
     }
 
@@ -346,6 +349,12 @@ impl Limiter {
     pub fn claim_episode(&self, name: &str, lasts: Duration) -> bool {
         let now_ms = self.clock.now_ms();
         let until = now_ms + i64::try_from(lasts.as_millis()).unwrap_or(i64::MAX / 2);
+        // Ended episodes are forgotten in bulk now and then, so the map holds about what runs.
+        if self.episodes.len() >= self.episodes_swept_at.load(Ordering::Relaxed) * 2 {
+            self.episodes.retain(|_, running| *running > now_ms);
+            self.episodes_swept_at
+                .store(self.episodes.len().max(1_024), Ordering::Relaxed);
+        }
         match self.episodes.insert(name.to_owned(), until) {
             Some(running) => running <= now_ms,
             None => true,
@@ -993,6 +1002,36 @@ mod tests {
         clock.advance(Duration::from_secs(86_400));
         let t = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
         assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
+    }
+
+    #[test]
+    fn an_episode_is_claimed_once_until_it_ends_and_ended_ones_are_forgotten() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock.clone());
+        let lasts = Duration::from_secs(10);
+        assert!(limiter.claim_episode("spike:k", lasts));
+        clock.advance(Duration::from_secs(9));
+        assert!(!limiter.claim_episode("spike:k", lasts), "still running");
+        clock.advance(Duration::from_secs(9));
+        assert!(
+            !limiter.claim_episode("spike:k", lasts),
+            "each claim extends it"
+        );
+        clock.advance(Duration::from_secs(11));
+        assert!(limiter.claim_episode("spike:k", lasts), "ended: a new one");
+        for n in 0..5_000 {
+            limiter.claim_episode(&format!("old:{n}"), lasts);
+        }
+        // Once the map has doubled since its last sweep, the ended episodes go.
+        clock.advance(Duration::from_secs(11));
+        for n in 0..3_200 {
+            assert!(limiter.claim_episode(&format!("new:{n}"), lasts));
+        }
+        assert!(
+            limiter.episodes.len() <= 3_200,
+            "{}",
+            limiter.episodes.len()
+        );
     }
 
     #[test]
