@@ -159,12 +159,12 @@ async fn check_velocity(app: &Arc<App>, config: &crate::config::Config) {
     }
     let ledger = app.ledger.clone();
     let now_ms = crate::unix_ms();
-    let paces = match tokio::task::spawn_blocking(move || paces(ledger.as_ref(), now_ms)).await {
-        Ok(Ok(paces)) => paces,
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "spend velocity not checked");
-            return;
-        }
+    let read = tokio::task::spawn_blocking(move || paces(ledger.as_ref(), now_ms)).await;
+    let paces = match read
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        Ok(paces) => paces,
         Err(error) => {
             tracing::warn!(%error, "spend velocity not checked");
             return;

@@ -128,6 +128,20 @@ impl Gcra {
         }
     }
 
+    /// Replaces units reserved at `admitted_us` by the units used: what was not used is
+    /// given back, unless the request outlived the window (its reservation has aged out
+    /// already, and a refund would let the current window take more than its limit); what
+    /// was used beyond the reservation is charged.
+    pub fn settle(&self, reserved: u64, used: u64, admitted_us: i64, now_us: i64) {
+        if used < reserved {
+            if now_us.saturating_sub(admitted_us) < self.window_us {
+                self.release(reserved - used);
+            }
+        } else if used > reserved {
+            self.charge(used - reserved, now_us);
+        }
+    }
+
     pub fn snapshot(&self, now_us: i64) -> Snapshot {
         self.snapshot_at(self.tat_us.load(Ordering::Acquire), now_us)
     }

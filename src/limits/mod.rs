@@ -87,12 +87,6 @@ pub struct SpendRate {
     pub per_hour: Option<Money>,
 }
 
-impl SpendRate {
-    pub fn is_none(&self) -> bool {
-        self.per_minute.is_none() && self.per_hour.is_none()
-    }
-}
-
 /// What one request asks for: tokens for TPM (input plus the most output it may produce) and
 /// the worst-case cost for the budget.
 #[derive(Clone, Copy, Debug, Default)]
@@ -597,25 +591,21 @@ impl Limiter {
         ticket.settled = true;
         let now_us = self.clock.now_us();
         let now_ms = now_us / 1_000;
-        // A request that outlived the limit's window (a long stream) has already had its
-        // reservation age out of the limit; refunding it then would let the current minute
-        // take more than its limit.
-        let aged_out = now_us.saturating_sub(ticket.admitted_us) >= gcra::WINDOW_US;
-        let correct = |limit: &Gcra, reserved: u64| {
-            if tokens < reserved {
-                if !aged_out {
-                    limit.release(reserved - tokens);
-                }
-            } else if tokens > reserved {
-                limit.charge(tokens - reserved, now_us);
-            }
-        };
+        let admitted_us = ticket.admitted_us;
+        let correct =
+            |limit: &Gcra, reserved: u64| limit.settle(reserved, tokens, admitted_us, now_us);
         let mut settlement = Settlement::default();
         if let Some(key) = ticket.key.take() {
             if let Some(tpm) = &key.tpm {
                 correct(tpm, ticket.tokens);
             }
-            correct_spend(&key, ticket.spend_taken, cost, ticket.admitted_us, now_us);
+            let cost_nanos = u64::try_from(cost.nanos()).unwrap_or(0);
+            for limit in [&key.usd_per_minute, &key.usd_per_hour]
+                .into_iter()
+                .flatten()
+            {
+                limit.settle(ticket.spend_taken, cost_nanos, admitted_us, now_us);
+            }
             if let Some(budget) = &key.budget {
                 let settled = budget.settle(ticket.reserved, cost, now_ms);
                 settlement.overshoot = settled.overshoot;
@@ -697,24 +687,6 @@ fn take_spend(key: &KeyState, cost: Money, now_us: i64) -> Result<u64, Refusal> 
         }
     }
     Ok(nanos)
-}
-
-/// Replaces what a request took from the spend-rate throttles by what it cost. A request
-/// that outlived a throttle's window has had its reservation age out of it already.
-fn correct_spend(key: &KeyState, taken: u64, cost: Money, admitted_us: i64, now_us: i64) {
-    let cost = u64::try_from(cost.nanos()).unwrap_or(0);
-    for limit in [&key.usd_per_minute, &key.usd_per_hour]
-        .into_iter()
-        .flatten()
-    {
-        if cost < taken {
-            if now_us.saturating_sub(admitted_us) < limit.window_us() {
-                limit.release(taken - cost);
-            }
-        } else if cost > taken {
-            limit.charge(cost - taken, now_us);
-        }
-    }
 }
 
 /// An amount charged outright (a reported outcome) counts against the spend rate: it is

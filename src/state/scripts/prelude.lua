@@ -89,6 +89,18 @@ local function gcra_charge(key, limit, units, window)
   write(key, math.max(read(key) or 0, now_us) + math.ceil((window or WINDOW) / limit * units), 'tat')
 end
 
+-- Replaces units reserved at `admitted_us` by the units used: what was not used is given
+-- back, unless the request outlived the window (its reservation aged out already, and a
+-- refund would let the current window take more than its limit); the excess is charged.
+local function gcra_settle(key, limit, reserved, used, admitted_us, window)
+  window = window or WINDOW
+  if used < reserved then
+    if now_us - admitted_us < window then gcra_refund(key, limit, reserved - used, window) end
+  elseif used > reserved then
+    gcra_charge(key, limit, used - reserved, window)
+  end
+end
+
 -- A key's spend-rate throttles: {key, limit in nano-dollars, window}, per minute and per hour.
 local function spend_throttles(per_minute_key, per_minute, per_hour_key, per_hour)
   return {{per_minute_key, per_minute, WINDOW}, {per_hour_key, per_hour, HOUR}}

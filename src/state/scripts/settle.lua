@@ -50,26 +50,12 @@ local function settle(K, A)
     if take > 0 then write(K[6], (read(K[6]) or 0) - take, 'keep') end
   end
 
-  local used = tonumber(A[6])
-  -- A request that outlived the window has had its reservation age out already: refunding it
-  -- would let the current minute take more than its limit.
-  local aged = now_us - tonumber(A[7]) >= WINDOW
-  for _, throttle in ipairs({{K[2], tonumber(A[2]), tonumber(A[3])}, {K[3], tonumber(A[4]), tonumber(A[5])}}) do
-    local key, limit, held = throttle[1], throttle[2], throttle[3]
-    if used < held then
-      if not aged then gcra_refund(key, limit, held - used) end
-    elseif used > held then
-      gcra_charge(key, limit, used - held)
-    end
-  end
+  local used, admitted = tonumber(A[6]), tonumber(A[7])
+  gcra_settle(K[2], tonumber(A[2]), tonumber(A[3]), used, admitted)
+  gcra_settle(K[3], tonumber(A[4]), tonumber(A[5]), used, admitted)
   local cost, spend_taken = math.max(tonumber(A[8]), 0), tonumber(A[17])
   for _, throttle in ipairs(spend_throttles(K[9], tonumber(A[15]), K[10], tonumber(A[16]))) do
-    local key, limit, window = throttle[1], throttle[2], throttle[3]
-    if cost < spend_taken then
-      if now_us - tonumber(A[7]) < window then gcra_refund(key, limit, spend_taken - cost, window) end
-    elseif cost > spend_taken then
-      gcra_charge(key, limit, cost - spend_taken, window)
-    end
+    gcra_settle(throttle[1], throttle[2], spend_taken, cost, admitted, throttle[3])
   end
   if tonumber(A[12]) >= 0 then
     local month = month_totals(K[8])
