@@ -2,7 +2,8 @@
 //! timed: it does not hold the request), one at a time and 64 at once, for a key far from its
 //! limits — admitted from this replica's allowance — and for a key with a concurrency limit,
 //! which gets no allowance, so every admission is a script call (batched with whatever else
-//! its thread has queued). The second is what every admission cost before allowances.
+//! its thread has queued). The second is what every admission cost before allowances. The
+//! third is a key in a team and a customer: three leases, asked for together.
 //!
 //! Starts its own throwaway `redis-server` on a free loopback port; prints a Markdown table.
 //!   cargo bench --bench admission_shared
@@ -12,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate::limits::{BudgetPeriod, Demand, KeyLimits};
+use tollgate::limits::{Above, BudgetPeriod, Demand, KeyLimits, Level, LevelRef};
 use tollgate::money::Money;
-use tollgate::state::redis::{Admitted, OnUnavailable, RedisState};
+use tollgate::state::redis::{owner_of, Admitted, OnUnavailable, RedisState};
 use tollgate::state::Used;
 
 const ROUNDS_ALONE: usize = 4_000;
@@ -58,22 +59,32 @@ fn start_redis() -> (Server, String) {
 }
 
 /// One admission, timed, then its settlement.
-async fn admit_once(redis: &Arc<RedisState>, key: &str, limits: &KeyLimits) -> Duration {
+async fn admit_once(
+    redis: &Arc<RedisState>,
+    key: &str,
+    limits: &KeyLimits,
+    above: Above<'_>,
+) -> Duration {
     let demand = Demand {
         tokens: 300,
         cost: Money(90_000),
     };
     let started = Instant::now();
     let admitted = redis
-        .admit(key, limits, "gpt-4o-mini", (0, 0), demand)
+        .admit(key, limits, above, "gpt-4o-mini", (0, 0), demand)
         .await
         .unwrap();
     let took = started.elapsed();
     let lease = match admitted {
         Admitted::Lease(lease) => lease,
-        Admitted::NeedsSeed => {
+        Admitted::NeedsSeed(level) => {
+            let owner = match (level, above.team, above.customer) {
+                (Level::Team, Some(team), _) => owner_of(level, team.name),
+                (Level::Customer, _, Some(customer)) => owner_of(level, customer.name),
+                _ => key.to_owned(),
+            };
             redis
-                .seed_spend(key, BudgetPeriod::Month, Money::ZERO)
+                .seed_spend(&owner, BudgetPeriod::Month, Money::ZERO)
                 .await
                 .unwrap();
             return took;
@@ -131,20 +142,52 @@ fn main() {
         max_concurrency: Some(1_000_000),
         ..far.clone()
     };
+    let group = KeyLimits {
+        rpm: Some(1_000_000_000),
+        tpm: Some(1_000_000_000_000),
+        budget: Some((Money::from_micros(1_000_000_000_000), BudgetPeriod::Month)),
+        ..KeyLimits::default()
+    };
+    let in_groups = Above {
+        team: Some(LevelRef {
+            name: "bench-team",
+            limits: &group,
+        }),
+        customer: Some(LevelRef {
+            name: "bench-customer",
+            limits: &group,
+        }),
+    };
     println!("| key | concurrent | admissions | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|");
-    for (label, key, limits) in [
-        ("far from its limits (allowance)", "bench-far", &far),
-        ("concurrency-limited (a script each)", "bench-exact", &exact),
+    for (label, key, limits, above) in [
+        (
+            "far from its limits (allowance)",
+            "bench-far",
+            &far,
+            Above::NONE,
+        ),
+        (
+            "concurrency-limited (a script each)",
+            "bench-exact",
+            &exact,
+            Above::NONE,
+        ),
+        (
+            "in a team and a customer (three leases)",
+            "bench-levels",
+            &far,
+            in_groups,
+        ),
     ] {
         let alone = runtime.block_on(async {
             // Warm-up: seeds the period's spend, makes the connection, takes the allowance.
             for _ in 0..50 {
-                admit_once(&redis, key, limits).await;
+                admit_once(&redis, key, limits, above).await;
             }
             let mut samples = Vec::with_capacity(ROUNDS_ALONE);
             for _ in 0..ROUNDS_ALONE {
-                samples.push(admit_once(&redis, key, limits).await);
+                samples.push(admit_once(&redis, key, limits, above).await);
             }
             samples
         });
@@ -154,10 +197,25 @@ fn main() {
             let tasks = (0..TASKS).map(|_| {
                 let redis = redis.clone();
                 let limits = limits.clone();
+                let group = group.clone();
+                let grouped = above != Above::NONE;
                 tokio::spawn(async move {
+                    let above = match grouped {
+                        true => Above {
+                            team: Some(LevelRef {
+                                name: "bench-team",
+                                limits: &group,
+                            }),
+                            customer: Some(LevelRef {
+                                name: "bench-customer",
+                                limits: &group,
+                            }),
+                        },
+                        false => Above::NONE,
+                    };
                     let mut samples = Vec::with_capacity(ROUNDS_EACH);
                     for _ in 0..ROUNDS_EACH {
-                        samples.push(admit_once(&redis, key, &limits).await);
+                        samples.push(admit_once(&redis, key, &limits, above).await);
                     }
                     samples
                 })

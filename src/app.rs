@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::group::{GroupIndex, GroupRecord, Levels};
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
-use crate::limits::{BudgetPeriod, KeyLimits, SpendRate};
+use crate::limits::{BudgetPeriod, KeyLimits, Level, SpendRate};
 use crate::meter::sink::UsageSender;
 use crate::meter::tokenizer::Tokenizer;
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub usage: UsageSender,
     pub keys: KeyIndex,
+    /// Teams and customers that are budget levels above their keys.
+    pub groups: GroupIndex,
     pub admission: Admission,
     pub key_store: Arc<dyn KeyStore>,
     /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
@@ -74,6 +77,7 @@ impl App {
             metrics: services.metrics,
             usage: services.usage,
             keys: KeyIndex::default(),
+            groups: GroupIndex::default(),
             admission: services.admission,
             key_store: services.key_store,
             admin_token: services.admin_token,
@@ -118,9 +122,45 @@ impl App {
             self.key_revoked(&record.id);
             return;
         }
+        let record = self.effective(record);
         let limits = self.key_limits(&record);
-        self.admission.upsert_key(&record.id, &limits, spent);
+        self.admission
+            .upsert(Level::Key, &record.id, &limits, spent);
         self.keys.put(record);
+    }
+
+    /// A key as the request path sees it: without a plan of its own, it is rated under its
+    /// customer's.
+    pub fn effective(&self, mut record: KeyRecord) -> KeyRecord {
+        if record.plan.is_none() {
+            if let Some(customer) = record.customer.as_deref() {
+                record.plan = self
+                    .groups
+                    .get(Level::Customer, customer)
+                    .and_then(|group| group.record.plan.clone());
+            }
+        }
+        record
+    }
+
+    /// A team or customer was created or changed: the next request of each of its keys is
+    /// admitted against it. `spent` is its keys' spend this period from the ledger, needed at
+    /// start-up and when its period or its keys change.
+    pub fn group_activated(&self, record: GroupRecord, spent: Option<Money>) {
+        self.admission
+            .upsert(record.level, &record.name, &record.limits(), spent);
+        self.groups.put(record);
+    }
+
+    pub fn group_removed(&self, level: Level, name: &str) {
+        self.groups.remove(level, name);
+        self.admission.remove(level, name);
+    }
+
+    /// The levels above a key that its requests are admitted at.
+    pub fn levels(&self, key: &KeyRecord) -> Levels {
+        self.groups
+            .above(key.team.as_deref(), key.customer.as_deref())
     }
 
     pub fn key_limits(&self, record: &KeyRecord) -> KeyLimits {
@@ -139,7 +179,7 @@ impl App {
 
     pub fn key_revoked(&self, id: &str) {
         self.keys.remove(id);
-        self.admission.remove_key(id);
+        self.admission.remove(Level::Key, id);
     }
 
     /// POSTs an alert about a key to the alert webhook, if one is configured, without
@@ -172,33 +212,55 @@ impl App {
         record: &KeyRecord,
         pace_per_hour: Option<Money>,
     ) -> serde_json::Value {
-        let limits = self.key_limits(record);
-        let Some(snapshot) = self.admission.budget(&record.id, &limits).await else {
-            return serde_json::Value::Null;
-        };
-        let capped = snapshot.budget_usd != crate::limits::UNCAPPED;
-        let mut view = serde_json::json!({
-            "budget_usd": capped.then_some(snapshot.budget_usd),
-            "spend_usd": snapshot.spend_usd,
-            "reserved_usd": snapshot.reserved_usd,
-            "remaining_usd": capped.then_some(snapshot.remaining_usd),
-            "period_start": rfc3339(snapshot.period_start_ms),
-            "resets_at": snapshot.resets_at_ms.map(rfc3339),
-        });
-        if let Some(pace) = pace_per_hour {
-            let projection = crate::spend_watch::project(
-                snapshot.spend_usd,
-                capped.then_some(snapshot.budget_usd),
-                crate::unix_ms(),
-                snapshot.resets_at_ms,
-                pace,
-            );
-            view["pace_usd_per_hour"] = serde_json::json!(projection.pace_per_hour);
-            view["projected_spend_usd"] = serde_json::json!(projection.spend_at_reset);
-            view["cap_reached_at"] = serde_json::json!(projection.cap_reached_ms.map(rfc3339));
-        }
-        view
+        let limits = self.key_limits(&self.effective(record.clone()));
+        let snapshot = self.admission.budget(Level::Key, &record.id, &limits).await;
+        budget_json(snapshot, pace_per_hour)
     }
+
+    /// A team's or customer's live budget figures and projection, as a key's.
+    pub async fn group_budget_view(
+        &self,
+        record: &GroupRecord,
+        pace_per_hour: Option<Money>,
+    ) -> serde_json::Value {
+        let snapshot = self
+            .admission
+            .budget(record.level, &record.name, &record.limits())
+            .await;
+        budget_json(snapshot, pace_per_hour)
+    }
+}
+
+/// Live budget figures as the admin API shows them, projected at `pace_per_hour` when given.
+fn budget_json(
+    snapshot: Option<crate::limits::BudgetSnapshot>,
+    pace_per_hour: Option<Money>,
+) -> serde_json::Value {
+    let Some(snapshot) = snapshot else {
+        return serde_json::Value::Null;
+    };
+    let capped = snapshot.budget_usd != crate::limits::UNCAPPED;
+    let mut view = serde_json::json!({
+        "budget_usd": capped.then_some(snapshot.budget_usd),
+        "spend_usd": snapshot.spend_usd,
+        "reserved_usd": snapshot.reserved_usd,
+        "remaining_usd": capped.then_some(snapshot.remaining_usd),
+        "period_start": crate::rfc3339(snapshot.period_start_ms),
+        "resets_at": snapshot.resets_at_ms.map(crate::rfc3339),
+    });
+    if let Some(pace) = pace_per_hour {
+        let projection = crate::spend_watch::project(
+            snapshot.spend_usd,
+            capped.then_some(snapshot.budget_usd),
+            crate::unix_ms(),
+            snapshot.resets_at_ms,
+            pace,
+        );
+        view["pace_usd_per_hour"] = serde_json::json!(projection.pace_per_hour);
+        view["projected_spend_usd"] = serde_json::json!(projection.spend_at_reset);
+        view["cap_reached_at"] = serde_json::json!(projection.cap_reached_ms.map(crate::rfc3339));
+    }
+    view
 }
 
 /// A key's limits. A key on a hard-stop credit pack is capped at the pack per month unless it
@@ -222,10 +284,4 @@ pub fn key_limits(record: &KeyRecord, plan_cap: Option<Money>) -> KeyLimits {
             per_hour: record.max_usd_per_hour,
         },
     }
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
 }

@@ -1,5 +1,6 @@
 //! The `tollgate` command line: one subcommand per job, each a thin call into the library.
-//! Administrative commands (`keys`, `usage`, `invoice`) talk to a running gateway's admin API;
+//! Administrative commands (`keys`, `teams`, `customers`, `usage`, `invoice`) talk to a
+//! running gateway's admin API;
 //! `migrate` works on the stores directly.
 
 use std::net::SocketAddr;
@@ -120,6 +121,20 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage teams, budget levels above the keys that name them, through the admin API.
+    Teams {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
+    /// Manage customers, budget levels above the keys that name them, through the admin API.
+    Customers {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
     /// Write a period's raw usage rows from the ledger (the configured store) to stdout, e.g.
     /// before `[ledger] raw_retention_days` drops them.
     Export {
@@ -232,6 +247,111 @@ pub enum KeysCommand {
     Revoke { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// Create a team or customer.
+    Create(GroupFields),
+    /// List them with their live spend.
+    List,
+    /// Show one with its live budget and projection.
+    Show { name: String },
+    /// Change its limits.
+    Update {
+        name: String,
+        #[command(flatten)]
+        fields: GroupFields,
+    },
+    /// Delete one that no live key names.
+    Delete { name: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GroupFields {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Budget cap in USD over all its keys.
+    #[arg(long)]
+    pub budget_usd: Option<String>,
+    /// day, week, month or total.
+    #[arg(long)]
+    pub budget_period: Option<String>,
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Spend (USD) announced once per period to the alert webhook; refuses nothing.
+    #[arg(long)]
+    pub soft_budget_usd: Option<String>,
+    /// Most USD all its keys together may reserve per minute.
+    #[arg(long)]
+    pub max_usd_per_minute: Option<String>,
+    /// Most USD all its keys together may reserve per hour.
+    #[arg(long)]
+    pub max_usd_per_hour: Option<String>,
+    /// A customer's plan, for its keys without one (customers only).
+    #[arg(long)]
+    pub plan: Option<String>,
+}
+
+impl GroupFields {
+    /// The JSON body for the admin API: only the fields given on the command line.
+    pub fn to_json(&self) -> Result<serde_json::Value, String> {
+        let mut body = serde_json::Map::new();
+        put_dollars(
+            &mut body,
+            [
+                ("budget_usd", "--budget-usd", &self.budget_usd),
+                (
+                    "soft_budget_usd",
+                    "--soft-budget-usd",
+                    &self.soft_budget_usd,
+                ),
+                (
+                    "max_usd_per_minute",
+                    "--max-usd-per-minute",
+                    &self.max_usd_per_minute,
+                ),
+                (
+                    "max_usd_per_hour",
+                    "--max-usd-per-hour",
+                    &self.max_usd_per_hour,
+                ),
+            ],
+        )?;
+        for (name, value) in [("rpm", self.rpm), ("tpm", self.tpm)] {
+            if let Some(v) = value {
+                body.insert(name.to_owned(), v.into());
+            }
+        }
+        for (name, value) in [
+            ("name", &self.name),
+            ("budget_period", &self.budget_period),
+            ("plan", &self.plan),
+        ] {
+            if let Some(v) = value {
+                body.insert(name.to_owned(), v.clone().into());
+            }
+        }
+        Ok(serde_json::Value::Object(body))
+    }
+}
+
+/// Amounts of dollars given as flags, as JSON numbers (never through a float).
+fn put_dollars<const N: usize>(
+    body: &mut serde_json::Map<String, serde_json::Value>,
+    flags: [(&str, &str, &Option<String>); N],
+) -> Result<(), String> {
+    for (name, flag, value) in flags {
+        if let Some(v) = value {
+            let number: serde_json::Number = v
+                .parse()
+                .map_err(|_| format!("{flag} `{v}` is not a number"))?;
+            body.insert(name.to_owned(), serde_json::Value::Number(number));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct KeyFields {
     #[arg(long)]
@@ -276,36 +396,32 @@ impl KeyFields {
     /// The JSON body for the admin API: only the fields given on the command line.
     pub fn to_json(&self) -> Result<serde_json::Value, String> {
         let mut body = serde_json::Map::new();
+        put_dollars(
+            &mut body,
+            [
+                ("budget_usd", "--budget-usd", &self.budget_usd),
+                (
+                    "soft_budget_usd",
+                    "--soft-budget-usd",
+                    &self.soft_budget_usd,
+                ),
+                (
+                    "max_usd_per_minute",
+                    "--max-usd-per-minute",
+                    &self.max_usd_per_minute,
+                ),
+                (
+                    "max_usd_per_hour",
+                    "--max-usd-per-hour",
+                    &self.max_usd_per_hour,
+                ),
+            ],
+        )?;
         let mut put = |name: &str, value: serde_json::Value| {
             body.insert(name.to_owned(), value);
         };
         if let Some(v) = &self.name {
             put("name", v.clone().into());
-        }
-        for (name, flag, value) in [
-            ("budget_usd", "--budget-usd", &self.budget_usd),
-            (
-                "soft_budget_usd",
-                "--soft-budget-usd",
-                &self.soft_budget_usd,
-            ),
-            (
-                "max_usd_per_minute",
-                "--max-usd-per-minute",
-                &self.max_usd_per_minute,
-            ),
-            (
-                "max_usd_per_hour",
-                "--max-usd-per-hour",
-                &self.max_usd_per_hour,
-            ),
-        ] {
-            if let Some(v) = value {
-                let number: serde_json::Number = v
-                    .parse()
-                    .map_err(|_| format!("{flag} `{v}` is not a number"))?;
-                put(name, serde_json::Value::Number(number));
-            }
         }
         if let Some(v) = &self.budget_period {
             put("budget_period", v.clone().into());
@@ -383,5 +499,44 @@ mod tests {
         );
         let refused = key_body(&["--max-usd-per-minute", "a cent"]).unwrap_err();
         assert_eq!(refused, "--max-usd-per-minute `a cent` is not a number");
+    }
+
+    #[test]
+    fn group_flags_become_the_admin_apis_fields() {
+        let cli = Cli::try_parse_from([
+            "tollgate",
+            "customers",
+            "update",
+            "acme",
+            "--budget-usd",
+            "500",
+            "--budget-period",
+            "week",
+            "--max-usd-per-hour",
+            "2.5",
+            "--tpm",
+            "90000",
+            "--plan",
+            "pro",
+        ])
+        .unwrap();
+        let Command::Customers {
+            command: GroupsCommand::Update { name, fields },
+            ..
+        } = cli.command
+        else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(name, "acme");
+        assert_eq!(
+            fields.to_json().unwrap(),
+            serde_json::json!({
+                "budget_usd": 500,
+                "budget_period": "week",
+                "max_usd_per_hour": 2.5,
+                "tpm": 90000,
+                "plan": "pro",
+            })
+        );
     }
 }

@@ -22,6 +22,10 @@ pub enum GatewayError {
     UnknownModel(String),
     #[error("no route for {0}")]
     NotFound(String),
+    /// An admin change that the state of what it changes refuses (a name taken, a team that
+    /// still has keys).
+    #[error("{0}")]
+    Conflict(String),
     /// A Responses API response this key may not see: unknown, expired or another key's.
     #[error("Response with id '{0}' not found.")]
     ResponseNotFound(String),
@@ -103,6 +107,7 @@ impl GatewayError {
             GatewayError::UnknownModel(_)
             | GatewayError::NotFound(_)
             | GatewayError::ResponseNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
             | GatewayError::AdminDisabled => StatusCode::UNAUTHORIZED,
@@ -137,7 +142,8 @@ impl GatewayError {
             | GatewayError::BodyTimeout
             | GatewayError::UnknownModel(_)
             | GatewayError::NotFound(_)
-            | GatewayError::ResponseNotFound(_) => "invalid_request_error",
+            | GatewayError::ResponseNotFound(_)
+            | GatewayError::Conflict(_) => "invalid_request_error",
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
             | GatewayError::AdminDisabled => "invalid_request_error",
@@ -166,6 +172,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::UnknownModel(_) => "model_not_found",
             GatewayError::NotFound(_) | GatewayError::ResponseNotFound(_) => "not_found",
+            GatewayError::Conflict(_) => "conflict",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
             GatewayError::AdminDisabled => "admin_disabled",

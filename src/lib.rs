@@ -36,3 +36,10 @@ pub mod upstream;
 pub fn unix_ms() -> i64 {
     api::unix_ms()
 }
+
+/// A Unix time in milliseconds as RFC 3339 in UTC, to the second.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}

@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::Value;
 
-use tollgate::cli::{AdminArgs, Cli, Command, ExportFormatArg, KeysCommand, StoreKind};
+use tollgate::cli::{
+    AdminArgs, Cli, Command, ExportFormatArg, GroupsCommand, KeysCommand, StoreKind,
+};
 use tollgate::client::{render, AdminClient};
 use tollgate::config::Config;
 use tollgate::mock_upstream::{self, MockOptions};
@@ -92,6 +94,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keys { admin, command } => runtime()?.block_on(keys(admin, command)),
+        Command::Teams { admin, command } => {
+            runtime()?.block_on(groups(admin, "/admin/teams", command))
+        }
+        Command::Customers { admin, command } => {
+            runtime()?.block_on(groups(admin, "/admin/customers", command))
+        }
         Command::Route { explain, config } => {
             let loaded = Config::load(&config)?;
             tollgate::route::explain::run(&loaded, &explain)
@@ -183,10 +191,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let data_dir = &loaded.server.data_dir;
             let copied = tollgate::store::migrate::to_postgres(data_dir, &url)?;
             println!(
-                "copied {} into postgres:\n  keys      {:>9} ({} new)\n  usage     {:>9} ({} new)\n  outcomes  {:>9} ({} new)",
+                "copied {} into postgres:\n  keys      {:>9} ({} new)\n  groups    {:>9} ({} new)\n  usage     {:>9} ({} new)\n  outcomes  {:>9} ({} new)",
                 data_dir.display(),
                 copied.keys,
                 copied.keys_new,
+                copied.groups,
+                copied.groups_new,
                 copied.usage,
                 copied.usage_new,
                 copied.outcomes,
@@ -291,6 +301,59 @@ async fn keys(admin: AdminArgs, command: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+const GROUP_COLUMNS: &[&str] = &[
+    "name",
+    "keys",
+    "budget_usd",
+    "budget_period",
+    "spend_usd",
+    "reserved_usd",
+    "remaining_usd",
+    "projected_spend_usd",
+    "rpm",
+    "tpm",
+    "max_usd_per_minute",
+    "max_usd_per_hour",
+    "soft_budget_usd",
+];
+
+/// `tollgate teams …` and `tollgate customers …`, on the admin API's collection at `base`.
+async fn groups(admin: AdminArgs, base: &str, command: GroupsCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let client = AdminClient::new(&admin)?;
+    let one = |name: &str| format!("{base}/{}", urlencoding_path(name));
+    let answer = match &command {
+        GroupsCommand::Create(fields) => {
+            let body = fields.to_json().map_err(anyhow::Error::msg)?;
+            client.call(Method::POST, base, Some(&body)).await?
+        }
+        GroupsCommand::List => client.call(Method::GET, base, None).await?,
+        GroupsCommand::Show { name } => client.call(Method::GET, &one(name), None).await?,
+        GroupsCommand::Update { name, fields } => {
+            let body = fields.to_json().map_err(anyhow::Error::msg)?;
+            client.call(Method::PATCH, &one(name), Some(&body)).await?
+        }
+        GroupsCommand::Delete { name } => client.call(Method::DELETE, &one(name), None).await?,
+    };
+    let rows = match &answer["data"] {
+        Value::Array(rows) => rows.clone(),
+        _ => vec![answer.clone()],
+    };
+    print!("{}", render(&answer, &rows, GROUP_COLUMNS, admin.format));
+    Ok(())
+}
+
+/// A name as one segment of a URL path.
+fn urlencoding_path(name: &str) -> String {
+    let Ok(mut url) = reqwest::Url::parse("http://x/") else {
+        return name.to_owned();
+    };
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.pop_if_empty().push(name);
+    }
+    url.path().trim_start_matches('/').to_owned()
 }
 
 /// Fetches an admin report and prints its `rows_field` as a table or CSV (or all as JSON),

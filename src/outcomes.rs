@@ -56,6 +56,7 @@ pub async fn report(
     }
     // An outcome is spend like any request's charge: the key's cap covers it.
     let limits = app.key_limits(&key);
+    let levels = app.levels(&key);
     let record = serde_json::to_string(&event).unwrap_or_default();
     let once = Once {
         id: &event.idempotency_key,
@@ -63,7 +64,7 @@ pub async fn report(
     };
     match app
         .admission
-        .charge(&key.id, &limits, event.charge, once)
+        .charge(&key.id, &limits, levels.above(), event.charge, once)
         .await
     {
         Ok(Charge::Done(alerts)) => {
@@ -79,7 +80,7 @@ pub async fn report(
         }
         Err(refusal) => {
             app.outcomes.forget(&event.idempotency_key);
-            return crate::proxy::refusal_error(&refusal, &key).into_response();
+            return crate::proxy::refusal_error(&refusal, &key, &levels).into_response();
         }
     }
     let accepted = answer(StatusCode::ACCEPTED, &event, "accepted");

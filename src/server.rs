@@ -16,13 +16,13 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::api::{new_request_id, ClientChoseRequestId, Endpoint, X_REQUEST_ID};
 use crate::app::{App, Services};
-use crate::auth::store::{KeyStore, SqliteKeyStore};
+use crate::auth::group::{group_change, members_spend, GroupRecord};
+use crate::auth::store::{KeyStore, SqliteKeyStore, StoreError};
 use crate::config::Config;
 use crate::config::{StateBackend, StoreBackend};
 use crate::error::GatewayError;
 use crate::lanes::{ConnectionGate, Lanes, Serving};
-use crate::limits::BudgetPeriod;
-use crate::limits::{Limiter, SystemClock};
+use crate::limits::{BudgetPeriod, Level, Limiter, SystemClock};
 use crate::meter::sink::Durability;
 use crate::meter::sink::UsagePipeline;
 use crate::meter::sink::UsageWriter;
@@ -90,10 +90,12 @@ impl Gateway {
         let key_store = store.keys;
         let ledger = store.ledger;
         let listed = key_store.clone();
-        let keys = tokio::task::spawn_blocking(move || listed.list())
-            .await
-            .map_err(|e| StartError::Store(e.to_string()))?
-            .map_err(|e| StartError::Store(e.to_string()))?;
+        let (keys, groups) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((listed.list()?, listed.list_groups()?))
+        })
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?
+        .map_err(|e| StartError::Store(e.to_string()))?;
         let local = Limiter::new(
             Arc::new(SystemClock),
             config.budget_alerts.thresholds_pct.clone(),
@@ -133,6 +135,7 @@ impl Gateway {
                         local_share: local,
                         share: 1.0 / f64::from(*replicas),
                         ledger: ledger.clone(),
+                        keys: key_store.clone(),
                     },
                     RatingTotals::Shared {
                         redis: redis.clone(),
@@ -157,7 +160,7 @@ impl Gateway {
             },
         ));
         let restoring = app.clone();
-        tokio::task::spawn_blocking(move || restore(&restoring, ledger.as_ref(), keys))
+        tokio::task::spawn_blocking(move || restore(&restoring, ledger.as_ref(), keys, groups))
             .await
             .map_err(|e| StartError::Store(e.to_string()))?
             .map_err(|e| StartError::Store(e.to_string()))?;
@@ -252,13 +255,14 @@ impl Gateway {
     }
 }
 
-/// Brings live state back from the ledger: each key's spend in its current budget period and
-/// its running totals for the month. Reservations are never stored, so those of requests that
-/// a crash interrupted are simply gone.
+/// Brings live state back from the ledger: each key's, team's and customer's spend in its
+/// current budget period and each key's running totals for the month. Reservations are never
+/// stored, so those of requests that a crash interrupted are simply gone.
 fn restore(
     app: &App,
     ledger: &dyn LedgerReader,
     keys: Vec<crate::auth::KeyRecord>,
+    groups: Vec<GroupRecord>,
 ) -> Result<(), crate::rating::ledger::LedgerError> {
     let now_ms = crate::unix_ms();
     if let RatingTotals::Embedded(rater) = &app.totals {
@@ -268,16 +272,22 @@ fn restore(
         }
     }
     let mut spend_by_period = std::collections::HashMap::new();
-    for key in keys {
-        let start = app.budget_period(&key).start_ms(now_ms);
+    let mut spend_since = |start: i64| -> Result<_, crate::rating::ledger::LedgerError> {
         if let std::collections::hash_map::Entry::Vacant(slot) = spend_by_period.entry(start) {
-            slot.insert(ledger.spend_since(start)?);
+            slot.insert(Arc::new(ledger.spend_since(start)?));
         }
-        let spent = spend_by_period
-            .get(&start)
-            .and_then(|spend| spend.get(&key.id))
-            .copied()
-            .unwrap_or(Money::ZERO);
+        Ok(spend_by_period[&start].clone())
+    };
+    // Groups first: a key without a plan of its own is rated under its customer's.
+    for group in groups {
+        let spend = spend_since(group.budget_period.start_ms(now_ms))?;
+        let spent = members_spend(&spend, &keys, group.level, &group.name);
+        app.group_activated(group, Some(spent));
+    }
+    for key in keys {
+        let key = app.effective(key);
+        let spend = spend_since(app.budget_period(&key).start_ms(now_ms))?;
+        let spent = spend.get(&key.id).copied().unwrap_or(Money::ZERO);
         app.key_activated(key, Some(spent));
     }
     Ok(())
@@ -383,6 +393,21 @@ async fn follow_key_changes(app: std::sync::Weak<App>, redis: Arc<RedisState>) {
 }
 
 async fn reload_key(app: &Arc<App>, key_id: String) {
+    if let Some((level, name)) = group_change(&key_id) {
+        let store = app.key_store.clone();
+        match tokio::task::spawn_blocking(move || store.list_groups()).await {
+            Ok(Ok(groups)) => match groups
+                .into_iter()
+                .find(|g| g.level == level && g.name == name)
+            {
+                Some(group) => app.group_activated(group, None),
+                None => app.group_removed(level, name),
+            },
+            Ok(Err(error)) => tracing::error!(%error, "cannot load a changed group"),
+            Err(error) => tracing::error!(%error, "cannot load a changed group"),
+        }
+        return;
+    }
     let store = app.key_store.clone();
     let id = key_id.clone();
     match tokio::task::spawn_blocking(move || store.get(&id)).await {
@@ -395,8 +420,22 @@ async fn reload_key(app: &Arc<App>, key_id: String) {
 
 async fn reload_keys(app: &Arc<App>) {
     let store = app.key_store.clone();
-    match tokio::task::spawn_blocking(move || store.list()).await {
-        Ok(Ok(records)) => {
+    match tokio::task::spawn_blocking(move || {
+        Ok::<_, StoreError>((store.list()?, store.list_groups()?))
+    })
+    .await
+    {
+        Ok(Ok((records, groups))) => {
+            for level in [Level::Team, Level::Customer] {
+                for stale in app.groups.names(level) {
+                    if !groups.iter().any(|g| g.level == level && g.name == stale) {
+                        app.group_removed(level, &stale);
+                    }
+                }
+            }
+            for group in groups {
+                app.group_activated(group, None);
+            }
             for record in records {
                 app.key_activated(record, None);
             }

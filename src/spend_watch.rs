@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::config::Velocity;
+use crate::limits::Level;
 use crate::money::Money;
 use crate::rating::ledger::{GroupBy, LedgerError, LedgerReader};
 
@@ -120,7 +121,9 @@ async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
     for key in app.keys.filtered(|key| key.soft_budget_usd.is_some()) {
         let (Some(soft), Some(budget)) = (
             key.soft_budget_usd,
-            app.admission.budget(&key.id, &app.key_limits(&key)).await,
+            app.admission
+                .budget(Level::Key, &key.id, &app.key_limits(&key))
+                .await,
         ) else {
             continue;
         };

@@ -3,6 +3,7 @@
 //! shown once, at creation. The index is updated by every admin change, so a revoked key fails
 //! on its very next request.
 
+pub mod group;
 pub mod store;
 
 use std::sync::Arc;
@@ -80,6 +81,15 @@ impl KeyRecord {
 
     pub fn is_revoked(&self) -> bool {
         self.revoked_at_ms.is_some()
+    }
+
+    /// The team or customer the key names.
+    pub fn label(&self, level: crate::limits::Level) -> Option<&str> {
+        match level {
+            crate::limits::Level::Key => None,
+            crate::limits::Level::Team => self.team.as_deref(),
+            crate::limits::Level::Customer => self.customer.as_deref(),
+        }
     }
 
     pub fn allows_model(&self, model: &str) -> bool {

@@ -8,8 +8,12 @@ use std::sync::Mutex;
 
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
+use super::group::{
+    group_delete_sql, group_insert_sql, group_members_sql, group_record, group_select,
+    group_update_sql, group_update_values, group_values, GroupRecord, SQLITE_GROUPS_TABLE,
+};
 use super::KeyRecord;
-use crate::limits::BudgetPeriod;
+use crate::limits::{BudgetPeriod, Level};
 use crate::money::Money;
 use crate::store::row::{Column, Dialect, RowSource};
 
@@ -39,6 +43,29 @@ pub trait KeyStore: Send + Sync {
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Every key, revoked ones included, oldest first.
     fn list(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Adds a team or customer; false when one of that level and name exists.
+    fn insert_group(&self, record: &GroupRecord) -> Result<bool, StoreError>;
+    /// Changes one group atomically, as [`KeyStore::modify`] does a key.
+    fn modify_group(
+        &self,
+        level: Level,
+        name: &str,
+        change: &mut dyn FnMut(&mut GroupRecord) -> bool,
+    ) -> Result<Option<GroupRecord>, StoreError>;
+    /// Every team and customer, by level and name.
+    fn list_groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
+    /// Deletes a group unless live keys still name it, in one step with counting them.
+    fn delete_group(&self, level: Level, name: &str) -> Result<GroupDeletion, StoreError>;
+}
+
+/// What deleting a group did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupDeletion {
+    Deleted,
+    NotFound,
+    /// Refused: this many live keys name the group.
+    HasKeys(i64),
 }
 
 /// SQLite-backed keys. One connection behind a std mutex: only admin calls and start-up use
@@ -76,6 +103,7 @@ impl SqliteKeyStore {
             )",
         )?;
         add_missing_columns(&connection)?;
+        connection.execute_batch(SQLITE_GROUPS_TABLE)?;
         Ok(SqliteKeyStore {
             connection: Mutex::new(connection),
         })
@@ -154,15 +182,6 @@ pub(crate) fn key_update_values(record: &KeyRecord) -> Vec<Column<'_>> {
         .collect()
 }
 
-fn period_name(period: BudgetPeriod) -> &'static str {
-    match period {
-        BudgetPeriod::Day => "day",
-        BudgetPeriod::Week => "week",
-        BudgetPeriod::Month => "month",
-        BudgetPeriod::Total => "total",
-    }
-}
-
 /// A key as the store keeps it, in the order of `KEY_COLUMNS`: money as nano-dollars, the
 /// allowed models as a JSON array.
 pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 20] {
@@ -175,7 +194,7 @@ pub(crate) fn key_values(r: &KeyRecord) -> [Column<'_>; 20] {
         Column::optional_text(r.team.as_deref()),
         Column::optional_text(r.customer.as_deref()),
         Column::Int(r.budget_usd.map(Money::nanos)),
-        Column::text(period_name(r.budget_period)),
+        Column::text(r.budget_period.as_str()),
         Column::Int(r.rpm.map(i64::from)),
         Column::Int(r.tpm.map(|v| i64::try_from(v).unwrap_or(i64::MAX))),
         Column::Int(r.max_concurrency.map(i64::from)),
@@ -210,13 +229,8 @@ pub(crate) fn key_record<R: RowSource>(row: &R) -> Result<KeyRecord, R::Error> {
         team: row.text(5)?,
         customer: row.text(6)?,
         budget_usd: row.int(7)?.map(Money::from_nanos),
-        budget_period: match period.as_str() {
-            "day" => BudgetPeriod::Day,
-            "week" => BudgetPeriod::Week,
-            "month" => BudgetPeriod::Month,
-            "total" => BudgetPeriod::Total,
-            _ => return Err(row.invalid(8, format!("budget period `{period}`"))),
-        },
+        budget_period: BudgetPeriod::parse(&period)
+            .ok_or_else(|| row.invalid(8, format!("budget period `{period}`")))?,
         rpm: row.optional_number(9)?,
         tpm: row.int(10)?.map(|v| v.max(0) as u64),
         max_concurrency: row.optional_number(11)?,
@@ -315,6 +329,74 @@ impl KeyStore for SqliteKeyStore {
             ))?;
             let rows = statement.query_map([], |row| key_record(row))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn insert_group(&self, record: &GroupRecord) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let inserted = c.execute(
+                &group_insert_sql(Dialect::Sqlite),
+                params_from_iter(group_values(record)),
+            )?;
+            Ok(inserted == 1)
+        })
+    }
+
+    fn modify_group(
+        &self,
+        level: Level,
+        name: &str,
+        change: &mut dyn FnMut(&mut GroupRecord) -> bool,
+    ) -> Result<Option<GroupRecord>, StoreError> {
+        self.with(|c| {
+            let transaction = c.unchecked_transaction()?;
+            let stored = transaction
+                .query_row(
+                    &group_select("WHERE level = ?1 AND name = ?2"),
+                    [level.as_str(), name],
+                    |row| group_record(row),
+                )
+                .optional()?;
+            let Some(mut record) = stored else {
+                return Ok(None);
+            };
+            if change(&mut record) {
+                transaction.execute(
+                    &group_update_sql(Dialect::Sqlite),
+                    params_from_iter(group_update_values(&record)),
+                )?;
+                transaction.commit()?;
+            }
+            Ok(Some(record))
+        })
+    }
+
+    fn list_groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(&group_select("ORDER BY level, name"))?;
+            let rows = statement.query_map([], |row| group_record(row))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn delete_group(&self, level: Level, name: &str) -> Result<GroupDeletion, StoreError> {
+        self.with(|c| {
+            let transaction = c.unchecked_transaction()?;
+            let members: i64 = transaction.query_row(
+                &group_members_sql(level, Dialect::Sqlite),
+                [name],
+                |row| row.get(0),
+            )?;
+            if members > 0 {
+                return Ok(GroupDeletion::HasKeys(members));
+            }
+            let deleted =
+                transaction.execute(&group_delete_sql(Dialect::Sqlite), [level.as_str(), name])?;
+            transaction.commit()?;
+            Ok(match deleted {
+                0 => GroupDeletion::NotFound,
+                _ => GroupDeletion::Deleted,
+            })
         })
     }
 }

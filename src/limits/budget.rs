@@ -45,6 +45,10 @@ impl BudgetPeriod {
         }
     }
 
+    pub fn parse(name: &str) -> Option<BudgetPeriod> {
+        PERIODS.into_iter().find(|period| period.as_str() == name)
+    }
+
     /// Start of the period containing `now_ms` (0 for `total`).
     pub fn start_ms(self, now_ms: i64) -> i64 {
         let Some(now) = Utc.timestamp_millis_opt(now_ms).single() else {

@@ -1,13 +1,13 @@
-//! Admission: per-key throttles (requests and tokens per minute, concurrency, dollars per
-//! minute and per hour), per-model throttles protecting upstream quotas, and per-key budget
-//! caps by reservation. A request is
-//! admitted all-or-nothing — a later refusal rolls back what earlier checks took — and gets a
-//! [`Ticket`] that settles exactly once: explicitly with the actual tokens and cost, or on drop
-//! (the request never reached an answer) by giving back what it reserved.
+//! Admission: throttles (requests and tokens per minute, dollars per minute and per hour) and
+//! budget caps by reservation at every level a request belongs to — its key, the key's team and
+//! its customer — plus a key's concurrency and per-model throttles protecting upstream quotas.
+//! A request is admitted at every level at once, all-or-nothing — a later refusal rolls back
+//! what earlier checks took — and gets a [`Ticket`] that settles exactly once: explicitly with
+//! the actual tokens and cost, or on drop (the request never reached an answer) by giving back
+//! what it reserved.
 //!
-//! Live state is atomics behind an `Arc` per key, found through a concurrent map; nothing here
-//! blocks or awaits. The [`Limiter`] is the seam for a shared backend (several replicas
-//! enforcing one cap): the request path only calls `admit` and `Ticket::settle`.
+//! Live state is atomics behind an `Arc` per level, found through a concurrent map; nothing
+//! here blocks or awaits. The [`Limiter`] is the embedded backend of `state::Admission`.
 
 pub mod budget;
 pub mod gcra;
@@ -95,10 +95,52 @@ pub struct Demand {
     pub cost: Money,
 }
 
-/// A key's limits. The counters are shared `Arc`s so that changing a key's limits keeps what
-/// its requests already took, and requests admitted before the change settle into the same
-/// counters as those admitted after it.
-struct KeyState {
+/// The levels a request is admitted at, checked in this order: its key, then the key's team,
+/// then its customer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    Key,
+    Team,
+    Customer,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Key => "key",
+            Level::Team => "team",
+            Level::Customer => "customer",
+        }
+    }
+}
+
+/// A level above a key: its name, and its limits for a backend that is told them with each
+/// request (the shared one; the embedded one holds them since `Limiter::upsert`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LevelRef<'a> {
+    pub name: &'a str,
+    pub limits: &'a KeyLimits,
+}
+
+/// The levels above a key that a request must fit too: its team and its customer, for those
+/// that exist as budget levels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Above<'a> {
+    pub team: Option<LevelRef<'a>>,
+    pub customer: Option<LevelRef<'a>>,
+}
+
+impl Above<'_> {
+    pub const NONE: Above<'static> = Above {
+        team: None,
+        customer: None,
+    };
+}
+
+/// A level's limits. The counters are shared `Arc`s so that changing a level's limits keeps
+/// what its requests already took, and requests admitted before the change settle into the
+/// same counters as those admitted after it.
+struct LevelState {
     rpm: Option<Arc<Gcra>>,
     tpm: Option<Arc<Gcra>>,
     max_concurrency: Option<u32>,
@@ -107,6 +149,65 @@ struct KeyState {
     budget: Option<Arc<Budget>>,
     usd_per_minute: Option<Arc<Gcra>>,
     usd_per_hour: Option<Arc<Gcra>>,
+}
+
+impl LevelState {
+    /// The state for (possibly changed) limits, carrying over the live counters of `old`.
+    fn carried(
+        old: Option<&LevelState>,
+        limits: &KeyLimits,
+        spent: Option<Money>,
+        now_us: i64,
+    ) -> LevelState {
+        let now_ms = now_us / 1_000;
+        let live = old.and_then(|o| o.budget.as_ref());
+        let budget = limits.budget.map(|(cap, period)| match (spent, live) {
+            (None, Some(live)) if live.period() == period => {
+                live.set_cap(cap);
+                live.clone()
+            }
+            (Some(spent), Some(live)) => {
+                live.set_cap(cap);
+                live.rebase(period, spent, now_ms);
+                live.clone()
+            }
+            _ => Arc::new(Budget::new(
+                cap,
+                period,
+                spent.unwrap_or(Money::ZERO),
+                now_ms,
+            )),
+        });
+        LevelState {
+            rpm: carried(
+                old.and_then(|o| o.rpm.as_ref()),
+                limits.rpm.map(u64::from),
+                now_us,
+            ),
+            tpm: carried(old.and_then(|o| o.tpm.as_ref()), limits.tpm, now_us),
+            max_concurrency: limits.max_concurrency,
+            in_flight: old.map_or_else(Arc::default, |o| o.in_flight.clone()),
+            budget,
+            usd_per_minute: spend_throttle(
+                old.and_then(|o| o.usd_per_minute.as_ref()),
+                limits.spend_rate.per_minute,
+                gcra::WINDOW_US,
+                now_us,
+            ),
+            usd_per_hour: spend_throttle(
+                old.and_then(|o| o.usd_per_hour.as_ref()),
+                limits.spend_rate.per_hour,
+                gcra::HOUR_US,
+                now_us,
+            ),
+        }
+    }
+
+    fn spend_throttles(&self) -> impl Iterator<Item = &Arc<Gcra>> {
+        [&self.usd_per_minute, &self.usd_per_hour]
+            .into_iter()
+            .flatten()
+    }
 }
 
 struct ModelState {
@@ -146,79 +247,110 @@ fn spend_throttle(
     carried_over(old, nanos, window_us, now_us)
 }
 
+/// The throttle that refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Concurrency,
+    Requests,
+    Tokens,
+    ModelRequests,
+    ModelTokens,
+    SpendPerMinute,
+    SpendPerHour,
+}
+
+impl Limit {
+    /// OpenAI's `type` for the limit: `requests` or `tokens`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Limit::Tokens | Limit::ModelTokens => "tokens",
+            _ => "requests",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// A throttle refused; `limit_kind` is OpenAI's `requests` or `tokens`.
+    /// A throttle of a level (or of the model, whatever `level` says) refused.
     RateLimited {
-        limit_kind: &'static str,
-        scope: &'static str,
+        level: Level,
+        limit: Limit,
         retry_after: Duration,
     },
-    /// The key's budget cannot cover the request's worst case.
-    InsufficientQuota { remaining: Money, needed: Money },
+    /// A level's budget cannot cover the request's worst case.
+    InsufficientQuota {
+        level: Level,
+        remaining: Money,
+        needed: Money,
+    },
     /// The shared state that holds the limits cannot be reached (`fail_closed`).
     Unavailable,
 }
 
-impl From<BudgetExceeded> for Refusal {
-    fn from(exceeded: BudgetExceeded) -> Refusal {
+impl Refusal {
+    fn over_budget(level: Level, exceeded: BudgetExceeded) -> Refusal {
         Refusal::InsufficientQuota {
+            level,
             remaining: exceeded.remaining,
             needed: exceeded.needed,
         }
     }
-}
 
-impl Refusal {
-    /// A bounded label for metrics.
+    /// A bounded label for metrics. A key's own limits keep their first names (`budget`,
+    /// `key_rpm`…); a team's and a customer's are prefixed by the level.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::RateLimited {
-                scope: "concurrency",
-                ..
-            } => "concurrency",
-            Refusal::RateLimited {
-                scope: "model",
-                limit_kind: "requests",
-                ..
-            } => "model_rpm",
-            Refusal::RateLimited { scope: "model", .. } => "model_tpm",
-            Refusal::RateLimited {
-                scope: SPEND_PER_MINUTE,
-                ..
-            } => "key_usd_per_minute",
-            Refusal::RateLimited {
-                scope: SPEND_PER_HOUR,
-                ..
-            } => "key_usd_per_hour",
-            Refusal::RateLimited {
-                limit_kind: "requests",
-                ..
-            } => "key_rpm",
-            Refusal::RateLimited { .. } => "key_tpm",
-            Refusal::InsufficientQuota { .. } => "budget",
-            Refusal::Unavailable => "state_unavailable",
-        }
+        const BY_LEVEL: [[&str; 5]; 3] = [
+            [
+                "key_rpm",
+                "key_tpm",
+                "key_usd_per_minute",
+                "key_usd_per_hour",
+                "budget",
+            ],
+            [
+                "team_rpm",
+                "team_tpm",
+                "team_usd_per_minute",
+                "team_usd_per_hour",
+                "team_budget",
+            ],
+            [
+                "customer_rpm",
+                "customer_tpm",
+                "customer_usd_per_minute",
+                "customer_usd_per_hour",
+                "customer_budget",
+            ],
+        ];
+        let (level, column) = match self {
+            Refusal::Unavailable => return "state_unavailable",
+            Refusal::RateLimited { limit, level, .. } => match limit {
+                Limit::Concurrency => return "concurrency",
+                Limit::ModelRequests => return "model_rpm",
+                Limit::ModelTokens => return "model_tpm",
+                Limit::Requests => (level, 0),
+                Limit::Tokens => (level, 1),
+                Limit::SpendPerMinute => (level, 2),
+                Limit::SpendPerHour => (level, 3),
+            },
+            Refusal::InsufficientQuota { level, .. } => (level, 4),
+        };
+        BY_LEVEL[*level as usize][column]
     }
 }
 
-/// The scopes of a refusal by a spend-rate cap.
-pub const SPEND_PER_MINUTE: &str = "spend_per_minute";
-pub const SPEND_PER_HOUR: &str = "spend_per_hour";
-
 /// Takes units from one throttle, or says which limit refused and how long to wait.
 fn throttle(
-    limit: &Gcra,
+    gcra: &Gcra,
     units: u64,
     now_us: i64,
-    limit_kind: &'static str,
-    scope: &'static str,
+    level: Level,
+    limit: Limit,
 ) -> Result<Snapshot, Refusal> {
-    limit
-        .acquire(units, now_us)
+    gcra.acquire(units, now_us)
         .map_err(|retry_after| Refusal::RateLimited {
-            limit_kind,
-            scope,
+            level,
+            limit,
             retry_after,
         })
 }
@@ -296,9 +428,11 @@ pub fn go_duration(duration: Duration) -> String {
     }
 }
 
-/// Every key's and model's live limits.
+/// Every key's, team's, customer's and model's live limits.
 pub struct Limiter {
-    keys: DashMap<String, Arc<KeyState>>,
+    keys: DashMap<String, Arc<LevelState>>,
+    teams: DashMap<String, Arc<LevelState>>,
+    customers: DashMap<String, Arc<LevelState>>,
     models: DashMap<String, Arc<ModelState>>,
     clock: Arc<dyn Clock>,
     alert_thresholds_pct: Vec<u8>,
@@ -315,7 +449,8 @@ pub struct AlertCrossing {
     pub used_pct: u64,
 }
 
-/// What settling found, for metrics and alerts.
+/// What settling found, for metrics and alerts: the key's overshoot and the key's alert
+/// thresholds crossed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settlement {
     pub overshoot: Money,
@@ -330,6 +465,8 @@ impl Limiter {
         alert_thresholds_pct.truncate(64);
         Limiter {
             keys: DashMap::new(),
+            teams: DashMap::new(),
+            customers: DashMap::new(),
             models: DashMap::new(),
             clock,
             alert_thresholds_pct,
@@ -359,68 +496,42 @@ impl Limiter {
         self.clock.as_ref()
     }
 
-    /// Installs a key's limits, or changes them keeping its live counters: throttles keep
-    /// their last minute's use, requests in flight stay counted, and a budget over the same
-    /// period keeps its spend and reservations. `spent` is the period's spend from the ledger;
-    /// it is needed at start-up and when the budget period changes, and replaces the live
-    /// spend when given (reservations in flight still stay).
-    pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
-        let now_us = self.clock.now_us();
-        let now_ms = now_us / 1_000;
-        let old = self.keys.get(id).map(|entry| entry.value().clone());
-        let old = old.as_deref();
-        let live = old.and_then(|o| o.budget.as_ref());
-        let budget = limits.budget.map(|(cap, period)| match (spent, live) {
-            (None, Some(live)) if live.period() == period => {
-                live.set_cap(cap);
-                live.clone()
-            }
-            (Some(spent), Some(live)) => {
-                live.set_cap(cap);
-                live.rebase(period, spent, now_ms);
-                live.clone()
-            }
-            _ => Arc::new(Budget::new(
-                cap,
-                period,
-                spent.unwrap_or(Money::ZERO),
-                now_ms,
-            )),
-        });
-        let state = KeyState {
-            rpm: carried(
-                old.and_then(|o| o.rpm.as_ref()),
-                limits.rpm.map(u64::from),
-                now_us,
-            ),
-            tpm: carried(old.and_then(|o| o.tpm.as_ref()), limits.tpm, now_us),
-            max_concurrency: limits.max_concurrency,
-            in_flight: old.map_or_else(Arc::default, |o| o.in_flight.clone()),
-            budget,
-            usd_per_minute: spend_throttle(
-                old.and_then(|o| o.usd_per_minute.as_ref()),
-                limits.spend_rate.per_minute,
-                gcra::WINDOW_US,
-                now_us,
-            ),
-            usd_per_hour: spend_throttle(
-                old.and_then(|o| o.usd_per_hour.as_ref()),
-                limits.spend_rate.per_hour,
-                gcra::HOUR_US,
-                now_us,
-            ),
-        };
-        self.keys.insert(id.to_owned(), Arc::new(state));
+    fn levels(&self, level: Level) -> &DashMap<String, Arc<LevelState>> {
+        match level {
+            Level::Key => &self.keys,
+            Level::Team => &self.teams,
+            Level::Customer => &self.customers,
+        }
     }
 
-    /// The period of a key's live budget, to tell whether a change needs the ledger's spend.
-    pub fn budget_period(&self, key_id: &str) -> Option<BudgetPeriod> {
-        let state = self.keys.get(key_id)?;
+    fn state(&self, level: Level, id: &str) -> Option<Arc<LevelState>> {
+        // Cloned out so no map guard outlives this call.
+        self.levels(level)
+            .get(id)
+            .map(|entry| entry.value().clone())
+    }
+
+    /// Installs a level's limits (a key by id, a team or customer by name), or changes them
+    /// keeping its live counters: throttles keep their last minute's use, requests in flight
+    /// stay counted, and a budget over the same period keeps its spend and reservations.
+    /// `spent` is the period's spend from the ledger; it is needed at start-up and when the
+    /// budget period or a group's members change, and replaces the live spend when given
+    /// (reservations in flight still stay).
+    pub fn upsert(&self, level: Level, id: &str, limits: &KeyLimits, spent: Option<Money>) {
+        let now_us = self.clock.now_us();
+        let old = self.state(level, id);
+        let state = LevelState::carried(old.as_deref(), limits, spent, now_us);
+        self.levels(level).insert(id.to_owned(), Arc::new(state));
+    }
+
+    /// The period of a level's live budget, to tell whether a change needs the ledger's spend.
+    pub fn budget_period(&self, level: Level, id: &str) -> Option<BudgetPeriod> {
+        let state = self.state(level, id)?;
         state.budget.as_ref().map(|b| b.period())
     }
 
-    pub fn remove_key(&self, id: &str) {
-        self.keys.remove(id);
+    pub fn remove(&self, level: Level, id: &str) {
+        self.levels(level).remove(id);
     }
 
     /// Sets a model's throttles; a reload that leaves them unchanged keeps their state.
@@ -442,40 +553,50 @@ impl Limiter {
         self.models.insert(name.to_owned(), Arc::new(state));
     }
 
-    pub fn budget(&self, key_id: &str) -> Option<BudgetSnapshot> {
+    pub fn budget(&self, level: Level, id: &str) -> Option<BudgetSnapshot> {
         let now_ms = self.clock.now_ms();
-        let state = self.keys.get(key_id).map(|entry| entry.value().clone())?;
+        let state = self.state(level, id)?;
         state.budget.as_ref().map(|b| b.snapshot(now_ms))
     }
 
-    /// Checks, in order: concurrency, key RPM, key TPM, model RPM and TPM, budget. Each step's
-    /// guard rolls itself back if a later step refuses.
-    pub fn admit(&self, key_id: &str, model: &str, demand: Demand) -> Result<Ticket, Refusal> {
+    /// The holds a request takes: its key, then its team and customer where they are levels.
+    fn holds(&self, key_id: &str, above: Above<'_>) -> [Option<Hold>; 3] {
+        let hold = |level, id: Option<&str>| {
+            id.and_then(|id| self.state(level, id))
+                .map(|state| Hold::new(level, state))
+        };
+        [
+            hold(Level::Key, Some(key_id)),
+            hold(Level::Team, above.team.map(|team| team.name)),
+            hold(
+                Level::Customer,
+                above.customer.map(|customer| customer.name),
+            ),
+        ]
+    }
+
+    /// Admits a request at every level at once. Checks, in order: the key's concurrency, each
+    /// level's RPM and TPM, the model's RPM and TPM, each level's dollars per minute and per
+    /// hour, each level's budget. Whatever a refused request took is given back.
+    pub fn admit(
+        &self,
+        key_id: &str,
+        above: Above<'_>,
+        model: &str,
+        demand: Demand,
+    ) -> Result<Ticket, Refusal> {
         let now_us = self.clock.now_us();
-        // Clone the Arcs out so no map guard outlives this statement.
-        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
-        let model_state = self.models.get(model).map(|entry| entry.value().clone());
         let mut ticket = Ticket {
-            key: key.clone(),
-            model: model_state.clone(),
-            tokens: 0,
+            levels: self.holds(key_id, above),
+            model: self.models.get(model).map(|entry| entry.value().clone()),
             model_tokens: 0,
+            model_request_taken: false,
             demand_tokens: demand.tokens,
             admitted_us: now_us,
-            reserved: Money::ZERO,
-            spend_taken: 0,
-            holds_slot: false,
-            requests_taken: (false, false),
             headers: RateLimitHeaders::default(),
             settled: false,
         };
-        match Limiter::take(
-            &mut ticket,
-            key.as_ref(),
-            model_state.as_ref(),
-            demand,
-            now_us,
-        ) {
+        match ticket.take(demand, now_us) {
             Ok(()) => Ok(ticket),
             Err(refusal) => {
                 ticket.rollback_requests();
@@ -486,71 +607,19 @@ impl Limiter {
 
     /// The throttle headers as they stand now, for a refused request: OpenAI sends them on
     /// its 429s too, and clients pace themselves by them.
-    pub fn headers(&self, key_id: &str, model: &str) -> RateLimitHeaders {
+    pub fn headers(&self, key_id: &str, above: Above<'_>, model: &str) -> RateLimitHeaders {
         let now_us = self.clock.now_us();
-        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
-        let model_state = self.models.get(model).map(|entry| entry.value().clone());
         let snapshot = |limit: Option<&Arc<Gcra>>| limit.map(|limit| limit.snapshot(now_us));
-        RateLimitHeaders {
-            requests: tighter(
-                key.as_ref().and_then(|k| snapshot(k.rpm.as_ref())),
-                model_state.as_ref().and_then(|m| snapshot(m.rpm.as_ref())),
-            ),
-            tokens: tighter(
-                key.as_ref().and_then(|k| snapshot(k.tpm.as_ref())),
-                model_state.as_ref().and_then(|m| snapshot(m.tpm.as_ref())),
-            ),
+        let model_state = self.models.get(model).map(|entry| entry.value().clone());
+        let mut headers = RateLimitHeaders {
+            requests: model_state.as_ref().and_then(|m| snapshot(m.rpm.as_ref())),
+            tokens: model_state.as_ref().and_then(|m| snapshot(m.tpm.as_ref())),
+        };
+        for hold in self.holds(key_id, above).iter().flatten() {
+            headers.requests = tighter(headers.requests, snapshot(hold.state.rpm.as_ref()));
+            headers.tokens = tighter(headers.tokens, snapshot(hold.state.tpm.as_ref()));
         }
-    }
-
-    fn take(
-        ticket: &mut Ticket,
-        key: Option<&Arc<KeyState>>,
-        model_state: Option<&Arc<ModelState>>,
-        demand: Demand,
-        now_us: i64,
-    ) -> Result<(), Refusal> {
-        if let Some(key) = key {
-            let before = key.in_flight.fetch_add(1, Ordering::AcqRel);
-            if key.max_concurrency.is_some_and(|limit| before >= limit) {
-                key.in_flight.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::RateLimited {
-                    limit_kind: "requests",
-                    scope: "concurrency",
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-            ticket.holds_slot = true;
-            if let Some(rpm) = &key.rpm {
-                let snapshot = throttle(rpm, 1, now_us, "requests", "key")?;
-                ticket.requests_taken.0 = true;
-                ticket.headers.requests = Some(snapshot);
-            }
-            if let Some(tpm) = &key.tpm {
-                let snapshot = throttle(tpm, demand.tokens, now_us, "tokens", "key")?;
-                ticket.tokens = demand.tokens;
-                ticket.headers.tokens = Some(snapshot);
-            }
-        }
-        if let Some(model_state) = model_state {
-            if let Some(rpm) = &model_state.rpm {
-                let snapshot = throttle(rpm, 1, now_us, "requests", "model")?;
-                ticket.requests_taken.1 = true;
-                ticket.headers.requests = tighter(ticket.headers.requests, Some(snapshot));
-            }
-            if let Some(tpm) = &model_state.tpm {
-                let snapshot = throttle(tpm, demand.tokens, now_us, "tokens", "model")?;
-                ticket.model_tokens = demand.tokens;
-                ticket.headers.tokens = tighter(ticket.headers.tokens, Some(snapshot));
-            }
-        }
-        if let Some(key) = key {
-            ticket.spend_taken = take_spend(key, demand.cost, now_us)?;
-        }
-        if let Some(budget) = key.and_then(|k| k.budget.as_ref()) {
-            ticket.reserved = budget.reserve(demand.cost, now_us / 1_000)?;
-        }
-        Ok(())
+        headers
     }
 
     /// Moves a ticket's model throttles to a fallback model before it is tried: its RPM and
@@ -563,10 +632,16 @@ impl Limiter {
         let rpm = next.as_ref().and_then(|state| state.rpm.as_ref());
         let tpm = next.as_ref().and_then(|state| state.tpm.as_ref());
         if let Some(rpm) = rpm {
-            throttle(rpm, 1, now_us, "requests", "model")?;
+            throttle(rpm, 1, now_us, Level::Key, Limit::ModelRequests)?;
         }
         if let Some(tpm) = tpm {
-            if let Err(refusal) = throttle(tpm, ticket.demand_tokens, now_us, "tokens", "model") {
+            if let Err(refusal) = throttle(
+                tpm,
+                ticket.demand_tokens,
+                now_us,
+                Level::Key,
+                Limit::ModelTokens,
+            ) {
                 if let Some(rpm) = rpm {
                     rpm.release(1);
                 }
@@ -586,63 +661,76 @@ impl Limiter {
         Ok(())
     }
 
-    /// Replaces a ticket's reservations by what the request really used.
+    /// Replaces a ticket's reservations at every level by what the request really used.
     pub fn settle(&self, mut ticket: Ticket, tokens: u64, cost: Money) -> Settlement {
         ticket.settled = true;
         let now_us = self.clock.now_us();
         let now_ms = now_us / 1_000;
         let admitted_us = ticket.admitted_us;
-        let correct =
-            |limit: &Gcra, reserved: u64| limit.settle(reserved, tokens, admitted_us, now_us);
+        let cost_nanos = u64::try_from(cost.nanos()).unwrap_or(0);
         let mut settlement = Settlement::default();
-        if let Some(key) = ticket.key.take() {
-            if let Some(tpm) = &key.tpm {
-                correct(tpm, ticket.tokens);
+        for hold in ticket.levels.iter_mut().flatten() {
+            let state = &hold.state;
+            if let Some(tpm) = &state.tpm {
+                tpm.settle(hold.tokens, tokens, admitted_us, now_us);
             }
-            let cost_nanos = u64::try_from(cost.nanos()).unwrap_or(0);
-            for limit in [&key.usd_per_minute, &key.usd_per_hour]
-                .into_iter()
-                .flatten()
-            {
-                limit.settle(ticket.spend_taken, cost_nanos, admitted_us, now_us);
+            for limit in state.spend_throttles() {
+                limit.settle(hold.spend_taken, cost_nanos, admitted_us, now_us);
             }
-            if let Some(budget) = &key.budget {
-                let settled = budget.settle(ticket.reserved, cost, now_ms);
-                settlement.overshoot = settled.overshoot;
-                settlement.alerts = self.crossings(budget, settled.used_pct, now_ms);
+            if let Some(budget) = &state.budget {
+                let settled = budget.settle(hold.reserved, cost, now_ms);
+                if hold.level == Level::Key {
+                    settlement.overshoot = settled.overshoot;
+                    settlement.alerts = self.crossings(budget, settled.used_pct, now_ms);
+                }
             }
-            if ticket.holds_slot {
-                key.in_flight.fetch_sub(1, Ordering::AcqRel);
+            if hold.holds_slot {
+                state.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
+            hold.forget();
         }
-        if let Some(model) = ticket.model.take() {
-            if let Some(tpm) = &model.tpm {
-                correct(tpm, ticket.model_tokens);
-            }
+        if let Some(tpm) = ticket.model.as_ref().and_then(|model| model.tpm.as_ref()) {
+            tpm.settle(ticket.model_tokens, tokens, admitted_us, now_us);
         }
         settlement
     }
 
-    /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
-    /// whole or not at all.
-    pub fn charge(&self, key_id: &str, amount: Money) -> Result<Settlement, Refusal> {
+    /// Charges an amount known before it is spent (a reported outcome) to the budget of every
+    /// level at once, whole or not at all.
+    pub fn charge(
+        &self,
+        key_id: &str,
+        above: Above<'_>,
+        amount: Money,
+    ) -> Result<Settlement, Refusal> {
         let now_us = self.clock.now_us();
         let now_ms = now_us / 1_000;
-        let key = self.keys.get(key_id).map(|entry| entry.value().clone());
-        let Some(key) = key else {
-            return Ok(Settlement::default());
-        };
-        let Some(budget) = key.budget.as_ref() else {
-            charge_spend(&key, amount, now_us);
-            return Ok(Settlement::default());
-        };
-        let reserved = budget.reserve(amount, now_ms)?;
-        let settled = budget.settle(reserved, amount, now_ms);
-        charge_spend(&key, amount, now_us);
-        Ok(Settlement {
-            overshoot: Money::ZERO,
-            alerts: self.crossings(budget, settled.used_pct, now_ms),
-        })
+        let mut holds = self.holds(key_id, above);
+        for hold in holds.iter_mut().flatten() {
+            if let Some(budget) = &hold.state.budget {
+                // A refusal drops the holds, which gives back what earlier levels reserved.
+                hold.reserved = budget
+                    .reserve(amount, now_ms)
+                    .map_err(|exceeded| Refusal::over_budget(hold.level, exceeded))?;
+            }
+        }
+        let mut settlement = Settlement::default();
+        let nanos = u64::try_from(amount.nanos()).unwrap_or(0);
+        for hold in holds.iter_mut().flatten() {
+            if let Some(budget) = &hold.state.budget {
+                let settled = budget.settle(hold.reserved, amount, now_ms);
+                if hold.level == Level::Key {
+                    settlement.alerts = self.crossings(budget, settled.used_pct, now_ms);
+                }
+            }
+            hold.forget();
+            // Money gone counts against the spend rate, but is never refused for it: only the
+            // requests after it are paced.
+            for limit in hold.state.spend_throttles() {
+                limit.charge(nanos, now_us);
+            }
+        }
+        Ok(settlement)
     }
 
     /// Thresholds newly crossed this period; each is reported once per period.
@@ -671,51 +759,124 @@ pub fn crossed(thresholds_pct: &[u8], mask: u64, used_pct: u64) -> Vec<AlertCros
         .collect()
 }
 
-/// Takes a request's worst-case cost from the key's spend-rate throttles, both or neither;
-/// returns the nano-dollars taken.
-fn take_spend(key: &KeyState, cost: Money, now_us: i64) -> Result<u64, Refusal> {
-    let nanos = u64::try_from(cost.nanos()).unwrap_or(0);
-    if let Some(minute) = &key.usd_per_minute {
-        throttle(minute, nanos, now_us, "requests", SPEND_PER_MINUTE)?;
-    }
-    if let Some(hour) = &key.usd_per_hour {
-        if let Err(refusal) = throttle(hour, nanos, now_us, "requests", SPEND_PER_HOUR) {
-            if let Some(minute) = &key.usd_per_minute {
-                minute.release(nanos);
-            }
-            return Err(refusal);
-        }
-    }
-    Ok(nanos)
+/// What a request holds at one level until it settles.
+struct Hold {
+    level: Level,
+    state: Arc<LevelState>,
+    tokens: u64,
+    reserved: Money,
+    /// Nano-dollars taken from the level's spend-rate throttles.
+    spend_taken: u64,
+    holds_slot: bool,
+    /// Whether a request unit was taken (kept: the request happened).
+    request_taken: bool,
 }
 
-/// An amount charged outright (a reported outcome) counts against the spend rate: it is
-/// money gone, but it is never refused for the rate, only the requests after it are paced.
-fn charge_spend(key: &KeyState, amount: Money, now_us: i64) {
-    let nanos = u64::try_from(amount.nanos()).unwrap_or(0);
-    for limit in [&key.usd_per_minute, &key.usd_per_hour]
-        .into_iter()
-        .flatten()
-    {
-        limit.charge(nanos, now_us);
+impl Hold {
+    fn new(level: Level, state: Arc<LevelState>) -> Hold {
+        Hold {
+            level,
+            state,
+            tokens: 0,
+            reserved: Money::ZERO,
+            spend_taken: 0,
+            holds_slot: false,
+            request_taken: false,
+        }
+    }
+
+    /// Takes a concurrency slot and the request and token throttles.
+    fn take_throttles(
+        &mut self,
+        tokens: u64,
+        now_us: i64,
+        headers: &mut RateLimitHeaders,
+    ) -> Result<(), Refusal> {
+        let state = &self.state;
+        let before = state.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.holds_slot = true;
+        if state.max_concurrency.is_some_and(|limit| before >= limit) {
+            return Err(Refusal::RateLimited {
+                level: self.level,
+                limit: Limit::Concurrency,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        if let Some(rpm) = &state.rpm {
+            let snapshot = throttle(rpm, 1, now_us, self.level, Limit::Requests)?;
+            self.request_taken = true;
+            headers.requests = tighter(headers.requests, Some(snapshot));
+        }
+        if let Some(tpm) = &state.tpm {
+            let snapshot = throttle(tpm, tokens, now_us, self.level, Limit::Tokens)?;
+            self.tokens = tokens;
+            headers.tokens = tighter(headers.tokens, Some(snapshot));
+        }
+        Ok(())
+    }
+
+    /// Takes a request's worst-case cost from the spend-rate throttles, both or neither.
+    fn take_spend(&mut self, cost: Money, now_us: i64) -> Result<(), Refusal> {
+        let nanos = u64::try_from(cost.nanos()).unwrap_or(0);
+        let state = &self.state;
+        if let Some(minute) = &state.usd_per_minute {
+            throttle(minute, nanos, now_us, self.level, Limit::SpendPerMinute)?;
+        }
+        if let Some(hour) = &state.usd_per_hour {
+            if let Err(refusal) = throttle(hour, nanos, now_us, self.level, Limit::SpendPerHour) {
+                if let Some(minute) = &state.usd_per_minute {
+                    minute.release(nanos);
+                }
+                return Err(refusal);
+            }
+        }
+        self.spend_taken = nanos;
+        Ok(())
+    }
+
+    /// Gives back everything but the request unit.
+    fn release(&mut self) {
+        let state = &self.state;
+        if let Some(tpm) = &state.tpm {
+            tpm.release(self.tokens);
+        }
+        if let Some(budget) = &state.budget {
+            budget.release(self.reserved);
+        }
+        for limit in state.spend_throttles() {
+            limit.release(self.spend_taken);
+        }
+        if self.holds_slot {
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.forget();
+    }
+
+    /// Holds nothing any more: what it took was settled or given back.
+    fn forget(&mut self) {
+        self.tokens = 0;
+        self.reserved = Money::ZERO;
+        self.spend_taken = 0;
+        self.holds_slot = false;
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
 /// What an admitted request holds until it settles.
 pub struct Ticket {
-    key: Option<Arc<KeyState>>,
+    /// The key's hold, then the team's and the customer's where they are levels.
+    levels: [Option<Hold>; 3],
     model: Option<Arc<ModelState>>,
-    tokens: u64,
     model_tokens: u64,
+    model_request_taken: bool,
     /// The tokens admitted, for a fallback model's own throttle.
     demand_tokens: u64,
     admitted_us: i64,
-    reserved: Money,
-    /// Nano-dollars taken from the key's spend-rate throttles.
-    spend_taken: u64,
-    holds_slot: bool,
-    /// Whether a key and a model request unit were taken (kept: the request happened).
-    requests_taken: (bool, bool),
     headers: RateLimitHeaders,
     settled: bool,
 }
@@ -725,59 +886,76 @@ impl Ticket {
         self.headers
     }
 
+    /// What the ticket reserved of its key's budget.
     pub fn reserved(&self) -> Money {
-        self.reserved
+        self.levels[0]
+            .as_ref()
+            .map_or(Money::ZERO, |hold| hold.reserved)
+    }
+
+    fn take(&mut self, demand: Demand, now_us: i64) -> Result<(), Refusal> {
+        for hold in self.levels.iter_mut().flatten() {
+            hold.take_throttles(demand.tokens, now_us, &mut self.headers)?;
+        }
+        if let Some(model) = &self.model {
+            if let Some(rpm) = &model.rpm {
+                let snapshot = throttle(rpm, 1, now_us, Level::Key, Limit::ModelRequests)?;
+                self.model_request_taken = true;
+                self.headers.requests = tighter(self.headers.requests, Some(snapshot));
+            }
+            if let Some(tpm) = &model.tpm {
+                let snapshot =
+                    throttle(tpm, demand.tokens, now_us, Level::Key, Limit::ModelTokens)?;
+                self.model_tokens = demand.tokens;
+                self.headers.tokens = tighter(self.headers.tokens, Some(snapshot));
+            }
+        }
+        for hold in self.levels.iter_mut().flatten() {
+            hold.take_spend(demand.cost, now_us)?;
+        }
+        let now_ms = now_us / 1_000;
+        for hold in self.levels.iter_mut().flatten() {
+            if let Some(budget) = &hold.state.budget {
+                hold.reserved = budget
+                    .reserve(demand.cost, now_ms)
+                    .map_err(|exceeded| Refusal::over_budget(hold.level, exceeded))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back the request units too: used when admission refused part-way, since the
+    /// refused request never happened.
+    fn rollback_requests(&mut self) {
+        for hold in self.levels.iter_mut().flatten() {
+            if hold.request_taken {
+                if let Some(rpm) = &hold.state.rpm {
+                    rpm.release(1);
+                }
+                hold.request_taken = false;
+            }
+        }
+        if self.model_request_taken {
+            if let Some(rpm) = self.model.as_ref().and_then(|m| m.rpm.as_ref()) {
+                rpm.release(1);
+            }
+            self.model_request_taken = false;
+        }
     }
 }
 
 impl Drop for Ticket {
     /// A ticket dropped unsettled (refused part-way, or a request that never got an answer)
-    /// gives back its reservation, its tokens, its concurrency slot, and — when admission
-    /// itself failed part-way — the request units it took.
+    /// gives back its reservations, its tokens, its concurrency slots (each level's hold does
+    /// on its own drop) and — when admission itself failed part-way — the request units it
+    /// took (see `rollback_requests`).
     fn drop(&mut self) {
         if self.settled {
             return;
         }
-        if let Some(key) = &self.key {
-            if let Some(tpm) = &key.tpm {
-                tpm.release(self.tokens);
-            }
-            if let Some(budget) = &key.budget {
-                budget.release(self.reserved);
-            }
-            for limit in [&key.usd_per_minute, &key.usd_per_hour]
-                .into_iter()
-                .flatten()
-            {
-                limit.release(self.spend_taken);
-            }
-            if self.holds_slot {
-                key.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
+        if let Some(tpm) = self.model.as_ref().and_then(|model| model.tpm.as_ref()) {
+            tpm.release(self.model_tokens);
         }
-        if let Some(model) = &self.model {
-            if let Some(tpm) = &model.tpm {
-                tpm.release(self.model_tokens);
-            }
-        }
-    }
-}
-
-impl Ticket {
-    /// Gives back the request units too: used when admission refused part-way, since the
-    /// refused request never happened.
-    fn rollback_requests(&mut self) {
-        if self.requests_taken.0 {
-            if let Some(rpm) = self.key.as_ref().and_then(|k| k.rpm.as_ref()) {
-                rpm.release(1);
-            }
-        }
-        if self.requests_taken.1 {
-            if let Some(rpm) = self.model.as_ref().and_then(|m| m.rpm.as_ref()) {
-                rpm.release(1);
-            }
-        }
-        self.requests_taken = (false, false);
     }
 }
 
@@ -813,22 +991,26 @@ mod tests {
             budget: Some((Money(100), BudgetPeriod::Day)),
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
-        let refused = limiter.admit("k", "m", demand(10, Money(101)));
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let refused = limiter.admit("k", Above::NONE, "m", demand(10, Money(101)));
         assert!(matches!(refused, Err(Refusal::InsufficientQuota { .. })));
         // Nothing stayed taken: the slot, the tokens and the request are all free again.
-        let ticket = limiter.admit("k", "m", demand(1_000, Money(100))).unwrap();
+        let ticket = limiter
+            .admit("k", Above::NONE, "m", demand(1_000, Money(100)))
+            .unwrap();
         assert_eq!(ticket.headers().requests.unwrap().remaining, 9);
         assert_eq!(ticket.headers().tokens.unwrap().remaining, 0);
-        let busy = limiter.admit("k", "m", demand(1, Money(0)));
+        let busy = limiter.admit("k", Above::NONE, "m", demand(1, Money(0)));
         assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
         let settlement = limiter.settle(ticket, 400, Money(60));
         assert_eq!(settlement.alerts.len(), 1);
         assert_eq!(settlement.alerts[0].threshold_pct, 50);
-        let budget = limiter.budget("k").unwrap();
+        let budget = limiter.budget(Level::Key, "k").unwrap();
         assert_eq!(budget.spend_usd, Money(60));
         assert_eq!(budget.reserved_usd, Money::ZERO);
-        let again = limiter.admit("k", "m", demand(600, Money(40))).unwrap();
+        let again = limiter
+            .admit("k", Above::NONE, "m", demand(600, Money(40)))
+            .unwrap();
         assert_eq!(again.headers().tokens.unwrap().remaining, 0);
     }
 
@@ -836,15 +1018,25 @@ mod tests {
     fn a_fallback_moves_the_model_tokens_and_a_refusal_takes_nothing() {
         let clock = Arc::new(ManualClock::at_ms(1_000_000));
         let limiter = limiter(clock);
-        limiter.upsert_key("k", &KeyLimits::default(), None);
+        limiter.upsert(Level::Key, "k", &KeyLimits::default(), None);
         limiter.set_model("a", None, Some(1_000));
         limiter.set_model("b", Some(1), Some(1_000));
-        let tokens_left = |model: &str| limiter.headers("k", model).tokens.unwrap().remaining;
-        let mut first = limiter.admit("k", "a", demand(600, Money::ZERO)).unwrap();
+        let tokens_left = |model: &str| {
+            limiter
+                .headers("k", Above::NONE, model)
+                .tokens
+                .unwrap()
+                .remaining
+        };
+        let mut first = limiter
+            .admit("k", Above::NONE, "a", demand(600, Money::ZERO))
+            .unwrap();
         assert_eq!(tokens_left("a"), 400);
         limiter.fall_back_to(&mut first, "b").unwrap();
         assert_eq!((tokens_left("a"), tokens_left("b")), (1_000, 400));
-        let mut second = limiter.admit("k", "a", demand(300, Money::ZERO)).unwrap();
+        let mut second = limiter
+            .admit("k", Above::NONE, "a", demand(300, Money::ZERO))
+            .unwrap();
         let refused = limiter.fall_back_to(&mut second, "b").unwrap_err();
         assert_eq!(refused.reason(), "model_rpm");
         assert_eq!((tokens_left("a"), tokens_left("b")), (700, 400));
@@ -860,14 +1052,26 @@ mod tests {
             tpm: Some(1_000),
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
-        let tokens_left = || limiter.headers("k", "m").tokens.unwrap().remaining;
-        let quick = limiter.admit("k", "m", demand(600, Money::ZERO)).unwrap();
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let tokens_left = || {
+            limiter
+                .headers("k", Above::NONE, "m")
+                .tokens
+                .unwrap()
+                .remaining
+        };
+        let quick = limiter
+            .admit("k", Above::NONE, "m", demand(600, Money::ZERO))
+            .unwrap();
         limiter.settle(quick, 100, Money::ZERO);
         assert_eq!(tokens_left(), 900);
-        let long = limiter.admit("k", "m", demand(800, Money::ZERO)).unwrap();
+        let long = limiter
+            .admit("k", Above::NONE, "m", demand(800, Money::ZERO))
+            .unwrap();
         clock.advance(Duration::from_secs(61));
-        let recent = limiter.admit("k", "m", demand(700, Money::ZERO)).unwrap();
+        let recent = limiter
+            .admit("k", Above::NONE, "m", demand(700, Money::ZERO))
+            .unwrap();
         assert_eq!(tokens_left(), 300);
         // The long request used 50 of its 800 long ago: the last minute holds only `recent`.
         limiter.settle(long, 50, Money::ZERO);
@@ -885,10 +1089,14 @@ mod tests {
             budget: Some((Money(10), BudgetPeriod::Total)),
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
-        let ticket = limiter.admit("k", "m", demand(100, Money(10))).unwrap();
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let ticket = limiter
+            .admit("k", Above::NONE, "m", demand(100, Money(10)))
+            .unwrap();
         drop(ticket);
-        assert!(limiter.admit("k", "m", demand(100, Money(10))).is_ok());
+        assert!(limiter
+            .admit("k", Above::NONE, "m", demand(100, Money(10)))
+            .is_ok());
     }
 
     #[test]
@@ -901,29 +1109,36 @@ mod tests {
             budget: Some((Money(100), BudgetPeriod::Day)),
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
-        let before = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let before = limiter
+            .admit("k", Above::NONE, "m", demand(0, Money(60)))
+            .unwrap();
         limits.max_concurrency = Some(2);
         limits.rpm = Some(20);
         limits.budget = Some((Money(150), BudgetPeriod::Day));
-        limiter.upsert_key("k", &limits, None);
-        let after = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let after = limiter
+            .admit("k", Above::NONE, "m", demand(0, Money(60)))
+            .unwrap();
         assert_eq!(after.headers().requests.unwrap().remaining, 18);
-        let busy = limiter.admit("k", "m", demand(0, Money(0)));
+        let busy = limiter.admit("k", Above::NONE, "m", demand(0, Money(0)));
         assert_eq!(busy.err().map(|r| r.reason()), Some("concurrency"));
         limiter.settle(before, 0, Money(50));
-        let budget = limiter.budget("k").unwrap();
+        let budget = limiter.budget(Level::Key, "k").unwrap();
         assert_eq!(budget.spend_usd, Money(50));
         assert_eq!(budget.reserved_usd, Money(60));
         assert_eq!(budget.remaining_usd, Money(40));
         limits.budget = Some((Money(150), BudgetPeriod::Month));
-        limiter.upsert_key("k", &limits, Some(Money(7)));
-        assert_eq!(limiter.budget_period("k"), Some(BudgetPeriod::Month));
-        let budget = limiter.budget("k").unwrap();
+        limiter.upsert(Level::Key, "k", &limits, Some(Money(7)));
+        assert_eq!(
+            limiter.budget_period(Level::Key, "k"),
+            Some(BudgetPeriod::Month)
+        );
+        let budget = limiter.budget(Level::Key, "k").unwrap();
         assert_eq!(budget.spend_usd, Money(7));
         assert_eq!(budget.reserved_usd, Money(60), "still reserved for `after`");
         limiter.settle(after, 0, Money(30));
-        let budget = limiter.budget("k").unwrap();
+        let budget = limiter.budget(Level::Key, "k").unwrap();
         assert_eq!(budget.spend_usd, Money(37));
         assert_eq!(budget.reserved_usd, Money::ZERO);
     }
@@ -933,9 +1148,14 @@ mod tests {
         let clock = Arc::new(ManualClock::at_ms(0));
         let limiter = limiter(clock);
         limiter.set_model("gpt", Some(1), None);
-        assert!(limiter.admit("a", "gpt", Demand::default()).is_ok());
+        assert!(limiter
+            .admit("a", Above::NONE, "gpt", Demand::default())
+            .is_ok());
         limiter.set_model("gpt", Some(1), None);
-        let refused = limiter.admit("a", "gpt", Demand::default()).err().unwrap();
+        let refused = limiter
+            .admit("a", Above::NONE, "gpt", Demand::default())
+            .err()
+            .unwrap();
         assert_eq!(refused.reason(), "model_rpm");
     }
 
@@ -944,12 +1164,21 @@ mod tests {
         let clock = Arc::new(ManualClock::at_ms(0));
         let limiter = limiter(clock.clone());
         limiter.set_model("gpt", Some(2), None);
-        assert!(limiter.admit("a", "gpt", Demand::default()).is_ok());
-        assert!(limiter.admit("b", "gpt", Demand::default()).is_ok());
-        let refused = limiter.admit("c", "gpt", Demand::default()).err().unwrap();
+        assert!(limiter
+            .admit("a", Above::NONE, "gpt", Demand::default())
+            .is_ok());
+        assert!(limiter
+            .admit("b", Above::NONE, "gpt", Demand::default())
+            .is_ok());
+        let refused = limiter
+            .admit("c", Above::NONE, "gpt", Demand::default())
+            .err()
+            .unwrap();
         assert_eq!(refused.reason(), "model_rpm");
         clock.advance(Duration::from_secs(30));
-        assert!(limiter.admit("c", "gpt", Demand::default()).is_ok());
+        assert!(limiter
+            .admit("c", Above::NONE, "gpt", Demand::default())
+            .is_ok());
     }
 
     #[test]
@@ -960,8 +1189,10 @@ mod tests {
             budget: Some((Money(100), BudgetPeriod::Day)),
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
-        let t = limiter.admit("k", "m", demand(0, Money(90))).unwrap();
+        limiter.upsert(Level::Key, "k", &limits, None);
+        let t = limiter
+            .admit("k", Above::NONE, "m", demand(0, Money(90)))
+            .unwrap();
         let crossed: Vec<u8> = limiter
             .settle(t, 0, Money(90))
             .alerts
@@ -969,10 +1200,14 @@ mod tests {
             .map(|a| a.threshold_pct)
             .collect();
         assert_eq!(crossed, vec![50, 80]);
-        let t = limiter.admit("k", "m", demand(0, Money(5))).unwrap();
+        let t = limiter
+            .admit("k", Above::NONE, "m", demand(0, Money(5)))
+            .unwrap();
         assert!(limiter.settle(t, 0, Money(5)).alerts.is_empty());
         clock.advance(Duration::from_secs(86_400));
-        let t = limiter.admit("k", "m", demand(0, Money(60))).unwrap();
+        let t = limiter
+            .admit("k", Above::NONE, "m", demand(0, Money(60)))
+            .unwrap();
         assert_eq!(limiter.settle(t, 0, Money(60)).alerts.len(), 1);
     }
 
@@ -1018,11 +1253,11 @@ mod tests {
             },
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
+        limiter.upsert(Level::Key, "k", &limits, None);
         let worst = demand(10, Money(4_000_000));
-        let first = limiter.admit("k", "m", worst).unwrap();
-        let second = limiter.admit("k", "m", worst).unwrap();
-        let refused = limiter.admit("k", "m", worst).err().unwrap();
+        let first = limiter.admit("k", Above::NONE, "m", worst).unwrap();
+        let second = limiter.admit("k", Above::NONE, "m", worst).unwrap();
+        let refused = limiter.admit("k", Above::NONE, "m", worst).err().unwrap();
         assert_eq!(refused.reason(), "key_usd_per_minute");
         // $0.008 of the minute's $0.01 is held: room for $0.002 more, at $0.01 per 60 s,
         // comes back after 12 s.
@@ -1033,14 +1268,16 @@ mod tests {
         // Settling at the real cost gives back what was reserved beyond it.
         limiter.settle(first, 10, Money(1_000_000));
         limiter.settle(second, 10, Money(1_000_000));
-        let third = limiter.admit("k", "m", worst).unwrap();
+        let third = limiter.admit("k", Above::NONE, "m", worst).unwrap();
         // A dropped ticket (no answer) gives back all it took.
         drop(third);
         // Over the hour: $0.002 spent, then whole minutes of $0.01 until the hour's $0.10.
         let mut admitted = Money(2_000_000);
         for _ in 0..60 {
             clock.advance(Duration::from_secs(60));
-            while let Ok(ticket) = limiter.admit("k", "m", demand(10, Money(1_000_000))) {
+            while let Ok(ticket) =
+                limiter.admit("k", Above::NONE, "m", demand(10, Money(1_000_000)))
+            {
                 limiter.settle(ticket, 10, Money(1_000_000));
                 admitted += Money(1_000_000);
             }
@@ -1052,7 +1289,7 @@ mod tests {
             "{admitted:?}"
         );
         let refused = limiter
-            .admit("k", "m", demand(10, Money(1_000_000)))
+            .admit("k", Above::NONE, "m", demand(10, Money(1_000_000)))
             .err()
             .unwrap();
         assert_eq!(refused.reason(), "key_usd_per_hour");
@@ -1071,23 +1308,30 @@ mod tests {
             },
             ..KeyLimits::default()
         };
-        limiter.upsert_key("k", &limits, None);
+        limiter.upsert(Level::Key, "k", &limits, None);
         // The hour refuses after the minute said yes: the minute keeps nothing of it.
         let held = limiter
-            .admit("k", "m", demand(0, Money(9_000_000)))
+            .admit("k", Above::NONE, "m", demand(0, Money(9_000_000)))
             .unwrap();
         clock.advance(Duration::from_secs(60));
-        let refused = limiter.admit("k", "m", demand(0, Money(4_000_000)));
+        let refused = limiter.admit("k", Above::NONE, "m", demand(0, Money(4_000_000)));
         assert_eq!(refused.err().map(|r| r.reason()), Some("key_usd_per_hour"));
-        assert_eq!(limiter.headers("k", "m").requests.unwrap().remaining, 100);
+        assert_eq!(
+            limiter
+                .headers("k", Above::NONE, "m")
+                .requests
+                .unwrap()
+                .remaining,
+            100
+        );
         drop(held);
         let ticket = limiter
-            .admit("k", "m", demand(0, Money(10_000_000)))
+            .admit("k", Above::NONE, "m", demand(0, Money(10_000_000)))
             .unwrap();
         limiter.settle(ticket, 0, Money::ZERO);
         // A reported outcome is charged whole, and the requests after it wait for the rate.
-        limiter.charge("k", Money(10_000_000)).unwrap();
-        let refused = limiter.admit("k", "m", demand(0, Money(1_000_000)));
+        limiter.charge("k", Above::NONE, Money(10_000_000)).unwrap();
+        let refused = limiter.admit("k", Above::NONE, "m", demand(0, Money(1_000_000)));
         assert_eq!(
             refused.err().map(|r| r.reason()),
             Some("key_usd_per_minute")

@@ -25,10 +25,11 @@ use crate::api::{
     ClientChoseRequestId, Endpoint, X_REQUEST_ID, X_TOLLGATE_MODEL, X_TOLLGATE_ROUTE,
 };
 use crate::app::App;
+use crate::auth::group::{GroupRecord, Levels};
 use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::error::GatewayError;
-use crate::limits::{Demand, RateLimitHeaders, Refusal, SPEND_PER_HOUR, SPEND_PER_MINUTE};
+use crate::limits::{BudgetPeriod, Demand, Limit, RateLimitHeaders, Refusal};
 use crate::meter::answer::Answer;
 use crate::meter::record::{Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
@@ -552,10 +553,11 @@ impl Exchange {
             return Err(GatewayError::Internal("no model to admit".to_owned()));
         };
         let limits = self.app.key_limits(key);
+        let levels = self.app.levels(key);
         match self
             .app
             .admission
-            .admit(&key.id, &limits, first, demand)
+            .admit(&key.id, &limits, levels.above(), first, demand)
             .await
         {
             Ok(pass) => {
@@ -570,7 +572,7 @@ impl Exchange {
                     .rejections
                     .with_label_values(&[refusal.reason()])
                     .inc();
-                Err(refusal_error(&refusal, key))
+                Err(refusal_error(&refusal, key, &levels))
             }
         }
     }
@@ -782,47 +784,75 @@ fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
-/// A throttle or budget refusal as the client sees it.
-pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord) -> GatewayError {
+/// A throttle or budget refusal as the client sees it, naming the level that refused.
+pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord, levels: &Levels) -> GatewayError {
+    let level = match refusal {
+        Refusal::Unavailable => return GatewayError::StateUnavailable,
+        Refusal::RateLimited { level, .. } | Refusal::InsufficientQuota { level, .. } => *level,
+    };
+    let group = levels.get(level);
+    let name = group.map_or(key.name.as_str(), |group| group.name.as_str());
+    let whose = format!("{} `{name}`", level.as_str());
     match refusal {
         Refusal::RateLimited {
-            limit_kind,
-            scope,
-            retry_after,
+            limit, retry_after, ..
         } => {
-            let dollars = |cap: Option<Money>| cap.map_or_else(String::new, |c| c.to_usd_string());
-            let what = match *scope {
-                "concurrency" => "concurrent requests".to_owned(),
-                "model" => format!("{limit_kind} per minute on this model"),
-                SPEND_PER_MINUTE => format!(
+            let spend_cap =
+                |key_cap: Option<Money>, group_cap: fn(&GroupRecord) -> Option<Money>| {
+                    group
+                        .map_or(key_cap, group_cap)
+                        .map_or_else(String::new, |cap| cap.to_usd_string())
+                };
+            let what = match limit {
+                Limit::Concurrency => "concurrent requests".to_owned(),
+                Limit::ModelRequests | Limit::ModelTokens => {
+                    format!("{} per minute on this model", limit.kind())
+                }
+                Limit::SpendPerMinute => format!(
                     "spend (at most ${} per minute)",
-                    dollars(key.max_usd_per_minute)
+                    spend_cap(key.max_usd_per_minute, |g| g.max_usd_per_minute)
                 ),
-                SPEND_PER_HOUR => format!(
+                Limit::SpendPerHour => format!(
                     "spend (at most ${} per hour)",
-                    dollars(key.max_usd_per_hour)
+                    spend_cap(key.max_usd_per_hour, |g| g.max_usd_per_hour)
                 ),
-                _ => format!("{limit_kind} per minute"),
+                Limit::Requests | Limit::Tokens => format!("{} per minute", limit.kind()),
+            };
+            let on = match limit {
+                Limit::ModelRequests | Limit::ModelTokens => format!("key `{}`", key.name),
+                _ => whose,
             };
             GatewayError::RateLimited {
                 message: format!(
-                    "Rate limit reached for {what} on key `{}`. Please try again in {}.",
-                    key.name,
+                    "Rate limit reached for {what} on {on}. Please try again in {}.",
                     crate::limits::go_duration(*retry_after)
                 ),
                 retry_after: *retry_after,
-                limit_kind,
+                limit_kind: limit.kind(),
+            }
+        }
+        Refusal::InsufficientQuota {
+            remaining, needed, ..
+        } => {
+            let period = group.map_or(key.budget_period, |group| group.budget_period);
+            let resets = match period.reset_ms(crate::unix_ms()) {
+                Some(ms) => format!("it resets at {}", crate::rfc3339(ms)),
+                None => "it never resets".to_owned(),
+            };
+            let of_key = match group {
+                Some(_) => format!(" (key `{}`)", key.name),
+                None => String::new(),
+            };
+            GatewayError::InsufficientQuota {
+                message: format!(
+                    "Budget exhausted for {whose}{of_key}: ${} remaining this {}, this request may cost up to ${}; {resets}.",
+                    remaining.to_usd_string(),
+                    if period == BudgetPeriod::Total { "budget" } else { period.as_str() },
+                    needed.to_usd_string()
+                ),
             }
         }
         Refusal::Unavailable => GatewayError::StateUnavailable,
-        Refusal::InsufficientQuota { remaining, needed } => GatewayError::InsufficientQuota {
-            message: format!(
-                "Budget exhausted for key `{}`: ${} remaining this period, this request may cost up to ${}.",
-                key.name,
-                remaining.to_usd_string(),
-                needed.to_usd_string()
-            ),
-        },
     }
 }
 

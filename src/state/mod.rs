@@ -12,17 +12,19 @@ pub mod redis;
 
 use std::sync::Arc;
 
+use crate::auth::group::members_spend;
+use crate::auth::store::KeyStore;
 use crate::config::Model;
 use crate::limits::{
-    AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Limiter, RateLimitHeaders,
-    Refusal, Settlement, SpendRate, Ticket,
+    Above, AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Level, LevelRef,
+    Limiter, RateLimitHeaders, Refusal, Settlement, SpendRate, Ticket,
 };
 use crate::money::Money;
 use crate::rating::ledger::{LedgerError, LedgerReader};
 use crate::rating::plan::{Cursor, Plan, Rated};
 use crate::rating::Rater;
 pub use redis::Once;
-use redis::{Admitted, Charged, OnUnavailable, RedisState};
+use redis::{owner_of, Admitted, Charged, OnUnavailable, RedisState};
 pub use redis::{Lease, MonthDelta, Used};
 
 /// What an admitted request holds until it settles. Dropping it unsettled gives everything
@@ -56,6 +58,8 @@ pub enum Admission {
         local_share: Limiter,
         share: f64,
         ledger: Arc<dyn LedgerReader>,
+        /// Which keys a team or customer has, for its spend from the ledger.
+        keys: Arc<dyn KeyStore>,
     },
 }
 
@@ -113,17 +117,21 @@ impl Admission {
         }
     }
 
-    pub fn upsert_key(&self, id: &str, limits: &KeyLimits, spent: Option<Money>) {
+    /// Installs or changes a level's limits: a key by id, a team or customer by name.
+    pub fn upsert(&self, level: Level, id: &str, limits: &KeyLimits, spent: Option<Money>) {
         match self {
-            Admission::Embedded(limiter) => limiter.upsert_key(id, limits, spent),
+            Admission::Embedded(limiter) => limiter.upsert(level, id, limits, spent),
             Admission::Shared {
                 redis,
                 local_share,
                 share,
                 ..
             } => {
-                redis.retire_allowance(id);
-                local_share.upsert_key(
+                if level == Level::Key {
+                    redis.retire_allowance(id);
+                }
+                local_share.upsert(
+                    level,
                     id,
                     &shared_limits(limits, *share),
                     spent.map(|s| money_share(s, *share)),
@@ -132,14 +140,16 @@ impl Admission {
         }
     }
 
-    pub fn remove_key(&self, id: &str) {
+    pub fn remove(&self, level: Level, id: &str) {
         match self {
-            Admission::Embedded(limiter) => limiter.remove_key(id),
+            Admission::Embedded(limiter) => limiter.remove(level, id),
             Admission::Shared {
                 redis, local_share, ..
             } => {
-                redis.retire_allowance(id);
-                local_share.remove_key(id)
+                if level == Level::Key {
+                    redis.retire_allowance(id);
+                }
+                local_share.remove(level, id)
             }
         }
     }
@@ -157,11 +167,11 @@ impl Admission {
         }
     }
 
-    /// The period of a key's live budget, to tell whether a change needs the ledger's spend.
-    /// Shared budgets are kept per period, so they never need it.
-    pub fn budget_period(&self, key_id: &str) -> Option<BudgetPeriod> {
+    /// The period of a level's live budget, to tell whether a change needs the ledger's
+    /// spend. Shared budgets are kept per period, so they never need it.
+    pub fn budget_period(&self, level: Level, id: &str) -> Option<BudgetPeriod> {
         match self {
-            Admission::Embedded(limiter) => limiter.budget_period(key_id),
+            Admission::Embedded(limiter) => limiter.budget_period(level, id),
             Admission::Shared { .. } => None,
         }
     }
@@ -171,16 +181,17 @@ impl Admission {
         &self,
         key_id: &str,
         limits: &KeyLimits,
+        above: Above<'_>,
         model: &Model,
         demand: Demand,
     ) -> Result<Pass, Refused> {
-        let (redis, local_share, ledger) = match self {
+        let (redis, local_share, ledger, keys) = match self {
             Admission::Embedded(limiter) => {
-                return match limiter.admit(key_id, &model.name, demand) {
+                return match limiter.admit(key_id, above, &model.name, demand) {
                     Ok(ticket) => Ok(Pass::Local(ticket)),
                     Err(refusal) => Err(Refused {
                         refusal,
-                        headers: limiter.headers(key_id, &model.name),
+                        headers: limiter.headers(key_id, above, &model.name),
                     }),
                 }
             }
@@ -188,17 +199,18 @@ impl Admission {
                 redis,
                 local_share,
                 ledger,
+                keys,
                 ..
-            } => (redis, local_share, ledger),
+            } => (redis, local_share, ledger, keys),
         };
         let unavailable = |error: redis::StateError| {
             if redis.on_unavailable == OnUnavailable::FailOpen {
                 return local_share
-                    .admit(key_id, &model.name, demand)
+                    .admit(key_id, above, &model.name, demand)
                     .map(Pass::Local)
                     .map_err(|refusal| Refused {
                         refusal,
-                        headers: local_share.headers(key_id, &model.name),
+                        headers: local_share.headers(key_id, above, &model.name),
                     });
             }
             tracing::debug!(%error, "admission refused: shared state unreachable");
@@ -207,25 +219,43 @@ impl Admission {
                 headers: RateLimitHeaders::default(),
             })
         };
-        for _ in 0..2 {
-            match redis
-                .admit(key_id, limits, &model.name, model_limits(model), demand)
-                .await
-            {
+        // Each level may need its spend seeded once, then the request is admitted.
+        for _ in 0..4 {
+            let admitted = redis
+                .admit(
+                    key_id,
+                    limits,
+                    above,
+                    &model.name,
+                    model_limits(model),
+                    demand,
+                )
+                .await;
+            match admitted {
                 Ok(Admitted::Lease(lease)) => return Ok(Pass::Shared(lease)),
                 Ok(Admitted::Refused(refusal, headers)) => {
                     return Err(Refused { refusal, headers })
                 }
-                Ok(Admitted::NeedsSeed) => match seed_spend(redis, ledger, key_id, limits).await {
-                    Ok(()) => {}
-                    Err(Unseeded::Ledger) => {
-                        return Err(Refused {
-                            refusal: Refusal::Unavailable,
-                            headers: RateLimitHeaders::default(),
-                        })
+                Ok(Admitted::NeedsSeed(level)) => {
+                    let (id, limits) = above_levels(above)
+                        .find(|(above, _)| *above == level)
+                        .map_or((key_id, limits), |(_, above)| (above.name, above.limits));
+                    let seeding = Seeding {
+                        redis,
+                        ledger,
+                        keys,
+                    };
+                    match seed_level(seeding, level, id, limits).await {
+                        Ok(()) => {}
+                        Err(Unseeded::Ledger) => {
+                            return Err(Refused {
+                                refusal: Refusal::Unavailable,
+                                headers: RateLimitHeaders::default(),
+                            })
+                        }
+                        Err(Unseeded::Redis(error)) => return unavailable(error),
                     }
-                    Err(Unseeded::Redis(error)) => return unavailable(error),
-                },
+                }
                 Err(error) => return unavailable(error),
             }
         }
@@ -306,73 +336,127 @@ impl Admission {
         }
     }
 
-    /// Charges an amount known before it is spent (a reported outcome) to the key's budget,
-    /// whole or not at all, once per `once.id`: across replicas by Redis, in one process by
-    /// the caller (and, for good, by the ledger's unique key).
+    /// Charges an amount known before it is spent (a reported outcome) to the budget of the
+    /// key and of the levels above it, whole or not at all, once per `once.id`: across
+    /// replicas by Redis, in one process by the caller (and, for good, by the ledger's unique
+    /// key).
     pub async fn charge(
         &self,
         key_id: &str,
         limits: &KeyLimits,
+        above: Above<'_>,
         amount: Money,
         once: Once<'_>,
     ) -> Result<Charge, Refusal> {
-        let (redis, local_share, ledger) = match self {
+        let (redis, local_share, ledger, keys) = match self {
             Admission::Embedded(limiter) => {
                 return limiter
-                    .charge(key_id, amount)
+                    .charge(key_id, above, amount)
                     .map(|settled| Charge::Done(settled.alerts))
             }
             Admission::Shared {
                 redis,
                 local_share,
                 ledger,
+                keys,
                 ..
-            } => (redis, local_share, ledger),
+            } => (redis, local_share, ledger, keys),
         };
-        for _ in 0..2 {
-            let error = match redis.charge(key_id, limits, amount, once).await {
-                Ok(Some(Charged::Done)) => return Ok(Charge::Done(Vec::new())),
-                Ok(Some(Charged::Refused(refusal))) => return Err(refusal),
-                Ok(Some(Charged::Repeat(first))) => return Ok(Charge::Repeat(first)),
-                Ok(None) => match seed_spend(redis, ledger, key_id, limits).await {
-                    Ok(()) => continue,
-                    Err(Unseeded::Ledger) => return Err(Refusal::Unavailable),
-                    Err(Unseeded::Redis(error)) => error,
-                },
-                Err(error) => error,
+        let seeding = Seeding {
+            redis,
+            ledger,
+            keys,
+        };
+        // The levels above are charged first, each under an id of its own; unless the key's
+        // charge then lands, what they took is given back.
+        let mut taken = Vec::new();
+        let mut charged = Ok(Charged::Done);
+        for (level, group) in above_levels(above) {
+            let id = crate::api::new_request_id();
+            let alone = Once {
+                id: &id,
+                record: "",
             };
-            if redis.on_unavailable == OnUnavailable::FailOpen {
-                return local_share
-                    .charge(key_id, amount)
-                    .map(|settled| Charge::Done(settled.alerts));
+            charged = charge_level(seeding, level, group.name, group.limits, amount, alone).await;
+            if !matches!(charged, Ok(Charged::Done)) {
+                break;
             }
-            tracing::debug!(%error, "charge refused: shared state unreachable");
-            return Err(Refusal::Unavailable);
+            taken.push((owner_of(level, group.name), group.limits));
         }
+        if matches!(charged, Ok(Charged::Done)) {
+            charged = charge_level(seeding, Level::Key, key_id, limits, amount, once).await;
+        }
+        if !matches!(charged, Ok(Charged::Done)) {
+            for (owner, limits) in taken {
+                let id = crate::api::new_request_id();
+                let undo = Once {
+                    id: &id,
+                    record: "",
+                };
+                if let Err(error) = redis
+                    .charge(Level::Key, &owner, limits, Money::ZERO - amount, undo)
+                    .await
+                {
+                    tracing::error!(%error, "a refused charge stays counted until the period is seeded again");
+                }
+            }
+        }
+        let error = match charged {
+            Ok(Charged::Done) => return Ok(Charge::Done(Vec::new())),
+            Ok(Charged::Refused(refusal)) => return Err(refusal),
+            Ok(Charged::Repeat(first)) => return Ok(Charge::Repeat(first)),
+            Err(Unseeded::Ledger) => return Err(Refusal::Unavailable),
+            Err(Unseeded::Redis(error)) => error,
+        };
+        if redis.on_unavailable == OnUnavailable::FailOpen {
+            return local_share
+                .charge(key_id, above, amount)
+                .map(|settled| Charge::Done(settled.alerts));
+        }
+        tracing::debug!(%error, "charge refused: shared state unreachable");
         Err(Refusal::Unavailable)
     }
 
     /// A key's live budget figures without waiting: the embedded backend only.
     pub fn budget_now(&self, key_id: &str) -> Option<BudgetSnapshot> {
         match self {
-            Admission::Embedded(limiter) => limiter.budget(key_id),
+            Admission::Embedded(limiter) => limiter.budget(Level::Key, key_id),
             Admission::Shared { .. } => None,
         }
     }
 
-    /// A key's live budget figures, the same on every replica.
-    pub async fn budget(&self, key_id: &str, limits: &KeyLimits) -> Option<BudgetSnapshot> {
-        let (redis, ledger) = match self {
-            Admission::Embedded(limiter) => return limiter.budget(key_id),
-            Admission::Shared { redis, ledger, .. } => (redis, ledger),
+    /// A level's live budget figures, the same on every replica.
+    pub async fn budget(
+        &self,
+        level: Level,
+        id: &str,
+        limits: &KeyLimits,
+    ) -> Option<BudgetSnapshot> {
+        let (redis, ledger, keys) = match self {
+            Admission::Embedded(limiter) => return limiter.budget(level, id),
+            Admission::Shared {
+                redis,
+                ledger,
+                keys,
+                ..
+            } => (redis, ledger, keys),
         };
-        match redis.budget(key_id, limits).await {
+        let owner = match level {
+            Level::Key => id.to_owned(),
+            _ => owner_of(level, id),
+        };
+        match redis.budget(&owner, limits).await {
             Ok(Some(snapshot)) => return Some(snapshot),
             Ok(None) => {}
             Err(_) => return None,
         }
-        seed_spend(redis, ledger, key_id, limits).await.ok()?;
-        redis.budget(key_id, limits).await.ok().flatten()
+        let seeding = Seeding {
+            redis,
+            ledger,
+            keys,
+        };
+        seed_level(seeding, level, id, limits).await.ok()?;
+        redis.budget(&owner, limits).await.ok().flatten()
     }
 
     /// Claims an alert episode, once across replicas (see `Limiter::claim_episode`). With
@@ -432,42 +516,89 @@ enum Unseeded {
     Redis(redis::StateError),
 }
 
-/// Seeds a key's spend for its budget period in Redis from the ledger, unless a replica
-/// already has.
-async fn seed_spend(
-    redis: &RedisState,
-    ledger: &Arc<dyn LedgerReader>,
-    key_id: &str,
+/// What seeding a level's spend in Redis reads from.
+#[derive(Clone, Copy)]
+struct Seeding<'a> {
+    redis: &'a RedisState,
+    ledger: &'a Arc<dyn LedgerReader>,
+    keys: &'a Arc<dyn KeyStore>,
+}
+
+/// Seeds a level's spend for its budget period in Redis from the ledger, unless a replica
+/// already has: a key's own, or the spend of the keys that name a team or customer now (as
+/// the embedded backend restores it). `id` is the key's id or the group's name.
+async fn seed_level(
+    seeding: Seeding<'_>,
+    level: Level,
+    id: &str,
     limits: &KeyLimits,
 ) -> Result<(), Unseeded> {
     let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
-    let spent = spend_from_ledger(ledger, key_id, period)
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "cannot read a budget's spend from the ledger");
-            Unseeded::Ledger
-        })?;
-    redis
-        .seed_spend(key_id, period, spent)
+    let ledger = seeding.ledger.clone();
+    let keys = seeding.keys.clone();
+    let wanted = id.to_owned();
+    let from_ms = period.start_ms(crate::unix_ms());
+    let spent = tokio::task::spawn_blocking(move || {
+        let spend = ledger.spend_since(from_ms)?;
+        Ok(match level {
+            Level::Key => spend.get(&wanted).copied().unwrap_or(Money::ZERO),
+            _ => {
+                let keys = keys
+                    .list()
+                    .map_err(|error| LedgerError::Io(std::io::Error::other(error.to_string())))?;
+                members_spend(&spend, &keys, level, &wanted)
+            }
+        })
+    })
+    .await
+    .unwrap_or_else(|error| Err(LedgerError::Io(std::io::Error::other(error.to_string()))))
+    .map_err(|error: LedgerError| {
+        tracing::error!(%error, "cannot read a budget's spend from the ledger");
+        Unseeded::Ledger
+    })?;
+    let owner = match level {
+        Level::Key => id.to_owned(),
+        _ => owner_of(level, id),
+    };
+    seeding
+        .redis
+        .seed_spend(&owner, period, spent)
         .await
         .map_err(Unseeded::Redis)
 }
 
-async fn spend_from_ledger(
-    ledger: &Arc<dyn LedgerReader>,
-    key_id: &str,
-    period: BudgetPeriod,
-) -> Result<Money, LedgerError> {
-    let ledger = ledger.clone();
-    let key_id = key_id.to_owned();
-    let from_ms = period.start_ms(crate::unix_ms());
-    tokio::task::spawn_blocking(move || {
-        ledger
-            .spend_since(from_ms)
-            .map(|spend| spend.get(&key_id).copied().unwrap_or(Money::ZERO))
-    })
-    .await
-    .unwrap_or_else(|error| Err(LedgerError::Io(std::io::Error::other(error.to_string()))))
+/// Charges one level (a key by id, a group by name), seeding its spend first if need be.
+async fn charge_level(
+    seeding: Seeding<'_>,
+    level: Level,
+    id: &str,
+    limits: &KeyLimits,
+    amount: Money,
+    once: Once<'_>,
+) -> Result<Charged, Unseeded> {
+    let owner = match level {
+        Level::Key => id.to_owned(),
+        _ => owner_of(level, id),
+    };
+    for _ in 0..2 {
+        match seeding
+            .redis
+            .charge(level, &owner, limits, amount, once)
+            .await
+        {
+            Ok(Some(charged)) => return Ok(charged),
+            Ok(None) => seed_level(seeding, level, id, limits).await?,
+            Err(error) => return Err(Unseeded::Redis(error)),
+        }
+    }
+    Err(Unseeded::Ledger)
+}
+
+/// The levels above a key, with their kind.
+fn above_levels(above: Above<'_>) -> impl Iterator<Item = (Level, LevelRef<'_>)> {
+    [(Level::Team, above.team), (Level::Customer, above.customer)]
+        .into_iter()
+        .filter_map(|(level, above)| above.map(|above| (level, above)))
 }
 
 /// What charging a known amount did: charged (with the alert thresholds it crossed), or

@@ -48,8 +48,8 @@ use tokio::sync::{mpsc, oneshot, OnceCell};
 pub use crate::config::OnUnavailable;
 use crate::limits::gcra::Snapshot;
 use crate::limits::{
-    AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, RateLimitHeaders, Refusal,
-    SPEND_PER_HOUR, SPEND_PER_MINUTE, UNCAPPED,
+    Above, AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Level, Limit,
+    RateLimitHeaders, Refusal, UNCAPPED,
 };
 use crate::money::Money;
 use crate::rating::plan::Cursor;
@@ -307,6 +307,7 @@ pub struct Lease {
     id: String,
     key_id: String,
     model: String,
+    key_rpm: u64,
     /// (limit, tokens held) of the key's and the model's TPM; a zero limit is no limit.
     key_tpm: (u64, u64),
     model_tpm: (u64, u64),
@@ -314,12 +315,19 @@ pub struct Lease {
     admitted_us: i64,
     reserved: Money,
     cap: Option<Money>,
+    /// The budget period of its level.
+    period: BudgetPeriod,
     /// The key's spend-rate caps and the nano-dollars taken from them.
     spend: (SpendCaps, u64),
     headers: RateLimitHeaders,
     settled: bool,
     /// The allowance it was admitted from, if any: it holds no lease of its own.
     allowance: Option<Arc<Mutex<Allowance>>>,
+    /// A key's lease holds those of its team and customer, which settle and release with it.
+    levels: Vec<Lease>,
+    /// Another level refused the request: it never happened, so its request unit goes back
+    /// with the rest.
+    refused: bool,
 }
 
 /// What a request used, for its settlement.
@@ -358,9 +366,9 @@ pub enum Charged {
 pub enum Admitted {
     Lease(Lease),
     Refused(Refusal, RateLimitHeaders),
-    /// The key's spend for this period is not in Redis yet: seed it from the ledger, then
-    /// admit again.
-    NeedsSeed,
+    /// The spend of this level for its period is not in Redis yet: seed it from the ledger,
+    /// then admit again.
+    NeedsSeed(Level),
 }
 
 fn key_of(key_id: &str, what: &str) -> String {
@@ -436,22 +444,26 @@ fn headers(limits: [u64; 4], pairs: &[i64]) -> RateLimitHeaders {
 /// The admission script's reason for a refusal on budget.
 const BUDGET_REFUSED: i64 = 6;
 
-fn refusal(reason: i64, retry_us: i64, remaining: Money, needed: Money) -> Refusal {
+fn refusal(level: Level, reason: i64, retry_us: i64, remaining: Money, needed: Money) -> Refusal {
     let retry_after = Duration::from_micros(retry_us.max(1) as u64);
-    let limited = |limit_kind, scope| Refusal::RateLimited {
-        limit_kind,
-        scope,
+    let limited = |limit| Refusal::RateLimited {
+        level,
+        limit,
         retry_after,
     };
     match reason {
-        1 => limited("requests", "concurrency"),
-        2 => limited("requests", "key"),
-        3 => limited("tokens", "key"),
-        4 => limited("requests", "model"),
-        5 => limited("tokens", "model"),
-        7 => limited("requests", SPEND_PER_MINUTE),
-        8 => limited("requests", SPEND_PER_HOUR),
-        _ => Refusal::InsufficientQuota { remaining, needed },
+        1 => limited(Limit::Concurrency),
+        2 => limited(Limit::Requests),
+        3 => limited(Limit::Tokens),
+        4 => limited(Limit::ModelRequests),
+        5 => limited(Limit::ModelTokens),
+        7 => limited(Limit::SpendPerMinute),
+        8 => limited(Limit::SpendPerHour),
+        _ => Refusal::InsufficientQuota {
+            level,
+            remaining,
+            needed,
+        },
     }
 }
 
@@ -461,6 +473,59 @@ fn cap_of(limits: &KeyLimits) -> (i64, BudgetPeriod) {
         Some((cap, period)) if cap != UNCAPPED => (cap.nanos(), period),
         Some((_, period)) => (-1, period),
         None => (-1, BudgetPeriod::Month),
+    }
+}
+
+/// Where a team's or customer's shared state lives: the same layout as a key's, under a
+/// name no key id can take (key ids hold no colon).
+pub fn owner_of(level: Level, name: &str) -> String {
+    format!("{}:{name}", level.as_str())
+}
+
+/// One level's part of an admission: its owner (a key id, or a team's or customer's
+/// [`owner_of`]), its limits, and the model's (the key's call carries them; others none).
+struct LevelCall<'a> {
+    level: Level,
+    owner: String,
+    limits: &'a KeyLimits,
+    model: &'a str,
+    model_limits: (u64, u64),
+}
+
+impl LevelCall<'_> {
+    /// The keys and arguments of `admit.lua` for this level, lease `id`.
+    fn call(&self, id: &str, demand: Demand, allowance_id: &str) -> (Vec<String>, Vec<Arg>) {
+        let owner = &self.owner;
+        let limits = self.limits;
+        let (cap, period) = cap_of(limits);
+        let spend_caps = SpendCaps::of(limits);
+        let keys = vec![
+            key_of(owner, "leases"),
+            key_of(owner, "rpm"),
+            key_of(owner, "tpm"),
+            model_key(self.model, "rpm"),
+            model_key(self.model, "tpm"),
+            spend_key(owner, period.start_ms(crate::unix_ms())),
+            key_of(owner, "lease_amounts"),
+            key_of(owner, "reserved"),
+            key_of(owner, "usd_per_minute"),
+            key_of(owner, "usd_per_hour"),
+        ];
+        let args = vec![
+            Arg::Text(id.to_owned()),
+            Arg::Int(limits.max_concurrency.map_or(-1, i64::from)),
+            Arg::Int(limits.rpm.map_or(0, i64::from)),
+            Arg::Int(limits.tpm.map_or(0, |v| v as i64)),
+            Arg::Int(self.model_limits.0 as i64),
+            Arg::Int(self.model_limits.1 as i64),
+            Arg::Int(demand.tokens as i64),
+            Arg::Int(cap),
+            Arg::Int(demand.cost.nanos().max(0)),
+            Arg::Text(allowance_id.to_owned()),
+            Arg::Int(spend_caps.per_minute as i64),
+            Arg::Int(spend_caps.per_hour as i64),
+        ];
+        (keys, args)
     }
 }
 
@@ -610,27 +675,27 @@ impl RedisState {
         }
     }
 
-    /// Admits one request against every limit at once.
+    /// Admits one request against every limit at once: its key's, its model's, and those of
+    /// the levels above the key.
     pub async fn admit(
         self: &Arc<Self>,
         key_id: &str,
         limits: &KeyLimits,
+        above: Above<'_>,
         model: &str,
         model_limits: (u64, u64),
         demand: Demand,
     ) -> Result<Admitted, StateError> {
-        let now_ms = crate::unix_ms();
-        let (cap, period) = cap_of(limits);
-        let period_start = period.start_ms(now_ms);
-        let id = crate::api::new_request_id();
-        let key_rpm = limits.rpm.map_or(0, u64::from);
-        let key_tpm = limits.tpm.unwrap_or(0);
-        let (model_rpm, model_tpm) = model_limits;
+        if above != Above::default() {
+            return self
+                .admit_levels(key_id, limits, above, model, model_limits, demand)
+                .await;
+        }
         let spend_caps = SpendCaps::of(limits);
         let may_hold_allowance =
             model_limits == (0, 0) && limits.max_concurrency.is_none() && !spend_caps.any();
         if may_hold_allowance {
-            if let Some(lease) = self.admit_here(key_id, model, demand, cap) {
+            if let Some(lease) = self.admit_here(key_id, model, demand, cap_of(limits)) {
                 self.decided_here.inc();
                 return Ok(Admitted::Lease(lease));
             }
@@ -646,70 +711,141 @@ impl RedisState {
             (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
             (Some(_), None) => (crate::api::new_request_id(), true),
         };
-        let call = || {
-            let keys = vec![
-                key_of(key_id, "leases"),
-                key_of(key_id, "rpm"),
-                key_of(key_id, "tpm"),
-                model_key(model, "rpm"),
-                model_key(model, "tpm"),
-                spend_key(key_id, period_start),
-                key_of(key_id, "lease_amounts"),
-                key_of(key_id, "reserved"),
-                key_of(key_id, "usd_per_minute"),
-                key_of(key_id, "usd_per_hour"),
-            ];
-            let args = vec![
-                Arg::Text(id.clone()),
-                Arg::Int(limits.max_concurrency.map_or(-1, i64::from)),
-                Arg::Int(key_rpm as i64),
-                Arg::Int(key_tpm as i64),
-                Arg::Int(model_rpm as i64),
-                Arg::Int(model_tpm as i64),
-                Arg::Int(demand.tokens as i64),
-                Arg::Int(cap),
-                Arg::Int(demand.cost.nanos().max(0)),
-                Arg::Text(allowance_id.clone()),
-                Arg::Int(spend_caps.per_minute as i64),
-                Arg::Int(spend_caps.per_hour as i64),
-            ];
-            (keys, args)
+        let level = LevelCall {
+            level: Level::Key,
+            owner: key_id.to_owned(),
+            limits,
+            model,
+            model_limits,
         };
-        let (keys, args) = call();
+        let id = crate::api::new_request_id();
+        let (keys, args) = level.call(&id, demand, &allowance_id);
         let mut answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
         if answer.get(..2) == Some(&[1, BUDGET_REFUSED]) && self.give_back_idle_budget(key_id).await
         {
-            let (keys, args) = call();
+            let (keys, args) = level.call(&id, demand, &allowance_id);
             answer = ints(self.batched(Kind::Admit, keys, args).await?)?;
         }
         self.decided_in_redis.inc();
+        let admitted = self.admitted(&level, id, demand, &answer)?;
+        if let (Admitted::Lease(lease), [requests, tokens, budget]) =
+            (&admitted, answer.get(10..).unwrap_or_default())
+        {
+            self.add_allowance(
+                key_id,
+                (allowance_id, fresh),
+                (lease.key_rpm, lease.key_tpm.0),
+                [*requests, *tokens, *budget],
+                lease.headers,
+            );
+        }
+        drop(granting);
+        Ok(admitted)
+    }
+
+    /// Admits a request of a key in a team or a customer: one lease per level, asked for
+    /// together (in one script call when the batch allows). A level that refuses has the
+    /// others give back what they took, as the embedded limiter does; near a cap that may
+    /// refuse a request another level's passing hold crowded out, never admit past a cap.
+    /// Such keys get no allowances: every request is checked at every level.
+    async fn admit_levels(
+        self: &Arc<Self>,
+        key_id: &str,
+        limits: &KeyLimits,
+        above: Above<'_>,
+        model: &str,
+        model_limits: (u64, u64),
+        demand: Demand,
+    ) -> Result<Admitted, StateError> {
+        let mut levels = vec![LevelCall {
+            level: Level::Key,
+            owner: key_id.to_owned(),
+            limits,
+            model,
+            model_limits,
+        }];
+        for (level, above) in [(Level::Team, above.team), (Level::Customer, above.customer)] {
+            if let Some(above) = above {
+                levels.push(LevelCall {
+                    level,
+                    owner: owner_of(level, above.name),
+                    limits: above.limits,
+                    model: "",
+                    model_limits: (0, 0),
+                });
+            }
+        }
+        let ids: Vec<String> = levels
+            .iter()
+            .map(|_| crate::api::new_request_id())
+            .collect();
+        let answers = levels.iter().zip(&ids).map(|(level, id)| {
+            let (keys, args) = level.call(id, demand, "");
+            self.batched(Kind::Admit, keys, args)
+        });
+        let answers = futures_util::future::join_all(answers).await;
+        self.decided_in_redis.inc();
+        let mut leases = Vec::with_capacity(levels.len());
+        let mut refused = None;
+        for ((level, id), answer) in levels.iter().zip(ids).zip(answers) {
+            // Leases made so far are released when they drop, should a later level refuse.
+            match self.admitted(level, id, demand, &ints(answer?)?)? {
+                Admitted::Lease(lease) => leases.push(lease),
+                other => {
+                    refused.get_or_insert(other);
+                }
+            }
+        }
+        if let Some(refused) = refused {
+            for lease in &mut leases {
+                lease.refused = true;
+            }
+            return Ok(refused);
+        }
+        let mut lease = leases.remove(0);
+        for level in &leases {
+            lease.headers = RateLimitHeaders {
+                requests: crate::limits::tighter(lease.headers.requests, level.headers.requests),
+                tokens: crate::limits::tighter(lease.headers.tokens, level.headers.tokens),
+            };
+        }
+        lease.levels = leases;
+        Ok(Admitted::Lease(lease))
+    }
+
+    /// A level's answer to its admission call.
+    fn admitted(
+        self: &Arc<Self>,
+        call: &LevelCall<'_>,
+        id: String,
+        demand: Demand,
+        answer: &[i64],
+    ) -> Result<Admitted, StateError> {
+        let limits = call.limits;
+        let (cap, period) = cap_of(limits);
+        let key_rpm = limits.rpm.map_or(0, u64::from);
+        let key_tpm = limits.tpm.unwrap_or(0);
+        let (model_rpm, model_tpm) = call.model_limits;
+        let spend_caps = SpendCaps::of(limits);
         let limits4 = [key_rpm, key_tpm, model_rpm, model_tpm];
         match answer.first().copied() {
             Some(0) => {
                 let reserved = Money(answer.get(1).copied().unwrap_or(0));
                 let headers = headers(limits4, answer.get(2..10).unwrap_or_default());
-                if let [requests, tokens, budget] = answer.get(10..).unwrap_or_default() {
-                    self.add_allowance(
-                        key_id,
-                        (allowance_id, fresh),
-                        (key_rpm, key_tpm),
-                        [*requests, *tokens, *budget],
-                        headers,
-                    );
-                }
-                drop(granting);
-                self.live.insert(id.clone(), key_id.to_owned());
+                self.live.insert(id.clone(), call.owner.clone());
                 Ok(Admitted::Lease(Lease {
                     state: self.clone(),
                     id,
-                    key_id: key_id.to_owned(),
-                    model: model.to_owned(),
+                    key_id: call.owner.clone(),
+                    model: call.model.to_owned(),
+                    key_rpm,
                     key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
                     model_tpm: (model_tpm, if model_tpm > 0 { demand.tokens } else { 0 }),
                     demand_tokens: demand.tokens,
-                    admitted_us: now_ms * 1_000,
+                    admitted_us: crate::unix_ms() * 1_000,
                     reserved,
                     cap: (cap >= 0).then_some(Money(cap)),
+                    period,
                     spend: (
                         spend_caps,
                         if spend_caps.any() {
@@ -721,6 +857,8 @@ impl RedisState {
                     headers,
                     settled: false,
                     allowance: None,
+                    levels: Vec::new(),
+                    refused: false,
                 }))
             }
             Some(1) => {
@@ -728,11 +866,11 @@ impl RedisState {
                 let retry_us = answer.get(2).copied().unwrap_or(1);
                 let remaining = Money(answer.get(3).copied().unwrap_or(0));
                 Ok(Admitted::Refused(
-                    refusal(reason, retry_us, remaining, demand.cost),
+                    refusal(call.level, reason, retry_us, remaining, demand.cost),
                     headers(limits4, answer.get(4..).unwrap_or_default()),
                 ))
             }
-            Some(2) => Ok(Admitted::NeedsSeed),
+            Some(2) => Ok(Admitted::NeedsSeed(call.level)),
             _ => Err(StateError::Answer(format!("{answer:?}"))),
         }
     }
@@ -743,7 +881,7 @@ impl RedisState {
         key_id: &str,
         model: &str,
         demand: Demand,
-        cap: i64,
+        (cap, period): (i64, BudgetPeriod),
     ) -> Option<Lease> {
         // Under `fail_closed` a replica that lost Redis refuses; it learns so from the key
         // change subscription at once, not only from its next call.
@@ -764,7 +902,7 @@ impl RedisState {
         if !room {
             return None;
         }
-        let key_tpm = allowance.key_tpm;
+        let (key_rpm, key_tpm) = (allowance.key_rpm, allowance.key_tpm);
         if let Some(left) = &mut allowance.requests {
             *left -= 1;
         }
@@ -785,16 +923,20 @@ impl RedisState {
             id: crate::api::new_request_id(),
             key_id: key_id.to_owned(),
             model: model.to_owned(),
+            key_rpm,
             key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
             model_tpm: (0, 0),
             demand_tokens: demand.tokens,
             admitted_us: crate::unix_ms() * 1_000,
             reserved: Money(reserve),
             cap: (cap >= 0).then_some(Money(cap)),
+            period,
             spend: (SpendCaps::default(), 0),
             headers,
             settled: false,
             allowance: Some(shared),
+            levels: Vec::new(),
+            refused: false,
         })
     }
 
@@ -1010,6 +1152,7 @@ impl RedisState {
                 Ok(Ok(()))
             }
             Some(reason) => Ok(Err(refusal(
+                Level::Key,
                 reason,
                 answer.get(1).copied().unwrap_or(1),
                 Money::ZERO,
@@ -1038,6 +1181,14 @@ impl RedisState {
         } = used;
         lease.settled = true;
         self.live.remove(&lease.id);
+        for level in std::mem::take(&mut lease.levels) {
+            let used = Used {
+                tokens,
+                cost,
+                period: level.period,
+            };
+            self.settle(level, used, None, Box::new(|_| {}));
+        }
         let now_ms = crate::unix_ms();
         let period_start = period.start_ms(now_ms);
         let (tokens, allowance_id) = match lease.allowance.clone() {
@@ -1112,6 +1263,7 @@ impl RedisState {
     /// until the period's spend has been seeded.
     pub async fn charge(
         &self,
+        level: Level,
         key_id: &str,
         limits: &KeyLimits,
         amount: Money,
@@ -1146,6 +1298,7 @@ impl RedisState {
         match (int(0), parts.get(1)) {
             (Some(0), _) => Ok(Some(Charged::Done)),
             (Some(1), _) => Ok(Some(Charged::Refused(Refusal::InsufficientQuota {
+                level,
                 remaining: Money(int(1).unwrap_or(0)),
                 needed: amount,
             }))),
@@ -1419,7 +1572,7 @@ impl Drop for Lease {
             id: std::mem::take(&mut self.id),
             key_id: std::mem::take(&mut self.key_id),
             model: std::mem::take(&mut self.model),
-            key_rpm: (0, 0),
+            key_rpm: (self.key_rpm, u64::from(self.refused)),
             key_tpm: self.key_tpm,
             model_tpm: self.model_tpm,
             spend: self.spend,

@@ -1,7 +1,8 @@
 //! `tollgate migrate --to postgres`: copies a replica's embedded SQLite key store and ledger
 //! (under `server.data_dir`) into PostgreSQL. Every row is inserted only if missing (by key
-//! id or secret, request id, outcome idempotency key), so a copy interrupted or run twice, or
-//! run from several replicas' data dirs into one database, never duplicates a row.
+//! id or secret, group level and name, request id, outcome idempotency key), so a copy
+//! interrupted or run twice, or run from several replicas' data dirs into one database, never
+//! duplicates a row.
 //!
 //! Usage records travel as records through the same writer the gateway uses, so their billed
 //! token columns and day are derived exactly as the gateway writes them.
@@ -36,6 +37,8 @@ pub enum MigrateError {
 pub struct Copied {
     pub keys: u64,
     pub keys_new: u64,
+    pub groups: u64,
+    pub groups_new: u64,
     pub usage: u64,
     pub usage_new: u64,
     pub outcomes: u64,
@@ -52,6 +55,10 @@ pub fn to_postgres(data_dir: &Path, url: &str) -> Result<Copied, MigrateError> {
     for key in SqliteKeyStore::open(data_dir)?.list()? {
         copied.keys += 1;
         copied.keys_new += u64::from(keys.insert_missing(&key)?);
+    }
+    for group in SqliteKeyStore::open(data_dir)?.list_groups()? {
+        copied.groups += 1;
+        copied.groups_new += u64::from(keys.insert_group(&group)?);
     }
 
     // Strict, so that the copy is on the server's disk when the command says it is done.

@@ -17,11 +17,16 @@ use std::time::Duration;
 use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls, Statement};
 
+use crate::auth::group::{
+    group_delete_sql, group_insert_sql, group_members_sql, group_record, group_select,
+    group_update_sql, group_update_values, group_values, GroupRecord,
+};
 use crate::auth::store::{
     key_columns, key_insert_sql, key_record, key_update_sql, key_update_values, key_values,
-    KeyStore, StoreError,
+    GroupDeletion, KeyStore, StoreError,
 };
 use crate::auth::KeyRecord;
+use crate::limits::Level;
 use crate::meter::record::{MeterEvent, OutcomeEvent, UsageRecord};
 use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
@@ -163,6 +168,27 @@ const MIGRATIONS: &[Migration] = &[
         "ALTER TABLE keys ADD COLUMN usd_per_minute_nanos BIGINT;
          ALTER TABLE keys ADD COLUMN usd_per_hour_nanos BIGINT;
          ALTER TABLE keys ADD COLUMN soft_budget_nanos BIGINT;",
+    ),
+    // 9: teams and customers, budget levels above keys (see `auth::group`).
+    Migration::Sql(
+        r#"
+    CREATE TABLE groups (
+        level TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        budget_nanos BIGINT,
+        budget_period TEXT COLLATE "C" NOT NULL,
+        rpm BIGINT,
+        tpm BIGINT,
+        usd_per_minute_nanos BIGINT,
+        usd_per_hour_nanos BIGINT,
+        soft_budget_nanos BIGINT,
+        plan TEXT COLLATE "C",
+        created_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (level, name)
+    );
+    CREATE INDEX keys_team ON keys (team);
+    CREATE INDEX keys_customer ON keys (customer);
+    "#,
     ),
 ];
 
@@ -436,6 +462,69 @@ impl KeyStore for PgKeyStore {
         Ok(self
             .pool
             .with(|client| client.query(&sql, &[])?.iter().map(key_record).collect())?)
+    }
+
+    fn insert_group(&self, record: &GroupRecord) -> Result<bool, StoreError> {
+        let values = group_values(record);
+        let inserted = self.pool.with(|client| {
+            Ok(client.execute(&group_insert_sql(Dialect::Postgres), &params(&values))?)
+        })?;
+        Ok(inserted == 1)
+    }
+
+    fn modify_group(
+        &self,
+        level: Level,
+        name: &str,
+        change: &mut dyn FnMut(&mut GroupRecord) -> bool,
+    ) -> Result<Option<GroupRecord>, StoreError> {
+        // The row lock holds every other replica's change to this group until the commit.
+        let select = group_select("WHERE level = $1 AND name = $2 FOR UPDATE");
+        let update = group_update_sql(Dialect::Postgres);
+        Ok(self.pool.with(|client| {
+            let mut transaction = client.transaction()?;
+            let Some(row) = transaction.query_opt(&select, &[&level.as_str(), &name])? else {
+                return Ok(None);
+            };
+            let mut record = group_record(&row)?;
+            if change(&mut record) {
+                let values = group_update_values(&record);
+                transaction.execute(&update, &params(&values))?;
+                transaction.commit()?;
+            }
+            Ok(Some(record))
+        })?)
+    }
+
+    fn list_groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        let sql = group_select("ORDER BY level, name");
+        Ok(self
+            .pool
+            .with(|client| client.query(&sql, &[])?.iter().map(group_record).collect())?)
+    }
+
+    fn delete_group(&self, level: Level, name: &str) -> Result<GroupDeletion, StoreError> {
+        // The group's row is locked first, so a replica deleting it and one counting its
+        // members take turns.
+        let lock = group_select("WHERE level = $1 AND name = $2 FOR UPDATE");
+        let members = group_members_sql(level, Dialect::Postgres);
+        let delete = group_delete_sql(Dialect::Postgres);
+        Ok(self.pool.with(|client| {
+            let mut transaction = client.transaction()?;
+            if transaction
+                .query_opt(&lock, &[&level.as_str(), &name])?
+                .is_none()
+            {
+                return Ok(GroupDeletion::NotFound);
+            }
+            let count: i64 = transaction.query_one(&members, &[&name])?.get(0);
+            if count > 0 {
+                return Ok(GroupDeletion::HasKeys(count));
+            }
+            transaction.execute(&delete, &[&level.as_str(), &name])?;
+            transaction.commit()?;
+            Ok(GroupDeletion::Deleted)
+        })?)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The admin API for platform teams: keys (create, list, show, update, revoke), usage and
-//! invoices. Guarded by `TOLLGATE_ADMIN_TOKEN`; with no token configured the admin API refuses
+//! The admin API for platform teams: keys (create, list, show, update, revoke), teams and
+//! customers ([`groups`]), usage and invoices. Guarded by `TOLLGATE_ADMIN_TOKEN`; with no token configured the admin API refuses
 //! everything rather than running open. Store calls are blocking and run on the blocking pool.
 
 use std::collections::HashMap;
@@ -17,13 +17,16 @@ use subtle::ConstantTimeEq;
 use crate::app::App;
 use crate::auth::{self, KeyRecord};
 use crate::error::{small_body, GatewayError};
-use crate::limits::BudgetPeriod;
+use crate::limits::{BudgetPeriod, Level};
 use crate::money::Money;
 use crate::rating::invoice;
 use crate::rating::ledger::{regroup, GroupBy};
 
+mod groups;
+
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
+        .merge(groups::routes())
         .route("/admin/keys", get(list_keys).post(create_key))
         .route(
             "/admin/keys/{id}",
@@ -374,6 +377,7 @@ async fn update_key(
     authorize(&app, &headers)?;
     let fields = parse_object(&small_body(body)?)?;
     let _writing = app.key_writes.lock().await;
+    let before = load_key(&app, id.clone()).await?;
     let record = modify_key(&app, id, move |app, record| {
         apply_fields(app, record, &fields)?;
         match record.name.is_empty() {
@@ -385,6 +389,7 @@ async fn update_key(
     let spent = period_spend_if_changed(&app, &record).await?;
     app.key_activated(record.clone(), spent);
     app.admission.publish_key_change(&record.id).await;
+    groups::recount_moved(&app, &before, &record).await?;
     Ok(axum::Json(key_view(&app, &record).await).into_response())
 }
 
@@ -423,9 +428,11 @@ async fn period_spend_if_changed(
     app: &App,
     record: &KeyRecord,
 ) -> Result<Option<Money>, GatewayError> {
-    let period = app.budget_period(record);
+    let period = app.budget_period(&app.effective(record.clone()));
     // Shared budgets are kept per period: a new period's spend is read when first needed.
-    if app.admission.is_shared() || app.admission.budget_period(&record.id) == Some(period) {
+    if app.admission.is_shared()
+        || app.admission.budget_period(Level::Key, &record.id) == Some(period)
+    {
         return Ok(None);
     }
     // Records still queued for a batched commit are part of the key's spend.
