@@ -51,6 +51,10 @@ pub struct Metrics {
     pub key_budget_used_ratio: GaugeVec,
     pub key_remaining_requests: GaugeVec,
     pub key_remaining_tokens: GaugeVec,
+    /// Per team and customer, set at each scrape; off with `server.per_group_metrics = false`.
+    pub group_spend_usd: GaugeVec,
+    pub group_reserved_usd: GaugeVec,
+    pub group_budget_remaining_usd: GaugeVec,
     pub budget_alerts: IntCounterVec,
     pub velocity_alerts: IntCounterVec,
     pub soft_budget_alerts: IntCounterVec,
@@ -63,9 +67,9 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     family
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let family =
-        GaugeVec::new(Opts::new(name, help), &["key"]).unwrap_or_else(|_| unreachable_metric(name));
+        GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric(name));
     register(registry, Box::new(family.clone()));
     family
 }
@@ -154,26 +158,49 @@ impl Metrics {
                 &registry,
                 "key_spend_usd",
                 "Spend of the key in its current budget period",
+                &["key"],
             ),
             key_budget_remaining_usd: gauge(
                 &registry,
                 "key_budget_remaining_usd",
                 "Budget left in the key's current period (capped keys)",
+                &["key"],
             ),
             key_budget_used_ratio: gauge(
                 &registry,
                 "key_budget_used_ratio",
                 "Share of the key's budget spent this period (capped keys)",
+                &["key"],
             ),
             key_remaining_requests: gauge(
                 &registry,
                 "key_remaining_requests",
                 "Requests left in the key's tightest request-rate window",
+                &["key"],
             ),
             key_remaining_tokens: gauge(
                 &registry,
                 "key_remaining_tokens",
                 "Tokens left in the key's tightest token-rate window",
+                &["key"],
+            ),
+            group_spend_usd: gauge(
+                &registry,
+                "group_spend_usd",
+                "Spend of a team's or customer's keys in its current budget period",
+                &["level", "name"],
+            ),
+            group_reserved_usd: gauge(
+                &registry,
+                "group_reserved_usd",
+                "What requests in flight have reserved of a team's or customer's budget",
+                &["level", "name"],
+            ),
+            group_budget_remaining_usd: gauge(
+                &registry,
+                "group_budget_remaining_usd",
+                "Budget left in a team's or customer's current period (capped ones)",
+                &["level", "name"],
             ),
             route_decisions: counter(
                 &registry,

@@ -562,11 +562,51 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if app.config().server.per_group_metrics {
+        export_group_gauges(&app).await;
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// Each team's and customer's live budget, read when scraped: there are few of them, and
+/// their spend moves with every key's request. Reset first, so a deleted group disappears.
+async fn export_group_gauges(app: &App) {
+    let metrics = &app.metrics;
+    let mut figures = Vec::new();
+    for group in app.groups.all() {
+        let record = &group.record;
+        let budget = app
+            .admission
+            .budget(record.level, &record.name, &group.limits)
+            .await;
+        if let Some(budget) = budget {
+            figures.push((record.level.as_str(), record.name.clone(), budget));
+        }
+    }
+    metrics.group_spend_usd.reset();
+    metrics.group_reserved_usd.reset();
+    metrics.group_budget_remaining_usd.reset();
+    for (level, name, budget) in figures {
+        let labels = [level, name.as_str()];
+        metrics
+            .group_spend_usd
+            .with_label_values(&labels)
+            .set(budget.spend_usd.as_f64_usd());
+        metrics
+            .group_reserved_usd
+            .with_label_values(&labels)
+            .set(budget.reserved_usd.as_f64_usd());
+        if budget.budget_usd != crate::limits::UNCAPPED {
+            metrics
+                .group_budget_remaining_usd
+                .with_label_values(&labels)
+                .set(budget.remaining_usd.as_f64_usd());
+        }
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -152,6 +152,21 @@ async fn three_hundred_requests_over_twenty_keys_never_pass_the_team_cap() {
         metrics.contains("tollgate_rejections_total{reason=\"team_budget\"}"),
         "{metrics}"
     );
+    let gauge = |name: &str| {
+        let sample = format!("tollgate_{name}{{level=\"team\",name=\"eng\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(sample.as_str()))
+            .map(|value| value.parse::<f64>().unwrap())
+    };
+    let spent = usd(99 * ACTUAL);
+    assert!(
+        (gauge("group_spend_usd").unwrap() - spent).abs() < 1e-12,
+        "{metrics}"
+    );
+    assert_eq!(gauge("group_reserved_usd"), Some(0.0));
+    let left = usd(team_cap) - spent;
+    assert!((gauge("group_budget_remaining_usd").unwrap() - left).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -926,3 +926,109 @@ async fn a_response_made_on_one_replica_is_continued_on_another() {
         .unwrap();
     assert_eq!(retrieved.status(), 200);
 }
+
+/// A team's cap over three replicas: twenty keys of one team, each under its own cap, send
+/// 300 requests at once; the team never passes its cap, every replica reports the same team
+/// spend, and it is the sum of its keys' spends and of the ledger's rows for the team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_cap_holds_over_twenty_keys_and_three_replicas() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("team");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    let team_cap = 0.001;
+    let created = fleet
+        .http
+        .post(format!("{}/admin/teams", fleet.url(0)))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"name": "eng", "budget_usd": team_cap, "budget_period": "day"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let key = json!({"name": format!("agent-{i}"), "team": "eng", "budget_usd": 0.0002});
+        keys.push(fleet.create_key(i, key).await);
+    }
+    for (_, secret) in &keys {
+        fleet.known_everywhere(secret).await;
+    }
+    let body = hello(100);
+    let sent = (0..300).map(|i| {
+        let (fleet, body, secret) = (&fleet, &body, &keys[i % 20].1);
+        async move { fleet.chat(i, secret, body).await }
+    });
+    let mut served = 0;
+    let mut by_team = 0;
+    for response in join_all(sent).await {
+        match response.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "insufficient_quota");
+                let message = error["error"]["message"].as_str().unwrap();
+                by_team += usize::from(message.starts_with("Budget exhausted for team `eng`"));
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(
+        served > 0 && by_team > 0,
+        "served {served}, refused by the team {by_team}"
+    );
+    let team = async |i: usize| -> Value {
+        fleet
+            .admin(i, reqwest::Method::GET, "/admin/teams/eng")
+            .await
+            .json()
+            .await
+            .unwrap()
+    };
+    let settled = within(Duration::from_secs(5), async || {
+        team(0).await["reserved_usd"].as_f64() == Some(0.0)
+    })
+    .await;
+    assert!(settled.is_some(), "{}", team(0).await);
+    let spend = team(0).await["spend_usd"].as_f64().unwrap();
+    for i in 1..3 {
+        assert_eq!(team(i).await["spend_usd"].as_f64(), Some(spend));
+    }
+    assert!(spend > 0.0 && spend <= team_cap, "team spent {spend}");
+    let mut keys_spend = 0.0;
+    for (id, _) in &keys {
+        let key_spend = fleet.key(0, id).await["spend_usd"].as_f64().unwrap();
+        assert!(key_spend <= 0.0002, "{key_spend}");
+        keys_spend += key_spend;
+    }
+    assert!(
+        (keys_spend - spend).abs() < 1e-12,
+        "keys {keys_spend}, team {spend}"
+    );
+    let ledger_cost = async || -> f64 {
+        let usage: Value = fleet
+            .admin(
+                2,
+                reqwest::Method::GET,
+                "/admin/usage?from=2000-01-01&to=2100-01-01&group_by=team",
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["group"] == "eng")
+            .map_or(0.0, |row| row["cost_usd"].as_f64().unwrap())
+    };
+    let recorded = within(Duration::from_secs(5), async || {
+        (ledger_cost().await - spend).abs() < 1e-12
+    })
+    .await;
+    assert!(
+        recorded.is_some(),
+        "ledger {}, team {spend}",
+        ledger_cost().await
+    );
+}

@@ -100,6 +100,15 @@ impl GroupIndex {
         self.of(level).remove(name);
     }
 
+    /// Every team, then every customer.
+    pub fn all(&self) -> Vec<Arc<Group>> {
+        self.teams
+            .iter()
+            .chain(self.customers.iter())
+            .map(|entry| entry.value().clone())
+            .collect()
+    }
+
     /// The names of every group of a level.
     pub fn names(&self, level: Level) -> Vec<String> {
         self.of(level)

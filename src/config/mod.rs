@@ -172,6 +172,8 @@ pub struct ServerConfig {
     pub inline_count_max_bytes: usize,
     pub log_json: bool,
     pub per_key_metrics: bool,
+    /// `tollgate_group_*` gauges labelled by level and team or customer name.
+    pub per_group_metrics: bool,
     pub reload_poll: Duration,
     /// Threads serving client connections (each a single-threaded runtime, see `lanes`).
     pub workers: usize,
@@ -681,6 +683,7 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
         inline_count_max_bytes: raw.inline_count_max_bytes,
         log_json,
         per_key_metrics: raw.per_key_metrics,
+        per_group_metrics: raw.per_group_metrics,
         reload_poll: Duration::from_secs(raw.reload_poll_secs.max(1)),
         workers,
         max_connections: raw.max_connections,

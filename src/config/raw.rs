@@ -136,6 +136,7 @@ pub struct RawServer {
     pub inline_count_max_bytes: usize,
     pub log_format: String,
     pub per_key_metrics: bool,
+    pub per_group_metrics: bool,
     pub reload_poll_secs: u64,
     /// Threads serving client connections; 0 means one per core.
     pub workers: usize,
@@ -160,6 +161,7 @@ impl Default for RawServer {
             inline_count_max_bytes: 4 * 1024,
             log_format: "text".to_owned(),
             per_key_metrics: true,
+            per_group_metrics: true,
             reload_poll_secs: 2,
             workers: 0,
             max_connections: 0,
