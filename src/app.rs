@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::auth::group::{GroupIndex, GroupRecord, Levels};
+use crate::auth::group::{Group, GroupIndex, GroupRecord, Levels};
 use crate::auth::store::KeyStore;
 use crate::auth::{KeyIndex, KeyRecord};
 use crate::config::Config;
@@ -198,10 +198,34 @@ impl App {
             event["key_id"] = serde_json::json!(key.id);
             event["key_name"] = serde_json::json!(key.name);
             event["budget"] = app.budget_view(&key, None).await;
-            if let Err(error) = app.webhooks.post(url).json(&event).send().await {
-                tracing::error!(error = %error.without_url(), "alert webhook failed");
-            }
+            app.send_alert(url, &event).await;
         });
+    }
+
+    /// POSTs an alert about a team or customer, as [`App::post_alert`] does about a key:
+    /// `level` and `name` say which, and its live budget is added.
+    pub fn post_group_alert(
+        self: &Arc<Self>,
+        config: &Config,
+        group: Arc<Group>,
+        mut event: serde_json::Value,
+    ) {
+        let Some(url) = config.budget_alerts.webhook.clone() else {
+            return;
+        };
+        let app = self.clone();
+        self.runtime.spawn(async move {
+            event["level"] = serde_json::json!(group.record.level.as_str());
+            event["name"] = serde_json::json!(group.record.name);
+            event["budget"] = app.group_budget_view(&group.record, None).await;
+            app.send_alert(url, &event).await;
+        });
+    }
+
+    async fn send_alert(&self, url: reqwest::Url, event: &serde_json::Value) {
+        if let Err(error) = self.webhooks.post(url).json(event).send().await {
+            tracing::error!(error = %error.without_url(), "alert webhook failed");
+        }
     }
 
     /// Live budget figures for the admin API. Spend is tracked for every key; an uncapped key

@@ -9,8 +9,10 @@
 //! replicas (`Admission::claim_episode`), logged, counted and sent to the alert webhook once.
 //! It ends when two checks in a row find the key calm; the next spike is a new episode.
 //!
-//! The same checks announce each key whose period's spend reached its `soft_budget_usd`,
-//! once per key and period (an episode that lasts until the period resets).
+//! Teams and customers are watched the same way, at the pace of their keys together.
+//!
+//! The same checks announce each key, team and customer whose period's spend reached its
+//! `soft_budget_usd`, once per period (an episode that lasts until the period resets).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -115,9 +117,50 @@ pub async fn check(app: &Arc<App>) {
     check_soft_budgets(app, &config).await;
 }
 
-async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
+/// How long a soft budget's episode lasts: until its period resets (and an hour more).
+fn until_reset(resets_at_ms: Option<i64>, now_ms: i64) -> Duration {
     const TOTAL_PERIOD_EPISODE: Duration = Duration::from_secs(400 * 86_400);
+    resets_at_ms.map_or(TOTAL_PERIOD_EPISODE, |reset| {
+        Duration::from_millis((reset - now_ms).max(0) as u64 + 3_600_000)
+    })
+}
+
+async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
     let now_ms = crate::unix_ms();
+    for group in app.groups.all() {
+        let record = &group.record;
+        let (Some(soft), Some(budget)) = (
+            record.soft_budget_usd,
+            app.admission
+                .budget(record.level, &record.name, &group.limits)
+                .await,
+        ) else {
+            continue;
+        };
+        let episode = format!(
+            "soft_budget:{}:{}:{}",
+            record.level.as_str(),
+            record.name,
+            budget.period_start_ms
+        );
+        let lasts = until_reset(budget.resets_at_ms, now_ms);
+        if budget.spend_usd < soft || !app.admission.claim_episode(&episode, lasts).await {
+            continue;
+        }
+        app.metrics
+            .soft_budget_alerts
+            .with_label_values::<&str>(&[])
+            .inc();
+        tracing::warn!(
+            level = record.level.as_str(),
+            name = %record.name,
+            spend_usd = %budget.spend_usd.to_usd_string(),
+            soft_budget_usd = %soft.to_usd_string(),
+            "soft budget reached"
+        );
+        let event = serde_json::json!({"event": "soft_budget_reached", "soft_budget_usd": soft});
+        app.post_group_alert(config, group.clone(), event);
+    }
     for key in app.keys.filtered(|key| key.soft_budget_usd.is_some()) {
         let (Some(soft), Some(budget)) = (
             key.soft_budget_usd,
@@ -130,9 +173,7 @@ async fn check_soft_budgets(app: &Arc<App>, config: &crate::config::Config) {
         if budget.spend_usd < soft {
             continue;
         }
-        let lasts = budget.resets_at_ms.map_or(TOTAL_PERIOD_EPISODE, |reset| {
-            Duration::from_millis((reset - now_ms).max(0) as u64 + 3_600_000)
-        });
+        let lasts = until_reset(budget.resets_at_ms, now_ms);
         let episode = format!("soft_budget:{}:{}", key.id, budget.period_start_ms);
         if !app.admission.claim_episode(&episode, lasts).await {
             continue;
@@ -175,6 +216,29 @@ async fn check_velocity(app: &Arc<App>, config: &crate::config::Config) {
     };
     // Two checks and a little: an episode survives one check that runs late.
     let lasts = velocity.check_every * 2 + velocity.check_every / 2;
+    // A team's or customer's pace is its keys' together: twenty keys each a little above
+    // their usual may be a team far above its own.
+    for group in app.groups.all() {
+        let record = &group.record;
+        let members = app
+            .keys
+            .filtered(|key| key.label(record.level) == Some(record.name.as_str()));
+        let pace = members.iter().filter_map(|key| paces.get(&key.id)).fold(
+            Pace::default(),
+            |total, pace| Pace {
+                recent: total.recent + pace.recent,
+                usual: total.usual + pace.usual,
+            },
+        );
+        let Some(trigger) = spike(pace, &velocity) else {
+            continue;
+        };
+        let episode = format!("velocity:{}:{}", record.level.as_str(), record.name);
+        if app.admission.claim_episode(&episode, lasts).await {
+            count_spike(app, record.level, &record.name, pace, trigger);
+            app.post_group_alert(config, group.clone(), velocity_event(pace, trigger));
+        }
+    }
     for (key_id, pace) in paces {
         let Some(trigger) = spike(pace, &velocity) else {
             continue;
@@ -199,28 +263,33 @@ fn announce(
     pace: Pace,
     trigger: Trigger,
 ) {
+    count_spike(app, Level::Key, &key.name, pace, trigger);
+    app.post_alert(config, key, velocity_event(pace, trigger));
+}
+
+fn count_spike(app: &App, level: Level, name: &str, pace: Pace, trigger: Trigger) {
     app.metrics
         .velocity_alerts
         .with_label_values(&[trigger.label()])
         .inc();
     tracing::warn!(
-        key = %key.name,
+        level = level.as_str(),
+        name,
         spend_usd = %pace.recent.to_usd_string(),
         usual_usd = %pace.usual.to_usd_string(),
         trigger = trigger.label(),
         "spend velocity alert"
     );
-    app.post_alert(
-        config,
-        key,
-        serde_json::json!({
-            "event": "spend_velocity",
-            "trigger": trigger.label(),
-            "window_minutes": WINDOW.as_secs() / 60,
-            "spend_usd": pace.recent,
-            "usual_usd": pace.usual,
-        }),
-    );
+}
+
+fn velocity_event(pace: Pace, trigger: Trigger) -> serde_json::Value {
+    serde_json::json!({
+        "event": "spend_velocity",
+        "trigger": trigger.label(),
+        "window_minutes": WINDOW.as_secs() / 60,
+        "spend_usd": pace.recent,
+        "usual_usd": pace.usual,
+    })
 }
 
 /// Where a budget period ends at the current pace.

@@ -391,3 +391,65 @@ async fn a_teams_spend_survives_a_restart() {
     assert_eq!(send_as(&gw, b).await.status(), 200);
     assert_eq!(send_as(&gw, b).await.status(), 429);
 }
+
+/// Four keys each spending under the spike floor make a team far above it: the team's spike
+/// and its soft budget are each announced once, and no key is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_spike_and_soft_budget_are_announced_once() {
+    let (hook, mut events) = common::webhook_receiver().await;
+    let extra = format!(
+        "[budgets]\nalert_webhook = \"{hook}\"\nvelocity_check_secs = 1\nvelocity_min_usd = {}\n",
+        usd(10 * ACTUAL)
+    );
+    let gw = Harness::start_with(MockOptions::default(), &extra).await;
+    let (status, _) = call(
+        &gw,
+        Method::POST,
+        "/admin/teams",
+        Some(json!({"name": "eng", "budget_usd": 1, "soft_budget_usd": usd(6 * ACTUAL)})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut keys = Vec::new();
+    for i in 0..4 {
+        let key = gw
+            .create_key(json!({"name": format!("k{i}"), "team": "eng"}))
+            .await;
+        keys.push(key["key"].as_str().unwrap().to_owned());
+    }
+    for _ in 0..3 {
+        for key in &keys {
+            assert_eq!(send_as(&gw, key).await.status(), 200);
+        }
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+            .await
+            .expect("the team's spike and soft budget are announced")
+            .unwrap();
+        assert_eq!(
+            (event["level"].as_str(), event["name"].as_str()),
+            (Some("team"), Some("eng")),
+            "{event}"
+        );
+        assert_eq!(nanos(&event["budget"]["spend_usd"]), 12 * ACTUAL, "{event}");
+        if event["event"] == "spend_velocity" {
+            assert_eq!(nanos(&event["spend_usd"]), 12 * ACTUAL);
+            assert_eq!(event["trigger"], "factor");
+        }
+        seen.push(event["event"].as_str().unwrap().to_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["soft_budget_reached", "spend_velocity"]);
+    // Three more checks while the spike lasts: nothing more, for the team or its keys.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(events.try_recv().is_err(), "one announcement each");
+    let metrics = gw.metrics().await;
+    for sample in [
+        "tollgate_velocity_alerts_total{trigger=\"factor\"} 1",
+        "tollgate_soft_budget_alerts_total 1",
+    ] {
+        assert!(metrics.contains(sample), "{sample}: {metrics}");
+    }
+}

@@ -843,11 +843,14 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord, levels: &Levels)
                 Some(_) => format!(" (key `{}`)", key.name),
                 None => String::new(),
             };
+            let left = match period {
+                BudgetPeriod::Total => "in total".to_owned(),
+                period => format!("this {}", period.as_str()),
+            };
             GatewayError::InsufficientQuota {
                 message: format!(
-                    "Budget exhausted for {whose}{of_key}: ${} remaining this {}, this request may cost up to ${}; {resets}.",
+                    "Budget exhausted for {whose}{of_key}: ${} remaining {left}, this request may cost up to ${}; {resets}.",
                     remaining.to_usd_string(),
-                    if period == BudgetPeriod::Total { "budget" } else { period.as_str() },
                     needed.to_usd_string()
                 ),
             }
