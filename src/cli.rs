@@ -263,6 +263,13 @@ pub enum GroupsCommand {
     },
     /// Delete one that no live key names.
     Delete { name: String },
+    /// The invoices of its keys for a month, and their total.
+    Invoice {
+        name: String,
+        /// YYYY-MM (default: the current month).
+        #[arg(long)]
+        period: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

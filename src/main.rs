@@ -336,6 +336,30 @@ async fn groups(admin: AdminArgs, base: &str, command: GroupsCommand) -> anyhow:
             client.call(Method::PATCH, &one(name), Some(&body)).await?
         }
         GroupsCommand::Delete { name } => client.call(Method::DELETE, &one(name), None).await?,
+        GroupsCommand::Invoice { name, period } => {
+            let query = encode_query(
+                &period
+                    .iter()
+                    .map(|p| ("period", p.clone()))
+                    .collect::<Vec<_>>(),
+            );
+            let path = format!("{}/invoice?{query}", one(name));
+            let answer = client.call(Method::GET, &path, None).await?;
+            let rows = answer["keys"].as_array().cloned().unwrap_or_default();
+            print!(
+                "{}",
+                render(
+                    &answer,
+                    &rows,
+                    &["key_id", "key_name", "plan", "total_usd"],
+                    admin.format
+                )
+            );
+            if admin.format == tollgate::cli::Format::Table {
+                println!("\ntotal_usd  {}", answer["total_usd"]);
+            }
+            return Ok(());
+        }
     };
     let rows = match &answer["data"] {
         Value::Array(rows) => rows.clone(),

@@ -361,6 +361,34 @@ async fn groups_are_administered_and_a_team_with_keys_is_not_deleted() {
     let (_, listed) = call(&gw, Method::GET, "/admin/customers", None).await;
     assert_eq!(listed["data"][0]["name"], "acme");
     assert_eq!(nanos(&listed["data"][0]["spend_usd"]), 2 * ACTUAL);
+    // The customer's invoice is its keys' invoices, each under the plan it is rated by.
+    let own = gw
+        .create_key(json!({"name": "own-plan", "customer": "acme"}))
+        .await;
+    assert_eq!(
+        send_as(&gw, own["key"].as_str().unwrap()).await.status(),
+        200
+    );
+    let (status, invoice) = call(&gw, Method::GET, "/admin/customers/acme/invoice", None).await;
+    assert_eq!(status, 200, "{invoice}");
+    assert_eq!(
+        (invoice["level"].as_str(), invoice["name"].as_str()),
+        (Some("customer"), Some("acme"))
+    );
+    let keys = invoice["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{invoice}");
+    assert!(keys.iter().all(|key| key["plan"] == "plus"), "{invoice}");
+    assert_eq!(nanos(&invoice["total_usd"]), 4 * ACTUAL, "{invoice}");
+    let (status, _) = call(
+        &gw,
+        Method::GET,
+        "/admin/customers/acme/invoice?period=2026-13",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = call(&gw, Method::GET, "/admin/teams/nobody/invoice", None).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test]

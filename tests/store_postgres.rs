@@ -10,9 +10,10 @@ use std::sync::{Arc, Barrier};
 
 use common::services::Postgres;
 use tollgate::api::Endpoint;
-use tollgate::auth::store::{KeyStore, SqliteKeyStore};
+use tollgate::auth::group::GroupRecord;
+use tollgate::auth::store::{GroupDeletion, KeyStore, SqliteKeyStore};
 use tollgate::auth::{hash_secret, KeyRecord};
-use tollgate::limits::BudgetPeriod;
+use tollgate::limits::{BudgetPeriod, Level};
 use tollgate::meter::record::{MeterEvent, Outcome, OutcomeEvent, TokenUsage, UsageRecord};
 use tollgate::meter::sink::Durability;
 use tollgate::meter::sink::{SinkError, UsageWriter};
@@ -169,6 +170,81 @@ fn keys_round_trip() {
     assert_eq!(keys.get(&first.id).unwrap(), Some(first.clone()));
     assert_eq!(keys.get("key_9").unwrap(), None);
     assert_eq!(keys.list().unwrap(), vec![first, second]);
+}
+
+/// Teams and customers in either store: unique by level and name, changed in place, and not
+/// deleted while a live key names them.
+fn groups_round_trip_in(keys: &dyn KeyStore) {
+    let mut team = GroupRecord::new(Level::Team, "eng");
+    team.budget_usd = Some(Money::parse_usd("100").unwrap());
+    team.budget_period = BudgetPeriod::Week;
+    team.rpm = Some(60);
+    team.tpm = Some(i64::MAX as u64);
+    team.max_usd_per_minute = Some(Money::parse_usd("0.25").unwrap());
+    team.max_usd_per_hour = Some(Money::parse_usd("5").unwrap());
+    team.soft_budget_usd = Some(Money::parse_usd("80").unwrap());
+    team.created_at_ms = START_MS;
+    let mut customer = GroupRecord::new(Level::Customer, "eng");
+    customer.plan = Some("team".into());
+    customer.created_at_ms = START_MS + 1;
+    assert!(keys.insert_group(&team).unwrap());
+    assert!(keys.insert_group(&customer).unwrap());
+    assert!(
+        !keys.insert_group(&team).unwrap(),
+        "a level and a name are unique"
+    );
+    let changed = keys.modify_group(Level::Team, "eng", &mut |group| {
+        group.rpm = None;
+        true
+    });
+    team.rpm = None;
+    assert_eq!(changed.unwrap(), Some(team.clone()));
+    let refused = keys.modify_group(Level::Team, "eng", &mut |group| {
+        group.tpm = None;
+        false
+    });
+    assert!(refused.unwrap().is_some());
+    assert_eq!(
+        keys.modify_group(Level::Team, "none", &mut |_| true)
+            .unwrap(),
+        None
+    );
+    assert_eq!(keys.list_groups().unwrap(), vec![customer, team]);
+
+    let mut member = key(7);
+    member.team = Some("eng".into());
+    keys.insert(&member).unwrap();
+    let deleted = keys.delete_group(Level::Team, "eng").unwrap();
+    assert_eq!(deleted, GroupDeletion::HasKeys(1));
+    let deleted = keys.delete_group(Level::Customer, "eng").unwrap();
+    assert_eq!(
+        deleted,
+        GroupDeletion::Deleted,
+        "the key names the team, not the customer"
+    );
+    keys.modify(&member.id, &mut |key| {
+        key.revoked_at_ms = Some(START_MS + 9);
+        true
+    })
+    .unwrap();
+    let deleted = keys.delete_group(Level::Team, "eng").unwrap();
+    assert_eq!(
+        deleted,
+        GroupDeletion::Deleted,
+        "a revoked key holds nothing back"
+    );
+    let deleted = keys.delete_group(Level::Team, "eng").unwrap();
+    assert_eq!(deleted, GroupDeletion::NotFound);
+    assert!(keys.list_groups().unwrap().is_empty());
+}
+
+#[test]
+fn groups_round_trip_in_both_stores() {
+    let store = PgStore::connect(&Postgres::shared().fresh_database("groups")).unwrap();
+    groups_round_trip_in(&store.key_store());
+    let dir = common::temp_dir("sqlite-groups");
+    groups_round_trip_in(&SqliteKeyStore::open(&dir).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -496,18 +572,31 @@ fn migrate_to_postgres_copies_a_sqlite_store() {
     for key in [key(1), revoked, key(3)] {
         sqlite_keys.insert(&key).unwrap();
     }
+    let mut team = GroupRecord::new(Level::Team, "eng");
+    team.budget_usd = Some(Money::parse_usd("50").unwrap());
+    sqlite_keys.insert_group(&team).unwrap();
     let mut writer = LedgerWriter::open(&data_dir, Durability::Strict).unwrap();
     writer.write_batch(&events()).unwrap();
     drop(writer);
 
     let url = Postgres::shared().fresh_database("migrate");
     let first = migrate(&config, Some(&url), None);
-    for line in ["keys 3 (3 new)", "usage 40 (40 new)", "outcomes 6 (6 new)"] {
+    for line in [
+        "keys 3 (3 new)",
+        "groups 1 (1 new)",
+        "usage 40 (40 new)",
+        "outcomes 6 (6 new)",
+    ] {
         assert!(first.contains(line), "{first}");
     }
     // Again, through the environment: nothing is new.
     let second = migrate(&config, None, Some(&url));
-    for line in ["keys 3 (0 new)", "usage 40 (0 new)", "outcomes 6 (0 new)"] {
+    for line in [
+        "keys 3 (0 new)",
+        "groups 1 (0 new)",
+        "usage 40 (0 new)",
+        "outcomes 6 (0 new)",
+    ] {
         assert!(second.contains(line), "{second}");
     }
 
@@ -516,6 +605,7 @@ fn migrate_to_postgres_copies_a_sqlite_store() {
         store.key_store().list().unwrap(),
         sqlite_keys.list().unwrap()
     );
+    assert_eq!(store.key_store().list_groups().unwrap(), vec![team]);
     let (pg, sqlite) = (store.ledger_reader(), SqliteLedgerReader::new(&data_dir));
     assert_eq!(pg.records().unwrap(), sqlite.records().unwrap());
     for key_id in ["key_a", "key_B"] {

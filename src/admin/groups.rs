@@ -15,8 +15,8 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 
 use super::{
-    authorize, blocking, dollars, field_error, hourly_paces, limit, parse_object, spend_rate,
-    store_error, text,
+    authorize, blocking, dollars, field_error, hourly_paces, key_invoice, limit, parse_object,
+    spend_rate, store_error, text, Month,
 };
 use crate::app::App;
 use crate::auth::group::{change_id, members_spend, GroupRecord};
@@ -33,10 +33,12 @@ pub fn routes() -> Router<Arc<App>> {
             "/admin/teams/{name}",
             get(show_team).patch(update_team).delete(delete_team),
         )
+        .route("/admin/teams/{name}/invoice", get(team_invoice))
         .route(
             "/admin/customers",
             get(list_customers).post(create_customer),
         )
+        .route("/admin/customers/{name}/invoice", get(customer_invoice))
         .route(
             "/admin/customers/{name}",
             get(show_customer)
@@ -47,6 +49,8 @@ pub fn routes() -> Router<Arc<App>> {
 
 type Headers = HeaderMap;
 type Body = Result<String, StringRejection>;
+type InvoiceQuery =
+    Result<axum::extract::Query<super::InvoiceQuery>, axum::extract::rejection::QueryRejection>;
 
 async fn list_teams(
     State(app): State<Arc<App>>,
@@ -86,6 +90,24 @@ async fn delete_team(
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
     delete(app, headers, Level::Team, name).await
+}
+
+async fn team_invoice(
+    State(app): State<Arc<App>>,
+    headers: Headers,
+    Path(name): Path<String>,
+    query: InvoiceQuery,
+) -> Result<Response, GatewayError> {
+    group_invoice(app, headers, Level::Team, name, query).await
+}
+
+async fn customer_invoice(
+    State(app): State<Arc<App>>,
+    headers: Headers,
+    Path(name): Path<String>,
+    query: InvoiceQuery,
+) -> Result<Response, GatewayError> {
+    group_invoice(app, headers, Level::Customer, name, query).await
 }
 
 async fn list_customers(
@@ -277,6 +299,42 @@ async fn delete(
             .into_response())
         }
     }
+}
+
+/// `GET /admin/teams/{name}/invoice?period=YYYY-MM`: the invoice of each key that names the
+/// group now (revoked ones included, as for its spend), each under its own plan, and their
+/// total.
+async fn group_invoice(
+    app: Arc<App>,
+    headers: Headers,
+    level: Level,
+    name: String,
+    query: InvoiceQuery,
+) -> Result<Response, GatewayError> {
+    authorize(&app, &headers)?;
+    let month = Month::of(query)?;
+    let record = load(&app, level, name).await?;
+    let (_, keys) = load_all(&app).await?;
+    let mut invoices = Vec::new();
+    let mut total = Money::ZERO;
+    for key in keys {
+        if key.label(level) != Some(record.name.as_str()) {
+            continue;
+        }
+        let (invoice, key_total) = key_invoice(&app, key, &month).await?;
+        total += key_total;
+        invoices.push(invoice);
+    }
+    Ok(axum::Json(json!({
+        "object": "invoice",
+        "level": level.as_str(),
+        "name": record.name,
+        "period": month.name,
+        "currency": "usd",
+        "keys": invoices,
+        "total_usd": total,
+    }))
+    .into_response())
 }
 
 /// Serves a group from the next request on, here and on every replica.

@@ -244,29 +244,59 @@ async fn invoice(
     query: Result<axum::extract::Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, GatewayError> {
     authorize(&app, &headers)?;
-    let axum::extract::Query(query) =
-        query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
-    let period = query
-        .period
-        .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
-    let well_formed = period.len() == 7
-        && period.as_bytes()[4] == b'-'
-        && period
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| i == 4 || b.is_ascii_digit());
-    let start = chrono::NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
-        .ok()
-        .filter(|_| well_formed)
-        .ok_or_else(|| field_error("period", format!("`{period}` is not YYYY-MM")))?;
-    let from = start
-        .and_hms_opt(0, 0, 0)
-        .map(|t| t.and_utc().timestamp_millis())
-        .unwrap_or_default();
-    let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
-    let record = load_key(&app, key_id.clone()).await?;
+    let month = Month::of(query)?;
+    let record = load_key(&app, key_id).await?;
+    let (body, _) = key_invoice(&app, record, &month).await?;
+    Ok(axum::Json(body).into_response())
+}
+
+/// An invoice's month: `YYYY-MM` and its bounds in Unix ms.
+struct Month {
+    name: String,
+    from: i64,
+    to: i64,
+}
+
+impl Month {
+    /// The `period` of an invoice query (default: the current month).
+    fn of(
+        query: Result<axum::extract::Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<Month, GatewayError> {
+        let axum::extract::Query(query) =
+            query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+        let name = query
+            .period
+            .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
+        let well_formed = name.len() == 7
+            && name.as_bytes()[4] == b'-'
+            && name
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| i == 4 || b.is_ascii_digit());
+        let start = chrono::NaiveDate::parse_from_str(&format!("{name}-01"), "%Y-%m-%d")
+            .ok()
+            .filter(|_| well_formed)
+            .ok_or_else(|| field_error("period", format!("`{name}` is not YYYY-MM")))?;
+        let from = start
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+            .unwrap_or_default();
+        let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
+        Ok(Month { name, from, to })
+    }
+}
+
+/// A key's invoice for a month, under its plan (its customer's when it has none), and its
+/// total.
+async fn key_invoice(
+    app: &App,
+    record: KeyRecord,
+    month: &Month,
+) -> Result<(Value, Money), GatewayError> {
+    let record = app.effective(record);
     let ledger = app.ledger.clone();
-    let id = key_id.clone();
+    let id = record.id.clone();
+    let (from, to) = (month.from, month.to);
     let usage = blocking(move || ledger.period_usage(&id, from, to).map_err(store_error)).await?;
     let config = app.config();
     let plan_name = record.plan.clone().unwrap_or_else(|| "list".to_owned());
@@ -276,7 +306,7 @@ async fn invoice(
         "object": "invoice",
         "key_id": record.id,
         "key_name": record.name,
-        "period": period,
+        "period": month.name,
         "plan": plan_name,
         "plan_kind": plan.kind(),
         "currency": "usd",
@@ -286,7 +316,7 @@ async fn invoice(
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
         body.extend(extra);
     }
-    Ok(axum::Json(body).into_response())
+    Ok((body, total))
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {

@@ -1337,4 +1337,88 @@ mod tests {
             Some("key_usd_per_minute")
         );
     }
+
+    #[test]
+    fn a_request_is_admitted_at_every_level_or_at_none() {
+        let clock = Arc::new(ManualClock::at_ms(1_700_000_000_000));
+        let limiter = limiter(clock);
+        let key = KeyLimits {
+            rpm: Some(10),
+            budget: Some((Money(1_000), BudgetPeriod::Day)),
+            ..KeyLimits::default()
+        };
+        let team = KeyLimits {
+            rpm: Some(3),
+            budget: Some((Money(250), BudgetPeriod::Day)),
+            ..KeyLimits::default()
+        };
+        limiter.upsert(Level::Key, "a", &key, None);
+        limiter.upsert(Level::Key, "b", &key, None);
+        limiter.upsert(Level::Team, "eng", &team, Some(Money(20)));
+        let above = Above {
+            team: Some(LevelRef {
+                name: "eng",
+                limits: &team,
+            }),
+            customer: None,
+        };
+        let first = limiter
+            .admit("a", above, "m", demand(0, Money(100)))
+            .unwrap();
+        let second = limiter
+            .admit("b", above, "m", demand(0, Money(100)))
+            .unwrap();
+        // The team has 250 − 20 spent − 200 reserved left: it refuses, and key `a` gives
+        // back its reservation and its request unit.
+        let refused = limiter.admit("a", above, "m", demand(0, Money(100)));
+        assert_eq!(
+            refused.err(),
+            Some(Refusal::InsufficientQuota {
+                level: Level::Team,
+                remaining: Money(30),
+                needed: Money(100),
+            })
+        );
+        assert_eq!(
+            limiter.budget(Level::Key, "a").unwrap().reserved_usd,
+            Money(100)
+        );
+        let requests = |id| limiter.headers(id, Above::NONE, "m").requests.unwrap();
+        assert_eq!(requests("a").remaining, 9);
+        // The cost settles into both levels; a dropped ticket gives back at both.
+        limiter.settle(first, 0, Money(40));
+        drop(second);
+        let eng = limiter.budget(Level::Team, "eng").unwrap();
+        assert_eq!((eng.spend_usd, eng.reserved_usd), (Money(60), Money::ZERO));
+        assert_eq!(
+            limiter.budget(Level::Key, "a").unwrap().spend_usd,
+            Money(40)
+        );
+        assert_eq!(
+            limiter.budget(Level::Key, "b").unwrap().reserved_usd,
+            Money::ZERO
+        );
+        // The team's RPM took two units (the refused request's went back): one more passes.
+        assert!(limiter.admit("b", above, "m", demand(0, Money(10))).is_ok());
+        let refused = limiter
+            .admit("a", above, "m", demand(0, Money(10)))
+            .err()
+            .unwrap();
+        assert_eq!(refused.reason(), "team_rpm");
+        assert_eq!(requests("a").remaining, 9, "a refused request took nothing");
+        // A key whose team is not a level is admitted on its own limits.
+        assert!(limiter
+            .admit("a", Above::NONE, "m", demand(0, Money(10)))
+            .is_ok());
+        // An outcome is charged at every level, or at none.
+        let charged = limiter.charge("a", above, Money(500));
+        assert_eq!(charged.err().map(|r| r.reason()), Some("team_budget"));
+        assert_eq!(
+            limiter.budget(Level::Key, "a").unwrap().reserved_usd,
+            Money::ZERO
+        );
+        limiter.charge("a", above, Money(100)).unwrap();
+        let eng = limiter.budget(Level::Team, "eng").unwrap();
+        assert_eq!((eng.spend_usd, eng.reserved_usd), (Money(160), Money::ZERO));
+    }
 }
