@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tollgate::limits::{Above, BudgetPeriod, Demand, KeyLimits, Level, LevelRef};
 use tollgate::money::Money;
-use tollgate::state::redis::{owner_of, Admitted, OnUnavailable, RedisState};
+use tollgate::state::redis::{owner_of, Admitted, OnUnavailable, RedisState, Seed};
 use tollgate::state::Used;
 
 const ROUNDS_ALONE: usize = 4_000;
@@ -84,7 +84,7 @@ async fn admit_once(
                 _ => key.to_owned(),
             };
             redis
-                .seed_spend(&owner, BudgetPeriod::Month, Money::ZERO)
+                .seed_spend(&owner, BudgetPeriod::Month, Money::ZERO, Seed::IfMissing)
                 .await
                 .unwrap();
             return took;

@@ -157,6 +157,26 @@ impl App {
         self.admission.remove(level, name);
     }
 
+    /// A customer's plan is its keys' plan where they have none: after the customer changed,
+    /// they are activated again.
+    pub async fn refresh_members(&self, level: Level, name: &str) {
+        if level != Level::Customer {
+            return;
+        }
+        let store = self.key_store.clone();
+        match tokio::task::spawn_blocking(move || store.list()).await {
+            Ok(Ok(keys)) => {
+                for key in keys {
+                    if key.customer.as_deref() == Some(name) && key.plan.is_none() {
+                        self.key_activated(key, None);
+                    }
+                }
+            }
+            Ok(Err(error)) => tracing::error!(%error, "cannot load a customer's keys"),
+            Err(error) => tracing::error!(%error, "cannot load a customer's keys"),
+        }
+    }
+
     /// The levels above a key that its requests are admitted at.
     pub fn levels(&self, key: &KeyRecord) -> Levels {
         self.groups

@@ -396,13 +396,16 @@ async fn reload_key(app: &Arc<App>, key_id: String) {
     if let Some((level, name)) = group_change(&key_id) {
         let store = app.key_store.clone();
         match tokio::task::spawn_blocking(move || store.list_groups()).await {
-            Ok(Ok(groups)) => match groups
-                .into_iter()
-                .find(|g| g.level == level && g.name == name)
-            {
-                Some(group) => app.group_activated(group, None),
-                None => app.group_removed(level, name),
-            },
+            Ok(Ok(groups)) => {
+                match groups
+                    .into_iter()
+                    .find(|g| g.level == level && g.name == name)
+                {
+                    Some(group) => app.group_activated(group, None),
+                    None => app.group_removed(level, name),
+                }
+                app.refresh_members(level, name).await;
+            }
             Ok(Err(error)) => tracing::error!(%error, "cannot load a changed group"),
             Err(error) => tracing::error!(%error, "cannot load a changed group"),
         }

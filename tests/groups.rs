@@ -369,6 +369,11 @@ async fn groups_are_administered_and_a_team_with_keys_is_not_deleted() {
         send_as(&gw, own["key"].as_str().unwrap()).await.status(),
         200
     );
+    assert_eq!(
+        gw.usage_records(2).await.len(),
+        2,
+        "both requests are in the ledger"
+    );
     let (status, invoice) = call(&gw, Method::GET, "/admin/customers/acme/invoice", None).await;
     assert_eq!(status, 200, "{invoice}");
     assert_eq!(

@@ -287,7 +287,7 @@ async fn delete(
         ))),
         GroupDeletion::Deleted => {
             app.group_removed(level, &name);
-            refresh_members(&app, level, &name).await;
+            app.refresh_members(level, &name).await;
             app.admission
                 .publish_key_change(&change_id(level, &name))
                 .await;
@@ -341,28 +341,10 @@ async fn group_invoice(
 async fn activate(app: &Arc<App>, record: GroupRecord, spent: Option<Money>) {
     let (level, name) = (record.level, record.name.clone());
     app.group_activated(record, spent);
-    refresh_members(app, level, &name).await;
+    app.refresh_members(level, &name).await;
     app.admission
         .publish_key_change(&change_id(level, &name))
         .await;
-}
-
-/// A customer's plan is its keys' plan where they have none: they are activated again.
-async fn refresh_members(app: &Arc<App>, level: Level, name: &str) {
-    if level != Level::Customer {
-        return;
-    }
-    let store = app.key_store.clone();
-    match blocking(move || store.list().map_err(store_error)).await {
-        Ok(keys) => {
-            for key in keys {
-                if key.customer.as_deref() == Some(name) && key.plan.is_none() {
-                    app.key_activated(key, None);
-                }
-            }
-        }
-        Err(error) => tracing::error!(%error, "cannot load a customer's keys"),
-    }
 }
 
 /// After a key moved to another team or customer, the groups it left and joined recount their
@@ -372,9 +354,6 @@ pub(super) async fn recount_moved(
     before: &KeyRecord,
     after: &KeyRecord,
 ) -> Result<(), GatewayError> {
-    if app.admission.is_shared() {
-        return Ok(());
-    }
     for level in [Level::Team, Level::Customer] {
         if before.label(level) == after.label(level) {
             continue;
@@ -384,21 +363,27 @@ pub(super) async fn recount_moved(
             .flatten()
         {
             if let Some(group) = app.groups.get(level, name) {
-                let record = group.record.clone();
-                let spent = group_spend(app, &record).await?;
-                app.group_activated(record, spent);
+                let spent = members_spend_now(app, &group.record).await?;
+                app.admission
+                    .recount(level, name, &group.limits, spent)
+                    .await;
             }
         }
     }
     Ok(())
 }
 
-/// What the group's keys spent in its current budget period, from the ledger: needed by the
-/// embedded backend only (the shared one reads it when a period is first used).
+/// What the group's keys spent in its current budget period, from the ledger, for the
+/// embedded backend (the shared one reads it when a period is first used).
 async fn group_spend(app: &App, record: &GroupRecord) -> Result<Option<Money>, GatewayError> {
     if app.admission.is_shared() {
         return Ok(None);
     }
+    members_spend_now(app, record).await.map(Some)
+}
+
+/// What the keys that name the group now spent in its current budget period.
+async fn members_spend_now(app: &App, record: &GroupRecord) -> Result<Money, GatewayError> {
     // Records still queued for a batched commit are part of the spend.
     app.usage.flushed().await;
     let ledger = app.ledger.clone();
@@ -408,7 +393,7 @@ async fn group_spend(app: &App, record: &GroupRecord) -> Result<Option<Money>, G
     blocking(move || {
         let spend = ledger.spend_since(from_ms).map_err(store_error)?;
         let keys = store.list().map_err(store_error)?;
-        Ok(Some(members_spend(&spend, &keys, level, &name)))
+        Ok(members_spend(&spend, &keys, level, &name))
     })
     .await
 }

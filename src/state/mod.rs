@@ -24,7 +24,7 @@ use crate::rating::ledger::{LedgerError, LedgerReader};
 use crate::rating::plan::{Cursor, Plan, Rated};
 use crate::rating::Rater;
 pub use redis::Once;
-use redis::{owner_of, Admitted, Charged, OnUnavailable, RedisState};
+use redis::{owner_of, Admitted, Charged, OnUnavailable, RedisState, Seed};
 pub use redis::{Lease, MonthDelta, Used};
 
 /// What an admitted request holds until it settles. Dropping it unsettled gives everything
@@ -127,9 +127,7 @@ impl Admission {
                 share,
                 ..
             } => {
-                if level == Level::Key {
-                    redis.retire_allowance(id);
-                }
+                redis.retire_allowance(&owner(level, id));
                 local_share.upsert(
                     level,
                     id,
@@ -146,9 +144,7 @@ impl Admission {
             Admission::Shared {
                 redis, local_share, ..
             } => {
-                if level == Level::Key {
-                    redis.retire_allowance(id);
-                }
+                redis.retire_allowance(&owner(level, id));
                 local_share.remove(level, id)
             }
         }
@@ -441,10 +437,7 @@ impl Admission {
                 ..
             } => (redis, ledger, keys),
         };
-        let owner = match level {
-            Level::Key => id.to_owned(),
-            _ => owner_of(level, id),
-        };
+        let owner = owner(level, id);
         match redis.budget(&owner, limits).await {
             Ok(Some(snapshot)) => return Some(snapshot),
             Ok(None) => {}
@@ -471,6 +464,21 @@ impl Admission {
                     false
                 }
             },
+        }
+    }
+
+    /// Replaces a team's or customer's live spend by its keys' spend from the ledger, after a
+    /// key moved in or out of it.
+    pub async fn recount(&self, level: Level, name: &str, limits: &KeyLimits, spent: Money) {
+        match self {
+            Admission::Embedded(limiter) => limiter.upsert(level, name, limits, Some(spent)),
+            Admission::Shared { redis, .. } => {
+                let period = limits.budget.map_or(BudgetPeriod::Month, |(_, p)| p);
+                let owner = owner(level, name);
+                if let Err(error) = redis.seed_spend(&owner, period, spent, Seed::Replace).await {
+                    tracing::error!(%error, "a group's spend was not recounted; it is at the next period");
+                }
+            }
         }
     }
 
@@ -556,13 +564,10 @@ async fn seed_level(
         tracing::error!(%error, "cannot read a budget's spend from the ledger");
         Unseeded::Ledger
     })?;
-    let owner = match level {
-        Level::Key => id.to_owned(),
-        _ => owner_of(level, id),
-    };
+    let owner = owner(level, id);
     seeding
         .redis
-        .seed_spend(&owner, period, spent)
+        .seed_spend(&owner, period, spent, Seed::IfMissing)
         .await
         .map_err(Unseeded::Redis)
 }
@@ -576,10 +581,7 @@ async fn charge_level(
     amount: Money,
     once: Once<'_>,
 ) -> Result<Charged, Unseeded> {
-    let owner = match level {
-        Level::Key => id.to_owned(),
-        _ => owner_of(level, id),
-    };
+    let owner = owner(level, id);
     for _ in 0..2 {
         match seeding
             .redis
@@ -592,6 +594,15 @@ async fn charge_level(
         }
     }
     Err(Unseeded::Ledger)
+}
+
+/// Where a level's shared state lives: a key's under its id, a group's under
+/// [`owner_of`].
+fn owner(level: Level, id: &str) -> String {
+    match level {
+        Level::Key => id.to_owned(),
+        _ => owner_of(level, id),
+    }
 }
 
 /// The levels above a key, with their kind.

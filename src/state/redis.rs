@@ -25,7 +25,9 @@
 //! half a lease before it must be topped up, and a request Redis refuses for budget first
 //! has this replica give back its allowance's unreserved budget and is tried once more.
 //! Only keys without a concurrency limit or spend-rate caps, on models without their own
-//! throttles, get allowances.
+//! throttles, get allowances. A team or customer (a level above keys) gets allowances of its
+//! own on the same terms, and a key in one admits locally only when the allowances of all
+//! its levels have room, all or none.
 //!
 //! The month's rating totals are advanced atomically per request, which hands each request
 //! its own segment of the month (see `rating::plan::Plan::advance`), and alert
@@ -33,7 +35,8 @@
 //! webhook. Key changes are published on a channel and a version counter (the poll is the
 //! safety net for a missed message).
 //!
-//! Keys are `tg:{key id}:…` per key, `tg:model:{name}:…` per model.
+//! Keys are `tg:{key id}:…` per key, `tg:{team:name}:…` and `tg:{customer:name}:…` per team
+//! and customer (the same layout as a key's), `tg:model:{name}:…` per model.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -345,6 +348,13 @@ pub struct MonthDelta {
     pub delta: Cursor,
 }
 
+/// Whether seeding a spend keeps one already there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seed {
+    IfMissing,
+    Replace,
+}
+
 /// An admission's answer before it is a lease.
 /// A charge made once per idempotency key: the key, and what to answer a repeat of it with.
 #[derive(Clone, Copy)]
@@ -493,6 +503,13 @@ struct LevelCall<'a> {
 }
 
 impl LevelCall<'_> {
+    /// Allowances admit without checking concurrency, spend rates or a model's throttles.
+    fn may_hold_allowance(&self) -> bool {
+        self.model_limits == (0, 0)
+            && self.limits.max_concurrency.is_none()
+            && !SpendCaps::of(self.limits).any()
+    }
+
     /// The keys and arguments of `admit.lua` for this level, lease `id`.
     fn call(&self, id: &str, demand: Demand, allowance_id: &str) -> (Vec<String>, Vec<Arg>) {
         let owner = &self.owner;
@@ -691,11 +708,16 @@ impl RedisState {
                 .admit_levels(key_id, limits, above, model, model_limits, demand)
                 .await;
         }
-        let spend_caps = SpendCaps::of(limits);
-        let may_hold_allowance =
-            model_limits == (0, 0) && limits.max_concurrency.is_none() && !spend_caps.any();
+        let level = LevelCall {
+            level: Level::Key,
+            owner: key_id.to_owned(),
+            limits,
+            model,
+            model_limits,
+        };
+        let may_hold_allowance = level.may_hold_allowance();
         if may_hold_allowance {
-            if let Some(lease) = self.admit_here(key_id, model, demand, cap_of(limits)) {
+            if let Some(lease) = self.admit_here(&[(key_id, model, cap_of(limits))], demand) {
                 self.decided_here.inc();
                 return Ok(Admitted::Lease(lease));
             }
@@ -710,13 +732,6 @@ impl RedisState {
             (None, _) => (String::new(), false),
             (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
             (Some(_), None) => (crate::api::new_request_id(), true),
-        };
-        let level = LevelCall {
-            level: Level::Key,
-            owner: key_id.to_owned(),
-            limits,
-            model,
-            model_limits,
         };
         let id = crate::api::new_request_id();
         let (keys, args) = level.call(&id, demand, &allowance_id);
@@ -744,10 +759,10 @@ impl RedisState {
     }
 
     /// Admits a request of a key in a team or a customer: one lease per level, asked for
-    /// together (in one script call when the batch allows). A level that refuses has the
-    /// others give back what they took, as the embedded limiter does; near a cap that may
-    /// refuse a request another level's passing hold crowded out, never admit past a cap.
-    /// Such keys get no allowances: every request is checked at every level.
+    /// together (in one script call when the batch allows) unless this replica's allowances
+    /// of every level have room. A level that refuses has the others give back what they
+    /// took, as the embedded limiter does; near a cap that may refuse a request another
+    /// level's passing hold crowded out, never admit past a cap.
     async fn admit_levels(
         self: &Arc<Self>,
         key_id: &str,
@@ -775,42 +790,95 @@ impl RedisState {
                 });
             }
         }
-        let ids: Vec<String> = levels
-            .iter()
-            .map(|_| crate::api::new_request_id())
-            .collect();
-        let answers = levels.iter().zip(&ids).map(|(level, id)| {
-            let (keys, args) = level.call(id, demand, "");
-            self.batched(Kind::Admit, keys, args)
-        });
-        let answers = futures_util::future::join_all(answers).await;
-        self.decided_in_redis.inc();
-        let mut leases = Vec::with_capacity(levels.len());
-        let mut refused = None;
-        for ((level, id), answer) in levels.iter().zip(ids).zip(answers) {
-            // Leases made so far are released when they drop, should a later level refuse.
-            match self.admitted(level, id, demand, &ints(answer?)?)? {
-                Admitted::Lease(lease) => leases.push(lease),
-                other => {
-                    refused.get_or_insert(other);
-                }
+        if levels.iter().all(LevelCall::may_hold_allowance) {
+            let here: Vec<_> = levels
+                .iter()
+                .map(|call| (call.owner.as_str(), call.model, cap_of(call.limits)))
+                .collect();
+            if let Some(lease) = self.admit_here(&here, demand) {
+                self.decided_here.inc();
+                return Ok(Admitted::Lease(lease));
             }
         }
-        if let Some(refused) = refused {
+        // Each level that may hold an allowance asks Redis for one, unless another admission
+        // of this replica is asking already.
+        let granting: Vec<Option<Granting>> = levels
+            .iter()
+            .map(|call| {
+                (call.may_hold_allowance()
+                    && self.granting.insert(call.owner.clone(), ()).is_none())
+                .then_some(Granting {
+                    state: self,
+                    key_id: &call.owner,
+                })
+            })
+            .collect();
+        let allowance_ids: Vec<(String, bool)> = granting
+            .iter()
+            .zip(&levels)
+            .map(
+                |(granting, call)| match (granting, self.allowances.get(&call.owner)) {
+                    (None, _) => (String::new(), false),
+                    (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
+                    (Some(_), None) => (crate::api::new_request_id(), true),
+                },
+            )
+            .collect();
+        self.decided_in_redis.inc();
+        for attempt in 0..2 {
+            let ids: Vec<String> = levels
+                .iter()
+                .map(|_| crate::api::new_request_id())
+                .collect();
+            let answers = levels.iter().zip(&ids).zip(&allowance_ids).map(
+                |((call, id), (allowance_id, _))| {
+                    let (keys, args) = call.call(id, demand, allowance_id);
+                    self.batched(Kind::Admit, keys, args)
+                },
+            );
+            let answers = futures_util::future::join_all(answers).await;
+            let mut leases = Vec::with_capacity(levels.len());
+            let mut refused = None;
+            for (((call, id), answer), allowance) in
+                levels.iter().zip(ids).zip(answers).zip(&allowance_ids)
+            {
+                // Leases made so far are released when they drop, should a level refuse.
+                let answer = ints(answer?)?;
+                match self.admitted(call, id, demand, &answer)? {
+                    Admitted::Lease(lease) => {
+                        if let [requests, tokens, budget] = answer.get(10..).unwrap_or_default() {
+                            self.add_allowance(
+                                &call.owner,
+                                allowance.clone(),
+                                (lease.key_rpm, lease.key_tpm.0),
+                                [*requests, *tokens, *budget],
+                                lease.headers,
+                            );
+                        }
+                        leases.push(lease);
+                    }
+                    other => {
+                        refused.get_or_insert((&call.owner, other));
+                    }
+                }
+            }
+            let Some((owner, refused)) = refused else {
+                return Ok(Admitted::Lease(Lease::joined(leases)));
+            };
             for lease in &mut leases {
                 lease.refused = true;
             }
-            return Ok(refused);
+            let for_budget = matches!(
+                refused,
+                Admitted::Refused(Refusal::InsufficientQuota { .. }, _)
+            );
+            // Budget idle in this replica's allowance of the level that refused goes back
+            // first (see `give_back_idle_budget`), then the request is tried once more.
+            if !(attempt == 0 && for_budget && self.give_back_idle_budget(owner).await) {
+                return Ok(refused);
+            }
         }
-        let mut lease = leases.remove(0);
-        for level in &leases {
-            lease.headers = RateLimitHeaders {
-                requests: crate::limits::tighter(lease.headers.requests, level.headers.requests),
-                tokens: crate::limits::tighter(lease.headers.tokens, level.headers.tokens),
-            };
-        }
-        lease.levels = leases;
-        Ok(Admitted::Lease(lease))
+        Err(StateError::Answer("admission retried".to_owned()))
     }
 
     /// A level's answer to its admission call.
@@ -875,69 +943,86 @@ impl RedisState {
         }
     }
 
-    /// Admits a request from this replica's allowance for its key, when that has room.
+    /// Admits a request from this replica's allowances for each of its levels (`(owner,
+    /// model, cap_of)`: its key, then its team and customer), when every one has room: all
+    /// or none.
     fn admit_here(
         self: &Arc<Self>,
-        key_id: &str,
-        model: &str,
+        levels: &[(&str, &str, (i64, BudgetPeriod))],
         demand: Demand,
-        (cap, period): (i64, BudgetPeriod),
     ) -> Option<Lease> {
         // Under `fail_closed` a replica that lost Redis refuses; it learns so from the key
         // change subscription at once, not only from its next call.
         if !self.is_up() {
             return None;
         }
-        let shared = self.allowances.get(key_id)?.clone();
-        let mut allowance = lock(&shared);
-        let reserve = if cap >= 0 {
-            demand.cost.nanos().max(0)
-        } else {
-            0
+        // Every map guard is gone before the first allowance is locked; allowances are
+        // locked in level order, key first, so two admissions never wait on each other.
+        let shared: Vec<Arc<Mutex<Allowance>>> = levels
+            .iter()
+            .map(|(owner, ..)| self.allowances.get(*owner).map(|entry| entry.clone()))
+            .collect::<Option<_>>()?;
+        let mut held: Vec<_> = shared.iter().map(|allowance| lock(allowance)).collect();
+        let reserve = |cap: i64| match cap >= 0 {
+            true => demand.cost.nanos().max(0),
+            false => 0,
         };
-        let room = Instant::now() < allowance.usable_until
-            && allowance.requests.is_none_or(|left| left >= 1)
-            && allowance.tokens.is_none_or(|left| left >= demand.tokens)
-            && allowance.budget.is_none_or(|left| left >= reserve);
+        let now = Instant::now();
+        let room = held
+            .iter()
+            .zip(levels)
+            .all(|(allowance, (_, _, (cap, _)))| {
+                now < allowance.usable_until
+                    && allowance.requests.is_none_or(|left| left >= 1)
+                    && allowance.tokens.is_none_or(|left| left >= demand.tokens)
+                    && allowance.budget.is_none_or(|left| left >= reserve(*cap))
+            });
         if !room {
             return None;
         }
-        let (key_rpm, key_tpm) = (allowance.key_rpm, allowance.key_tpm);
-        if let Some(left) = &mut allowance.requests {
-            *left -= 1;
+        let admitted_us = crate::unix_ms() * 1_000;
+        let mut leases = Vec::with_capacity(levels.len());
+        for ((allowance, shared), (owner, model, (cap, period))) in
+            held.iter_mut().zip(shared.iter()).zip(levels)
+        {
+            let reserve = reserve(*cap);
+            let (key_rpm, key_tpm) = (allowance.key_rpm, allowance.key_tpm);
+            if let Some(left) = &mut allowance.requests {
+                *left -= 1;
+            }
+            if let Some(left) = &mut allowance.tokens {
+                *left -= demand.tokens;
+            }
+            if let Some(left) = &mut allowance.budget {
+                *left -= reserve;
+            }
+            allowance.requests_taken += 1;
+            allowance.tokens_taken += demand.tokens;
+            allowance.in_flight += 1;
+            allowance.used_since_tick = true;
+            leases.push(Lease {
+                state: self.clone(),
+                id: crate::api::new_request_id(),
+                key_id: (*owner).to_owned(),
+                model: (*model).to_owned(),
+                key_rpm,
+                key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
+                model_tpm: (0, 0),
+                demand_tokens: demand.tokens,
+                admitted_us,
+                reserved: Money(reserve),
+                cap: (*cap >= 0).then_some(Money(*cap)),
+                period: *period,
+                spend: (SpendCaps::default(), 0),
+                headers: allowance.headers(),
+                settled: false,
+                allowance: Some(shared.clone()),
+                levels: Vec::new(),
+                refused: false,
+            });
         }
-        if let Some(left) = &mut allowance.tokens {
-            *left -= demand.tokens;
-        }
-        if let Some(left) = &mut allowance.budget {
-            *left -= reserve;
-        }
-        allowance.requests_taken += 1;
-        allowance.tokens_taken += demand.tokens;
-        allowance.in_flight += 1;
-        allowance.used_since_tick = true;
-        let headers = allowance.headers();
-        drop(allowance);
-        Some(Lease {
-            state: self.clone(),
-            id: crate::api::new_request_id(),
-            key_id: key_id.to_owned(),
-            model: model.to_owned(),
-            key_rpm,
-            key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
-            model_tpm: (0, 0),
-            demand_tokens: demand.tokens,
-            admitted_us: crate::unix_ms() * 1_000,
-            reserved: Money(reserve),
-            cap: (cap >= 0).then_some(Money(cap)),
-            period,
-            spend: (SpendCaps::default(), 0),
-            headers,
-            settled: false,
-            allowance: Some(shared),
-            levels: Vec::new(),
-            refused: false,
-        })
+        drop(held);
+        Some(Lease::joined(leases))
     }
 
     /// Gives back what this replica's allowance for a key holds and no request reserved, once
@@ -1101,20 +1186,23 @@ impl RedisState {
         Ok(matches!(self.run(invocation).await?, Value::Int(1)))
     }
 
-    /// Sets a key's spend for the period that starts at `period_start_ms`, unless a replica
-    /// already has.
+    /// Sets a key's (or group's) spend for its current period, unless a replica already has;
+    /// with `Seed::Replace`, whatever it was.
     pub async fn seed_spend(
         &self,
         key_id: &str,
         period: BudgetPeriod,
         spent: Money,
+        seed: Seed,
     ) -> Result<(), StateError> {
         let now_ms = crate::unix_ms();
         let mut command = redis::cmd("SET");
         command
             .arg(spend_key(key_id, period.start_ms(now_ms)))
-            .arg(spent.nanos())
-            .arg("NX");
+            .arg(spent.nanos());
+        if seed == Seed::IfMissing {
+            command.arg("NX");
+        }
         if let Some(ttl) = period_ttl_ms(period, now_ms) {
             command.arg("PX").arg(ttl);
         }
@@ -1546,6 +1634,20 @@ impl RedisState {
 impl Lease {
     pub fn headers(&self) -> RateLimitHeaders {
         self.headers
+    }
+
+    /// A key's lease (the first) holding those of the levels above it, with the tightest
+    /// throttle headers of them all.
+    fn joined(mut leases: Vec<Lease>) -> Lease {
+        let mut lease = leases.remove(0);
+        for level in &leases {
+            lease.headers = RateLimitHeaders {
+                requests: crate::limits::tighter(lease.headers.requests, level.headers.requests),
+                tokens: crate::limits::tighter(lease.headers.tokens, level.headers.tokens),
+            };
+        }
+        lease.levels = leases;
+        lease
     }
 }
 
