@@ -1032,3 +1032,78 @@ async fn a_team_cap_holds_over_twenty_keys_and_three_replicas() {
         ledger_cost().await
     );
 }
+
+/// A team far from its cap takes allowances like a key, and its keys admit from them; near the
+/// cap every request goes to Redis, and the team's spend ends within a few worst cases of its
+/// cap, never past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_takes_allowances_and_never_spends_past_its_cap() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("team_allowance");
+    let fleet = Fleet::start(&redis, &postgres, "").await;
+    let cap = 0.008;
+    let created = fleet
+        .http
+        .post(format!("{}/admin/teams", fleet.url(0)))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"name": "ops", "budget_usd": cap, "budget_period": "day"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let (a, a_secret) = fleet
+        .create_key(0, json!({"name": "a", "team": "ops"}))
+        .await;
+    let (b, b_secret) = fleet
+        .create_key(1, json!({"name": "b", "team": "ops"}))
+        .await;
+    fleet.known_everywhere(&a_secret).await;
+    fleet.known_everywhere(&b_secret).await;
+    let body = hello(100);
+    let mut exhausted = false;
+    for _ in 0..60 {
+        let sent = (0..60).map(|i| {
+            let (fleet, body) = (&fleet, &body);
+            let secret = if i % 2 == 0 { &a_secret } else { &b_secret };
+            async move { fleet.chat(i, secret, body).await.status().as_u16() }
+        });
+        let statuses = join_all(sent).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 429),
+            "{statuses:?}"
+        );
+        if statuses.iter().all(|s| *s == 429) {
+            exhausted = true;
+            break;
+        }
+    }
+    assert!(exhausted, "the team's cap was reached");
+    let local = fleet
+        .counter("tollgate_state_admissions_total{decided_by=\"allowance\"}")
+        .await;
+    assert!(local > 0.0, "admitted from allowances: {local}");
+    let team = async || -> Value {
+        fleet
+            .admin(2, reqwest::Method::GET, "/admin/teams/ops")
+            .await
+            .json()
+            .await
+            .unwrap()
+    };
+    let settled = within(Duration::from_secs(5), async || {
+        team().await["reserved_usd"].as_f64() == Some(0.0)
+    })
+    .await;
+    assert!(settled.is_some(), "allowances given back: {}", team().await);
+    let spend = team().await["spend_usd"].as_f64().unwrap();
+    assert!(
+        spend > cap - 4.0 * 0.0000614 && spend <= cap,
+        "team spend {spend}"
+    );
+    let keys_spend = fleet.key(0, &a).await["spend_usd"].as_f64().unwrap()
+        + fleet.key(0, &b).await["spend_usd"].as_f64().unwrap();
+    assert!(
+        (keys_spend - spend).abs() < 1e-12,
+        "keys {keys_spend}, team {spend}"
+    );
+}
