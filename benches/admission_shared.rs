@@ -102,7 +102,7 @@ async fn admit_once(
 
 fn quantiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     (at(0.50), at(0.99))
 }
 
@@ -152,13 +152,15 @@ fn main() {
         team: Some(LevelRef {
             name: "bench-team",
             limits: &group,
+            shared_id: "team:bench-team",
         }),
         customer: Some(LevelRef {
             name: "bench-customer",
             limits: &group,
+            shared_id: "customer:bench-customer",
         }),
     };
-    println!("| key | concurrent | admissions | p50 ms | p99 ms |");
+    println!("| key | concurrent | admissions | p50 µs | p99 µs |");
     println!("|---|---|---|---|---|");
     for (label, key, limits, above) in [
         (
@@ -192,7 +194,7 @@ fn main() {
             samples
         });
         let (p50, p99) = quantiles(alone);
-        println!("| {label} | 1 | {ROUNDS_ALONE} | {p50:.3} | {p99:.3} |");
+        println!("| {label} | 1 | {ROUNDS_ALONE} | {p50:.1} | {p99:.1} |");
         let together = runtime.block_on(async {
             let tasks = (0..TASKS).map(|_| {
                 let redis = redis.clone();
@@ -205,10 +207,12 @@ fn main() {
                             team: Some(LevelRef {
                                 name: "bench-team",
                                 limits: &group,
+                                shared_id: "team:bench-team",
                             }),
                             customer: Some(LevelRef {
                                 name: "bench-customer",
                                 limits: &group,
+                                shared_id: "customer:bench-customer",
                             }),
                         },
                         false => Above::NONE,
@@ -228,7 +232,7 @@ fn main() {
         });
         let (p50, p99) = quantiles(together);
         println!(
-            "| {label} | {TASKS} | {} | {p50:.3} | {p99:.3} |",
+            "| {label} | {TASKS} | {} | {p50:.1} | {p99:.1} |",
             TASKS * ROUNDS_EACH
         );
     }

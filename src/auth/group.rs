@@ -69,10 +69,12 @@ impl GroupRecord {
     }
 }
 
-/// The group a key's label names, if it is a level: the record and its limits, computed once.
+/// The group a key's label names, if it is a level: the record, and its limits and shared
+/// state's id computed once.
 pub struct Group {
     pub record: GroupRecord,
     pub limits: KeyLimits,
+    pub shared_id: String,
 }
 
 /// Every team and customer, by name.
@@ -91,9 +93,13 @@ impl GroupIndex {
     }
 
     pub fn put(&self, record: GroupRecord) {
-        let limits = record.limits();
-        self.of(record.level)
-            .insert(record.name.clone(), Arc::new(Group { record, limits }));
+        let group = Group {
+            limits: record.limits(),
+            shared_id: crate::state::redis::owner_of(record.level, &record.name),
+            record,
+        };
+        self.of(group.record.level)
+            .insert(group.record.name.clone(), Arc::new(group));
     }
 
     pub fn remove(&self, level: Level, name: &str) {
@@ -160,6 +166,7 @@ impl Group {
         crate::limits::LevelRef {
             name: &self.record.name,
             limits: &self.limits,
+            shared_id: &self.shared_id,
         }
     }
 }

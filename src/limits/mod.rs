@@ -114,12 +114,14 @@ impl Level {
     }
 }
 
-/// A level above a key: its name, and its limits for a backend that is told them with each
-/// request (the shared one; the embedded one holds them since `Limiter::upsert`).
+/// A level above a key: its name; and, for a backend that is told them with each request
+/// (the shared one; the embedded one holds them since `Limiter::upsert`), its limits and the
+/// id its state goes by there (`team:eng`, see `state::redis::owner_of`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LevelRef<'a> {
     pub name: &'a str,
     pub limits: &'a KeyLimits,
+    pub shared_id: &'a str,
 }
 
 /// The levels above a key that a request must fit too: its team and its customer, for those
@@ -1359,6 +1361,7 @@ mod tests {
             team: Some(LevelRef {
                 name: "eng",
                 limits: &team,
+                shared_id: "team:eng",
             }),
             customer: None,
         };

@@ -494,9 +494,10 @@ pub fn owner_of(level: Level, name: &str) -> String {
 
 /// One level's part of an admission: its owner (a key id, or a team's or customer's
 /// [`owner_of`]), its limits, and the model's (the key's call carries them; others none).
+#[derive(Clone, Copy)]
 struct LevelCall<'a> {
     level: Level,
-    owner: String,
+    owner: &'a str,
     limits: &'a KeyLimits,
     model: &'a str,
     model_limits: (u64, u64),
@@ -710,7 +711,7 @@ impl RedisState {
         }
         let level = LevelCall {
             level: Level::Key,
-            owner: key_id.to_owned(),
+            owner: key_id,
             limits,
             model,
             model_limits,
@@ -772,30 +773,35 @@ impl RedisState {
         model_limits: (u64, u64),
         demand: Demand,
     ) -> Result<Admitted, StateError> {
-        let mut levels = vec![LevelCall {
+        // On the stack: most requests are admitted from allowances, without a round trip.
+        let key = LevelCall {
             level: Level::Key,
-            owner: key_id.to_owned(),
+            owner: key_id,
             limits,
             model,
             model_limits,
-        }];
+        };
+        let mut calls = [key; 3];
+        let mut count = 1;
         for (level, above) in [(Level::Team, above.team), (Level::Customer, above.customer)] {
             if let Some(above) = above {
-                levels.push(LevelCall {
+                calls[count] = LevelCall {
                     level,
-                    owner: owner_of(level, above.name),
+                    owner: above.shared_id,
                     limits: above.limits,
                     model: "",
                     model_limits: (0, 0),
-                });
+                };
+                count += 1;
             }
         }
+        let levels = &calls[..count];
         if levels.iter().all(LevelCall::may_hold_allowance) {
-            let here: Vec<_> = levels
-                .iter()
-                .map(|call| (call.owner.as_str(), call.model, cap_of(call.limits)))
-                .collect();
-            if let Some(lease) = self.admit_here(&here, demand) {
+            let mut here = [(key_id, model, cap_of(limits)); 3];
+            for (slot, call) in here.iter_mut().zip(levels) {
+                *slot = (call.owner, call.model, cap_of(call.limits));
+            }
+            if let Some(lease) = self.admit_here(&here[..count], demand) {
                 self.decided_here.inc();
                 return Ok(Admitted::Lease(lease));
             }
@@ -806,18 +812,18 @@ impl RedisState {
             .iter()
             .map(|call| {
                 (call.may_hold_allowance()
-                    && self.granting.insert(call.owner.clone(), ()).is_none())
+                    && self.granting.insert(call.owner.to_owned(), ()).is_none())
                 .then_some(Granting {
                     state: self,
-                    key_id: &call.owner,
+                    key_id: call.owner,
                 })
             })
             .collect();
         let allowance_ids: Vec<(String, bool)> = granting
             .iter()
-            .zip(&levels)
+            .zip(levels)
             .map(
-                |(granting, call)| match (granting, self.allowances.get(&call.owner)) {
+                |(granting, call)| match (granting, self.allowances.get(call.owner)) {
                     (None, _) => (String::new(), false),
                     (Some(_), Some(allowance)) => (lock(&allowance).id.clone(), false),
                     (Some(_), None) => (crate::api::new_request_id(), true),
@@ -848,7 +854,7 @@ impl RedisState {
                     Admitted::Lease(lease) => {
                         if let [requests, tokens, budget] = answer.get(10..).unwrap_or_default() {
                             self.add_allowance(
-                                &call.owner,
+                                call.owner,
                                 allowance.clone(),
                                 (lease.key_rpm, lease.key_tpm.0),
                                 [*requests, *tokens, *budget],
@@ -858,12 +864,16 @@ impl RedisState {
                         leases.push(lease);
                     }
                     other => {
-                        refused.get_or_insert((&call.owner, other));
+                        refused.get_or_insert((call.owner, other));
                     }
                 }
             }
             let Some((owner, refused)) = refused else {
-                return Ok(Admitted::Lease(Lease::joined(leases)));
+                let mut leases = leases.into_iter();
+                let Some(key) = leases.next() else {
+                    return Err(StateError::Answer("no lease for the key".to_owned()));
+                };
+                return Ok(Admitted::Lease(Lease::joined(key, leases)));
             };
             for lease in &mut leases {
                 lease.refused = true;
@@ -900,11 +910,11 @@ impl RedisState {
             Some(0) => {
                 let reserved = Money(answer.get(1).copied().unwrap_or(0));
                 let headers = headers(limits4, answer.get(2..10).unwrap_or_default());
-                self.live.insert(id.clone(), call.owner.clone());
+                self.live.insert(id.clone(), call.owner.to_owned());
                 Ok(Admitted::Lease(Lease {
                     state: self.clone(),
                     id,
-                    key_id: call.owner.clone(),
+                    key_id: call.owner.to_owned(),
                     model: call.model.to_owned(),
                     key_rpm,
                     key_tpm: (key_tpm, if key_tpm > 0 { demand.tokens } else { 0 }),
@@ -958,11 +968,15 @@ impl RedisState {
         }
         // Every map guard is gone before the first allowance is locked; allowances are
         // locked in level order, key first, so two admissions never wait on each other.
-        let shared: Vec<Arc<Mutex<Allowance>>> = levels
-            .iter()
-            .map(|(owner, ..)| self.allowances.get(*owner).map(|entry| entry.clone()))
-            .collect::<Option<_>>()?;
-        let mut held: Vec<_> = shared.iter().map(|allowance| lock(allowance)).collect();
+        // Fixed arrays: this is the path most requests take, and it allocates one lease.
+        let mut shared: [Option<Arc<Mutex<Allowance>>>; 3] = [None, None, None];
+        for (slot, (owner, ..)) in shared.iter_mut().zip(levels) {
+            *slot = Some(self.allowances.get(*owner)?.clone());
+        }
+        let mut held: [Option<std::sync::MutexGuard<'_, Allowance>>; 3] = [None, None, None];
+        for (slot, allowance) in held.iter_mut().zip(shared.iter().flatten()) {
+            *slot = Some(lock(allowance));
+        }
         let reserve = |cap: i64| match cap >= 0 {
             true => demand.cost.nanos().max(0),
             false => 0,
@@ -970,6 +984,7 @@ impl RedisState {
         let now = Instant::now();
         let room = held
             .iter()
+            .flatten()
             .zip(levels)
             .all(|(allowance, (_, _, (cap, _)))| {
                 now < allowance.usable_until
@@ -981,9 +996,12 @@ impl RedisState {
             return None;
         }
         let admitted_us = crate::unix_ms() * 1_000;
-        let mut leases = Vec::with_capacity(levels.len());
-        for ((allowance, shared), (owner, model, (cap, period))) in
-            held.iter_mut().zip(shared.iter()).zip(levels)
+        let mut key_lease: Option<Lease> = None;
+        for ((allowance, shared), (owner, model, (cap, period))) in held
+            .iter_mut()
+            .flatten()
+            .zip(shared.iter().flatten())
+            .zip(levels)
         {
             let reserve = reserve(*cap);
             let (key_rpm, key_tpm) = (allowance.key_rpm, allowance.key_tpm);
@@ -1000,9 +1018,14 @@ impl RedisState {
             allowance.tokens_taken += demand.tokens;
             allowance.in_flight += 1;
             allowance.used_since_tick = true;
-            leases.push(Lease {
+            let lease = Lease {
                 state: self.clone(),
-                id: crate::api::new_request_id(),
+                // Admitted from an allowance, a request's lease settles through the
+                // allowance's: the key's id names it in the logs, the levels' need none.
+                id: match key_lease {
+                    None => crate::api::new_request_id(),
+                    Some(_) => String::new(),
+                },
                 key_id: (*owner).to_owned(),
                 model: (*model).to_owned(),
                 key_rpm,
@@ -1019,10 +1042,14 @@ impl RedisState {
                 allowance: Some(shared.clone()),
                 levels: Vec::new(),
                 refused: false,
-            });
+            };
+            match &mut key_lease {
+                None => key_lease = Some(lease),
+                Some(key_lease) => key_lease.join(lease),
+            }
         }
         drop(held);
-        Some(Lease::joined(leases))
+        key_lease
     }
 
     /// Gives back what this replica's allowance for a key holds and no request reserved, once
@@ -1636,18 +1663,22 @@ impl Lease {
         self.headers
     }
 
-    /// A key's lease (the first) holding those of the levels above it, with the tightest
-    /// throttle headers of them all.
-    fn joined(mut leases: Vec<Lease>) -> Lease {
-        let mut lease = leases.remove(0);
-        for level in &leases {
-            lease.headers = RateLimitHeaders {
-                requests: crate::limits::tighter(lease.headers.requests, level.headers.requests),
-                tokens: crate::limits::tighter(lease.headers.tokens, level.headers.tokens),
-            };
+    /// A key's lease holding those of the levels above it, with the tightest throttle headers
+    /// of them all.
+    fn joined(mut key: Lease, levels: impl IntoIterator<Item = Lease>) -> Lease {
+        for level in levels {
+            key.join(level);
         }
-        lease.levels = leases;
-        lease
+        key
+    }
+
+    /// Takes a level's lease into a key's: it settles and releases with it.
+    fn join(&mut self, level: Lease) {
+        self.headers = RateLimitHeaders {
+            requests: crate::limits::tighter(self.headers.requests, level.headers.requests),
+            tokens: crate::limits::tighter(self.headers.tokens, level.headers.tokens),
+        };
+        self.levels.push(level);
     }
 }
 
