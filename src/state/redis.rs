@@ -995,16 +995,13 @@ impl RedisState {
         if !room {
             return None;
         }
-        let admitted_us = crate::unix_ms() * 1_000;
-        let mut key_lease: Option<Lease> = None;
-        for ((allowance, shared), (owner, model, (cap, period))) in held
-            .iter_mut()
-            .flatten()
-            .zip(shared.iter().flatten())
-            .zip(levels)
+        // What each level's lease needs is read while the allowances are held; the leases
+        // are made after, outside them.
+        let mut taken = [(0, 0, RateLimitHeaders::default()); 3];
+        for ((allowance, taken), (_, _, (cap, _))) in
+            held.iter_mut().flatten().zip(&mut taken).zip(levels)
         {
             let reserve = reserve(*cap);
-            let (key_rpm, key_tpm) = (allowance.key_rpm, allowance.key_tpm);
             if let Some(left) = &mut allowance.requests {
                 *left -= 1;
             }
@@ -1018,6 +1015,14 @@ impl RedisState {
             allowance.tokens_taken += demand.tokens;
             allowance.in_flight += 1;
             allowance.used_since_tick = true;
+            *taken = (allowance.key_rpm, allowance.key_tpm, allowance.headers());
+        }
+        drop(held);
+        let admitted_us = crate::unix_ms() * 1_000;
+        let mut key_lease: Option<Lease> = None;
+        for ((shared, (key_rpm, key_tpm, headers)), (owner, model, (cap, period))) in
+            shared.into_iter().flatten().zip(taken).zip(levels)
+        {
             let lease = Lease {
                 state: self.clone(),
                 // Admitted from an allowance, a request's lease settles through the
@@ -1033,13 +1038,13 @@ impl RedisState {
                 model_tpm: (0, 0),
                 demand_tokens: demand.tokens,
                 admitted_us,
-                reserved: Money(reserve),
+                reserved: Money(reserve(*cap)),
                 cap: (*cap >= 0).then_some(Money(*cap)),
                 period: *period,
                 spend: (SpendCaps::default(), 0),
-                headers: allowance.headers(),
+                headers,
                 settled: false,
-                allowance: Some(shared.clone()),
+                allowance: Some(shared),
                 levels: Vec::new(),
                 refused: false,
             };
@@ -1048,7 +1053,6 @@ impl RedisState {
                 Some(key_lease) => key_lease.join(lease),
             }
         }
-        drop(held);
         key_lease
     }
 
