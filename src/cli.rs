@@ -250,7 +250,7 @@ pub enum KeysCommand {
 #[derive(Debug, Subcommand)]
 pub enum GroupsCommand {
     /// Create a team or customer.
-    Create(GroupFields),
+    Create(LimitFields),
     /// List them with their live spend.
     List,
     /// Show one with its live budget and projection.
@@ -259,7 +259,7 @@ pub enum GroupsCommand {
     Update {
         name: String,
         #[command(flatten)]
-        fields: GroupFields,
+        fields: LimitFields,
     },
     /// Delete one that no live key names.
     Delete { name: String },
@@ -272,11 +272,12 @@ pub enum GroupsCommand {
     },
 }
 
+/// The fields a key, a team and a customer share.
 #[derive(Debug, Clone, Args)]
-pub struct GroupFields {
+pub struct LimitFields {
     #[arg(long)]
     pub name: Option<String>,
-    /// Budget cap in USD over all its keys.
+    /// Budget cap in USD (e.g. 25 or 0.5); a team's or customer's covers all its keys.
     #[arg(long)]
     pub budget_usd: Option<String>,
     /// day, week, month or total.
@@ -289,18 +290,18 @@ pub struct GroupFields {
     /// Spend (USD) announced once per period to the alert webhook; refuses nothing.
     #[arg(long)]
     pub soft_budget_usd: Option<String>,
-    /// Most USD all its keys together may reserve per minute.
+    /// Most USD it may reserve per minute (e.g. 0.5).
     #[arg(long)]
     pub max_usd_per_minute: Option<String>,
-    /// Most USD all its keys together may reserve per hour.
+    /// Most USD it may reserve per hour.
     #[arg(long)]
     pub max_usd_per_hour: Option<String>,
-    /// A customer's plan, for its keys without one (customers only).
+    /// A plan from the config; a customer's rates its keys that have none.
     #[arg(long)]
     pub plan: Option<String>,
 }
 
-impl GroupFields {
+impl LimitFields {
     /// The JSON body for the admin API: only the fields given on the command line.
     pub fn to_json(&self) -> Result<serde_json::Value, String> {
         let mut body = serde_json::Map::new();
@@ -361,40 +362,21 @@ fn put_dollars<const N: usize>(
 
 #[derive(Debug, Clone, Args)]
 pub struct KeyFields {
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Budget cap in USD (e.g. 25 or 0.5).
-    #[arg(long)]
-    pub budget_usd: Option<String>,
-    /// day, week, month or total.
-    #[arg(long)]
-    pub budget_period: Option<String>,
-    #[arg(long)]
-    pub rpm: Option<u64>,
-    #[arg(long)]
-    pub tpm: Option<u64>,
+    #[command(flatten)]
+    pub limits: LimitFields,
     #[arg(long)]
     pub max_concurrency: Option<u64>,
-    /// Spend (USD) announced once per period to the alert webhook; refuses nothing.
-    #[arg(long)]
-    pub soft_budget_usd: Option<String>,
-    /// Most USD the key may reserve per minute (e.g. 0.5).
-    #[arg(long)]
-    pub max_usd_per_minute: Option<String>,
-    /// Most USD the key may reserve per hour.
-    #[arg(long)]
-    pub max_usd_per_hour: Option<String>,
     /// Allowed models, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
     #[arg(long)]
-    pub plan: Option<String>,
-    #[arg(long)]
     pub seats: Option<u64>,
     #[arg(long)]
     pub owner: Option<String>,
+    /// The team it belongs to (a budget level when the team exists, see `tollgate teams`).
     #[arg(long)]
     pub team: Option<String>,
+    /// The customer it belongs to (a budget level when it exists, see `tollgate customers`).
     #[arg(long)]
     pub customer: Option<String>,
 }
@@ -402,58 +384,28 @@ pub struct KeyFields {
 impl KeyFields {
     /// The JSON body for the admin API: only the fields given on the command line.
     pub fn to_json(&self) -> Result<serde_json::Value, String> {
-        let mut body = serde_json::Map::new();
-        put_dollars(
-            &mut body,
-            [
-                ("budget_usd", "--budget-usd", &self.budget_usd),
-                (
-                    "soft_budget_usd",
-                    "--soft-budget-usd",
-                    &self.soft_budget_usd,
-                ),
-                (
-                    "max_usd_per_minute",
-                    "--max-usd-per-minute",
-                    &self.max_usd_per_minute,
-                ),
-                (
-                    "max_usd_per_hour",
-                    "--max-usd-per-hour",
-                    &self.max_usd_per_hour,
-                ),
-            ],
-        )?;
-        let mut put = |name: &str, value: serde_json::Value| {
-            body.insert(name.to_owned(), value);
+        let mut body = match self.limits.to_json()? {
+            serde_json::Value::Object(body) => body,
+            _ => serde_json::Map::new(),
         };
-        if let Some(v) = &self.name {
-            put("name", v.clone().into());
-        }
-        if let Some(v) = &self.budget_period {
-            put("budget_period", v.clone().into());
-        }
         for (name, value) in [
-            ("rpm", self.rpm),
-            ("tpm", self.tpm),
             ("max_concurrency", self.max_concurrency),
             ("seats", self.seats),
         ] {
             if let Some(v) = value {
-                put(name, v.into());
+                body.insert(name.to_owned(), v.into());
             }
         }
         if let Some(v) = &self.models {
-            put("models", v.clone().into());
+            body.insert("models".to_owned(), v.clone().into());
         }
         for (name, value) in [
-            ("plan", &self.plan),
             ("owner", &self.owner),
             ("team", &self.team),
             ("customer", &self.customer),
         ] {
             if let Some(v) = value {
-                put(name, v.clone().into());
+                body.insert(name.to_owned(), v.clone().into());
             }
         }
         Ok(serde_json::Value::Object(body))

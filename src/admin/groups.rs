@@ -16,35 +16,54 @@ use serde_json::{json, Map, Value};
 
 use super::{
     authorize, blocking, dollars, field_error, hourly_paces, key_invoice, limit, parse_object,
-    spend_rate, store_error, text, Month,
+    period, plan, spend_rate, store_error, text, Month,
 };
 use crate::app::App;
 use crate::auth::group::{change_id, members_spend, GroupRecord};
 use crate::auth::store::GroupDeletion;
 use crate::auth::KeyRecord;
 use crate::error::{small_body, GatewayError};
-use crate::limits::{BudgetPeriod, Level};
+use crate::limits::Level;
 use crate::money::Money;
+
+/// The two collections share their handlers, told apart by `CUSTOMER`.
+const TEAMS: bool = false;
+const CUSTOMERS: bool = true;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
-        .route("/admin/teams", get(list_teams).post(create_team))
+        .route(
+            "/admin/teams",
+            get(list_of::<TEAMS>).post(create_in::<TEAMS>),
+        )
         .route(
             "/admin/teams/{name}",
-            get(show_team).patch(update_team).delete(delete_team),
+            get(show_one::<TEAMS>)
+                .patch(update_one::<TEAMS>)
+                .delete(delete_one::<TEAMS>),
         )
-        .route("/admin/teams/{name}/invoice", get(team_invoice))
+        .route("/admin/teams/{name}/invoice", get(invoice_of::<TEAMS>))
         .route(
             "/admin/customers",
-            get(list_customers).post(create_customer),
+            get(list_of::<CUSTOMERS>).post(create_in::<CUSTOMERS>),
         )
-        .route("/admin/customers/{name}/invoice", get(customer_invoice))
         .route(
             "/admin/customers/{name}",
-            get(show_customer)
-                .patch(update_customer)
-                .delete(delete_customer),
+            get(show_one::<CUSTOMERS>)
+                .patch(update_one::<CUSTOMERS>)
+                .delete(delete_one::<CUSTOMERS>),
         )
+        .route(
+            "/admin/customers/{name}/invoice",
+            get(invoice_of::<CUSTOMERS>),
+        )
+}
+
+fn level(customer: bool) -> Level {
+    match customer {
+        true => Level::Customer,
+        false => Level::Team,
+    }
 }
 
 type Headers = HeaderMap;
@@ -52,102 +71,53 @@ type Body = Result<String, StringRejection>;
 type InvoiceQuery =
     Result<axum::extract::Query<super::InvoiceQuery>, axum::extract::rejection::QueryRejection>;
 
-async fn list_teams(
+async fn list_of<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
 ) -> Result<Response, GatewayError> {
-    list(app, headers, Level::Team).await
+    list(app, headers, level(CUSTOMER)).await
 }
 
-async fn create_team(
+async fn create_in<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    create(app, headers, Level::Team, body).await
+    create(app, headers, level(CUSTOMER), body).await
 }
 
-async fn show_team(
+async fn show_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
-    show(app, headers, Level::Team, name).await
+    show(app, headers, level(CUSTOMER), name).await
 }
 
-async fn update_team(
+async fn update_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    update(app, headers, Level::Team, name, body).await
+    update(app, headers, level(CUSTOMER), name, body).await
 }
 
-async fn delete_team(
+async fn delete_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
-    delete(app, headers, Level::Team, name).await
+    delete(app, headers, level(CUSTOMER), name).await
 }
 
-async fn team_invoice(
+async fn invoice_of<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
     headers: Headers,
     Path(name): Path<String>,
     query: InvoiceQuery,
 ) -> Result<Response, GatewayError> {
-    group_invoice(app, headers, Level::Team, name, query).await
-}
-
-async fn customer_invoice(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-    Path(name): Path<String>,
-    query: InvoiceQuery,
-) -> Result<Response, GatewayError> {
-    group_invoice(app, headers, Level::Customer, name, query).await
-}
-
-async fn list_customers(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-) -> Result<Response, GatewayError> {
-    list(app, headers, Level::Customer).await
-}
-
-async fn create_customer(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    create(app, headers, Level::Customer, body).await
-}
-
-async fn show_customer(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-    Path(name): Path<String>,
-) -> Result<Response, GatewayError> {
-    show(app, headers, Level::Customer, name).await
-}
-
-async fn update_customer(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-    Path(name): Path<String>,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    update(app, headers, Level::Customer, name, body).await
-}
-
-async fn delete_customer(
-    State(app): State<Arc<App>>,
-    headers: Headers,
-    Path(name): Path<String>,
-) -> Result<Response, GatewayError> {
-    delete(app, headers, Level::Customer, name).await
+    group_invoice(app, headers, level(CUSTOMER), name, query).await
 }
 
 async fn list(app: Arc<App>, headers: Headers, level: Level) -> Result<Response, GatewayError> {
@@ -468,28 +438,10 @@ fn apply_fields(
                 record.max_usd_per_minute = spend_rate(value, "max_usd_per_minute")?
             }
             "max_usd_per_hour" => record.max_usd_per_hour = spend_rate(value, "max_usd_per_hour")?,
-            "budget_period" => {
-                record.budget_period =
-                    value
-                        .as_str()
-                        .and_then(BudgetPeriod::parse)
-                        .ok_or_else(|| {
-                            field_error("budget_period", "must be one of day, week, month, total")
-                        })?
-            }
+            "budget_period" => record.budget_period = period(value)?,
             "rpm" => record.rpm = limit(value, "rpm")?.map(|v| v.min(u64::from(u32::MAX)) as u32),
             "tpm" => record.tpm = limit(value, "tpm")?,
-            "plan" if record.level == Level::Customer => {
-                record.plan = text(value, "plan")?;
-                if let Some(plan) = &record.plan {
-                    if !app.config().plans.contains_key(plan) {
-                        return Err(field_error(
-                            "plan",
-                            format!("no plan named `{plan}` in the config"),
-                        ));
-                    }
-                }
-            }
+            "plan" if record.level == Level::Customer => record.plan = plan(app, value)?,
             other => {
                 return Err(GatewayError::bad_request(format!(
                     "unknown {} field `{other}`",

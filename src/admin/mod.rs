@@ -528,11 +528,7 @@ fn apply_fields(
                 record.max_usd_per_minute = spend_rate(value, "max_usd_per_minute")?
             }
             "max_usd_per_hour" => record.max_usd_per_hour = spend_rate(value, "max_usd_per_hour")?,
-            "budget_period" => {
-                record.budget_period = serde_json::from_value(value.clone()).map_err(|_| {
-                    field_error("budget_period", "must be one of day, week, month, total")
-                })?
-            }
+            "budget_period" => record.budget_period = period(value)?,
             "rpm" => record.rpm = limit(value, "rpm")?.map(|v| v.min(u64::from(u32::MAX)) as u32),
             "tpm" => record.tpm = limit(value, "tpm")?,
             "max_concurrency" => {
@@ -565,17 +561,7 @@ fn apply_fields(
                     }
                 }
             }
-            "plan" => {
-                record.plan = text(value, "plan")?;
-                if let Some(plan) = &record.plan {
-                    if !app.config().plans.contains_key(plan) {
-                        return Err(field_error(
-                            "plan",
-                            format!("no plan named `{plan}` in the config"),
-                        ));
-                    }
-                }
-            }
+            "plan" => record.plan = plan(app, value)?,
             other => {
                 return Err(GatewayError::bad_request(format!(
                     "unknown key field `{other}`"
@@ -584,6 +570,25 @@ fn apply_fields(
         }
     }
     Ok(())
+}
+
+/// A plan named in the config, or null for none.
+fn plan(app: &App, value: &Value) -> Result<Option<String>, GatewayError> {
+    let plan = text(value, "plan")?;
+    match &plan {
+        Some(name) if !app.config().plans.contains_key(name) => Err(field_error(
+            "plan",
+            format!("no plan named `{name}` in the config"),
+        )),
+        _ => Ok(plan),
+    }
+}
+
+fn period(value: &Value) -> Result<BudgetPeriod, GatewayError> {
+    value
+        .as_str()
+        .and_then(BudgetPeriod::parse)
+        .ok_or_else(|| field_error("budget_period", "must be one of day, week, month, total"))
 }
 
 /// An amount of US dollars, not negative, or null for none.
