@@ -45,6 +45,8 @@ pub struct App {
     /// Held by an admin change of a key from its write to its activation here, so that two
     /// changes activate in the order they were written.
     pub key_writes: tokio::sync::Mutex<()>,
+    /// Console sessions signed out on this replica.
+    pub console_signed_out: crate::console::session::Revoked,
     ready: AtomicBool,
     /// The main runtime: work that must outlive a serving lane (settlements finished on shared
     /// state, webhooks) runs here.
@@ -88,6 +90,7 @@ impl App {
             outcomes: crate::outcomes::Recent::default(),
             response_owners: crate::responses::Owners::default(),
             key_writes: tokio::sync::Mutex::new(()),
+            console_signed_out: Default::default(),
             ready: AtomicBool::new(false),
             runtime: services.runtime,
         }

@@ -35,6 +35,13 @@ pub enum GatewayError {
     InvalidAdminToken,
     #[error("the admin API is disabled: set TOLLGATE_ADMIN_TOKEN to enable it")]
     AdminDisabled,
+    #[error("the console session has ended (expired or signed out): sign in again")]
+    SessionEnded,
+    /// A console call that changes something without the session's CSRF token.
+    #[error("{0}")]
+    CsrfRefused(&'static str),
+    #[error("cross-origin requests to the admin API with a console session are refused")]
+    CrossOrigin,
     #[error("this key is not allowed to use the model `{0}`")]
     ModelNotAllowed(String),
     #[error("{message}")]
@@ -110,8 +117,11 @@ impl GatewayError {
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
-            | GatewayError::AdminDisabled => StatusCode::UNAUTHORIZED,
-            GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            | GatewayError::AdminDisabled
+            | GatewayError::SessionEnded => StatusCode::UNAUTHORIZED,
+            GatewayError::ModelNotAllowed(_)
+            | GatewayError::CsrfRefused(_)
+            | GatewayError::CrossOrigin => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } | GatewayError::InsufficientQuota { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -146,8 +156,11 @@ impl GatewayError {
             | GatewayError::Conflict(_) => "invalid_request_error",
             GatewayError::InvalidApiKey
             | GatewayError::InvalidAdminToken
-            | GatewayError::AdminDisabled => "invalid_request_error",
-            GatewayError::ModelNotAllowed(_) => "permission_error",
+            | GatewayError::AdminDisabled
+            | GatewayError::SessionEnded => "invalid_request_error",
+            GatewayError::ModelNotAllowed(_)
+            | GatewayError::CsrfRefused(_)
+            | GatewayError::CrossOrigin => "permission_error",
             GatewayError::RateLimited { limit_kind, .. } => limit_kind,
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",
             GatewayError::UpstreamAnswer { status, .. } if status.is_client_error() => {
@@ -176,6 +189,9 @@ impl GatewayError {
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
             GatewayError::AdminDisabled => "admin_disabled",
+            GatewayError::SessionEnded => "session_ended",
+            GatewayError::CsrfRefused(_) => "csrf_token_invalid",
+            GatewayError::CrossOrigin => "cross_origin",
             GatewayError::ModelNotAllowed(_) => "model_not_allowed",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::InsufficientQuota { .. } => "insufficient_quota",

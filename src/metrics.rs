@@ -388,6 +388,34 @@ impl Default for Metrics {
 }
 
 /// `2xx`, `4xx`… — a bounded label for any status code.
+/// A counter family's values summed by one label, over the series whose `only` label (when
+/// given) has the given value: what the admin API's health summary reads.
+pub fn totals_by(
+    family: &IntCounterVec,
+    label: &str,
+    only: Option<(&str, &str)>,
+) -> std::collections::BTreeMap<String, u64> {
+    use prometheus::core::Collector;
+    let mut totals = std::collections::BTreeMap::new();
+    for metric in family.collect().iter().flat_map(|f| f.get_metric()) {
+        let value_of = |name: &str| {
+            metric
+                .get_label()
+                .iter()
+                .find(|pair| pair.name() == name)
+                .map(|pair| pair.value())
+        };
+        if only.is_some_and(|(name, wanted)| value_of(name) != Some(wanted)) {
+            continue;
+        }
+        let value = metric.get_counter().get_value() as u64;
+        *totals
+            .entry(value_of(label).unwrap_or_default().to_owned())
+            .or_insert(0) += value;
+    }
+    totals
+}
+
 pub fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",

@@ -471,7 +471,9 @@ pub fn router(app: Arc<App>, with_admin: bool) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let routes = if with_admin {
-        routes.merge(admin::routes())
+        routes
+            .merge(admin::routes(app.clone()))
+            .merge(crate::console::routes())
     } else {
         routes
     };
@@ -484,7 +486,8 @@ fn admin_router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(admin::routes());
+        .merge(admin::routes(app.clone()))
+        .merge(crate::console::routes());
     finish(routes, app)
 }
 

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use axum::extract::rejection::StringRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Map, Value};
 
 use super::{
-    authorize, blocking, dollars, field_error, hourly_paces, key_invoice, limit, parse_object,
+    blocking, dollars, field_error, hourly_paces, invoice_answer, key_invoice, limit, parse_object,
     period, plan, spend_rate, store_error, text, Month,
 };
 use crate::app::App;
@@ -66,62 +66,54 @@ fn level(customer: bool) -> Level {
     }
 }
 
-type Headers = HeaderMap;
 type Body = Result<String, StringRejection>;
 type InvoiceQuery =
     Result<axum::extract::Query<super::InvoiceQuery>, axum::extract::rejection::QueryRejection>;
 
 async fn list_of<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
 ) -> Result<Response, GatewayError> {
-    list(app, headers, level(CUSTOMER)).await
+    list(app, level(CUSTOMER)).await
 }
 
 async fn create_in<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    create(app, headers, level(CUSTOMER), body).await
+    create(app, level(CUSTOMER), body).await
 }
 
 async fn show_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
-    show(app, headers, level(CUSTOMER), name).await
+    show(app, level(CUSTOMER), name).await
 }
 
 async fn update_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    update(app, headers, level(CUSTOMER), name, body).await
+    update(app, level(CUSTOMER), name, body).await
 }
 
 async fn delete_one<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
     Path(name): Path<String>,
 ) -> Result<Response, GatewayError> {
-    delete(app, headers, level(CUSTOMER), name).await
+    delete(app, level(CUSTOMER), name).await
 }
 
 async fn invoice_of<const CUSTOMER: bool>(
     State(app): State<Arc<App>>,
-    headers: Headers,
     Path(name): Path<String>,
     query: InvoiceQuery,
 ) -> Result<Response, GatewayError> {
-    group_invoice(app, headers, level(CUSTOMER), name, query).await
+    group_invoice(app, level(CUSTOMER), name, query).await
 }
 
-async fn list(app: Arc<App>, headers: Headers, level: Level) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
+async fn list(app: Arc<App>, level: Level) -> Result<Response, GatewayError> {
     let (groups, keys) = load_all(&app).await?;
     let paces = hourly_paces(&app, None).await;
     let views = groups
@@ -132,13 +124,7 @@ async fn list(app: Arc<App>, headers: Headers, level: Level) -> Result<Response,
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn create(
-    app: Arc<App>,
-    headers: Headers,
-    level: Level,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
+async fn create(app: Arc<App>, level: Level, body: Body) -> Result<Response, GatewayError> {
     let fields = parse_object(&small_body(body)?)?;
     let name = match fields.get("name") {
         Some(value) => text(value, "name")?.unwrap_or_default(),
@@ -172,25 +158,17 @@ async fn create(
         .into_response())
 }
 
-async fn show(
-    app: Arc<App>,
-    headers: Headers,
-    level: Level,
-    name: String,
-) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
+async fn show(app: Arc<App>, level: Level, name: String) -> Result<Response, GatewayError> {
     let record = load(&app, level, name).await?;
     Ok(axum::Json(view_of(&app, &record).await?).into_response())
 }
 
 async fn update(
     app: Arc<App>,
-    headers: Headers,
     level: Level,
     name: String,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let fields = parse_object(&small_body(body)?)?;
     if fields.contains_key("name") {
         return Err(field_error(
@@ -233,13 +211,7 @@ async fn update(
     Ok(axum::Json(view_of(&app, &record).await?).into_response())
 }
 
-async fn delete(
-    app: Arc<App>,
-    headers: Headers,
-    level: Level,
-    name: String,
-) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
+async fn delete(app: Arc<App>, level: Level, name: String) -> Result<Response, GatewayError> {
     let _writing = app.key_writes.lock().await;
     let store = app.key_store.clone();
     let wanted = name.clone();
@@ -276,12 +248,10 @@ async fn delete(
 /// total.
 async fn group_invoice(
     app: Arc<App>,
-    headers: Headers,
     level: Level,
     name: String,
     query: InvoiceQuery,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let month = Month::of(query)?;
     let record = load(&app, level, name).await?;
     let (_, keys) = load_all(&app).await?;
@@ -295,7 +265,7 @@ async fn group_invoice(
         total += key_total;
         invoices.push(invoice);
     }
-    Ok(axum::Json(json!({
+    let body = json!({
         "object": "invoice",
         "level": level.as_str(),
         "name": record.name,
@@ -303,8 +273,8 @@ async fn group_invoice(
         "currency": "usd",
         "keys": invoices,
         "total_usd": total,
-    }))
-    .into_response())
+    });
+    Ok(invoice_answer(&month, body))
 }
 
 /// Serves a group from the next request on, here and on every replica.

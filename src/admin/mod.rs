@@ -1,18 +1,19 @@
 //! The admin API for platform teams: keys (create, list, show, update, revoke), teams and
-//! customers ([`groups`]), usage and invoices. Guarded by `TOLLGATE_ADMIN_TOKEN`; with no token configured the admin API refuses
-//! everything rather than running open. Store calls are blocking and run on the blocking pool.
+//! customers ([`groups`]), usage, invoices and a health summary. Guarded by
+//! `TOLLGATE_ADMIN_TOKEN` as a bearer token or by a console session made from it; with no
+//! token configured the admin API refuses everything rather than running open. Store calls
+//! are blocking and run on the blocking pool.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::StringRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Map, Value};
-use subtle::ConstantTimeEq;
 
 use crate::app::App;
 use crate::auth::{self, KeyRecord};
@@ -24,7 +25,8 @@ use crate::rating::ledger::{regroup, GroupBy};
 
 mod groups;
 
-pub fn routes() -> Router<Arc<App>> {
+/// The admin API, every route behind [`guard`].
+pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .merge(groups::routes())
         .route("/admin/keys", get(list_keys).post(create_key))
@@ -35,6 +37,26 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/admin/usage", get(usage))
         .route("/admin/routing/savings", get(routing_savings))
         .route("/admin/invoices/{key_id}", get(invoice))
+        .route("/admin/health", get(health))
+        .route_layer(axum::middleware::from_fn_with_state(app, guard))
+}
+
+/// The admin token, or a console session (see [`crate::console::session`]).
+async fn guard(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match crate::console::session::authorize(
+        app.admin_token.as_deref(),
+        &app.console_signed_out,
+        request.method(),
+        request.headers(),
+        crate::unix_ms(),
+    ) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -85,10 +107,8 @@ fn parse_instant(text: &str, field: &'static str) -> Result<i64, GatewayError> {
 /// 25th. Defaults: the last 30 days, grouped by key.
 async fn usage(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let axum::extract::Query(query) =
         query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
     let (from, to) = report_range(query.from.as_deref(), query.to.as_deref())?;
@@ -187,10 +207,8 @@ struct SavingsQuery {
 /// route rule and model, with the saving in dollars and percent.
 async fn routing_savings(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     query: Result<axum::extract::Query<SavingsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let axum::extract::Query(query) =
         query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
     let (from, to) = report_range(query.from.as_deref(), query.to.as_deref())?;
@@ -230,31 +248,130 @@ async fn routing_savings(
     Ok(axum::Json(body).into_response())
 }
 
+/// `GET /admin/health`: this replica's refusals by reason, server errors by model, upstream
+/// attempts by result and the ledger's queue, counted since it started. The console charts
+/// their increase between polls.
+async fn health(State(app): State<Arc<App>>) -> Response {
+    use crate::metrics::totals_by;
+    let metrics = &app.metrics;
+    let upstreams: Map<String, Value> = app
+        .config()
+        .upstreams
+        .keys()
+        .map(|name| {
+            let by_result = totals_by(
+                &metrics.upstream_attempts,
+                "result",
+                Some(("upstream", name)),
+            );
+            (name.clone(), json!(by_result))
+        })
+        .collect();
+    let events = totals_by(&metrics.usage_events, "result", None);
+    let event = |result: &str| events.get(result).copied().unwrap_or(0);
+    axum::Json(json!({
+        "object": "health",
+        "at": crate::rfc3339(crate::unix_ms()),
+        "refusals": totals_by(&metrics.rejections, "reason", None),
+        "errors_by_model": totals_by(&metrics.requests, "model", Some(("status", "5xx"))),
+        "upstream_attempts": upstreams,
+        "ledger": {
+            "pending": metrics.usage_pending.get(),
+            "written": event("written"),
+            "dropped": event("dropped"),
+            "failed": event("failed"),
+        },
+    }))
+    .into_response()
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InvoiceQuery {
     period: Option<String>,
+    format: Option<String>,
 }
 
-/// `GET /admin/invoices/{key_id}?period=YYYY-MM` (default: the current month).
+/// `GET /admin/invoices/{key_id}?period=YYYY-MM[&format=csv]` (default: the current month).
 async fn invoice(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(key_id): Path<String>,
     query: Result<axum::extract::Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let month = Month::of(query)?;
     let record = load_key(&app, key_id).await?;
     let (body, _) = key_invoice(&app, record, &month).await?;
-    Ok(axum::Json(body).into_response())
+    Ok(invoice_answer(&month, body))
 }
 
-/// An invoice's month: `YYYY-MM` and its bounds in Unix ms.
+/// An invoice's month: `YYYY-MM` and its bounds in Unix ms, and whether it is wanted as CSV.
 struct Month {
     name: String,
     from: i64,
     to: i64,
+    csv: bool,
+}
+
+/// An invoice as JSON, or as CSV for a spreadsheet: one row per line (per key's line for a
+/// team or customer), then the total.
+fn invoice_answer(month: &Month, body: Value) -> Response {
+    if !month.csv {
+        return axum::Json(body).into_response();
+    }
+    let mut csv =
+        String::from("key_id,key_name,description,quantity,unit_price_usd,amount_usd\r\n");
+    let single = [body.clone()];
+    let invoices = body["keys"].as_array().map_or(&single[..], Vec::as_slice);
+    for invoice in invoices {
+        for line in invoice["lines"].as_array().into_iter().flatten() {
+            let row = [
+                csv_text(&invoice["key_id"]),
+                csv_text(&invoice["key_name"]),
+                csv_text(&line["description"]),
+                csv_number(&line["quantity"]),
+                csv_number(&line["unit_price_usd"]),
+                csv_number(&line["amount_usd"]),
+            ];
+            csv.push_str(&row.join(","));
+            csv.push_str("\r\n");
+        }
+    }
+    csv.push_str(&format!(",,total,,,{}\r\n", csv_number(&body["total_usd"])));
+    let file = format!("attachment; filename=\"invoice-{}.csv\"", month.name);
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("text/csv; charset=utf-8"),
+            ),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                axum::http::HeaderValue::from_str(&file)
+                    .unwrap_or(axum::http::HeaderValue::from_static("attachment")),
+            ),
+        ],
+        csv,
+    )
+        .into_response()
+}
+
+/// A text cell, quoted, with a leading `'` before what a spreadsheet would run as a formula
+/// (key names are chosen by whoever creates keys).
+fn csv_text(value: &Value) -> String {
+    let text = value.as_str().unwrap_or_default();
+    let guard = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        "'"
+    } else {
+        ""
+    };
+    format!("\"{guard}{}\"", text.replace('"', "\"\""))
+}
+
+fn csv_number(value: &Value) -> String {
+    match value {
+        Value::Number(number) => number.to_string(),
+        _ => String::new(),
+    }
 }
 
 impl Month {
@@ -264,6 +381,16 @@ impl Month {
     ) -> Result<Month, GatewayError> {
         let axum::extract::Query(query) =
             query.map_err(|e| GatewayError::bad_request(e.body_text()))?;
+        let csv = match query.format.as_deref() {
+            None | Some("json") => false,
+            Some("csv") => true,
+            Some(other) => {
+                return Err(field_error(
+                    "format",
+                    format!("`{other}` is not json or csv"),
+                ))
+            }
+        };
         let name = query
             .period
             .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
@@ -282,7 +409,12 @@ impl Month {
             .map(|t| t.and_utc().timestamp_millis())
             .unwrap_or_default();
         let to = BudgetPeriod::Month.reset_ms(from).unwrap_or(from);
-        Ok(Month { name, from, to })
+        Ok(Month {
+            name,
+            from,
+            to,
+            csv,
+        })
     }
 }
 
@@ -319,19 +451,6 @@ async fn key_invoice(
     Ok((body, total))
 }
 
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {
-    let Some(expected) = app.admin_token.as_deref() else {
-        return Err(GatewayError::AdminDisabled);
-    };
-    let presented = auth::bearer(headers).unwrap_or_default();
-    let same: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
-    if same {
-        Ok(())
-    } else {
-        Err(GatewayError::InvalidAdminToken)
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, GatewayError> + Send + 'static,
 ) -> Result<T, GatewayError> {
@@ -346,10 +465,8 @@ fn store_error(error: impl std::fmt::Display) -> GatewayError {
 
 async fn create_key(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     body: Result<String, StringRejection>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let fields = parse_object(&small_body(body)?)?;
     let secret = auth::new_secret();
     let mut record = KeyRecord::new("", &secret);
@@ -367,11 +484,7 @@ async fn create_key(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
-async fn list_keys(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
+async fn list_keys(State(app): State<Arc<App>>) -> Result<Response, GatewayError> {
     let store = app.key_store.clone();
     let records = blocking(move || store.list().map_err(store_error)).await?;
     let paces = hourly_paces(&app, None).await;
@@ -390,21 +503,17 @@ async fn load_key(app: &App, id: String) -> Result<KeyRecord, GatewayError> {
 
 async fn show_key(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let record = load_key(&app, id).await?;
     Ok(axum::Json(key_view(&app, &record).await).into_response())
 }
 
 async fn update_key(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: Result<String, StringRejection>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let fields = parse_object(&small_body(body)?)?;
     let _writing = app.key_writes.lock().await;
     let before = load_key(&app, id.clone()).await?;
@@ -476,10 +585,8 @@ async fn period_spend_if_changed(
 
 async fn revoke_key(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, GatewayError> {
-    authorize(&app, &headers)?;
     let _writing = app.key_writes.lock().await;
     let record = modify_key(&app, id, |_, record| {
         record.revoked_at_ms.get_or_insert_with(crate::unix_ms);

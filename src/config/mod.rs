@@ -182,6 +182,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
+    pub console_session: Duration,
 }
 
 /// A provider endpoint. Holds its own pooled HTTP client so timeouts are per upstream.
@@ -689,6 +690,7 @@ fn server_config(raw: &raw::RawServer, path: &Path, problems: &mut Problems) -> 
         max_connections: raw.max_connections,
         header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms.max(1)),
         body_idle_timeout: Duration::from_millis(raw.body_idle_timeout_ms.max(1)),
+        console_session: Duration::from_secs(raw.console_session_secs.max(1)),
     }
 }
 

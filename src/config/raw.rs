@@ -147,6 +147,8 @@ pub struct RawServer {
     pub header_read_timeout_ms: u64,
     /// The longest pause allowed between two pieces of a request body.
     pub body_idle_timeout_ms: u64,
+    /// How long a console sign-in lasts.
+    pub console_session_secs: u64,
 }
 
 impl Default for RawServer {
@@ -167,6 +169,7 @@ impl Default for RawServer {
             max_connections: 0,
             header_read_timeout_ms: 20_000,
             body_idle_timeout_ms: 20_000,
+            console_session_secs: 8 * 3600,
         }
     }
 }
