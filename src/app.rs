@@ -47,6 +47,8 @@ pub struct App {
     pub key_writes: tokio::sync::Mutex<()>,
     /// Console sessions signed out on this replica.
     pub console_signed_out: crate::console::session::Revoked,
+    /// Refusals and server errors minute by minute, for the admin API's health summary.
+    pub health: crate::admin::health::History,
     ready: AtomicBool,
     /// The main runtime: work that must outlive a serving lane (settlements finished on shared
     /// state, webhooks) runs here.
@@ -91,6 +93,7 @@ impl App {
             response_owners: crate::responses::Owners::default(),
             key_writes: tokio::sync::Mutex::new(()),
             console_signed_out: Default::default(),
+            health: Default::default(),
             ready: AtomicBool::new(false),
             runtime: services.runtime,
         }

@@ -228,6 +228,7 @@ impl Gateway {
             self.app.config().source.clone(),
         ));
         let spend_watch = tokio::spawn(crate::spend_watch::watch(Arc::downgrade(&self.app)));
+        let health = tokio::spawn(admin::health::sample(Arc::downgrade(&self.app)));
         self.app.set_ready(true);
         shutdown.await;
         tracing::info!(
@@ -241,6 +242,7 @@ impl Gateway {
         }
         watcher.abort();
         spend_watch.abort();
+        health.abort();
         if let Some(admin_server) = admin_server {
             admin_server.abort();
         }

@@ -457,6 +457,22 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
     assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["x-should-retry"], "false");
 
+    // The refusal shows on the health page, in the totals and in this minute's bar.
+    browser.click("#nav-health").await;
+    browser
+        .wait_text("#refusal-totals", |text| text.contains("budget"))
+        .await;
+    let charted: Value = browser
+        .page()
+        .execute(
+            "return [...document.querySelectorAll('#chart-refusals svg title')].some(t => t.textContent.includes('budget'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(charted, json!(true), "the budget refusal is in the chart");
+    browser.click("#nav-keys").await;
+
     // Revoke it with the confirmation: its next request is refused.
     browser.click(&format!("{row} .revoke-key")).await;
     browser.wait_visible("#confirm-dialog").await;

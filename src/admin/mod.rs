@@ -24,6 +24,7 @@ use crate::rating::invoice;
 use crate::rating::ledger::{regroup, GroupBy};
 
 mod groups;
+pub mod health;
 
 /// The admin API, every route behind [`guard`].
 pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
@@ -37,7 +38,7 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/admin/usage", get(usage))
         .route("/admin/routing/savings", get(routing_savings))
         .route("/admin/invoices/{key_id}", get(invoice))
-        .route("/admin/health", get(health))
+        .route("/admin/health", get(health::summary))
         .route_layer(axum::middleware::from_fn_with_state(app, guard))
 }
 
@@ -246,43 +247,6 @@ async fn routing_savings(
         fields.insert("to".to_owned(), json!(to));
     }
     Ok(axum::Json(body).into_response())
-}
-
-/// `GET /admin/health`: this replica's refusals by reason, server errors by model, upstream
-/// attempts by result and the ledger's queue, counted since it started. The console charts
-/// their increase between polls.
-async fn health(State(app): State<Arc<App>>) -> Response {
-    use crate::metrics::totals_by;
-    let metrics = &app.metrics;
-    let upstreams: Map<String, Value> = app
-        .config()
-        .upstreams
-        .keys()
-        .map(|name| {
-            let by_result = totals_by(
-                &metrics.upstream_attempts,
-                "result",
-                Some(("upstream", name)),
-            );
-            (name.clone(), json!(by_result))
-        })
-        .collect();
-    let events = totals_by(&metrics.usage_events, "result", None);
-    let event = |result: &str| events.get(result).copied().unwrap_or(0);
-    axum::Json(json!({
-        "object": "health",
-        "at": crate::rfc3339(crate::unix_ms()),
-        "refusals": totals_by(&metrics.rejections, "reason", None),
-        "errors_by_model": totals_by(&metrics.requests, "model", Some(("status", "5xx"))),
-        "upstream_attempts": upstreams,
-        "ledger": {
-            "pending": metrics.usage_pending.get(),
-            "written": event("written"),
-            "dropped": event("dropped"),
-            "failed": event("failed"),
-        },
-    }))
-    .into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -11,7 +11,7 @@
 
 (function () {
   const REFRESH_MS = 5000;
-  const MAX_HEALTH_SAMPLES = 120;
+  const HEALTH_MINUTES = 60;
   const HOUR_MS = 3600 * 1000;
   const DAY_MS = 24 * HOUR_MS;
   const ROUTES = ['keys', 'spend', 'routing', 'health', 'invoices'];
@@ -35,7 +35,6 @@
     keys: { list: [], search: '', sort: { col: 'name', dir: 'asc' }, editing: null, snapshot: null, revoking: null },
     spend: { burnKeyId: null },
     routing: { data: null },
-    health: { samples: [] },
     invoice: { shown: null },
   };
 
@@ -368,7 +367,6 @@
     state.sigs.clear();
     state.charts.clear();
     state.keys.list = [];
-    state.health.samples = [];
     state.invoice.shown = null;
     state.routing.data = null;
     for (const table of document.querySelectorAll('#app table')) table.tBodies[0].replaceChildren();
@@ -1181,48 +1179,47 @@
   }
 
   async function loadHealth() {
-    const data = (await api('/admin/health')) || {};
-    const samples = state.health.samples;
-    samples.push({ t: Date.now(), refusals: counters(data.refusals), errors: counters(data.errors_by_model) });
-    while (samples.length > MAX_HEALTH_SAMPLES) samples.shift();
-    renderHealth(data);
+    renderHealth((await api('/admin/health')) || {});
   }
 
-  /** Per-interval increases between consecutive samples; a drop means the gateway restarted. */
-  function intervalSeries(samples, field) {
-    const names = new Set();
-    for (const smp of samples) for (const name of Object.keys(smp[field])) names.add(name);
-    const sorted = [...names].sort((a, b) => a.localeCompare(b));
-    return sorted.map((name) => ({
-      name,
-      values: samples.slice(1).map((smp, i) => {
-        const cur = smp[field][name] || 0;
-        const prev = samples[i][field][name] || 0;
-        return cur >= prev ? cur - prev : cur;
-      }),
-    }));
-  }
-
-  function drawHealthChart(id, field, label) {
-    const samples = state.health.samples;
-    if (samples.length < 2) {
-      state.charts.delete(id);
-      state.sigs.delete('chart:' + id);
-      $(id).replaceChildren(h('p', { class: 'chart-empty', text: 'Collecting samples: the chart fills in while this page stays open.' }));
-      return;
+  /**
+   * The server keeps what each minute added over the last day (quiet minutes left out, the
+   * minute so far last); this lays the last HEALTH_MINUTES of it out one bar per minute.
+   */
+  function minuteSeries(history, field, now) {
+    const minute = 60 * 1000;
+    const end = Math.floor(now / minute) * minute;
+    const categories = [];
+    for (let i = HEALTH_MINUTES - 1; i >= 0; i--) categories.push(end - i * minute);
+    const byName = new Map();
+    for (const entry of history) {
+      const at = Date.parse(entry.at);
+      const slot = HEALTH_MINUTES - 1 - Math.floor((end - Math.floor(at / minute) * minute) / minute);
+      if (!(slot >= 0 && slot < HEALTH_MINUTES)) continue;
+      for (const [name, n] of Object.entries(counters(entry[field]))) {
+        if (!byName.has(name)) byName.set(name, new Array(HEALTH_MINUTES).fill(0));
+        byName.get(name)[slot] += n;
+      }
     }
-    const categories = samples.slice(1).map((smp) => smp.t);
-    const labels = categories.map(clockTime);
-    const series = intervalSeries(samples, field);
+    const series = [...byName.keys()].sort((a, b) => a.localeCompare(b))
+      .map((name) => ({ name, values: byName.get(name) }));
+    return { categories, series };
+  }
+
+  function drawHealthChart(id, data, field, label, emptyText) {
+    const now = Date.parse(data.at) || Date.now();
+    const { categories, series } = minuteSeries(Array.isArray(data.history) ? data.history : [], field, now);
+    const labels = categories.map((ms) => clockTime(ms).slice(0, 5));
     drawChart(id, [categories, series], (width) => stackedBarChart(width, {
-      categories, labels, series, format: formatCount, exact: formatInt, integer: true, label,
-      emptyText: 'None while this page has been open',
+      categories, labels, series, format: formatCount, exact: formatInt, integer: true, label, emptyText,
     }));
   }
 
   function renderHealth(data) {
-    drawHealthChart('chart-refusals', 'refusals', 'Refusals per refresh interval, by reason');
-    drawHealthChart('chart-errors', 'errors', 'Upstream errors per refresh interval, by model');
+    drawHealthChart('chart-refusals', data, 'refusals', 'Refusals per minute, by reason',
+      'No refusals in the last hour');
+    drawHealthChart('chart-errors', data, 'errors_by_model', 'Server errors per minute, by model',
+      'No server errors in the last hour');
 
     const byCount = (obj) => Object.entries(counters(obj)).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
     fillTable('refusal-totals', byCount(data.refusals).map(([reason, n]) => h('tr', null,
@@ -1230,10 +1227,12 @@
     fillTable('error-totals', byCount(data.errors_by_model).map(([model, n]) => h('tr', null,
       h('td', { text: model }), h('td', { class: 'num', text: formatInt(n) }))), 2, 'No upstream errors.');
     const attempts = Object.entries(data.upstream_attempts || {}).sort((a, b) => a[0].localeCompare(b[0]));
+    // Results other than `ok` are the provider's 429s, 4xx, 5xx, timeouts and unreachables.
+    const failed = (c) => Object.entries(counters(c)).reduce((sum, [result, n]) => sum + (result === 'ok' ? 0 : n), 0);
     fillTable('upstream-totals', attempts.map(([provider, c]) => h('tr', null,
       h('td', { text: provider }),
       h('td', { class: 'num', text: formatInt(num(c && c.ok)) }),
-      h('td', { class: 'num', text: formatInt(num(c && c.error)) }))), 3, 'No upstream attempts yet.');
+      h('td', { class: 'num', text: formatInt(failed(c)) }))), 3, 'No upstream attempts yet.');
 
     const ledger = data.ledger || {};
     for (const field of ['pending', 'written', 'dropped', 'failed']) {
