@@ -341,6 +341,75 @@ async fn keys_created_and_revoked_on_one_replica_reach_the_others() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_session_opens_on_every_replica_and_signing_out_ends_it_on_all() {
+    let redis = Redis::start();
+    let postgres = Postgres::shared().fresh_database("console");
+    let fleet = Fleet::start_with(&redis, &postgres, "", "", MockOptions::default(), 2).await;
+    let signed_in = fleet
+        .http
+        .post(format!("{}/console/session", fleet.url(0)))
+        .json(&json!({"token": ADMIN_TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 200);
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let csrf = signed_in.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let keys = |i: usize| {
+        fleet
+            .http
+            .get(format!("{}/admin/keys", fleet.url(i)))
+            .header("cookie", &cookie)
+            .send()
+    };
+    for i in 0..2 {
+        assert_eq!(
+            keys(i).await.unwrap().status(),
+            200,
+            "replica {i} takes the session"
+        );
+    }
+    let created = fleet
+        .http
+        .post(format!("{}/admin/keys", fleet.url(1)))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({"name": "from-the-console"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "and its CSRF token");
+    let signed_out = fleet
+        .http
+        .delete(format!("{}/console/session", fleet.url(0)))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 200);
+    for i in 0..2 {
+        let refused = keys(i).await.unwrap();
+        assert_eq!(
+            refused.status(),
+            401,
+            "replica {i} refuses the signed-out session"
+        );
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "session_ended");
+    }
+}
+
 /// One client's view of a request: its id, and whether the whole answer arrived.
 struct Seen {
     replica: usize,

@@ -48,13 +48,19 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match crate::console::session::authorize(
+    let session = crate::console::session::authorize(
         app.admin_token.as_deref(),
         &app.console_signed_out,
         request.method(),
         request.headers(),
         crate::unix_ms(),
-    ) {
+    );
+    let allowed = match session {
+        Ok(Some(session)) => crate::console::still_open(&app, &session).await,
+        Ok(None) => Ok(()),
+        Err(error) => Err(error),
+    };
+    match allowed {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }

@@ -100,6 +100,14 @@ async fn asset(Path(name): Path<String>) -> Response {
     }
 }
 
+/// Refuses a session another replica signed out (shared state only).
+pub async fn still_open(app: &App, session: &session::Session) -> Result<(), GatewayError> {
+    match app.admission.console_session_ended(session).await? {
+        true => Err(GatewayError::SessionEnded),
+        false => Ok(()),
+    }
+}
+
 fn signing_keys(app: &App) -> Result<session::Keys, GatewayError> {
     app.admin_token
         .as_deref()
@@ -166,10 +174,11 @@ async fn current(
     let keys = signing_keys(&app)?;
     let sealed = session::cookie(&headers).ok_or(GatewayError::InvalidAdminToken)?;
     let session = keys.open(sealed, crate::unix_ms(), &app.console_signed_out)?;
+    still_open(&app, &session).await?;
     Ok(axum::Json(session_body(&keys, &session)).into_response())
 }
 
-/// `DELETE /console/session`: ends the session here and clears the cookie.
+/// `DELETE /console/session`: ends the session on every replica and clears the cookie.
 async fn sign_out(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -181,6 +190,7 @@ async fn sign_out(
     let session = keys.open(sealed, now, &app.console_signed_out)?;
     session::check_csrf(&keys, &session, &headers)?;
     app.console_signed_out.revoke(session, now);
+    app.admission.end_console_session(&session, now).await;
     Ok((
         StatusCode::OK,
         [(SET_COOKIE, session::set_cookie(&headers, "", 0))],

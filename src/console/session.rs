@@ -32,6 +32,12 @@ pub struct Session {
 #[derive(Default)]
 pub struct Revoked(DashMap<[u8; 16], i64>);
 
+impl Session {
+    pub fn id_hex(&self) -> String {
+        hex::encode(self.id)
+    }
+}
+
 impl Revoked {
     pub fn revoke(&self, session: Session, now_ms: i64) {
         self.0.retain(|_, expires| *expires > now_ms);
@@ -176,14 +182,15 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), GatewayError> {
 }
 
 /// The admin API's gate: the admin token as a bearer token, or a console session whose
-/// state-changing calls come from our own page with its CSRF token.
+/// state-changing calls come from our own page with its CSRF token. Answers the session when
+/// it was one, for the caller to ask the other replicas about.
 pub fn authorize(
     admin_token: Option<&str>,
     revoked: &Revoked,
     method: &Method,
     headers: &HeaderMap,
     now_ms: i64,
-) -> Result<(), GatewayError> {
+) -> Result<Option<Session>, GatewayError> {
     let Some(expected) = admin_token else {
         return Err(GatewayError::AdminDisabled);
     };
@@ -193,7 +200,7 @@ pub fn authorize(
             let presented = presented.unwrap_or_default();
             let same: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
             return match same {
-                true => Ok(()),
+                true => Ok(None),
                 false => Err(GatewayError::InvalidAdminToken),
             };
         }
@@ -204,7 +211,7 @@ pub fn authorize(
     if !method.is_safe() {
         check_csrf(&keys, &session, headers)?;
     }
-    Ok(())
+    Ok(Some(session))
 }
 
 pub fn check_csrf(keys: &Keys, session: &Session, headers: &HeaderMap) -> Result<(), GatewayError> {

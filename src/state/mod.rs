@@ -15,6 +15,8 @@ use std::sync::Arc;
 use crate::auth::group::members_spend;
 use crate::auth::store::KeyStore;
 use crate::config::Model;
+use crate::console::session::Session;
+use crate::error::GatewayError;
 use crate::limits::{
     Above, AlertCrossing, BudgetPeriod, BudgetSnapshot, Demand, KeyLimits, Level, LevelRef,
     Limiter, RateLimitHeaders, Refusal, Settlement, SpendRate, Ticket,
@@ -483,6 +485,28 @@ impl Admission {
     }
 
     /// Tells the other replicas that a key changed; a no-op for one replica.
+    /// Ends a console session on every replica (this one keeps its own list as well).
+    pub async fn end_console_session(&self, session: &Session, now_ms: i64) {
+        if let Admission::Shared { redis, .. } = self {
+            let ttl = session.expires_ms - now_ms;
+            if let Err(error) = redis.end_console_session(&session.id_hex(), ttl).await {
+                tracing::error!(%error, "console sign-out not shared; other replicas accept the session until it expires");
+            }
+        }
+    }
+
+    /// Whether another replica ended this console session. Refuses when Redis cannot say:
+    /// the bearer token still works then.
+    pub async fn console_session_ended(&self, session: &Session) -> Result<bool, GatewayError> {
+        match self {
+            Admission::Embedded(_) => Ok(false),
+            Admission::Shared { redis, .. } => redis
+                .console_session_ended(&session.id_hex())
+                .await
+                .map_err(|_| GatewayError::StateUnavailable),
+        }
+    }
+
     pub async fn publish_key_change(&self, key_id: &str) {
         if let Admission::Shared { redis, .. } = self {
             if let Err(error) = redis.publish_key_change(key_id).await {

@@ -1506,6 +1506,30 @@ impl RedisState {
         self.run(invocation).await.map(|_| ())
     }
 
+    /// Marks a console session signed out for every replica, until it would have expired.
+    pub async fn end_console_session(&self, id: &str, ttl_ms: i64) -> Result<(), StateError> {
+        let mut connection = self.connection().await?;
+        let result = redis::cmd("SET")
+            .arg(format!("tg:console:ended:{id}"))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(StateError::from);
+        self.observe(result)
+    }
+
+    pub async fn console_session_ended(&self, id: &str) -> Result<bool, StateError> {
+        let mut connection = self.connection().await?;
+        let result = redis::cmd("EXISTS")
+            .arg(format!("tg:console:ended:{id}"))
+            .query_async::<bool>(&mut connection)
+            .await
+            .map_err(StateError::from);
+        self.observe(result)
+    }
+
     /// Tells every replica that a key was created, changed or revoked. The message carries
     /// the change's version, so a replica that sees a gap knows it missed one.
     pub async fn publish_key_change(&self, key_id: &str) -> Result<(), StateError> {
