@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Harness, ADMIN_TOKEN, PROVIDER_KEY};
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -516,9 +517,72 @@ async fn wrong_tokens_expired_sessions_missing_csrf_and_other_origins_are_refuse
     assert!(error.contains("invalid admin token"), "{error}");
     assert!(!browser.visible("#app").await);
 
-    browser.sign_in(&harness.url, ADMIN_TOKEN).await;
+    // By keyboard alone: the token and Enter, then a key made through the dialog.
+    let field = browser.find("#token").await;
+    field.clear().await.unwrap();
+    field
+        .send_keys(&format!("{ADMIN_TOKEN}{}", char::from(Key::Enter)))
+        .await
+        .unwrap();
     browser.wait_visible("#app").await;
     let signed_in = std::time::Instant::now();
+    browser
+        .find("#new-key")
+        .await
+        .send_keys(&char::from(Key::Enter).to_string())
+        .await
+        .unwrap();
+    browser.wait_visible("#key-dialog").await;
+    let focused: Value = browser
+        .page()
+        .execute("return document.activeElement.id;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        focused, "f-name",
+        "the dialog puts the focus on its first field"
+    );
+    browser
+        .page()
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(&format!("keyboard{}", char::from(Key::Enter)))
+        .await
+        .unwrap();
+    browser
+        .wait_text("#new-secret", |text| text.starts_with("sk-"))
+        .await;
+    browser
+        .page()
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(&char::from(Key::Escape).to_string())
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if !browser.visible("#secret-dialog").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !browser.visible("#secret-dialog").await,
+        "Escape closes the dialog"
+    );
+    assert_eq!(
+        browser
+            .page()
+            .find(Locator::Css("#new-secret"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        ""
+    );
+    assert!(key_named(&harness, "keyboard").await.is_object());
     let session: Value = serde_json::from_str(
         browser.fetch("/console/session", json!({})).await["body"]
             .as_str()
