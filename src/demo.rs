@@ -116,6 +116,7 @@ fn instructions(
   mock upstream  {mock_url}
   demo key       {secret}   ($5/day budget, 600 rpm)
   admin token    {admin_token}
+  console        http://{addr}/console   (sign in with the admin token)
   data dir       {data_dir}
 
 Chat, as any OpenAI client would:

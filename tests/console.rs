@@ -332,15 +332,36 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
     browser.find("#chart-burn svg").await;
     browser.find("#chart-spend-model svg").await;
     let total_before = dollars(&browser.text("#spend-total").await);
+    let burn_before = browser.find("#chart-burn").await.html(true).await.unwrap();
     assert!(chat(&harness, &secret, "One more, please").await.status() == 200);
     browser
         .wait_text("#spend-total", |text| dollars(text) > total_before)
         .await;
+    let mut burn_moved = false;
+    for _ in 0..100 {
+        let burn = browser.find("#chart-burn").await.html(true).await.unwrap();
+        if burn != burn_before {
+            burn_moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        burn_moved,
+        "the burn-down follows the new spend without a reload"
+    );
     browser.screenshot("spend-1280").await;
 
     browser.click("#nav-routing").await;
-    let saving = browser
+    let first_saving = browser
         .wait_text("#routing-saving", |text| text.contains('%'))
+        .await;
+    let code = "Refactor this code:\n```rust\nfn main() {}\n```";
+    assert_eq!(chat(&harness, &secret, code).await.status(), 200);
+    let saving = browser
+        .wait_text("#routing-saving", |text| {
+            text.contains('%') && text != first_saving
+        })
         .await;
     let savings: Value = harness
         .admin(reqwest::Method::GET, "/admin/routing/savings")
