@@ -45,8 +45,8 @@ pub struct App {
     /// Held by an admin change of a key from its write to its activation here, so that two
     /// changes activate in the order they were written.
     pub key_writes: tokio::sync::Mutex<()>,
-    /// Console sessions signed out on this replica.
-    pub console_signed_out: crate::console::session::Revoked,
+    /// Console sessions: their signing keys and those signed out here.
+    pub console: crate::console::session::Sessions,
     /// Refusals and server errors minute by minute, for the admin API's health summary.
     pub health: crate::admin::health::History,
     ready: AtomicBool,
@@ -75,6 +75,10 @@ impl App {
                 services.admission.set_model(name, model.rpm, model.tpm);
             }
         }
+        let console = crate::console::session::Sessions::new(
+            services.admin_token.clone(),
+            !services.admission.is_shared(),
+        );
         App {
             config: ArcSwap::from_pointee(config),
             tokenizer: services.tokenizer,
@@ -92,7 +96,7 @@ impl App {
             outcomes: crate::outcomes::Recent::default(),
             response_owners: crate::responses::Owners::default(),
             key_writes: tokio::sync::Mutex::new(()),
-            console_signed_out: Default::default(),
+            console,
             health: Default::default(),
             ready: AtomicBool::new(false),
             runtime: services.runtime,

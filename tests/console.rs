@@ -106,6 +106,7 @@ impl Browser {
     }
 
     async fn type_into(&self, css: &str, text: &str) {
+        self.wait_visible(css).await;
         let field = self.find(css).await;
         field.clear().await.unwrap();
         field.send_keys(text).await.unwrap();
@@ -387,7 +388,12 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
 
     browser.click("#nav-health").await;
     browser
-        .wait_text("#ledger-written", |text| text.trim() != "")
+        .wait_text("#ledger-written", |text| {
+            text.trim()
+                .replace(',', "")
+                .parse::<u64>()
+                .is_ok_and(|n| n > 0)
+        })
         .await;
     browser.screenshot("health-1280").await;
 
@@ -517,13 +523,29 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
     );
     assert!(live["spend_usd"].as_f64().unwrap() > 0.0);
 
-    // Sign out: the session is over, in the page and for the API.
+    // Sign out: the session is over, in the page and for the API, even for a copy of the
+    // cookie the browser no longer sends.
+    let cookie = browser
+        .page()
+        .get_named_cookie("tollgate_console")
+        .await
+        .unwrap();
     browser.click("#signout").await;
     browser.wait_visible("#signin-view").await;
     let after = browser.fetch("/admin/keys", json!({})).await;
     assert_eq!(after["status"], 401);
     let session = browser.fetch("/console/session", json!({})).await;
     assert_eq!(session["status"], 401);
+    let replayed = harness
+        .http
+        .get(format!("{}/admin/keys", harness.url))
+        .header("cookie", format!("tollgate_console={}", cookie.value()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 401);
+    let body: Value = replayed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "session_ended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,6 +561,7 @@ async fn wrong_tokens_expired_sessions_missing_csrf_and_other_origins_are_refuse
     assert!(!browser.visible("#app").await);
 
     // By keyboard alone: the token and Enter, then a key made through the dialog.
+    browser.wait_visible("#token").await;
     let field = browser.find("#token").await;
     field.clear().await.unwrap();
     field
@@ -658,14 +681,24 @@ async fn wrong_tokens_expired_sessions_missing_csrf_and_other_origins_are_refuse
     }
     // And a real cross-origin page in the browser (the mock upstream's origin).
     browser.page().goto(&harness.mock.base_url()).await.unwrap();
-    let foreign = browser
+    browser
         .fetch(
             &format!("{}/admin/keys", harness.url),
             json!({"method": "POST", "mode": "no-cors", "credentials": "include",
                    "headers": {"Content-Type": "text/plain"}, "body": "{\"name\": \"foreign\"}"}),
         )
         .await;
-    assert_eq!(foreign["status"], 0, "an opaque answer, whatever it was");
+    let read = browser
+        .fetch(
+            &format!("{}/admin/keys", harness.url),
+            json!({"credentials": "include"}),
+        )
+        .await;
+    assert_eq!(
+        read["status"], 0,
+        "another origin cannot read the admin API: {read}"
+    );
+    assert!(!read["body"].as_str().unwrap().contains("allowed"));
     for name in ["sneaky", "cross", "foreign"] {
         assert_eq!(
             key_named(&harness, name).await,

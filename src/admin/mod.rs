@@ -48,13 +48,10 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let session = crate::console::session::authorize(
-        app.admin_token.as_deref(),
-        &app.console_signed_out,
-        request.method(),
-        request.headers(),
-        crate::unix_ms(),
-    );
+    let session = app
+        .console
+        .authorize(request.method(), request.headers(), crate::unix_ms())
+        .await;
     let allowed = match session {
         Ok(Some(session)) => crate::console::still_open(&app, &session).await,
         Ok(None) => Ok(()),

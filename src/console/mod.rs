@@ -8,12 +8,11 @@ use std::sync::Arc;
 use axum::extract::rejection::StringRejection;
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::app::App;
 use crate::error::{small_body, GatewayError};
@@ -108,13 +107,6 @@ pub async fn still_open(app: &App, session: &session::Session) -> Result<(), Gat
     }
 }
 
-fn signing_keys(app: &App) -> Result<session::Keys, GatewayError> {
-    app.admin_token
-        .as_deref()
-        .map(session::Keys::new)
-        .ok_or(GatewayError::AdminDisabled)
-}
-
 /// What the page keeps of its session: the CSRF token to send back, and when it ends.
 fn session_body(keys: &session::Keys, session: &session::Session) -> serde_json::Value {
     json!({
@@ -131,14 +123,14 @@ struct SignIn {
 }
 
 /// `POST /console/session` with `{"token": "<admin token>"}`: sets the session cookie. JSON
-/// only, so a plain cross-site form cannot post it, and from our own origin only.
+/// only, so a plain cross-site form cannot post it, and from our own origin only. A session
+/// the browser still held is signed out.
 async fn sign_in(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Result<String, StringRejection>,
 ) -> Result<Response, GatewayError> {
     session::same_origin(&headers)?;
-    let keys = signing_keys(&app)?;
     let is_json = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -150,18 +142,25 @@ async fn sign_in(
     }
     let SignIn { token } = serde_json::from_str(&small_body(body)?)
         .map_err(|_| GatewayError::bad_request("expected a JSON body {\"token\": \"…\"}"))?;
-    let expected = app.admin_token.as_deref().unwrap_or_default();
-    let same: bool = token.as_bytes().ct_eq(expected.as_bytes()).into();
-    if !same {
+    let expected = app
+        .admin_token
+        .as_deref()
+        .ok_or(GatewayError::AdminDisabled)?;
+    if !session::tokens_match(&token, expected) {
         tracing::warn!("console sign-in refused: wrong admin token");
         return Err(GatewayError::InvalidAdminToken);
     }
+    let keys = app.console.keys().await?;
+    let now = crate::unix_ms();
+    if let Ok(previous) = app.console.open(keys, &headers, now) {
+        end(&app, previous, now).await?;
+    }
     let lifetime = app.config().server.console_session;
-    let session = keys.start(crate::unix_ms(), lifetime);
+    let session = keys.start(now, lifetime);
     let cookie = session::set_cookie(&headers, &keys.seal(&session), lifetime.as_secs());
     Ok((
         [(SET_COOKIE, cookie)],
-        axum::Json(session_body(&keys, &session)),
+        axum::Json(session_body(keys, &session)),
     )
         .into_response())
 }
@@ -171,30 +170,37 @@ async fn current(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
 ) -> Result<Response, GatewayError> {
-    let keys = signing_keys(&app)?;
-    let sealed = session::cookie(&headers).ok_or(GatewayError::InvalidAdminToken)?;
-    let session = keys.open(sealed, crate::unix_ms(), &app.console_signed_out)?;
+    let keys = app.console.keys().await?;
+    let session = app.console.open(keys, &headers, crate::unix_ms())?;
     still_open(&app, &session).await?;
-    Ok(axum::Json(session_body(&keys, &session)).into_response())
+    Ok(axum::Json(session_body(keys, &session)).into_response())
 }
 
-/// `DELETE /console/session`: ends the session on every replica and clears the cookie.
-async fn sign_out(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, GatewayError> {
-    session::same_origin(&headers)?;
-    let keys = signing_keys(&app)?;
-    let sealed = session::cookie(&headers).ok_or(GatewayError::InvalidAdminToken)?;
-    let now = crate::unix_ms();
-    let session = keys.open(sealed, now, &app.console_signed_out)?;
-    session::check_csrf(&keys, &session, &headers)?;
-    app.console_signed_out.revoke(session, now);
-    app.admission.end_console_session(&session, now).await;
-    Ok((
-        StatusCode::OK,
-        [(SET_COOKIE, session::set_cookie(&headers, "", 0))],
-        axum::Json(json!({"object": "console.session", "signed_out": true})),
-    )
-        .into_response())
+/// `DELETE /console/session`: ends the session on every replica. The cookie is cleared
+/// whatever the answer, so a dead one does not linger in the browser.
+async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let clear = [(SET_COOKIE, session::set_cookie(&headers, "", 0))];
+    let ended = async {
+        session::same_origin(&headers)?;
+        let keys = app.console.keys().await?;
+        let now = crate::unix_ms();
+        let session = app.console.open(keys, &headers, now)?;
+        keys.check_csrf(&session, &headers)?;
+        end(&app, session, now).await
+    };
+    match ended.await {
+        Ok(()) => (
+            clear,
+            axum::Json(json!({"object": "console.session", "signed_out": true})),
+        )
+            .into_response(),
+        Err(error) => (clear, error).into_response(),
+    }
+}
+
+/// Ends a session here and, with shared state, for every replica: a sign-out that Redis did
+/// not record is answered 503, since the other replicas would take the session again.
+async fn end(app: &App, session: session::Session, now_ms: i64) -> Result<(), GatewayError> {
+    app.console.sign_out(session, now_ms);
+    app.admission.end_console_session(&session, now_ms).await
 }

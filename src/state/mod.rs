@@ -486,11 +486,22 @@ impl Admission {
 
     /// Tells the other replicas that a key changed; a no-op for one replica.
     /// Ends a console session on every replica (this one keeps its own list as well).
-    pub async fn end_console_session(&self, session: &Session, now_ms: i64) {
-        if let Admission::Shared { redis, .. } = self {
-            let ttl = session.expires_ms - now_ms;
-            if let Err(error) = redis.end_console_session(&session.id_hex(), ttl).await {
-                tracing::error!(%error, "console sign-out not shared; other replicas accept the session until it expires");
+    pub async fn end_console_session(
+        &self,
+        session: &Session,
+        now_ms: i64,
+    ) -> Result<(), GatewayError> {
+        match self {
+            Admission::Embedded(_) => Ok(()),
+            Admission::Shared { redis, .. } => {
+                let ttl = session.expires_ms - now_ms;
+                redis
+                    .end_console_session(&session.id_hex(), ttl)
+                    .await
+                    .map_err(|error| {
+                        tracing::error!(%error, "console sign-out not recorded in Redis");
+                        GatewayError::StateUnavailable
+                    })
             }
         }
     }
