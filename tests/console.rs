@@ -201,15 +201,19 @@ async fn chat(harness: &Harness, key: &str, content: &str) -> reqwest::Response 
         .unwrap()
 }
 
-async fn key_named(harness: &Harness, name: &str) -> Value {
-    let keys: Value = harness
-        .admin(reqwest::Method::GET, "/admin/keys")
+async fn admin_get(harness: &Harness, path: &str) -> Value {
+    harness
+        .admin(reqwest::Method::GET, path)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn key_named(harness: &Harness, name: &str) -> Value {
+    let keys = admin_get(harness, "/admin/keys").await;
     keys["data"]
         .as_array()
         .unwrap()
@@ -364,14 +368,7 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
             text.contains('%') && text != first_saving
         })
         .await;
-    let savings: Value = harness
-        .admin(reqwest::Method::GET, "/admin/routing/savings")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let savings = admin_get(&harness, "/admin/routing/savings").await;
     assert!(
         saving.contains(&format!("${}", savings["saving_usd"])),
         "{saving} vs {savings}"
@@ -735,6 +732,7 @@ async fn console_answers_carry_a_strict_content_security_policy() {
     let harness = Harness::start().await;
     for path in [
         "/console",
+        "/console/",
         "/console/assets/console.js",
         "/console/assets/console.css",
     ] {
@@ -814,14 +812,7 @@ async fn console_answers_carry_a_strict_content_security_policy() {
     );
 
     // The CSV invoice the console links to, with the bearer token too.
-    let keys: Value = harness
-        .admin(reqwest::Method::GET, "/admin/keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys = admin_get(&harness, "/admin/keys").await;
     let id = keys["data"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(
         harness
@@ -842,14 +833,7 @@ async fn console_answers_carry_a_strict_content_security_policy() {
     assert_eq!(csv.status(), 200);
     assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
     let text = csv.text().await.unwrap();
-    let json: Value = harness
-        .admin(reqwest::Method::GET, &format!("/admin/invoices/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json = admin_get(&harness, &format!("/admin/invoices/{id}")).await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[0],

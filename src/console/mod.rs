@@ -41,6 +41,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/console", get(page))
+        .route("/console/", get(page))
         .route("/console/assets/{name}", get(asset))
         .route(
             "/console/session",
