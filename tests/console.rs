@@ -547,7 +547,7 @@ async fn an_operator_signs_in_creates_a_key_watches_it_spend_caps_and_revokes_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_tokens_expired_sessions_missing_csrf_and_other_origins_are_refused() {
-    let harness = Harness::start_with_server("console_session_secs = 4").await;
+    let harness = Harness::start_with_server("console_session_secs = 8").await;
     let browser = Browser::start().await;
 
     browser.sign_in(&harness.url, "not-the-token").await;
@@ -712,7 +712,7 @@ async fn wrong_tokens_expired_sessions_missing_csrf_and_other_origins_are_refuse
         .await
         .unwrap();
     browser.wait_visible("#app").await;
-    let left = Duration::from_secs(5).saturating_sub(signed_in.elapsed());
+    let left = Duration::from_secs(9).saturating_sub(signed_in.elapsed());
     tokio::time::sleep(left).await;
     browser.wait_visible("#signin-view").await;
     let answer = harness
