@@ -44,13 +44,21 @@ async fn the_environment_sets_the_data_dir_and_the_address() {
 /// A started gateway answers both probes and takes an admin write, which opens its stores.
 async fn assert_serving(url: &str) {
     let http = reqwest::Client::new();
+    // Ready comes a moment after the listener opens (probes are polled, as here).
     for path in ["/healthz", "/readyz"] {
-        let status = http
-            .get(format!("{url}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let mut status = reqwest::StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..40 {
+            status = http
+                .get(format!("{url}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         assert_eq!(status, 200, "{path}");
     }
     let created = http
