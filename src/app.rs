@@ -29,8 +29,6 @@ pub struct App {
     pub groups: GroupIndex,
     pub admission: Admission,
     pub key_store: Arc<dyn KeyStore>,
-    /// `TOLLGATE_ADMIN_TOKEN`; `None` disables the admin API.
-    pub admin_token: Option<String>,
     /// Settlements (counting a finished answer, writing its record) still running on the
     /// blocking pool; shutdown waits for them before flushing the usage sink.
     pub settling: tokio_util::task::TaskTracker,
@@ -45,7 +43,8 @@ pub struct App {
     /// Held by an admin change of a key from its write to its activation here, so that two
     /// changes activate in the order they were written.
     pub key_writes: tokio::sync::Mutex<()>,
-    /// Console sessions: their signing keys and those signed out here.
+    /// Who may use the admin API: `TOLLGATE_ADMIN_TOKEN` (`None` disables it) and the console
+    /// sessions made from it.
     pub console: crate::console::session::Sessions,
     /// Refusals and server errors minute by minute, for the admin API's health summary.
     pub health: crate::admin::health::History,
@@ -76,7 +75,7 @@ impl App {
             }
         }
         let console = crate::console::session::Sessions::new(
-            services.admin_token.clone(),
+            services.admin_token,
             !services.admission.is_shared(),
         );
         App {
@@ -88,7 +87,6 @@ impl App {
             groups: GroupIndex::default(),
             admission: services.admission,
             key_store: services.key_store,
-            admin_token: services.admin_token,
             settling: tokio_util::task::TaskTracker::new(),
             webhooks: reqwest::Client::new(),
             totals: services.totals,

@@ -143,14 +143,9 @@ async fn sign_in(
     }
     let SignIn { token } = serde_json::from_str(&small_body(body)?)
         .map_err(|_| GatewayError::bad_request("expected a JSON body {\"token\": \"…\"}"))?;
-    let expected = app
-        .admin_token
-        .as_deref()
-        .ok_or(GatewayError::AdminDisabled)?;
-    if !session::tokens_match(&token, expected) {
+    app.console.check_token(&token).inspect_err(|_| {
         tracing::warn!("console sign-in refused: wrong admin token");
-        return Err(GatewayError::InvalidAdminToken);
-    }
+    })?;
     let keys = app.console.keys().await?;
     let now = crate::unix_ms();
     if let Ok(previous) = app.console.open(keys, &headers, now) {

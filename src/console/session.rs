@@ -40,7 +40,7 @@ impl Session {
 }
 
 /// Whether two secrets are equal, in time that depends on neither's content nor length.
-pub fn tokens_match(presented: &str, expected: &str) -> bool {
+fn tokens_match(presented: &str, expected: &str) -> bool {
     let digest = |text: &str| Sha256::digest(text.as_bytes());
     digest(presented).ct_eq(&digest(expected)).into()
 }
@@ -81,6 +81,18 @@ impl Sessions {
         Ok(self.keys.get_or_init(|| keys))
     }
 
+    /// The admin token, as a bearer token or typed into the sign-in form.
+    pub fn check_token(&self, presented: &str) -> Result<(), GatewayError> {
+        let expected = self
+            .admin_token
+            .as_deref()
+            .ok_or(GatewayError::AdminDisabled)?;
+        match tokens_match(presented, expected) {
+            true => Ok(()),
+            false => Err(GatewayError::InvalidAdminToken),
+        }
+    }
+
     pub fn sign_out(&self, session: Session, now_ms: i64) {
         self.signed_out.retain(|_, expires| *expires > now_ms);
         self.signed_out.insert(session.id, session.expires_ms);
@@ -119,15 +131,9 @@ impl Sessions {
         headers: &HeaderMap,
         now_ms: i64,
     ) -> Result<Option<Session>, GatewayError> {
-        let Some(expected) = self.admin_token.as_deref() else {
-            return Err(GatewayError::AdminDisabled);
-        };
         let bearer = auth::bearer(headers);
         if bearer.is_some() || cookies(headers).next().is_none() {
-            return match tokens_match(bearer.unwrap_or_default(), expected) {
-                true => Ok(None),
-                false => Err(GatewayError::InvalidAdminToken),
-            };
+            return self.check_token(bearer.unwrap_or_default()).map(|()| None);
         }
         same_origin(headers)?;
         let keys = self.keys().await?;
