@@ -22,7 +22,8 @@
 #
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]      (SKIP_BUILD=1 to reuse
 #                                                                          target/release;
-#                                                     PERF_RUN="chat 64" to profile one run)
+#                                                     PERF_RUN="chat 64" to profile one run;
+#                                                     ONLY_ROWS="chat 64,stream 64" for a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
@@ -153,12 +154,14 @@ for port in "$STUB_JSON" "$STUB_SSE" "$STUB_SLOW" "$PROXY_JSON" "$PROXY_SSE" "$P
 # tollgate: one upstream per stub, one model per upstream (the model picks the stub, as the
 # port does for nginx), prices of gpt-4o-mini and its tokenizer.
 export TOLLGATE_ADMIN_TOKEN=bench-admin
-start_gateway() { # durability; sets PORT, KEY and GW_PID
-  local dir="$WORK/$1"
+start_gateway() { # durability [binary, directory]; sets PORT, KEY and GW_PID
+  local dir="$WORK/${3:-$1}"
   PORT=$(free_port)
   mkdir -p "$dir"
   {
-    printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s/data"\nlog_format = "json"\n\n' "$PORT" "$dir"
+    printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s/data"\nlog_format = "json"\n' "$PORT" "$dir"
+    [ "${3:-}" != b ] || printf '%b\n' "${B_SERVER:-}"
+    printf '\n'
     printf '[ledger]\ndurability = "%s"\n\n' "$1"
     for stub in json:"$STUB_JSON" stream:"$STUB_SSE" slow:"$STUB_SLOW"; do
       printf '[upstreams.%s]\nbase_url = "http://127.0.0.1:%s/v1"\n\n' "${stub%:*}" "${stub#*:}"
@@ -167,7 +170,7 @@ start_gateway() { # durability; sets PORT, KEY and GW_PID
     done
     printf '[router]\ndefault = "cheap"\n'
   } >"$dir/routes.toml"
-  TOLLGATE_LOG=warn "$BIN" serve --config "$dir/routes.toml" >"$dir/gw.log" 2>&1 &
+  TOLLGATE_LOG=warn "${2:-$BIN}" serve --config "$dir/routes.toml" >"$dir/gw.log" 2>&1 &
   GW_PID=$!
   PIDS+=($!)
   wait_port "$PORT"
@@ -180,6 +183,14 @@ start_gateway strict
 STRICT_PORT=$PORT STRICT_KEY=$KEY STRICT_PID=$GW_PID
 start_gateway batched
 GW_PORT=$PORT GW_KEY=$KEY
+# BIN_B=path/to/another/tollgate adds `tollgate-b`, that build with the batched ledger, taking
+# its turn beside the others in every round: an A/B comparison of two builds in one run.
+# B_SERVER="workers = 1" adds lines to its [server] table (BIN_B=$BIN compares settings).
+if [ -n "${BIN_B:-}" ]; then
+  A_PID=$GW_PID
+  start_gateway batched "$BIN_B" b
+  B_PORT=$PORT B_KEY=$KEY B_PID=$GW_PID GW_PID=$A_PID
+fi
 
 rss_kib() { # pids…: summed VmRSS, or VmHWM with HWM=1
   local field=VmRSS total=0
@@ -217,6 +228,7 @@ LUA
 for kind in chat stream responses slow; do
   write_script "$kind" "$GW_KEY" batched
   write_script "$kind" "$STRICT_KEY" strict
+  [ -z "${BIN_B:-}" ] || write_script "$kind" "$B_KEY" b
 done
 
 cpu_ticks() { # pids…: utime + stime, in clock ticks
@@ -232,6 +244,7 @@ port_of() { # target kind
     nginx) echo "${PROXY_OF[$2]}" ;;
     tollgate) echo "$GW_PORT" ;;
     tollgate-strict) echo "$STRICT_PORT" ;;
+    tollgate-b) echo "$B_PORT" ;;
   esac
 }
 
@@ -243,9 +256,10 @@ run() { # name kind connections script pids…: prints "name p50 p99 mean rps er
   local before=$(cpu_ticks "$@")
   # PERF_RUN="chat 64" (kind and connections) profiles tollgate's runs of that traffic into
   # PERF_OUT (default target/perf-load.data, the last round's): `perf report -i` reads it.
+  # PERF_ARGS replaces `record -g` (e.g. "stat -e raw_syscalls:sys_enter" to count syscalls).
   local perf_pid=
   if [ "${PERF_RUN:-}" = "$kind $conns" ] && [ "$name" = tollgate ]; then
-    perf record -g -o "${PERF_OUT:-target/perf-load.data}" -p "$1" -- sleep "$DURATION" \
+    perf ${PERF_ARGS:-record -g} -o "${PERF_OUT:-target/perf-load.data}" -p "$1" -- sleep "$DURATION" \
       >/dev/null 2>&1 &
     perf_pid=$!
   fi
@@ -277,11 +291,17 @@ run_target() { # name kind connections
     nginx) run nginx "$2" "$3" batched $(process_tree "$PROXY_PID") ;;
     tollgate) run tollgate "$2" "$3" batched "$GW_PID" ;;
     tollgate-strict) run tollgate-strict "$2" "$3" strict "$STRICT_PID" ;;
+    tollgate-b) run tollgate-b "$2" "$3" b "$B_PID" ;;
   esac
 }
 
 ROWS=("chat 1" "chat 64" "chat 64p" "stream 1" "stream 64" "stream 64p" "responses 1" "responses 64" "slow 1")
+# ONLY_ROWS="chat 64,stream 64" runs just those rows (a quick check; the summary table needs all).
+[ -z "${ONLY_ROWS:-}" ] || IFS=, read -r -a ROWS <<<"$ONLY_ROWS"
 TARGETS=(stub nginx tollgate tollgate-strict)
+[ -z "${BIN_B:-}" ] || TARGETS+=(tollgate-b)
+# ONLY_TARGETS="nginx tollgate tollgate-b" runs just those (stub and nginx are the ratios' bases).
+[ -z "${ONLY_TARGETS:-}" ] || read -r -a TARGETS <<<"$ONLY_TARGETS"
 
 # A process's first requests pay for its lazily built state (thread-local caches, allocator
 # pages, upstream connections), and wrk corrects for coordinated omission, so one slow request
@@ -289,7 +309,7 @@ TARGETS=(stub nginx tollgate tollgate-strict)
 # of traffic first.
 for kind in chat stream responses; do
   for target in "${TARGETS[@]}"; do
-    [ "$target" = tollgate-strict ] && s=strict || s=batched
+    case $target in tollgate-strict) s=strict ;; tollgate-b) s=b ;; *) s=batched ;; esac
     wrk -t2 -c64 -d1s -s "$WORK/post_${s}_$kind.lua" \
       "http://127.0.0.1:$(port_of "$target" "$kind")${PATH_OF[$kind]}" >/dev/null 2>&1
   done
@@ -304,6 +324,8 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
+# RESULTS_OUT=file keeps every round's figures (the tables below show medians).
+[ -z "${RESULTS_OUT:-}" ] || cp "$RESULTS" "$RESULTS_OUT"
 PEAK_RSS_NGINX=$(HWM=1 rss_kib $(process_tree "$PROXY_PID"))
 PEAK_RSS_GW=$(HWM=1 rss_kib "$GW_PID")
 
@@ -327,6 +349,8 @@ for (kind, conns, name), m in med.items():
         m[0] - n[0], m[1] - n[1], m[5], m[6]))
 print()
 print("medians of %d rounds" % len(next(iter(runs.values()))))
+if not {("chat", "64"), ("stream", "64"), ("chat", "1"), ("slow", "1")} <= {key[:2] for key in med}:
+    sys.exit(0)
 def fig(kind, conns, name, i):
     return med[(kind, conns, name)][i]
 print()
@@ -351,6 +375,7 @@ PY
 # writes, the second line shows the stalls that strict commits cannot avoid. Each probe writes
 # a fresh file, so both allocate the same way; on 2 busy cores the second also includes some
 # wait for a CPU.
+[ -z "${ONLY_ROWS:-}" ] || exit 0
 cat >"$WORK/probe.py" <<'PY'
 import os, sys, time
 label, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])

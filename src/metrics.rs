@@ -2,6 +2,9 @@
 //! values come only from bounded sets — configured model, upstream, tier and rule names, status
 //! classes and static reason labels — never from client input.
 
+use std::sync::{Arc, OnceLock};
+
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -58,6 +61,84 @@ pub struct Metrics {
     pub budget_alerts: IntCounterVec,
     pub velocity_alerts: IntCounterVec,
     pub soft_budget_alerts: IntCounterVec,
+    /// `usage_events{result="queued"}`, counted for every request.
+    pub usage_queued: IntCounter,
+    /// Each model's series of the families every request touches (see [`Metrics::model`]).
+    by_model: dashmap::DashMap<String, Arc<ModelSeries>>,
+    /// Each key's gauges (see [`Metrics::key`]).
+    by_key: dashmap::DashMap<String, Arc<KeySeries>>,
+}
+
+/// One series of a labelled family, made when first used: a labelled lookup hashes the labels
+/// and takes the family's lock on every call, and a series made before it has a figure would
+/// show on `/metrics` as an empty one.
+pub struct Series<F: Family> {
+    family: F,
+    labels: Box<[String]>,
+    made: OnceLock<F::Metric>,
+}
+
+/// A labelled family: the series of some label values.
+pub trait Family: Clone {
+    type Metric;
+    fn series(&self, labels: &[String]) -> Self::Metric;
+}
+
+impl<T: MetricVecBuilder> Family for MetricVec<T> {
+    type Metric = T::M;
+    fn series(&self, labels: &[String]) -> T::M {
+        self.with_label_values(labels)
+    }
+}
+
+impl<F: Family> Series<F> {
+    fn new(family: &F, labels: &[&str]) -> Series<F> {
+        Series {
+            family: family.clone(),
+            labels: labels.iter().map(|label| (*label).to_owned()).collect(),
+            made: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> &F::Metric {
+        self.made.get_or_init(|| self.family.series(&self.labels))
+    }
+}
+
+/// A model's series of the families every request touches.
+pub struct ModelSeries {
+    pub input_tokens: Series<IntCounterVec>,
+    pub output_tokens: Series<IntCounterVec>,
+    pub cost_usd: Series<prometheus::CounterVec>,
+    /// Indexed by whether the request streamed.
+    pub request_duration: [Series<HistogramVec>; 2],
+    pub time_to_first_token: Series<HistogramVec>,
+    pub drift_input: Series<IntCounterVec>,
+    pub drift_output: Series<IntCounterVec>,
+}
+
+/// A key's gauges, refreshed as its requests settle.
+pub struct KeySeries {
+    pub spend_usd: Series<GaugeVec>,
+    pub budget_remaining_usd: Series<GaugeVec>,
+    pub budget_used_ratio: Series<GaugeVec>,
+    pub remaining_requests: Series<GaugeVec>,
+    pub remaining_tokens: Series<GaugeVec>,
+}
+
+/// The entry for `name`, made by `make` the first time.
+fn found_once<T>(
+    entries: &dashmap::DashMap<String, Arc<T>>,
+    name: &str,
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    if let Some(entry) = entries.get(name) {
+        return entry.clone();
+    }
+    entries
+        .entry(name.to_owned())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -153,6 +234,12 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("budget_overshoot_usd_total"));
         register(&registry, Box::new(budget_overshoot_usd.clone()));
+        let usage_events = counter(
+            &registry,
+            "usage_events_total",
+            "Usage events by fate: queued, written, dropped (channel full) or failed",
+            &["result"],
+        );
         Metrics {
             key_spend_usd: gauge(
                 &registry,
@@ -288,12 +375,6 @@ impl Metrics {
                 "Absolute difference between own token counts and upstream-reported usage",
                 &["model", "direction"],
             ),
-            usage_events: counter(
-                &registry,
-                "usage_events_total",
-                "Usage events by fate: queued, written, dropped (channel full) or failed",
-                &["result"],
-            ),
             usage_pending,
             state_backend_up,
             state_admissions: counter(
@@ -318,8 +399,39 @@ impl Metrics {
                 "Configuration reloads by result",
                 &["result"],
             ),
+            usage_queued: usage_events.with_label_values(&["queued"]),
+            usage_events,
+            by_model: dashmap::DashMap::new(),
+            by_key: dashmap::DashMap::new(),
             registry,
         }
+    }
+
+    /// `model`'s series of the families every request touches.
+    pub fn model(&self, model: &str) -> Arc<ModelSeries> {
+        found_once(&self.by_model, model, || ModelSeries {
+            input_tokens: Series::new(&self.input_tokens, &[model]),
+            output_tokens: Series::new(&self.output_tokens, &[model]),
+            cost_usd: Series::new(&self.cost_usd, &[model]),
+            request_duration: [
+                Series::new(&self.request_duration, &[model, "false"]),
+                Series::new(&self.request_duration, &[model, "true"]),
+            ],
+            time_to_first_token: Series::new(&self.time_to_first_token, &[model]),
+            drift_input: Series::new(&self.token_count_drift, &[model, "input"]),
+            drift_output: Series::new(&self.token_count_drift, &[model, "output"]),
+        })
+    }
+
+    /// The gauges of the key named `key`.
+    pub fn key(&self, key: &str) -> Arc<KeySeries> {
+        found_once(&self.by_key, key, || KeySeries {
+            spend_usd: Series::new(&self.key_spend_usd, &[key]),
+            budget_remaining_usd: Series::new(&self.key_budget_remaining_usd, &[key]),
+            budget_used_ratio: Series::new(&self.key_budget_used_ratio, &[key]),
+            remaining_requests: Series::new(&self.key_remaining_requests, &[key]),
+            remaining_tokens: Series::new(&self.key_remaining_tokens, &[key]),
+        })
     }
 
     pub fn registry(&self) -> &Registry {
@@ -429,6 +541,24 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_shows_only_once_it_has_a_figure() {
+        let metrics = Metrics::new();
+        let series = metrics.model("m");
+        series.input_tokens.get().inc_by(3);
+        let key = metrics.key("k");
+        key.spend_usd.get().set(0.5);
+        let text = metrics.render();
+        assert!(text.contains("tollgate_input_tokens_total{model=\"m\"} 3"));
+        assert!(text.contains("tollgate_key_spend_usd{key=\"k\"} 0.5"));
+        assert!(!text.contains("time_to_first_token"), "{text}");
+        assert!(
+            !text.contains("tollgate_key_budget_remaining_usd{"),
+            "{text}"
+        );
+        assert!(Arc::ptr_eq(&series, &metrics.model("m")));
+    }
 
     #[test]
     fn families_are_prefixed_and_render() {

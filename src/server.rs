@@ -512,29 +512,90 @@ fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(RequestIdLayer)
         .with_state(app)
 }
 
 /// Every request carries a usable `x-request-id` from here on: the client's when it is a sane
 /// token (1 to 128 visible ASCII characters), else a fresh one. It is sent upstream and echoed
-/// on every response.
-async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let usable = request.headers().get(&X_REQUEST_ID).is_some_and(|value| {
-        let bytes = value.as_bytes();
-        (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
-    });
-    if usable {
-        request.extensions_mut().insert(ClientChoseRequestId);
-    } else if let Ok(value) = HeaderValue::from_str(&new_request_id()) {
-        request.headers_mut().insert(X_REQUEST_ID.clone(), value);
+/// on every response. A layer of its own rather than `from_fn`, which boxes every request's
+/// future and clones the routes' service once more.
+#[derive(Clone, Copy)]
+struct RequestIdLayer;
+
+impl<S> tower::Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId { inner }
     }
-    let id = request.headers().get(&X_REQUEST_ID).cloned();
-    let mut response = next.run(request).await;
-    if let Some(id) = id {
-        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+}
+
+#[derive(Clone)]
+struct RequestId<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for RequestId<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = EchoRequestId<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
     }
-    response
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        let usable = request.headers().get(&X_REQUEST_ID).is_some_and(|value| {
+            let bytes = value.as_bytes();
+            (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
+        });
+        if usable {
+            request.extensions_mut().insert(ClientChoseRequestId);
+        } else {
+            let fresh = bytes::Bytes::from(new_request_id());
+            if let Ok(value) = HeaderValue::from_maybe_shared(fresh) {
+                request.headers_mut().insert(X_REQUEST_ID.clone(), value);
+            }
+        }
+        EchoRequestId {
+            id: request.headers().get(&X_REQUEST_ID).cloned(),
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct EchoRequestId<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, E> Future for EchoRequestId<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(id) = this.id.take() {
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        std::task::Poll::Ready(Ok(response))
+    }
 }
 
 async fn healthz() -> Response {

@@ -76,6 +76,9 @@ pub struct Attempt<'a> {
     /// Whether the body is small enough to splice on the serving lane.
     pub inline: bool,
     pub stream: bool,
+    /// The model the body names, when it names no top-level member twice: a model whose
+    /// upstream knows it by this name is then sent the body as it came.
+    pub unique_members_model: Option<&'a str>,
     pub request_id: &'a HeaderValue,
     pub policy: &'a RetryPolicy,
     pub metrics: &'a Metrics,
@@ -230,6 +233,11 @@ async fn splice(attempt: &Attempt<'_>, model: &Model) -> Result<(Bytes, bool), G
             .map(|body| (body, false)),
         };
     }
+    let unchanged = !adds_usage_option(attempt.endpoint, attempt.stream)
+        && attempt.unique_members_model == Some(model.upstream_model.as_str());
+    if unchanged {
+        return Ok((attempt.body.clone(), false));
+    }
     if attempt.inline {
         return upstream_body(
             attempt.body,
@@ -261,12 +269,7 @@ pub(crate) fn upstream_body(
         GatewayError::Internal(format!("cannot encode the request: {error}"))
     };
     let members: Members = serde_json::from_slice(client).map_err(encode_error)?;
-    // Responses streams always end with their usage.
-    let usage_option = stream
-        && matches!(
-            endpoint,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Messages
-        );
+    let usage_option = adds_usage_option(endpoint, stream);
     let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
     body.extend_from_slice(b"{\"model\":");
     serde_json::to_writer(&mut body, upstream_model).map_err(encode_error)?;
@@ -290,6 +293,16 @@ pub(crate) fn upstream_body(
     }
     body.push(b'}');
     Ok((Bytes::from(body), strip_usage_chunk))
+}
+
+/// Whether a request goes upstream with `stream_options.include_usage` set. Responses streams
+/// always end with their usage.
+fn adds_usage_option(endpoint: Endpoint, stream: bool) -> bool {
+    stream
+        && matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Messages
+        )
 }
 
 /// Writes the client's `stream_options` (an object or null, checked on arrival) with

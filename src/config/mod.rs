@@ -239,6 +239,8 @@ impl fmt::Debug for Upstream {
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
+    /// `name` as the `x-tollgate-model` header's value, made once (`None` if it cannot be one).
+    pub name_header: Option<axum::http::HeaderValue>,
     pub upstream: Arc<Upstream>,
     pub upstream_model: String,
     pub tier: String,
@@ -881,6 +883,7 @@ fn build_model(
     let output = price("output_per_mtok", raw.output_per_mtok);
     Some(Model {
         name: name.to_owned(),
+        name_header: axum::http::HeaderValue::from_str(name).ok(),
         upstream: upstream?,
         upstream_model: raw
             .upstream_model

@@ -372,8 +372,11 @@ static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remai
 static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 impl RateLimitHeaders {
-    /// Adds the headers of the dimensions that have a limit.
+    /// Adds the headers of the dimensions that have a limit. Their values are written into
+    /// one buffer that every header value shares: one allocation on every answer, not one per
+    /// figure.
     pub fn write_to(&self, headers: &mut HeaderMap) {
+        use std::fmt::Write as _;
         let dimensions = [
             (
                 self.requests,
@@ -384,12 +387,29 @@ impl RateLimitHeaders {
                 [&LIMIT_TOKENS, &REMAINING_TOKENS, &RESET_TOKENS],
             ),
         ];
-        for (snapshot, [limit, remaining, reset]) in dimensions {
+        let mut text = String::with_capacity(96);
+        let mut spans = [[(0, 0); 3]; 2];
+        for ((snapshot, _), spans) in dimensions.iter().zip(&mut spans) {
             let Some(snapshot) = snapshot else { continue };
-            headers.insert(limit.clone(), HeaderValue::from(snapshot.limit));
-            headers.insert(remaining.clone(), HeaderValue::from(snapshot.remaining));
-            if let Ok(value) = HeaderValue::try_from(go_duration(snapshot.reset)) {
-                headers.insert(reset.clone(), value);
+            let start = text.len();
+            let _ = write!(text, "{}", snapshot.limit);
+            spans[0] = (start, text.len());
+            let start = text.len();
+            let _ = write!(text, "{}", snapshot.remaining);
+            spans[1] = (start, text.len());
+            let start = text.len();
+            write_go_duration(&mut text, snapshot.reset);
+            spans[2] = (start, text.len());
+        }
+        let shared = bytes::Bytes::from(text);
+        for ((snapshot, names), spans) in dimensions.iter().zip(&spans) {
+            if snapshot.is_none() {
+                continue;
+            }
+            for (name, &(start, end)) in names.iter().zip(spans) {
+                if let Ok(value) = HeaderValue::from_maybe_shared(shared.slice(start..end)) {
+                    headers.insert((*name).clone(), value);
+                }
             }
         }
     }
@@ -410,24 +430,42 @@ pub fn tighter(current: Option<Snapshot>, candidate: Option<Snapshot>) -> Option
 /// Durations the way OpenAI writes them (Go's format): `20ms`, `1s`, `6m0s`, `1h2m3s`,
 /// `59.94s`.
 pub fn go_duration(duration: Duration) -> String {
+    let mut text = String::new();
+    write_go_duration(&mut text, duration);
+    text
+}
+
+fn write_go_duration(out: &mut String, duration: Duration) {
+    use std::fmt::Write as _;
     let ms = duration.as_millis();
     if ms < 1_000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return;
     }
     let hours = ms / 3_600_000;
     let minutes = (ms % 3_600_000) / 60_000;
-    let seconds_ms = ms % 60_000;
-    let seconds = if seconds_ms.is_multiple_of(1_000) {
-        format!("{}s", seconds_ms / 1_000)
-    } else {
-        let text = format!("{}.{:03}", seconds_ms / 1_000, seconds_ms % 1_000);
-        format!("{}s", text.trim_end_matches('0'))
-    };
     match (hours, minutes) {
-        (0, 0) => seconds,
-        (0, m) => format!("{m}m{seconds}"),
-        (h, m) => format!("{h}h{m}m{seconds}"),
+        (0, 0) => {}
+        (0, m) => {
+            let _ = write!(out, "{m}m");
+        }
+        (h, m) => {
+            let _ = write!(out, "{h}h{m}m");
+        }
     }
+    let seconds = (ms % 60_000) / 1_000;
+    let mut fraction = ms % 1_000;
+    if fraction == 0 {
+        let _ = write!(out, "{seconds}s");
+        return;
+    }
+    // Trailing zeros go: 59.940 s is written 59.94s.
+    let mut digits = 3;
+    while fraction.is_multiple_of(10) {
+        fraction /= 10;
+        digits -= 1;
+    }
+    let _ = write!(out, "{seconds}.{fraction:0digits$}s");
 }
 
 /// Every key's, team's, customer's and model's live limits.
@@ -974,12 +1012,67 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_headers_name_each_limited_dimension() {
+        let mut headers = HeaderMap::new();
+        RateLimitHeaders {
+            requests: Some(Snapshot {
+                limit: 60,
+                remaining: 59,
+                reset: Duration::from_millis(1_000),
+            }),
+            tokens: None,
+        }
+        .write_to(&mut headers);
+        let value = |headers: &HeaderMap, name: &str| {
+            headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            value(&headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("60")
+        );
+        assert_eq!(
+            value(&headers, "x-ratelimit-remaining-requests").as_deref(),
+            Some("59")
+        );
+        assert_eq!(
+            value(&headers, "x-ratelimit-reset-requests").as_deref(),
+            Some("1s")
+        );
+        assert_eq!(headers.len(), 3);
+        RateLimitHeaders {
+            requests: None,
+            tokens: Some(Snapshot {
+                limit: 150_000,
+                remaining: 149_000,
+                reset: Duration::from_millis(400),
+            }),
+        }
+        .write_to(&mut headers);
+        assert_eq!(
+            value(&headers, "x-ratelimit-limit-tokens").as_deref(),
+            Some("150000")
+        );
+        assert_eq!(
+            value(&headers, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("149000")
+        );
+        assert_eq!(
+            value(&headers, "x-ratelimit-reset-tokens").as_deref(),
+            Some("400ms")
+        );
+        assert_eq!(headers.len(), 6);
+    }
+
+    #[test]
     fn go_durations() {
         assert_eq!(go_duration(Duration::from_millis(20)), "20ms");
         assert_eq!(go_duration(Duration::from_secs(1)), "1s");
         assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(go_duration(Duration::from_millis(59_940)), "59.94s");
         assert_eq!(go_duration(Duration::from_secs(3_723)), "1h2m3s");
+        assert_eq!(go_duration(Duration::from_millis(1_005)), "1.005s");
+        assert_eq!(go_duration(Duration::from_millis(61_050)), "1m1.05s");
+        assert_eq!(go_duration(Duration::from_millis(999)), "999ms");
     }
 
     #[test]

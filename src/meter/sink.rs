@@ -128,10 +128,7 @@ impl UsageSender {
         match self.tx.try_send(envelope) {
             Ok(()) => {
                 self.metrics.usage_pending.inc();
-                self.metrics
-                    .usage_events
-                    .with_label_values(&["queued"])
-                    .inc();
+                self.metrics.usage_queued.inc();
                 true
             }
             Err(_) => {

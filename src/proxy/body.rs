@@ -7,7 +7,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
 
@@ -15,6 +16,8 @@ pub(super) struct ParsedRequest {
     pub body: Value,
     pub model: String,
     pub stream: bool,
+    /// A top-level member appears more than once (the body holds its last value).
+    pub repeats_members: bool,
 }
 
 /// The body, refused with 413 before keeping more than the limit (and before any parsing).
@@ -84,16 +87,20 @@ async fn discard(mut body: Body, declared: Option<u64>) {
 }
 
 pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
-    let body: Value = serde_json::from_slice(bytes).map_err(|error| {
+    let unparsable = |error: serde_json::Error| {
         GatewayError::bad_request(format!(
             "We could not parse the JSON body of your request: {error}"
         ))
-    })?;
-    if !body.is_object() {
+    };
+    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
         return Err(GatewayError::bad_request(
             "the request body must be a JSON object",
         ));
     }
+    let Members { body, repeats } = serde_json::from_slice(bytes).map_err(unparsable)?;
+    let body = Value::Object(body);
     let model = match &body["model"] {
         Value::String(model) if !model.is_empty() => model.clone(),
         Value::Null => {
@@ -129,5 +136,81 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError>
         body,
         model,
         stream,
+        repeats_members: repeats,
     })
+}
+
+/// A request body's top-level members as `Value` would parse them (a repeated name keeps its
+/// place and takes its last value), and whether any name repeats: a body without repeats may
+/// be forwarded as it came, since every parser reads it as the gateway did.
+struct Members {
+    body: Map<String, Value>,
+    repeats: bool,
+}
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut body = Map::new();
+                let mut repeats = false;
+                while let Some(name) = map.next_key::<String>()? {
+                    let value = map.next_value::<Value>()?;
+                    repeats |= body.insert(name, value).is_some();
+                }
+                Ok(Members { body, repeats })
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(error: GatewayError) -> String {
+        match error {
+            GatewayError::BadRequest { message, .. } => message,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn repeated_top_level_members_are_noticed_and_the_last_value_kept() {
+        let parsed = parse_request(br#" {"model":"a","stream":false,"model":"b"}"#).unwrap();
+        assert!(parsed.repeats_members);
+        assert_eq!(parsed.model, "b");
+        assert_eq!(
+            parsed.body.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["model", "stream"]
+        );
+
+        let parsed =
+            parse_request(br#"{"model":"a","messages":[{"role":"user","role":"x"}]}"#).unwrap();
+        assert!(
+            !parsed.repeats_members,
+            "only the top level is forwarded member by member"
+        );
+        assert_eq!(parsed.model, "a");
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_keep_their_messages() {
+        assert_eq!(
+            message(parse_request(b" [1, 2]").err().unwrap()),
+            "the request body must be a JSON object"
+        );
+        assert!(message(parse_request(b"[1, 2").err().unwrap())
+            .starts_with("We could not parse the JSON body of your request: "));
+        assert!(message(parse_request(br#"{"model":"a",}"#).err().unwrap())
+            .starts_with("We could not parse the JSON body of your request: "));
+        assert!(message(parse_request(br#"{"model":"a"} x"#).err().unwrap())
+            .starts_with("We could not parse the JSON body of your request: trailing characters"));
+    }
 }

@@ -16,7 +16,6 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use axum::Extension;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -44,12 +43,12 @@ use settle::Ending;
 
 /// The route of a proxied endpoint: every one takes the same path through the gateway.
 pub fn endpoint(endpoint: Endpoint) -> MethodRouter<Arc<App>> {
+    // The whole request, taken apart here: axum's `HeaderMap` extractor would copy the headers.
     post(
-        move |State(app): State<Arc<App>>,
-              client_chose_id: Option<Extension<ClientChoseRequestId>>,
-              headers: HeaderMap,
-              body: Body| {
-            handle(app, endpoint, client_chose_id.is_some(), headers, body)
+        move |State(app): State<Arc<App>>, request: axum::extract::Request| {
+            let (parts, body) = request.into_parts();
+            let client_chose_id = parts.extensions.get::<ClientChoseRequestId>().is_some();
+            handle(app, endpoint, client_chose_id, parts.headers, body)
         },
     )
 }
@@ -234,6 +233,7 @@ async fn proxy(
         client_headers: headers,
         inline,
         stream: request.stream,
+        unique_members_model: (!request.repeats_members).then_some(request.model.as_str()),
         request_id: &exchange.request_id,
         policy: &config.retry,
         metrics: &exchange.app.metrics,
@@ -723,6 +723,8 @@ impl Exchange {
             }
         }
         let mut response = Response::new(Body::from(body));
+        // Sized once for the type and the gateway's headers (see `decorate`).
+        *response.headers_mut() = HeaderMap::with_capacity(12);
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             content_type.unwrap_or(HeaderValue::from_static("application/json")),
@@ -760,16 +762,22 @@ impl Exchange {
     /// The gateway's headers on every proxied response.
     fn decorate(&self, response: &mut Response) {
         let headers = response.headers_mut();
-        if let Some(model) = &self.model {
-            if let Ok(value) = HeaderValue::from_str(&model.name) {
-                headers.insert(X_TOLLGATE_MODEL.clone(), value);
-            }
+        // Room for the headers below at once, not a regrowth of the map partway.
+        headers.reserve(9);
+        if let Some(value) = self
+            .model
+            .as_ref()
+            .and_then(|model| model.name_header.clone())
+        {
+            headers.insert(X_TOLLGATE_MODEL.clone(), value);
         }
-        headers.insert(
-            X_TOLLGATE_ROUTE.clone(),
-            HeaderValue::from_str(&self.route_rule)
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
-        );
+        let route = match self.route_rule.as_str() {
+            "direct" => HeaderValue::from_static("direct"),
+            rule => {
+                HeaderValue::from_str(rule).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+            }
+        };
+        headers.insert(X_TOLLGATE_ROUTE.clone(), route);
         self.rate_headers.write_to(headers);
     }
 }

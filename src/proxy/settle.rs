@@ -49,6 +49,8 @@ struct Closing {
     billed: TokenUsage,
     record: UsageRecord,
     rate_headers: crate::limits::RateLimitHeaders,
+    /// The served model's metric series.
+    series: Option<Arc<crate::metrics::ModelSeries>>,
 }
 
 impl Exchange {
@@ -72,15 +74,22 @@ impl Exchange {
                 status_class(ending.status),
             ])
             .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[model_label, if self.streamed { "true" } else { "false" }])
-            .observe(latency.as_secs_f64());
-        if let (Some(ttft), true) = (ending.ttft, self.streamed) {
-            metrics
-                .time_to_first_token
-                .with_label_values(&[model_label])
-                .observe(ttft.as_secs_f64());
+        // A request refused before a model was chosen makes no per-model series but `none`'s
+        // duration.
+        let series = self.model.as_ref().map(|model| metrics.model(&model.name));
+        match &series {
+            Some(series) => {
+                series.request_duration[usize::from(self.streamed)]
+                    .get()
+                    .observe(latency.as_secs_f64());
+                if let (Some(ttft), true) = (ending.ttft, self.streamed) {
+                    series.time_to_first_token.get().observe(ttft.as_secs_f64());
+                }
+            }
+            None => metrics
+                .request_duration
+                .with_label_values(&["none", if self.streamed { "true" } else { "false" }])
+                .observe(latency.as_secs_f64()),
         }
         // Only an answered request is billed: providers do not charge for refusals and errors.
         let billed = match ending.answered {
@@ -150,6 +159,7 @@ impl Exchange {
             billed,
             record,
             rate_headers: self.rate_headers,
+            series,
         };
         match closing.finish_now() {
             Ok(committed) => committed,
@@ -281,30 +291,21 @@ impl Closing {
                 self.export_key_gauges();
             }
         }
-        if let Some(model) = &self.model {
-            let model_label = [model.name.as_str()];
-            metrics
-                .input_tokens
-                .with_label_values(&model_label)
-                .inc_by(self.billed.input);
-            metrics
-                .output_tokens
-                .with_label_values(&model_label)
-                .inc_by(self.billed.output);
+        if let Some(series) = &self.series {
+            series.input_tokens.get().inc_by(self.billed.input);
+            series.output_tokens.get().inc_by(self.billed.output);
             // List cost, not the charge: a counter cannot fall, and a volume tier's charge can.
-            metrics
-                .cost_usd
-                .with_label_values(&model_label)
-                .inc_by(list_cost.as_f64_usd());
+            series.cost_usd.get().inc_by(list_cost.as_f64_usd());
             if let Some(reported) = self.record.reported {
-                let drift = |ours: u64, theirs: u64, direction: &str| {
-                    metrics
-                        .token_count_drift
-                        .with_label_values(&[model.name.as_str(), direction])
-                        .inc_by(ours.abs_diff(theirs));
-                };
-                drift(self.record.counted.input, reported.input, "input");
-                drift(self.record.counted.output, reported.output, "output");
+                let counted = self.record.counted;
+                series
+                    .drift_input
+                    .get()
+                    .inc_by(counted.input.abs_diff(reported.input));
+                series
+                    .drift_output
+                    .get()
+                    .inc_by(counted.output.abs_diff(reported.output));
             }
         }
         let mut record = self.record;
@@ -341,36 +342,26 @@ impl Closing {
         let Some(key) = &self.key else {
             return;
         };
-        let metrics = &self.app.metrics;
-        let label = [key.name.as_str()];
+        let series = self.app.metrics.key(&key.name);
         if let Some(budget) = self.app.admission.budget_now(&key.id) {
-            metrics
-                .key_spend_usd
-                .with_label_values(&label)
-                .set(budget.spend_usd.as_f64_usd());
+            series.spend_usd.get().set(budget.spend_usd.as_f64_usd());
             if budget.budget_usd != crate::limits::UNCAPPED {
-                metrics
-                    .key_budget_remaining_usd
-                    .with_label_values(&label)
+                series
+                    .budget_remaining_usd
+                    .get()
                     .set(budget.remaining_usd.as_f64_usd());
                 let used = budget.spend_usd.as_f64_usd() / budget.budget_usd.as_f64_usd().max(1e-9);
-                metrics
-                    .key_budget_used_ratio
-                    .with_label_values(&label)
-                    .set(used);
+                series.budget_used_ratio.get().set(used);
             }
         }
         if let Some(requests) = self.rate_headers.requests {
-            metrics
-                .key_remaining_requests
-                .with_label_values(&label)
+            series
+                .remaining_requests
+                .get()
                 .set(requests.remaining as f64);
         }
         if let Some(tokens) = self.rate_headers.tokens {
-            metrics
-                .key_remaining_tokens
-                .with_label_values(&label)
-                .set(tokens.remaining as f64);
+            series.remaining_tokens.get().set(tokens.remaining as f64);
         }
     }
 }

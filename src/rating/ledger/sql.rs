@@ -14,8 +14,13 @@ use crate::store::row::{Column, Dialect, Kind, RowSource};
 
 /// The UTC calendar day of a timestamp, as the ledger's `day` column stores it.
 pub(crate) fn day_of(ms: i64) -> String {
+    use chrono::Datelike;
+    // Written by hand: chrono's `format` parses its pattern again for every row.
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d").to_string())
+        .map(|t| {
+            let day = t.date_naive();
+            format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
+        })
         .unwrap_or_default()
 }
 

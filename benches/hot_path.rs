@@ -1,0 +1,165 @@
+//! Per-request work that issue 20 made cheaper, each beside the way it was done before:
+//! the six `x-ratelimit-*` values (one shared buffer against a string per value), a chat
+//! prompt's count when its short texts hit the prompt cache (the system prompt and the roles,
+//! once counted text by text), and a model's per-request metric series and a key's gauges
+//! (found once against a labelled lookup per family).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate::limits::gcra::Snapshot;
+use tollgate::limits::{go_duration, RateLimitHeaders};
+use tollgate::meter::tokenizer::{Encoding, Tokenizer};
+use tollgate::metrics::Metrics;
+
+fn bench_rate_limit_headers(c: &mut Criterion) {
+    let snapshot = |limit, remaining, reset_ms| Snapshot {
+        limit,
+        remaining,
+        reset: Duration::from_millis(reset_ms),
+    };
+    let headers = RateLimitHeaders {
+        requests: Some(snapshot(10_000, 9_999, 6)),
+        tokens: Some(snapshot(2_000_000, 1_999_612, 11_640)),
+    };
+    let mut group = c.benchmark_group("rate_limit_headers");
+    group.bench_function("shared_buffer", |b| {
+        b.iter(|| {
+            let mut map = HeaderMap::with_capacity(12);
+            headers.write_to(&mut map);
+            map
+        })
+    });
+    // What `write_to` did before: a string, then a header value copied from it, per figure.
+    let names = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ]
+    .map(HeaderName::from_static);
+    group.bench_function("value_per_figure", |b| {
+        b.iter(|| {
+            let mut map = HeaderMap::with_capacity(12);
+            for (snapshot, names) in [headers.requests, headers.tokens]
+                .iter()
+                .zip(names.chunks(3))
+            {
+                let snapshot = snapshot.unwrap();
+                map.insert(names[0].clone(), HeaderValue::from(snapshot.limit));
+                map.insert(names[1].clone(), HeaderValue::from(snapshot.remaining));
+                map.insert(
+                    names[2].clone(),
+                    HeaderValue::try_from(go_duration(snapshot.reset)).unwrap(),
+                );
+            }
+            map
+        })
+    });
+    group.finish();
+}
+
+fn bench_chat_prompt(c: &mut Criterion) {
+    let tokenizer = Tokenizer::new().unwrap();
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(22);
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": prompt.trim()},
+        ],
+    });
+    let mut group = c.benchmark_group("chat_prompt");
+    group.bench_function("cached", |b| {
+        b.iter(|| tokenizer.count_chat_prompt(Encoding::O200kBase, &body))
+    });
+    // The short texts counted each time, as before they were cached (the long one was).
+    group.bench_function("short_texts_counted", |b| {
+        b.iter(|| {
+            ["system", "You are a helpful assistant.", "user"]
+                .iter()
+                .map(|text| tokenizer.count_text(Encoding::O200kBase, text))
+                .sum::<u64>()
+        })
+    });
+    group.finish();
+}
+
+fn bench_metric_series(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let mut group = c.benchmark_group("metric_series");
+    group.bench_function("found_once", |b| {
+        b.iter(|| {
+            let series = metrics.model("gpt-4o-mini");
+            series.request_duration[0].get().observe(0.002);
+            series.input_tokens.get().inc_by(250);
+            series.output_tokens.get().inc_by(16);
+            series.cost_usd.get().inc_by(0.0000471);
+            series.drift_input.get().inc_by(0);
+            series.drift_output.get().inc_by(0);
+        })
+    });
+    group.bench_function("labelled_lookups", |b| {
+        b.iter(|| {
+            let label = ["gpt-4o-mini"];
+            metrics
+                .request_duration
+                .with_label_values(&["gpt-4o-mini", "false"])
+                .observe(0.002);
+            metrics.input_tokens.with_label_values(&label).inc_by(250);
+            metrics.output_tokens.with_label_values(&label).inc_by(16);
+            metrics.cost_usd.with_label_values(&label).inc_by(0.0000471);
+            for direction in ["input", "output"] {
+                metrics
+                    .token_count_drift
+                    .with_label_values(&["gpt-4o-mini", direction])
+                    .inc_by(0);
+            }
+        })
+    });
+    group.bench_function("key_gauges_found_once", |b| {
+        b.iter(|| {
+            let series = metrics.key("bench-key");
+            series.spend_usd.get().set(1.25);
+            series.budget_remaining_usd.get().set(98.75);
+            series.budget_used_ratio.get().set(0.0125);
+            series.remaining_requests.get().set(59.0);
+            series.remaining_tokens.get().set(149_000.0);
+        })
+    });
+    group.bench_function("key_gauges_labelled_lookups", |b| {
+        b.iter(|| {
+            let label = ["bench-key"];
+            metrics.key_spend_usd.with_label_values(&label).set(1.25);
+            metrics
+                .key_budget_remaining_usd
+                .with_label_values(&label)
+                .set(98.75);
+            metrics
+                .key_budget_used_ratio
+                .with_label_values(&label)
+                .set(0.0125);
+            metrics
+                .key_remaining_requests
+                .with_label_values(&label)
+                .set(59.0);
+            metrics
+                .key_remaining_tokens
+                .with_label_values(&label)
+                .set(149_000.0);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_rate_limit_headers,
+    bench_chat_prompt,
+    bench_metric_series
+);
+criterion_main!(benches);
