@@ -3,7 +3,7 @@
 //! metered row per request, as for chat.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::Harness;
 use serde_json::{json, Value};

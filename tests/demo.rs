@@ -2,7 +2,7 @@
 //! (the Python lines with the test venv's interpreter, which has the `openai` SDK).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

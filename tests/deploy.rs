@@ -4,7 +4,7 @@
 //! from outside the config file (`TOLLGATE_DATA_DIR`, `TOLLGATE_LISTEN`) takes effect.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::io::BufRead;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! spend survives a restart, and the admin API refuses what would lose a cap.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::Harness;
 use futures_util::future::join_all;

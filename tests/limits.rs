@@ -2,7 +2,7 @@
 //! status and header of the contract, revocation, allow-lists, and the SDK's retry behaviour.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{run_python, Harness};
 use futures_util::future::join_all;

@@ -3,7 +3,7 @@
 //! `promtool check rules` passes where promtool is installed, as `.ci/run` does).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

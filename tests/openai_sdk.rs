@@ -1,7 +1,7 @@
 //! The official OpenAI Python SDK as the client, with only its base URL changed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{run_python, Harness};
 use serde_json::Value;

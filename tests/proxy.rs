@@ -1,7 +1,7 @@
 //! The spine end to end: the real gateway on port 0 in front of the mock upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! that survives restarts and crashes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -538,7 +538,7 @@ async fn crash_under_load(durability: &str) -> Crash {
     let data_dir = temp_dir("crash");
     let extra = format!("[ledger]\ndurability = \"{durability}\"\n");
     let path = data_dir.join("routes.toml");
-    std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider");
+    std::env::set_var("TOLLGATE_TEST_PROVIDER_KEY", common::PROVIDER_KEY);
     std::fs::write(&path, config_text(&mock.base_url(), &data_dir, &extra)).unwrap();
     let (mut child, url) = spawn_gateway(&path);
     let http = reqwest::Client::new();

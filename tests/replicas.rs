@@ -3,7 +3,7 @@
 //! client spreading requests over them. Nothing here is mocked but the paid provider.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! the SQLite ledger's for the same records, and `tollgate migrate --to postgres`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Barrier};

@@ -2,7 +2,7 @@
 //! whitespace runs, chat requests with names, images, tool calls and tool definitions.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
