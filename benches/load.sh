@@ -256,10 +256,11 @@ run() { # name kind connections script pids…: prints "name p50 p99 mean rps er
   local before=$(cpu_ticks "$@")
   # PERF_RUN="chat 64" (kind and connections) profiles tollgate's runs of that traffic into
   # PERF_OUT (default target/perf-load.data, the last round's): `perf report -i` reads it.
-  # PERF_ARGS replaces `record -g` (e.g. "stat -e raw_syscalls:sys_enter" to count syscalls).
+  # PERF_ARGS replaces `record -g` (e.g. "stat -e raw_syscalls:sys_enter" to count syscalls);
+  # PERF_TARGET=nginx (or another target) profiles that one instead.
   local perf_pid=
-  if [ "${PERF_RUN:-}" = "$kind $conns" ] && [ "$name" = tollgate ]; then
-    perf ${PERF_ARGS:-record -g} -o "${PERF_OUT:-target/perf-load.data}" -p "$1" -- sleep "$DURATION" \
+  if [ "${PERF_RUN:-}" = "$kind $conns" ] && [ "$name" = "${PERF_TARGET:-tollgate}" ]; then
+    perf ${PERF_ARGS:-record -g} -o "${PERF_OUT:-target/perf-load.data}" -p "$(IFS=,; echo "$*")" -- sleep "$DURATION" \
       >/dev/null 2>&1 &
     perf_pid=$!
   fi

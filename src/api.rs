@@ -42,6 +42,24 @@ impl Endpoint {
         }
     }
 
+    /// The path clients send it to.
+    pub fn client_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
+        }
+    }
+
+    /// The endpoint clients reach at `path`.
+    pub fn at(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL
+            .into_iter()
+            .find(|endpoint| endpoint.client_path() == path)
+    }
+
     /// The path under the upstream's base URL (which ends in `/v1`).
     pub fn upstream_path(self) -> &'static str {
         match self {

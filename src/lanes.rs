@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,6 +30,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
 use crate::metrics::Metrics;
+use crate::server::Routes;
 
 /// Connections past the bound that are still served for `/healthz`, `/readyz` and
 /// `/metrics` (anything else gets a 503), so that probes and scrapes see a gateway at its
@@ -141,8 +141,8 @@ impl Drop for OpenConnection {
 /// bound, and the timeouts on a client's request head and body.
 #[derive(Clone)]
 pub struct Serving {
-    pub full: Router,
-    pub ops_only: Router,
+    pub full: Routes,
+    pub ops_only: Routes,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
 }
@@ -296,7 +296,7 @@ async fn serve_lane(
 /// `timeouts`: for the request head, and between two pieces of a body.
 async fn serve_connection(
     stream: TcpStream,
-    router: Router,
+    router: Routes,
     timeouts: (Duration, Duration),
     mut stop: watch::Receiver<bool>,
 ) {

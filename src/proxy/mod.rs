@@ -43,14 +43,20 @@ use settle::Ending;
 
 /// The route of a proxied endpoint: every one takes the same path through the gateway.
 pub fn endpoint(endpoint: Endpoint) -> MethodRouter<Arc<App>> {
-    // The whole request, taken apart here: axum's `HeaderMap` extractor would copy the headers.
     post(
         move |State(app): State<Arc<App>>, request: axum::extract::Request| {
-            let (parts, body) = request.into_parts();
-            let client_chose_id = parts.extensions.get::<ClientChoseRequestId>().is_some();
-            handle(app, endpoint, client_chose_id, parts.headers, body)
+            serve(app, endpoint, request)
         },
     )
+}
+
+/// One request to a proxied endpoint, whole: the client listener calls this directly for
+/// them (see `server::Routes`), the router through [`endpoint`].
+pub async fn serve(app: Arc<App>, endpoint: Endpoint, request: axum::extract::Request) -> Response {
+    // The whole request, taken apart here: axum's `HeaderMap` extractor would copy the headers.
+    let (parts, body) = request.into_parts();
+    let client_chose_id = parts.extensions.get::<ClientChoseRequestId>().is_some();
+    handle(app, endpoint, client_chose_id, parts.headers, body).await
 }
 
 async fn handle(
