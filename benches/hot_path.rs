@@ -2,7 +2,9 @@
 //! the six `x-ratelimit-*` values (one shared buffer against a string per value), a chat
 //! prompt's count when its short texts hit the prompt cache (the system prompt and the roles,
 //! once counted text by text), and a model's per-request metric series and a key's gauges
-//! (found once against a labelled lookup per family).
+//! (found once against a labelled lookup per family), the dispatch of a proxied POST (straight
+//! to its endpoint against axum's router), and the metering of a whole chat answer (parse, read
+//! the output, count it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -156,10 +158,88 @@ fn bench_metric_series(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the client listener does with a POST to `/v1/chat/completions` before the proxy runs:
+/// find the endpoint by its path (`server::Routes`), against axum's router with the same
+/// routes (its matching, per-route boxed service and response mapping). Both call the same
+/// trivial handler.
+fn bench_dispatch(c: &mut Criterion) {
+    use axum::body::Body;
+    use axum::response::Response;
+    use futures_util::FutureExt;
+    use tollgate::api::Endpoint;
+    use tower::Service;
+
+    async fn answer(endpoint: Endpoint) -> Response {
+        Response::new(Body::from(endpoint.as_str()))
+    }
+    let mut router: axum::Router = Endpoint::ALL
+        .into_iter()
+        .fold(axum::Router::new(), |router, endpoint| {
+            router.route(
+                endpoint.client_path(),
+                axum::routing::post(move || answer(endpoint)),
+            )
+        })
+        .route("/v1/models", axum::routing::get(|| answer(Endpoint::Completions)))
+        .route("/healthz", axum::routing::get(|| answer(Endpoint::Completions)))
+        .route("/metrics", axum::routing::get(|| answer(Endpoint::Completions)));
+    let request = || {
+        axum::http::Request::post("/v1/chat/completions")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let mut group = c.benchmark_group("dispatch");
+    group.bench_function("endpoint_by_path", |b| {
+        b.iter(|| {
+            let request = request();
+            let endpoint = (request.method() == axum::http::Method::POST)
+                .then(|| Endpoint::at(request.uri().path()))
+                .flatten()
+                .unwrap();
+            let future: std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> =
+                Box::pin(async move {
+                    drop(request);
+                    answer(endpoint).await
+                });
+            future.now_or_never().unwrap()
+        })
+    });
+    group.bench_function("axum_router", |b| {
+        b.iter(|| router.call(request()).now_or_never().unwrap().unwrap())
+    });
+    group.finish();
+}
+
+/// A whole non-streamed chat answer as the gateway meters it: parsed (strings borrowed), its
+/// usage and output read, the output counted.
+fn bench_answer(c: &mut Criterion) {
+    use tollgate::meter::answer::Answer;
+    use tollgate::meter::tokenizer::OutputCounter;
+
+    let tokenizer = Tokenizer::new().unwrap();
+    let body = br#"{"id":"chatcmpl-mock0000000000000001","object":"chat.completion","created":1796295711,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":" the quick brown fox jumps over lazy dog and then runs far away from home again","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"system_fingerprint":"fp_mock","service_tier":"default","usage":{"prompt_tokens":21,"completion_tokens":16,"total_tokens":37,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+    let mut group = c.benchmark_group("chat_answer");
+    group.bench_function("parse", |b| {
+        b.iter(|| Answer::parse(body).unwrap().usage())
+    });
+    group.bench_function("parse_read_count", |b| {
+        b.iter(|| {
+            let answer = Answer::parse(body).unwrap();
+            let usage = answer.usage();
+            let mut output = OutputCounter::default();
+            answer.read_output(&mut output);
+            (usage, output.finish(&tokenizer, Encoding::O200kBase))
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_rate_limit_headers,
     bench_chat_prompt,
-    bench_metric_series
+    bench_metric_series,
+    bench_dispatch,
+    bench_answer
 );
 criterion_main!(benches);

@@ -157,7 +157,9 @@ impl<'de> Deserialize<'de> for Members {
                 formatter.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
-                let mut body = Map::new();
+                // Room for a typical request's members (model, messages, stream, limits,
+                // sampling, tools…) at once, rather than growing and rehashing partway.
+                let mut body = Map::with_capacity(map.size_hint().unwrap_or(0).max(8));
                 let mut repeats = false;
                 while let Some(name) = map.next_key::<String>()? {
                     let value = map.next_value::<Value>()?;
