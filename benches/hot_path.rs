@@ -180,9 +180,18 @@ fn bench_dispatch(c: &mut Criterion) {
                 axum::routing::post(move || answer(endpoint)),
             )
         })
-        .route("/v1/models", axum::routing::get(|| answer(Endpoint::Completions)))
-        .route("/healthz", axum::routing::get(|| answer(Endpoint::Completions)))
-        .route("/metrics", axum::routing::get(|| answer(Endpoint::Completions)));
+        .route(
+            "/v1/models",
+            axum::routing::get(|| answer(Endpoint::Completions)),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(|| answer(Endpoint::Completions)),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(|| answer(Endpoint::Completions)),
+        );
     let request = || {
         axum::http::Request::post("/v1/chat/completions")
             .body(Body::empty())
@@ -219,9 +228,7 @@ fn bench_answer(c: &mut Criterion) {
     let tokenizer = Tokenizer::new().unwrap();
     let body = br#"{"id":"chatcmpl-mock0000000000000001","object":"chat.completion","created":1796295711,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":" the quick brown fox jumps over lazy dog and then runs far away from home again","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"system_fingerprint":"fp_mock","service_tier":"default","usage":{"prompt_tokens":21,"completion_tokens":16,"total_tokens":37,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
     let mut group = c.benchmark_group("chat_answer");
-    group.bench_function("parse", |b| {
-        b.iter(|| Answer::parse(body).unwrap().usage())
-    });
+    group.bench_function("parse", |b| b.iter(|| Answer::parse(body).unwrap().usage()));
     group.bench_function("parse_read_count", |b| {
         b.iter(|| {
             let answer = Answer::parse(body).unwrap();

@@ -609,25 +609,23 @@ impl tower::Service<axum::extract::Request> for Routes {
     }
 
     fn call(&mut self, mut request: axum::extract::Request) -> Self::Future {
-        let endpoint = match &self.proxied {
-            Some(_) if request.method() == axum::http::Method::POST => {
-                Endpoint::at(request.uri().path())
-            }
-            _ => None,
+        let proxied = self
+            .proxied
+            .as_ref()
+            .filter(|_| request.method() == axum::http::Method::POST)
+            .and_then(|app| {
+                Endpoint::at(request.uri().path()).map(|endpoint| (app.clone(), endpoint))
+            });
+        let Some((app, endpoint)) = proxied else {
+            return futures_util::future::Either::Right(tower::Service::call(
+                &mut self.router,
+                request,
+            ));
         };
-        match (endpoint, &self.proxied) {
-            (Some(endpoint), Some(app)) => {
-                let id = mark_request_id(&mut request);
-                let app = app.clone();
-                futures_util::future::Either::Left(EchoRequestId {
-                    id,
-                    inner: Box::pin(async move { Ok(proxy::serve(app, endpoint, request).await) }),
-                })
-            }
-            _ => {
-                futures_util::future::Either::Right(tower::Service::call(&mut self.router, request))
-            }
-        }
+        futures_util::future::Either::Left(EchoRequestId {
+            id: mark_request_id(&mut request),
+            inner: Box::pin(async move { Ok(proxy::serve(app, endpoint, request).await) }),
+        })
     }
 }
 
