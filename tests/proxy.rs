@@ -1033,3 +1033,47 @@ async fn the_fault_matrix() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
+
+/// The client listener sends POSTs to the proxied paths straight to the proxy and everything
+/// else through the router: both must answer as the router always did — another method gets
+/// 405, a near-miss path 404, a query string does not hide the endpoint — and every answer
+/// carries a request id.
+#[tokio::test]
+async fn proxied_paths_answer_the_same_whichever_way_they_are_dispatched() {
+    let gw = Harness::start().await;
+    let url = |path: &str| format!("{}{path}", gw.url);
+
+    let get = gw
+        .http
+        .get(url("/v1/chat/completions"))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 405);
+    assert!(get.headers().contains_key("x-request-id"));
+    let error: Value = get.json().await.unwrap();
+    assert_eq!(error["error"]["message"], "method not allowed on this path");
+
+    let slash = gw
+        .post("/v1/chat/completions/")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slash.status(), 404);
+    assert!(slash.headers().contains_key("x-request-id"));
+
+    let before = gw.mock.stats().requests;
+    let query = gw
+        .post("/v1/chat/completions?trace=1")
+        .header("x-request-id", "with-a-query")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(query.status(), 200);
+    assert_eq!(query.headers()["x-request-id"], "with-a-query");
+    assert_eq!(query.headers()["x-tollgate-route"], "direct");
+    assert_eq!(gw.mock.stats().requests, before + 1);
+}
