@@ -248,6 +248,14 @@ port_of() { # target kind
   esac
 }
 
+script_of() { # target: which key's request scripts it is sent
+  case $1 in
+    tollgate-strict) echo strict ;;
+    tollgate-b) echo b ;;
+    *) echo batched ;;
+  esac
+}
+
 run() { # name kind connections script pids…: prints "name p50 p99 mean rps errors cpu_us"
   local name=$1 kind=$2 conns=$3 script=$4
   shift 4
@@ -287,12 +295,14 @@ PY
 }
 
 run_target() { # name kind connections
+  local script
+  script=$(script_of "$1")
   case $1 in
-    stub) run stub "$2" "$3" batched $(process_tree "$STUB_PID") ;;
-    nginx) run nginx "$2" "$3" batched $(process_tree "$PROXY_PID") ;;
-    tollgate) run tollgate "$2" "$3" batched "$GW_PID" ;;
-    tollgate-strict) run tollgate-strict "$2" "$3" strict "$STRICT_PID" ;;
-    tollgate-b) run tollgate-b "$2" "$3" b "$B_PID" ;;
+    stub) run stub "$2" "$3" "$script" $(process_tree "$STUB_PID") ;;
+    nginx) run nginx "$2" "$3" "$script" $(process_tree "$PROXY_PID") ;;
+    tollgate) run tollgate "$2" "$3" "$script" "$GW_PID" ;;
+    tollgate-strict) run tollgate-strict "$2" "$3" "$script" "$STRICT_PID" ;;
+    tollgate-b) run tollgate-b "$2" "$3" "$script" "$B_PID" ;;
   esac
 }
 
@@ -310,8 +320,7 @@ TARGETS=(stub nginx tollgate tollgate-strict)
 # of traffic first.
 for kind in chat stream responses; do
   for target in "${TARGETS[@]}"; do
-    case $target in tollgate-strict) s=strict ;; tollgate-b) s=b ;; *) s=batched ;; esac
-    wrk -t2 -c64 -d1s -s "$WORK/post_${s}_$kind.lua" \
+    wrk -t2 -c64 -d1s -s "$WORK/post_$(script_of "$target")_$kind.lua" \
       "http://127.0.0.1:$(port_of "$target" "$kind")${PATH_OF[$kind]}" >/dev/null 2>&1
   done
 done

@@ -137,8 +137,9 @@ impl Drop for OpenConnection {
     }
 }
 
-/// What a lane serves: the full router, the operational endpoints for connections past the
-/// bound, and the timeouts on a client's request head and body.
+/// What a lane serves: the full routes (proxied POSTs straight to the proxy), the operational
+/// endpoints for connections past the bound, and the timeouts on a client's request head and
+/// body.
 #[derive(Clone)]
 pub struct Serving {
     pub full: Routes,
@@ -266,7 +267,7 @@ async fn serve_lane(
     while let Some(handed) = incoming.recv().await {
         match TcpStream::from_std(handed.stream) {
             Ok(stream) => {
-                let router = match handed.ops_only {
+                let routes = match handed.ops_only {
                     true => serving.ops_only.clone(),
                     false => serving.full.clone(),
                 };
@@ -274,7 +275,7 @@ async fn serve_lane(
                 let open = handed.open;
                 let stop = stop.clone();
                 connections.spawn(async move {
-                    serve_connection(stream, router, timeouts, stop).await;
+                    serve_connection(stream, routes, timeouts, stop).await;
                     drop(open);
                 });
             }
@@ -296,13 +297,13 @@ async fn serve_lane(
 /// `timeouts`: for the request head, and between two pieces of a body.
 async fn serve_connection(
     stream: TcpStream,
-    router: Routes,
+    routes: Routes,
     timeouts: (Duration, Duration),
     mut stop: watch::Receiver<bool>,
 ) {
     let (header_read, body_idle) = timeouts;
     let service =
-        TowerToHyperService::new(router.map_request(move |request: Request<Incoming>| {
+        TowerToHyperService::new(routes.map_request(move |request: Request<Incoming>| {
             request.map(|body| Body::new(TimeoutBody::new(body_idle, body)))
         }));
     let mut builder = auto::Builder::new(TokioExecutor::new());
