@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::record::MeterEvent;
@@ -91,6 +92,9 @@ pub struct UsageSender {
     tx: mpsc::Sender<Envelope>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Unparked by a flush or close, which a writer between polls would otherwise only see
+    /// at its next one.
+    writer: std::thread::Thread,
 }
 
 impl UsageSender {
@@ -120,6 +124,7 @@ impl UsageSender {
     pub async fn flushed(&self) {
         let (done, flushed) = oneshot::channel();
         if self.tx.send(Envelope::Flush(done)).await.is_ok() {
+            self.writer.unpark();
             let _ = flushed.await;
         }
     }
@@ -173,6 +178,7 @@ impl UsagePipeline {
                 tx,
                 metrics,
                 health,
+                writer: thread.thread().clone(),
             },
             thread: Some(thread),
         })
@@ -187,6 +193,7 @@ impl UsagePipeline {
     pub async fn close(mut self) {
         let (done, closed) = oneshot::channel();
         if self.sender.tx.send(Envelope::Close(done)).await.is_ok() {
+            self.sender.writer.unpark();
             let _ = closed.await;
         }
         if let Some(thread) = self.thread.take() {
@@ -194,6 +201,11 @@ impl UsagePipeline {
         }
     }
 }
+
+/// How long after its last event a batched writer goes on polling for more before it waits
+/// to be woken: long enough to span the gaps of light traffic, short enough that an idle
+/// gateway soon stops waking up.
+const POLLING_FOR: Duration = Duration::from_secs(1);
 
 /// The waits before each new try of a failed batch, about 3 s in all. A ledger on a full or
 /// failing disk often recovers within that (space freed, a transient I/O error); meanwhile the
@@ -219,12 +231,35 @@ fn run_writer(
     let mut acks: Vec<Option<oneshot::Sender<()>>> = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     let interval = writer.commit_interval();
-    while let Some(first) = rx.blocking_recv() {
-        // Gather before the commit, not after it: the event that wakes an idle writer is sent
-        // just before its request's answer is written, and a commit started at once would
-        // take the CPU from that answer (the scheduler favours a thread that slept).
-        if !interval.is_zero() && matches!(first, Envelope::Event(..)) {
-            std::thread::sleep(interval);
+    let mut last_event: Option<Instant> = None;
+    loop {
+        // A batched writer that saw events lately looks for the next ones itself, once per
+        // interval: waiting on the channel instead means that each request's record wakes
+        // it, and under light traffic that wake-up is paid on the request's path, between
+        // its settlement and the writing of its answer.
+        let polling =
+            !interval.is_zero() && last_event.is_some_and(|at| at.elapsed() < POLLING_FOR);
+        let first = if polling {
+            std::thread::park_timeout(interval);
+            match rx.try_recv() {
+                Ok(first) => first,
+                Err(TryRecvError::Empty) => continue,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        } else {
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            // Gather before the commit, not after it: the event that wakes an idle writer is
+            // sent just before its request's answer is written, and a commit started at once
+            // would take the CPU from that answer (the scheduler favours a thread that slept).
+            if !interval.is_zero() && matches!(first, Envelope::Event(..)) {
+                std::thread::park_timeout(interval);
+            }
+            first
+        };
+        if matches!(first, Envelope::Event(..)) {
+            last_event = Some(Instant::now());
         }
         let mut close = None;
         let mut next = Some(first);
