@@ -1091,4 +1091,53 @@ pub(crate) mod tests {
         assert_eq!(metrics.usage_batch_retries.get(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    /// A batched writer that has seen a record looks for the next ones itself rather than
+    /// being woken by them: each must still reach the ledger within a commit interval or so,
+    /// and a close must find and write what is queued.
+    #[tokio::test]
+    async fn a_batched_writer_finds_records_itself_between_requests_and_writes_all_at_close() {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-ledger-polling-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ledger = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let pipeline =
+            crate::meter::sink::UsagePipeline::start(Box::new(ledger), 16, metrics).unwrap();
+        let sender = pipeline.sender();
+        let reader = SqliteLedgerReader::new(&dir);
+        let committed = |id: &str| {
+            let (reader, id) = (&reader, id.to_owned());
+            async move {
+                for _ in 0..500 {
+                    if reader.record(&id).unwrap().is_some() {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        // The first wakes a writer waiting on the channel; the second finds it polling.
+        assert!(sender.submit(MeterEvent::Usage(record("req_1", None))));
+        assert!(
+            committed("req_1").await,
+            "the first record was never committed"
+        );
+        assert!(sender.submit(MeterEvent::Usage(record("req_2", None))));
+        assert!(
+            committed("req_2").await,
+            "a record queued while polling was never committed"
+        );
+        assert!(sender.submit(MeterEvent::Usage(record("req_3", None))));
+        pipeline.close().await;
+
+        let written: Vec<String> = reader
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|record| record.request_id)
+            .collect();
+        assert_eq!(written, ["req_1", "req_2", "req_3"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
