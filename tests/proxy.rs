@@ -430,6 +430,119 @@ output_per_mtok = 1
     );
 }
 
+/// A provider that keeps a connection for the next request but closes it once idle for
+/// 100 ms (providers' keep-alive timeouts are seconds): it answers each request with a fixed
+/// chat completion and notes the connection it came on and its `Host` header.
+async fn closing_when_idle_upstream(
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    tokio::spawn(async move {
+        for connection in 0.. {
+            let (socket, _) = listener.accept().await.unwrap();
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                loop {
+                    let (mut host, mut length) = (String::new(), 0usize);
+                    let mut line = String::new();
+                    let head = async {
+                        loop {
+                            line.clear();
+                            if socket.read_line(&mut line).await.ok()? == 0 {
+                                return None;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(value) = lower.strip_prefix("host:") {
+                                host = value.trim().to_owned();
+                            }
+                            if let Some(value) = lower.strip_prefix("content-length:") {
+                                length = value.trim().parse().ok()?;
+                            }
+                            if line == "\r\n" {
+                                return Some(());
+                            }
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_millis(100), head).await {
+                        Ok(Some(())) => {}
+                        _ => return,
+                    }
+                    let mut body = vec![0u8; length];
+                    socket.read_exact(&mut body).await.unwrap();
+                    noted.lock().unwrap().push((connection, host));
+                    let answer = json!({
+                        "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                        "model": "gpt-4o-mini",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "hi"}}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+                    })
+                    .to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    socket
+                        .get_mut()
+                        .write_all(response.as_bytes())
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn connections_to_a_plain_http_upstream_are_kept_and_one_it_closed_is_not_reused() {
+    let (port, seen) = closing_when_idle_upstream().await;
+    let raw = format!(
+        r#"
+[upstreams.raw]
+base_url = "http://127.0.0.1:{port}/v1"
+
+[models."raw-model"]
+upstream = "raw"
+tier = "cheap"
+encoding = "o200k_base"
+input_per_mtok = 1
+output_per_mtok = 1
+"#
+    );
+    let mut gw = Harness::start_with(MockOptions::default(), &raw).await;
+    for _ in 0..2 {
+        let response = gw.chat(hello("raw-model")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["usage"]["total_tokens"],
+            10
+        );
+    }
+    // Past the provider's idle timeout: the kept connection is closed, and the next request
+    // must go on a new one rather than fail on the old.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let response = gw.chat(hello("raw-model")).await;
+    assert_eq!(response.status(), 200);
+    let host = format!("127.0.0.1:{port}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.iter().all(|(_, h)| *h == host), "{seen:?}");
+    assert_eq!(
+        seen[0].0, seen[1].0,
+        "the second request reused the first one's connection"
+    );
+    assert_ne!(
+        seen[1].0, seen[2].0,
+        "the closed connection was not used again"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_cut_stream_is_still_metered_for_what_was_sent() {
     let mut gw = Harness::start().await;

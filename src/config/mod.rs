@@ -20,7 +20,7 @@ use crate::meter::tokenizer::Encoding;
 use crate::money::{ModelPrices, Money, TokenPrice};
 use crate::rating::plan::{build_plans, Plan};
 use crate::route::Router;
-use crate::upstream::{provider_client, ProviderClient};
+use crate::upstream::{provider_client, Connections, ProviderClient};
 pub use raw::UpstreamKind;
 
 use raw::RawConfig;
@@ -202,6 +202,8 @@ pub struct Upstream {
     /// One pooled client per thread: a lane's requests use only connections whose tasks run
     /// on that lane (see `crate::lanes`).
     clients: ThreadLocal<ProviderClient>,
+    /// Each lane's own connections, for an `http://` upstream (a TLS one uses `clients`).
+    connections: Option<Connections>,
     connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -217,6 +219,10 @@ impl Upstream {
     pub fn client(&self) -> &ProviderClient {
         self.clients
             .get_or(|| provider_client(self.connect_timeout))
+    }
+
+    pub fn connections(&self) -> Option<&Connections> {
+        self.connections.as_ref()
     }
 
     pub fn uri(&self, endpoint: Endpoint) -> hyper::http::Uri {
@@ -781,15 +787,17 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
             problems.push(&field(leaf), "must be greater than 0");
         }
     }
+    let connect_timeout = Duration::from_millis(raw.connect_timeout_ms.max(1));
     Some(Upstream {
         name: name.to_owned(),
         base_url,
+        connections: Connections::for_uri(&endpoint_uris[0], connect_timeout),
         endpoint_uris,
         kind: raw.kind,
         credentials,
         anthropic_version,
         clients: ThreadLocal::new(),
-        connect_timeout: Duration::from_millis(raw.connect_timeout_ms.max(1)),
+        connect_timeout,
         first_byte_timeout: Duration::from_millis(raw.first_byte_timeout_ms.max(1)),
         idle_timeout: Duration::from_millis(raw.idle_timeout_ms.max(1)),
     })

@@ -20,6 +20,10 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+mod connections;
+
+pub use connections::Connections;
+
 use crate::api::Endpoint;
 use crate::api::X_REQUEST_ID;
 use crate::config::{Model, RetryPolicy, UpstreamKind};
@@ -417,22 +421,16 @@ async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply
         }
     }
     let started = Instant::now();
-    let result = tokio::time::timeout(
-        upstream.first_byte_timeout,
-        upstream.client().request(request),
-    )
-    .await;
+    let result = tokio::time::timeout(upstream.first_byte_timeout, exchange(model, request)).await;
     metrics
         .upstream_duration
         .with_label_values(&[upstream.name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     let (label, outcome) = match result {
-        Err(_) => ("timeout", Err(GatewayError::UpstreamTimeout)),
-        Ok(Err(error)) if timed_out(&error) => ("timeout", Err(GatewayError::UpstreamTimeout)),
-        Ok(Err(error)) => (
-            "unreachable",
-            Err(GatewayError::UpstreamUnreachable(describe(&error))),
-        ),
+        Err(_) | Ok(Err(GatewayError::UpstreamTimeout)) => {
+            ("timeout", Err(GatewayError::UpstreamTimeout))
+        }
+        Ok(Err(error)) => ("unreachable", Err(error)),
         Ok(Ok(response)) => (status_label(response.status().as_u16()), Ok(response)),
     };
     metrics
@@ -455,16 +453,23 @@ pub async fn relay(model: &Model, method: Method, path: &str) -> Result<Reply, G
     if let Some((name, value)) = &upstream.credentials {
         request.headers_mut().insert(name.clone(), value.clone());
     }
-    match tokio::time::timeout(
-        upstream.first_byte_timeout,
-        upstream.client().request(request),
-    )
-    .await
-    {
-        Err(_) => Err(GatewayError::UpstreamTimeout),
-        Ok(Err(error)) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
-        Ok(Err(error)) => Err(GatewayError::UpstreamUnreachable(describe(&error))),
-        Ok(Ok(response)) => Ok(response),
+    tokio::time::timeout(upstream.first_byte_timeout, exchange(model, request))
+        .await
+        .unwrap_or(Err(GatewayError::UpstreamTimeout))
+}
+
+/// Sends a request on this lane's own connection to a plain-HTTP upstream, or through the
+/// pooled client to a TLS one, and waits for the response head. A connect timeout is a
+/// timeout (504), as a silent provider is; any other failure leaves the upstream unreachable.
+async fn exchange(model: &Model, request: Request<Full<Bytes>>) -> Result<Reply, GatewayError> {
+    let upstream = &model.upstream;
+    if let Some(connections) = upstream.connections() {
+        return connections.send(request).await;
+    }
+    match upstream.client().request(request).await {
+        Ok(response) => Ok(response),
+        Err(error) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
+        Err(error) => Err(GatewayError::UpstreamUnreachable(describe(&error))),
     }
 }
 
