@@ -15,7 +15,7 @@ use hyper::http::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use thread_local::ThreadLocal;
 
-use super::Reply;
+use super::{unreachable, Reply, CONNECT_FAILED, PROTOCOL_ERROR};
 use crate::error::GatewayError;
 
 /// Idle connections a lane keeps to one upstream; one more is closed when it comes back.
@@ -77,9 +77,7 @@ impl Connections {
                     Some(unsent) if !fresh => request = unsent,
                     _ => {
                         tracing::debug!(error = %failed.into_error(), "upstream exchange failed");
-                        return Err(GatewayError::UpstreamUnreachable(
-                            "protocol error".to_owned(),
-                        ));
+                        return Err(unreachable(PROTOCOL_ERROR));
                     }
                 },
             }
@@ -111,18 +109,19 @@ impl Connections {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, GatewayError> {
-        let unreachable = || GatewayError::UpstreamUnreachable("connection failed".to_owned());
         let stream = tokio::time::timeout(
             self.connect_timeout,
             tokio::net::TcpStream::connect(self.address.as_str()),
         )
         .await
         .map_err(|_| GatewayError::UpstreamTimeout)?
-        .map_err(|_| unreachable())?;
-        stream.set_nodelay(true).map_err(|_| unreachable())?;
+        .map_err(|_| unreachable(CONNECT_FAILED))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|_| unreachable(CONNECT_FAILED))?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|_| unreachable())?;
+            .map_err(|_| unreachable(CONNECT_FAILED))?;
         // Runs on this lane until the upstream closes the connection or its sender is dropped.
         tokio::spawn(connection);
         Ok(sender)

@@ -26,7 +26,7 @@ pub use connections::Connections;
 
 use crate::api::Endpoint;
 use crate::api::X_REQUEST_ID;
-use crate::config::{Model, RetryPolicy, UpstreamKind};
+use crate::config::{Model, RetryPolicy, Upstream, UpstreamKind};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::state::FallbackGate;
@@ -421,17 +421,15 @@ async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply
         }
     }
     let started = Instant::now();
-    let result = tokio::time::timeout(upstream.first_byte_timeout, exchange(model, request)).await;
+    let result = exchange(upstream, request).await;
     metrics
         .upstream_duration
         .with_label_values(&[upstream.name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     let (label, outcome) = match result {
-        Err(_) | Ok(Err(GatewayError::UpstreamTimeout)) => {
-            ("timeout", Err(GatewayError::UpstreamTimeout))
-        }
-        Ok(Err(error)) => ("unreachable", Err(error)),
-        Ok(Ok(response)) => (status_label(response.status().as_u16()), Ok(response)),
+        Err(GatewayError::UpstreamTimeout) => ("timeout", Err(GatewayError::UpstreamTimeout)),
+        Err(error) => ("unreachable", Err(error)),
+        Ok(response) => (status_label(response.status().as_u16()), Ok(response)),
     };
     metrics
         .upstream_attempts
@@ -453,24 +451,40 @@ pub async fn relay(model: &Model, method: Method, path: &str) -> Result<Reply, G
     if let Some((name, value)) = &upstream.credentials {
         request.headers_mut().insert(name.clone(), value.clone());
     }
-    tokio::time::timeout(upstream.first_byte_timeout, exchange(model, request))
+    exchange(upstream, request).await
+}
+
+/// Sends a request on this lane's own connection to a plain-HTTP upstream, or through the
+/// pooled client to a TLS one, and waits for the response head, at most the upstream's
+/// first-byte timeout. A connect timeout is a timeout (504), as a silent provider is; any
+/// other failure leaves the upstream unreachable.
+async fn exchange(
+    upstream: &Upstream,
+    request: Request<Full<Bytes>>,
+) -> Result<Reply, GatewayError> {
+    let sent = async {
+        if let Some(connections) = upstream.connections() {
+            return connections.send(request).await;
+        }
+        match upstream.client().request(request).await {
+            Ok(response) => Ok(response),
+            Err(error) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
+            Err(error) if error.is_connect() => Err(unreachable(CONNECT_FAILED)),
+            Err(_) => Err(unreachable(PROTOCOL_ERROR)),
+        }
+    };
+    tokio::time::timeout(upstream.first_byte_timeout, sent)
         .await
         .unwrap_or(Err(GatewayError::UpstreamTimeout))
 }
 
-/// Sends a request on this lane's own connection to a plain-HTTP upstream, or through the
-/// pooled client to a TLS one, and waits for the response head. A connect timeout is a
-/// timeout (504), as a silent provider is; any other failure leaves the upstream unreachable.
-async fn exchange(model: &Model, request: Request<Full<Bytes>>) -> Result<Reply, GatewayError> {
-    let upstream = &model.upstream;
-    if let Some(connections) = upstream.connections() {
-        return connections.send(request).await;
-    }
-    match upstream.client().request(request).await {
-        Ok(response) => Ok(response),
-        Err(error) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
-        Err(error) => Err(GatewayError::UpstreamUnreachable(describe(&error))),
-    }
+/// Only the kind of failure reaches clients: an error's own text names the provider's
+/// address, which is config.
+const CONNECT_FAILED: &str = "connection failed";
+const PROTOCOL_ERROR: &str = "protocol error";
+
+fn unreachable(kind: &str) -> GatewayError {
+    GatewayError::UpstreamUnreachable(kind.to_owned())
 }
 
 fn status_label(status: u16) -> &'static str {
@@ -489,16 +503,6 @@ fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     })
-}
-
-/// Only the kind of failure: the error's text names the provider's address, which is config,
-/// and the message goes to clients.
-fn describe(error: &hyper_util::client::legacy::Error) -> String {
-    if error.is_connect() {
-        "connection failed".to_owned()
-    } else {
-        "protocol error".to_owned()
-    }
 }
 
 #[cfg(test)]
