@@ -385,7 +385,11 @@ PY
 # writes, the second line shows the stalls that strict commits cannot avoid. Each probe writes
 # a fresh file, so both allocate the same way; on 2 busy cores the second also includes some
 # wait for a CPU.
-[ -z "${ONLY_ROWS:-}" ] || exit 0
+if [ -n "${ONLY_ROWS:-}" ]; then
+  # A subset's summary: the builds' peak memory, for an A/B of a change to what they hold.
+  echo "peak RSS (MiB): tollgate $((PEAK_RSS_GW / 1024))${B_PID:+, tollgate-b $(($(HWM=1 rss_kib "$B_PID") / 1024))}"
+  exit 0
+fi
 cat >"$WORK/probe.py" <<'PY'
 import os, sys, time
 label, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])

@@ -75,9 +75,24 @@ impl Endpoint {
 /// UUIDv7) so that the ledger's unique index on request ids grows at its end instead of
 /// touching a random page per record.
 pub fn new_request_id() -> String {
+    std::str::from_utf8(&fresh_request_id())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// [`new_request_id`] for a header: one allocation, which the value's clones share (a value
+/// made from a `String` allocates again when first cloned).
+pub fn new_request_id_bytes() -> bytes::Bytes {
+    bytes::Bytes::from_owner(fresh_request_id())
+}
+
+fn fresh_request_id() -> [u8; 36] {
     let random: u128 = rand::random();
     let ms = unix_ms() as u128 & ((1 << 48) - 1);
-    format!("req_{:032x}", (ms << 80) | (random >> 48))
+    let mut id = *b"req_00000000000000000000000000000000";
+    // 16 bytes are exactly the 32 digits after the prefix: this cannot fail.
+    let _ = hex::encode_to_slice(((ms << 80) | (random >> 48)).to_be_bytes(), &mut id[4..]);
+    id
 }
 
 /// Marks a request whose `x-request-id` is the client's own rather than the gateway's.
@@ -101,4 +116,27 @@ pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_hex_after_the_prefix_and_ordered_by_time() {
+        let first = new_request_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let header = new_request_id_bytes();
+        let later = std::str::from_utf8(&header).unwrap();
+        for id in [first.as_str(), later] {
+            assert_eq!(id.len(), 36);
+            let digits = id.strip_prefix("req_").unwrap();
+            assert!(digits
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        }
+        assert!(first.as_str() < later, "{first} then {later}");
+        let ms = i64::from_str_radix(&later[4..16], 16).unwrap();
+        assert!((unix_ms() - ms).abs() < 10_000);
+    }
 }

@@ -9,7 +9,7 @@
 //!
 //! Hostile clients are bounded here: a request head must arrive within a time (which also
 //! ends an idle keep-alive connection), a body may not pause longer than another (see
-//! [`Serving`]), and open connections are bounded (see [`ConnectionGate`]) so that a flood
+//! `Routes`), and open connections are bounded (see [`ConnectionGate`]) so that a flood
 //! cannot take the file descriptors the gateway needs.
 
 use std::pin::pin;
@@ -27,7 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
-use tower_http::timeout::TimeoutBody;
 
 use crate::metrics::Metrics;
 use crate::server::Routes;
@@ -145,7 +144,6 @@ pub struct Serving {
     pub full: Routes,
     pub ops_only: Routes,
     pub header_read_timeout: Duration,
-    pub body_idle_timeout: Duration,
 }
 
 /// The running lanes. Dropping the sender side (when the acceptor ends) starts their drain.
@@ -271,11 +269,11 @@ async fn serve_lane(
                     true => serving.ops_only.clone(),
                     false => serving.full.clone(),
                 };
-                let timeouts = (serving.header_read_timeout, serving.body_idle_timeout);
+                let header_read = serving.header_read_timeout;
                 let open = handed.open;
                 let stop = stop.clone();
                 connections.spawn(async move {
-                    serve_connection(stream, routes, timeouts, stop).await;
+                    serve_connection(stream, routes, header_read, stop).await;
                     drop(open);
                 });
             }
@@ -294,18 +292,16 @@ async fn serve_lane(
     false
 }
 
-/// `timeouts`: for the request head, and between two pieces of a body.
+/// `header_read`: how long the request head may take (a body's pauses are timed by `Routes`).
 async fn serve_connection(
     stream: TcpStream,
     routes: Routes,
-    timeouts: (Duration, Duration),
+    header_read: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (header_read, body_idle) = timeouts;
-    let service =
-        TowerToHyperService::new(routes.map_request(move |request: Request<Incoming>| {
-            request.map(|body| Body::new(TimeoutBody::new(body_idle, body)))
-        }));
+    let service = TowerToHyperService::new(
+        routes.map_request(|request: Request<Incoming>| request.map(Body::new)),
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

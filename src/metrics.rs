@@ -64,10 +64,13 @@ pub struct Metrics {
     /// `usage_events{result="queued"}`, counted for every request.
     pub usage_queued: IntCounter,
     /// Each model's series of the families every request touches (see [`Metrics::model`]).
-    by_model: dashmap::DashMap<String, Arc<ModelSeries>>,
+    by_model: Found<ModelSeries>,
     /// Each key's gauges (see [`Metrics::key`]).
-    by_key: dashmap::DashMap<String, Arc<KeySeries>>,
+    by_key: Found<KeySeries>,
 }
+
+/// Series by name, looked up on every request: foldhash rather than SipHash.
+type Found<T> = dashmap::DashMap<String, Arc<T>, foldhash::fast::RandomState>;
 
 /// One series of a labelled family, made when first used: a labelled lookup hashes the labels
 /// and takes the family's lock on every call, and a series made before it has a figure would
@@ -127,11 +130,7 @@ pub struct KeySeries {
 }
 
 /// The entry for `name`, made by `make` the first time.
-fn found_once<T>(
-    entries: &dashmap::DashMap<String, Arc<T>>,
-    name: &str,
-    make: impl FnOnce() -> T,
-) -> Arc<T> {
+fn found_once<T>(entries: &Found<T>, name: &str, make: impl FnOnce() -> T) -> Arc<T> {
     if let Some(entry) = entries.get(name) {
         return entry.clone();
     }
@@ -401,8 +400,8 @@ impl Metrics {
             ),
             usage_queued: usage_events.with_label_values(&["queued"]),
             usage_events,
-            by_model: dashmap::DashMap::new(),
-            by_key: dashmap::DashMap::new(),
+            by_model: Found::default(),
+            by_key: Found::default(),
             registry,
         }
     }

@@ -14,7 +14,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::api::{new_request_id, ClientChoseRequestId, Endpoint, X_REQUEST_ID};
+use crate::api::{new_request_id_bytes, ClientChoseRequestId, Endpoint, X_REQUEST_ID};
 use crate::app::{App, Services};
 use crate::auth::group::{group_change, members_spend, GroupRecord};
 use crate::auth::store::{KeyStore, SqliteKeyStore, StoreError};
@@ -190,10 +190,17 @@ impl Gateway {
         ));
         tracing::info!(bound = gate.bound(), "client connections bounded");
         let serving = Serving {
-            full: Routes::new(self.router(), Some(self.app.clone())),
-            ops_only: Routes::new(ops_only_router(self.app.clone()), None),
+            full: Routes::new(
+                self.router(),
+                Some(self.app.clone()),
+                config.server.body_idle_timeout,
+            ),
+            ops_only: Routes::new(
+                ops_only_router(self.app.clone()),
+                None,
+                config.server.body_idle_timeout,
+            ),
             header_read_timeout: config.server.header_read_timeout,
-            body_idle_timeout: config.server.body_idle_timeout,
         };
         let lanes = Lanes::start(
             listener,
@@ -565,8 +572,7 @@ fn mark_request_id<B>(request: &mut axum::http::Request<B>) -> Option<HeaderValu
     if usable {
         request.extensions_mut().insert(ClientChoseRequestId);
     } else {
-        let fresh = bytes::Bytes::from(new_request_id());
-        if let Ok(value) = HeaderValue::from_maybe_shared(fresh) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(new_request_id_bytes()) {
             request.headers_mut().insert(X_REQUEST_ID.clone(), value);
         }
     }
@@ -582,14 +588,24 @@ fn mark_request_id<B>(request: &mut axum::http::Request<B>) -> Option<HeaderValu
 pub struct Routes {
     router: Router,
     proxied: Option<Arc<App>>,
+    /// How long a body the router reads may pause (the proxy's own reading times itself).
+    body_idle: std::time::Duration,
 }
 
 type ProxiedFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
 
 impl Routes {
-    pub fn new(router: Router, proxied: Option<Arc<App>>) -> Routes {
-        Routes { router, proxied }
+    pub fn new(
+        router: Router,
+        proxied: Option<Arc<App>>,
+        body_idle: std::time::Duration,
+    ) -> Routes {
+        Routes {
+            router,
+            proxied,
+            body_idle,
+        }
     }
 }
 
@@ -617,6 +633,10 @@ impl tower::Service<axum::extract::Request> for Routes {
                 Endpoint::at(request.uri().path()).map(|endpoint| (app.clone(), endpoint))
             });
         let Some((app, endpoint)) = proxied else {
+            let idle = self.body_idle;
+            let request = request.map(|body| {
+                axum::body::Body::new(tower_http::timeout::TimeoutBody::new(idle, body))
+            });
             return futures_util::future::Either::Right(tower::Service::call(
                 &mut self.router,
                 request,

@@ -7,7 +7,9 @@
 mod locate;
 pub mod raw;
 
-use std::collections::HashMap;
+// foldhash: the request path looks models and plans up by name several times a request, and
+// SipHash was a visible share of that path; the names are the operator's, not a client's.
+use foldhash::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -475,7 +477,7 @@ impl Config {
     /// rather than stopping at the first.
     fn from_raw(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
         let server = server_config(&raw.server, path, problems);
-        let mut upstreams = HashMap::new();
+        let mut upstreams = HashMap::default();
         for (name, upstream) in &raw.upstreams {
             if let Some(built) = build_upstream(name, upstream, problems) {
                 upstreams.insert(name.clone(), Arc::new(built));
@@ -484,7 +486,7 @@ impl Config {
         if raw.models.is_empty() {
             problems.push(&["models"], "declare at least one model");
         }
-        let mut models = HashMap::new();
+        let mut models = HashMap::default();
         let mut model_order = Vec::new();
         for (name, model) in &raw.models {
             if let Some(built) = build_model(name, model, &upstreams, problems) {

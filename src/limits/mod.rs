@@ -468,12 +468,16 @@ fn write_go_duration(out: &mut String, duration: Duration) {
     let _ = write!(out, "{seconds}.{fraction:0digits$}s");
 }
 
+/// A map the request path looks names up in: foldhash rather than SipHash, which was a
+/// visible share of that path; the names are the operator's (keys, groups, models).
+type ByName<T> = DashMap<String, Arc<T>, foldhash::fast::RandomState>;
+
 /// Every key's, team's, customer's and model's live limits.
 pub struct Limiter {
-    keys: DashMap<String, Arc<LevelState>>,
-    teams: DashMap<String, Arc<LevelState>>,
-    customers: DashMap<String, Arc<LevelState>>,
-    models: DashMap<String, Arc<ModelState>>,
+    keys: ByName<LevelState>,
+    teams: ByName<LevelState>,
+    customers: ByName<LevelState>,
+    models: ByName<ModelState>,
     clock: Arc<dyn Clock>,
     alert_thresholds_pct: Vec<u8>,
     /// Alert episodes running, by name, until (ms) they end unless claimed again.
@@ -504,10 +508,10 @@ impl Limiter {
         alert_thresholds_pct.dedup();
         alert_thresholds_pct.truncate(64);
         Limiter {
-            keys: DashMap::new(),
-            teams: DashMap::new(),
-            customers: DashMap::new(),
-            models: DashMap::new(),
+            keys: ByName::default(),
+            teams: ByName::default(),
+            customers: ByName::default(),
+            models: ByName::default(),
             clock,
             alert_thresholds_pct,
             episodes: DashMap::new(),
@@ -536,7 +540,7 @@ impl Limiter {
         self.clock.as_ref()
     }
 
-    fn levels(&self, level: Level) -> &DashMap<String, Arc<LevelState>> {
+    fn levels(&self, level: Level) -> &ByName<LevelState> {
         match level {
             Level::Key => &self.keys,
             Level::Team => &self.teams,

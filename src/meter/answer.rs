@@ -19,7 +19,7 @@ pub struct Answer<'a> {
     usage: Option<WireUsage>,
     /// A Responses or Anthropic stream event's type (`response.output_text.delta`,
     /// `content_block_delta`, …), or `message` for a whole Anthropic message.
-    #[serde(borrow, rename = "type")]
+    #[serde(borrow, default, deserialize_with = "text", rename = "type")]
     event: Option<Cow<'a, str>>,
     #[serde(borrow)]
     delta: Option<Delta<'a>>,
@@ -29,7 +29,7 @@ pub struct Answer<'a> {
     /// An Anthropic message's content blocks.
     #[serde(borrow)]
     content: Option<Vec<Block<'a>>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     stop_reason: Option<Cow<'a, str>>,
     /// The message an Anthropic stream's `message_start` carries (with the input usage).
     message: Option<Box<StartedMessage>>,
@@ -37,11 +37,11 @@ pub struct Answer<'a> {
     #[serde(borrow)]
     response: Option<Box<Response<'a>>>,
     /// `response` when the answer is a whole Responses API response.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     object: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     status: Option<Cow<'a, str>>,
     #[serde(borrow)]
     output: Option<Vec<OutputItem<'a>>>,
@@ -55,13 +55,13 @@ pub struct Answer<'a> {
 enum Delta<'a> {
     Text(#[serde(borrow)] Cow<'a, str>),
     Anthropic {
-        #[serde(borrow)]
+        #[serde(borrow, default, deserialize_with = "text")]
         text: Option<Cow<'a, str>>,
-        #[serde(borrow)]
+        #[serde(borrow, default, deserialize_with = "text")]
         partial_json: Option<Cow<'a, str>>,
-        #[serde(borrow)]
+        #[serde(borrow, default, deserialize_with = "text")]
         thinking: Option<Cow<'a, str>>,
-        #[serde(borrow)]
+        #[serde(borrow, default, deserialize_with = "text")]
         stop_reason: Option<Cow<'a, str>>,
     },
 }
@@ -69,11 +69,11 @@ enum Delta<'a> {
 /// An Anthropic content block: text, tool use (its `input` counted as its JSON text), thinking.
 #[derive(Deserialize)]
 struct Block<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     text: Option<Cow<'a, str>>,
     #[serde(borrow)]
     input: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     thinking: Option<Cow<'a, str>>,
 }
 
@@ -85,9 +85,9 @@ struct StartedMessage {
 /// A Responses API response object, as a stream event carries it (only what metering reads).
 #[derive(Deserialize)]
 struct Response<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     status: Option<Cow<'a, str>>,
     #[serde(borrow)]
     incomplete_details: Option<IncompleteDetails<'a>>,
@@ -96,25 +96,25 @@ struct Response<'a> {
 
 #[derive(Deserialize)]
 struct OutputItem<'a> {
-    #[serde(borrow, rename = "type")]
+    #[serde(borrow, default, deserialize_with = "text", rename = "type")]
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
     content: Option<Vec<ContentPart<'a>>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     arguments: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct ContentPart<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     text: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     refusal: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct IncompleteDetails<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     reason: Option<Cow<'a, str>>,
 }
 
@@ -123,17 +123,17 @@ struct Choice<'a> {
     index: Option<u64>,
     #[serde(borrow, alias = "delta")]
     message: Option<Message<'a>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     text: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct Message<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     refusal: Option<Cow<'a, str>>,
     #[serde(borrow)]
     tool_calls: Option<Vec<ToolCall<'a>>>,
@@ -148,8 +148,19 @@ struct ToolCall<'a> {
 
 #[derive(Deserialize)]
 struct Function<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "text")]
     arguments: Option<Cow<'a, str>>,
+}
+
+/// An optional string, borrowed from the answer where the JSON has no escapes: serde borrows
+/// a `Cow<str>` field only when it is not wrapped, and copied every `Option<Cow<str>>` (each
+/// streamed chunk's text among them).
+fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Text<'a>>::deserialize(deserializer)?.map(|text| text.0))
 }
 
 /// The most tokens one request is billed for on the provider's word: a thousand times any

@@ -6,7 +6,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
+use hyper::body::Frame;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
@@ -20,11 +22,13 @@ pub(super) struct ParsedRequest {
     pub repeats_members: bool,
 }
 
-/// The body, refused with 413 before keeping more than the limit (and before any parsing).
+/// The body, refused with 413 before keeping more than the limit (and before any parsing),
+/// and with 408 when it pauses longer than `idle`.
 pub(super) async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
+    idle: Duration,
 ) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -36,8 +40,8 @@ pub(super) async fn read_body(
     }
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut length = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(unreadable)?.into_data() else {
+    while let Some(frame) = next_frame(&mut body, idle).await? {
+        let Ok(data) = frame.into_data() else {
             continue;
         };
         length += data.len();
@@ -51,6 +55,19 @@ pub(super) async fn read_body(
         0 | 1 => chunks.pop().unwrap_or_default(),
         _ => Bytes::from(chunks.concat()),
     })
+}
+
+/// The body's next piece. One already received (a small body comes with the request head) is
+/// taken without arming a timer: a timer per piece was an insertion into and a removal from
+/// the lane's timer wheel, twice a request.
+async fn next_frame(body: &mut Body, idle: Duration) -> Result<Option<Frame<Bytes>>, GatewayError> {
+    let frame = match body.frame().now_or_never() {
+        Some(frame) => frame,
+        None => tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| GatewayError::BodyTimeout)?,
+    };
+    frame.transpose().map_err(unreadable)
 }
 
 /// A body that could not be read: it paused too long (`server.body_idle_timeout_ms`), or

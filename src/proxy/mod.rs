@@ -115,7 +115,13 @@ async fn proxy(
         .and_then(|secret| exchange.app.keys.authenticate(secret))
         .ok_or(GatewayError::InvalidApiKey)?;
     exchange.key = Some(key.clone());
-    let bytes = read_body(headers, body, config.server.max_body_bytes).await?;
+    let bytes = read_body(
+        headers,
+        body,
+        config.server.max_body_bytes,
+        config.server.body_idle_timeout,
+    )
+    .await?;
     // A Messages request takes chat's path as the chat completion it amounts to; a model whose
     // upstream speaks Messages is sent the client's own request.
     let (bytes, messages) = match exchange.endpoint {

@@ -16,7 +16,9 @@
 //! Either way a key's spend, the ledger and the invoice agree to the nano-dollar, and the
 //! totals every charge depends on are kept in the ledger, so a restart changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 
 use serde::Deserialize;
 
@@ -221,7 +223,7 @@ impl Plan {
             markup_bp: 0,
             tiers: Vec::new(),
             mode: TierMode::Graduated,
-            prices: HashMap::new(),
+            prices: HashMap::default(),
         }
     }
 
@@ -496,7 +498,7 @@ pub fn build_plans(
     models: &HashMap<String, (ModelPrices, String)>,
     problems: &mut Vec<PlanProblem>,
 ) -> HashMap<String, Plan> {
-    let mut plans = HashMap::new();
+    let mut plans = HashMap::default();
     plans.insert("list".to_owned(), Plan::list());
     for (name, plan) in raw {
         let at = |leaf: &str| vec!["plans".to_owned(), name.clone(), leaf.to_owned()];
@@ -535,7 +537,7 @@ pub fn build_plans(
                         "the last tier must have no `up_to_tokens`".to_owned(),
                     ));
                 }
-                let mut overrides = HashMap::new();
+                let mut overrides = HashMap::default();
                 for (model, price) in prices {
                     if !models.contains_key(model) {
                         problems.push((
@@ -646,7 +648,7 @@ pub fn build_plans(
                 if *pack_credits == 0 {
                     problems.push((at("pack_credits"), "must be greater than 0".to_owned()));
                 }
-                let mut micro_per_token = HashMap::new();
+                let mut micro_per_token = HashMap::default();
                 for (tier, credits) in credits_per_1k_tokens {
                     let milli = credits * 1_000.0;
                     if !milli.is_finite() || milli < 0.0 || (milli - milli.round()).abs() > 1e-6 {
@@ -941,7 +943,9 @@ mod tests {
             "[c]\nkind = \"credits\"\npack_price_usd = 99\npack_credits = 10\ncredits_per_1k_tokens = { cheap = 1 }\n",
         )
         .unwrap();
-        let catalog = HashMap::from([("big".to_owned(), (flat(1), "frontier".to_owned()))]);
+        let catalog: HashMap<_, _> = [("big".to_owned(), (flat(1), "frontier".to_owned()))]
+            .into_iter()
+            .collect();
         let mut problems = Vec::new();
         build_plans(&raw, &catalog, &mut problems);
         assert_eq!(problems.len(), 1);

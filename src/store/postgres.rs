@@ -875,8 +875,13 @@ impl PgLedgerWriter {
                 self.pruner.pruned(now, deleted);
             }
         }
-        // A closed connection is dropped here and opened again by the next try.
-        if !session.client.is_closed() {
+        // A connection that failed without the server's answer (lost, or not yet seen closed:
+        // the client notices a terminated session only later) is dropped here and opened
+        // again by the next try; one kept would fail that try as well.
+        let lost = result
+            .as_ref()
+            .is_err_and(|error| error.as_db_error().is_none());
+        if !lost && !session.client.is_closed() {
             self.session = Some(session);
         }
         result.map_err(|error| sink_error(&error))

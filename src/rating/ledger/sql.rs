@@ -15,13 +15,25 @@ use crate::store::row::{Column, Dialect, Kind, RowSource};
 /// The UTC calendar day of a timestamp, as the ledger's `day` column stores it.
 pub(crate) fn day_of(ms: i64) -> String {
     use chrono::Datelike;
-    // Written by hand: chrono's `format` parses its pattern again for every row.
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| {
-            let day = t.date_naive();
-            format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
-        })
-        .unwrap_or_default()
+    thread_local! {
+        /// The day last written and its text: a writer's records mostly share their day.
+        static LAST: std::cell::RefCell<(i64, String)> =
+            const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let day = ms.div_euclid(86_400_000);
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != day {
+            // Written by hand: chrono's `format` parses its pattern again for every call.
+            *text = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+                .map(|t| {
+                    let day = t.date_naive();
+                    format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
+                })
+                .unwrap_or_default();
+            *last = day;
+        }
+        text.clone()
+    })
 }
 
 /// The `usage` table's columns and their kinds, in the order of [`usage_values`].
@@ -358,4 +370,20 @@ pub(crate) fn records_page_sql(dialect: Dialect) -> String {
         dialect.param(5),
         from = dialect.param(1),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::day_of;
+
+    #[test]
+    fn the_day_is_the_utc_calendar_day_whichever_day_came_before() {
+        let day = 86_400_000;
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(day - 1), "1970-01-01");
+        assert_eq!(day_of(day), "1970-01-02");
+        assert_eq!(day_of(1_795_000_000_000), "2026-11-18");
+        assert_eq!(day_of(day + 1), "1970-01-02");
+        assert_eq!(day_of(-1), "1969-12-31");
+    }
 }
