@@ -400,6 +400,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn optional_strings_are_borrowed_unless_they_hold_escapes() {
+        let body = br#"{"id":"chatcmpl-1","object":null,"choices":[{"index":0,
+            "message":{"content":"a \"quoted\" word"},"finish_reason":"stop"}]}"#;
+        let answer = Answer::parse(body).unwrap();
+        assert!(matches!(answer.id, Some(Cow::Borrowed("chatcmpl-1"))));
+        assert!(answer.object.is_none());
+        let choice = &answer.choices.as_ref().unwrap()[0];
+        assert!(matches!(choice.finish_reason, Some(Cow::Borrowed("stop"))));
+        let content = &choice.message.as_ref().unwrap().content;
+        assert!(matches!(content, Some(Cow::Owned(text)) if text == "a \"quoted\" word"));
+        assert!(
+            Answer::parse(br#"{"id":7}"#).is_none(),
+            "a non-string is not an answer"
+        );
+    }
+
+    #[test]
     fn reported_usage_is_bounded_and_believed_only_when_it_gives_output() {
         let body = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":100000000000000000,"prompt_tokens_details":{"cached_tokens":18446744073709551615}}}"#;
         let usage = Answer::parse(body).unwrap().usage().unwrap();
