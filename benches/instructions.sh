@@ -19,12 +19,7 @@ BINS=("$@")
 [ ${#BINS[@]} -gt 0 ] || BINS=(target/release/tollgate)
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+. benches/support/processes.sh
 
 MOCK_PORT=$(free_port)
 "${BINS[0]}" mock-upstream --listen "127.0.0.1:$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
@@ -64,7 +59,7 @@ TOML
     "$1" serve --config "$dir/routes.toml" >"$dir/gw.log" 2>&1 &
   pid=$!
   PIDS+=($pid)
-  wait_port "$port"
+  wait_port "$port" 60
   python3 - "$port" "$2" "$3" <<'PY'
 import http.client, json, sys
 port, requests, stream = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "true"

@@ -41,13 +41,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet
 BIN=target/release/tollgate
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+. benches/support/processes.sh
 
 # A ~1 KB chat request, and the same prompt as a Responses request.
 PROMPT=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 22).strip())')
