@@ -1,5 +1,6 @@
 //! Token counting: the hot-path counter (bpe-openai) against tiktoken-rs, the reference, for
-//! 1k, 4k and 32k tokens of ordinary text in both encodings, and an adversarial input.
+//! 1k, 4k and 32k tokens of ordinary text in both encodings, a short answer in and outside
+//! ASCII, and adversarial inputs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -41,14 +42,31 @@ fn bench_counting(c: &mut Criterion) {
     }
     group.finish();
 
+    // A short answer as the hot path counts it: plain ASCII is split by hand, anything else
+    // by the encoding's regex (the same answer with one character outside ASCII).
+    let mut answer = c.benchmark_group("answer");
+    let ascii = "The quick brown fox jumps over the lazy dog, and it's 12 o'clock.";
+    let unicode = ascii.replace("dog", "d\u{f6}g");
+    for (name, text) in [("ascii", ascii), ("non-ascii", unicode.as_str())] {
+        answer.throughput(Throughput::Bytes(text.len() as u64));
+        answer.bench_with_input(BenchmarkId::new("bpe-openai/o200k", name), text, |b, t| {
+            b.iter(|| ours.count_text(Encoding::O200kBase, t))
+        });
+    }
+    answer.finish();
+
     let mut adversarial = c.benchmark_group("adversarial");
     adversarial.sample_size(10);
     // tiktoken-rs is quadratic on one long run of a character: 64 KiB already takes it most
     // of a second, so it is measured there; the hot-path counter is measured on a full MiB.
     let run_64k = "a".repeat(64 * 1024);
     let run_1m = "a".repeat(1024 * 1024);
+    let digits_1m = "7".repeat(1024 * 1024);
     adversarial.bench_function("bpe-openai/o200k/1MiB-one-char", |b| {
         b.iter(|| ours.count_text(Encoding::O200kBase, &run_1m))
+    });
+    adversarial.bench_function("bpe-openai/o200k/1MiB-one-digit", |b| {
+        b.iter(|| ours.count_text(Encoding::O200kBase, &digits_1m))
     });
     adversarial.bench_function("bpe-openai/o200k/64KiB-one-char", |b| {
         b.iter(|| ours.count_text(Encoding::O200kBase, &run_64k))

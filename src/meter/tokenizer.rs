@@ -18,6 +18,8 @@ use dashmap::DashMap;
 
 use serde_json::Value;
 
+use super::pretokenize::split_ascii;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
     O200kBase,
@@ -193,12 +195,17 @@ impl Tokenizer {
             Encoding::Cl100kBase => bpe_openai::cl100k_base(),
         };
         let text = encoder.normalize(text);
+        let text = text.as_str();
         PIECE_COUNTS.with_borrow_mut(|caches| {
             let cache = &mut caches[encoding as usize];
-            encoder
-                .split(text.as_str())
-                .map(|piece| cache.count(piece, |piece| encoder.bpe.count(piece.as_bytes())))
-                .sum::<usize>() as u64
+            let mut count =
+                |piece: &str| cache.count(piece, |piece| encoder.bpe.count(piece.as_bytes()));
+            let tokens: usize = if text.is_ascii() {
+                split_ascii(encoding, text).map(&mut count).sum()
+            } else {
+                encoder.split(text).map(&mut count).sum()
+            };
+            tokens as u64
         })
     }
 
@@ -611,5 +618,21 @@ mod tests {
         let count = t.count_text(Encoding::O200kBase, &"a".repeat(1 << 20));
         assert_eq!(count, (1 << 20) / 8);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn long_runs_of_one_class_count_as_the_regex_splits_them() {
+        let t = tokenizer();
+        for text in [
+            "7".repeat(1 << 20),
+            " ".repeat(1 << 20),
+            "\n ".repeat(1 << 19),
+            "!".repeat(1 << 20),
+        ] {
+            assert_eq!(
+                t.count_text(Encoding::O200kBase, &text),
+                bpe_openai::o200k_base().count(text.as_str()) as u64
+            );
+        }
     }
 }
