@@ -10,7 +10,8 @@
 # Each binary serves one key's sequential chat requests (the load script's ~1 KB body) on one
 # kept-alive connection in front of tollgate's mock upstream, non-streaming then streaming,
 # in a short run and a long one; every thread of the process is counted, the ledger writer's
-# included. Prints instructions per request for each binary.
+# included. Prints instructions per request for each binary, with and without the ledger
+# writer's thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${1:-300}
@@ -55,7 +56,8 @@ output_per_mtok = 0.60
 [router]
 default = "cheap"
 TOML
-  TOLLGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+  TOLLGATE_LOG=warn valgrind --tool=callgrind --separate-threads=yes \
+    --callgrind-out-file="$dir/callgrind.out" \
     "$1" serve --config "$dir/routes.toml" >"$dir/gw.log" 2>&1 &
   pid=$!
   PIDS+=($pid)
@@ -82,21 +84,44 @@ for _ in range(requests):
 PY
   kill -TERM "$pid"
   wait "$pid" 2>/dev/null || true
-  awk '/^(summary|totals):/ { print $2; exit }' "$dir/callgrind.out"
-  # KEEP=dir keeps each run's profile there, for callgrind_annotate.
-  [ -z "${KEEP:-}" ] || cp "$dir/callgrind.out" "$KEEP/callgrind.$(basename "$1").$2.$3"
+  # Every thread's count, and the ledger writer's apart: how many records it commits at once
+  # follows the timing, which callgrind slows fifty-fold, so its share moves from run to run.
+  python3 - "$dir" <<'PY'
+import glob, re, sys
+# Function names are compressed across a run's files: "(id) name" once, then "(id)".
+texts = [open(path, errors="replace").read() for path in glob.glob(sys.argv[1] + "/callgrind.out*")]
+names = {}
+for text in texts:
+    names.update(re.findall(r"^c?fn=\((\d+)\) (.+)$", text, re.M))
+writer_ids = {id for id, name in names.items() if "as tollgate::meter::sink::UsageWriter>::write_batch" in name}
+total = writer = 0
+for text in texts:
+    found = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    count = int(found.group(1)) if found else 0
+    total += count
+    if writer_ids & set(re.findall(r"^fn=\((\d+)\)", text, re.M)):
+        writer += count
+print(total, writer)
+PY
+  # KEEP=dir keeps each run's profiles (one per thread) there, for callgrind_annotate.
+  if [ -n "${KEEP:-}" ]; then
+    for file in "$dir"/callgrind.out*; do
+      cp "$file" "$KEEP/callgrind.$(basename "$1").$2.$3${file##*callgrind.out}"
+    done
+  fi
 }
 
 # Startup, shutdown and the first requests cost the same in a short run as in a long one: the
 # difference between the two is what the extra requests cost.
 SHORT=50
-printf '| binary | instructions per chat request | per streamed request |\n|---|---|---|\n'
+printf '| binary | per chat request | without the ledger writer | per streamed request | without the ledger writer |\n|---|---|---|---|---|\n'
 for BIN in "${BINS[@]}"; do
   figures=()
   for stream in false true; do
-    short=$(run "$BIN" "$SHORT" "$stream")
-    long=$(run "$BIN" "$((SHORT + REQUESTS))" "$stream")
+    read -r short short_writer < <(run "$BIN" "$SHORT" "$stream")
+    read -r long long_writer < <(run "$BIN" "$((SHORT + REQUESTS))" "$stream")
     figures+=("$(( (long - short) / REQUESTS ))")
+    figures+=("$(( (long - long_writer - short + short_writer) / REQUESTS ))")
   done
-  printf '| %s | %s | %s |\n' "$BIN" "${figures[0]}" "${figures[1]}"
+  printf '| %s | %s | %s | %s | %s |\n' "$BIN" "${figures[@]}"
 done

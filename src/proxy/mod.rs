@@ -17,6 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use serde_json::Value;
 
@@ -685,8 +686,14 @@ impl Exchange {
     async fn buffered(&mut self, reply: upstream::Reply) -> Result<Response, GatewayError> {
         let model = self.served_model()?;
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
-        let reading = reply.into_body().collect();
-        let body = match tokio::time::timeout(model.upstream.idle_timeout, reading).await {
+        let mut reading = reply.into_body().collect();
+        // A short answer has usually arrived with its head: no timer is armed for it (see
+        // `body::next_frame`).
+        let read = match (&mut reading).now_or_never() {
+            Some(read) => Ok(read),
+            None => tokio::time::timeout(model.upstream.idle_timeout, reading).await,
+        };
+        let body = match read {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(_)) => {
                 return Err(GatewayError::UpstreamUnreachable(
