@@ -142,8 +142,8 @@ pub async fn owner(app: &App, id: &str) -> Option<Owner> {
         return None;
     }
     let owner = Owner {
-        model: record.served_model.clone()?,
-        key_id: record.key_id.clone()?,
+        model: record.served_model.as_deref()?.to_owned(),
+        key_id: record.key_id.as_deref()?.to_owned(),
         context_tokens: record.billed().total(),
     };
     app.response_owners.remember(id, owner.clone());

@@ -414,7 +414,7 @@ mod tests {
         let mut events = Vec::new();
         let mut add = |key: &str, at_ms: i64| {
             let mut record = crate::rating::ledger::tests::record(&format!("{key}-{at_ms}"), None);
-            record.key_id = Some(key.to_owned());
+            record.key_id = Some(key.into());
             record.started_at_ms = at_ms;
             record.charge = charge;
             events.push(MeterEvent::Usage(record));

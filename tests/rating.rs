@@ -1243,8 +1243,8 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
         let mut expected: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
         for record in &records {
             let name = match field {
-                "route_rule" => record.route_rule.clone().unwrap_or_default(),
-                "tier" => record.tier.clone().unwrap_or_default(),
+                "route_rule" => record.route_rule.as_deref().unwrap_or_default().to_owned(),
+                "tier" => record.tier.as_deref().unwrap_or_default().to_owned(),
                 _ => chrono::DateTime::from_timestamp_millis(record.started_at_ms)
                     .unwrap()
                     .format("%Y-%m-%dT%H:00:00Z")
@@ -1326,7 +1326,7 @@ async fn usage_groups_by_labels_rules_tiers_and_hours_and_export_writes_the_ledg
             .unwrap()
             .format("%Y-%m-%dT%H:00:00Z")
             .to_string();
-        let model = record.served_model.clone().unwrap();
+        let model = record.served_model.as_deref().unwrap().to_owned();
         *expected.entry((hour, model)).or_default() += 1;
     }
     let reported: std::collections::BTreeMap<(String, String), u64> = series["data"]

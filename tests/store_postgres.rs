@@ -48,14 +48,14 @@ fn record(n: u32) -> UsageRecord {
         request_id: format!("req_{:05}", (n * 7919) % 1000),
         client_request_id: n.is_multiple_of(2).then(|| format!("client-{n}")),
         started_at_ms: START_MS + i64::from(n) * DAY_MS / 10,
-        key_id: key.map(|(id, _)| id.to_owned()),
-        key_name: key.map(|(_, name)| name.to_owned()),
-        plan: n.is_multiple_of(3).then(|| "seats".to_owned()),
+        key_id: key.map(|(id, _)| id.into()),
+        key_name: key.map(|(_, name)| name.into()),
+        plan: n.is_multiple_of(3).then(|| "seats".into()),
         endpoint: [Endpoint::ChatCompletions, Endpoint::Embeddings][n as usize % 2],
-        requested_model: ["auto", "gpt-4o"][n as usize % 2].to_owned(),
-        served_model: models[n as usize % models.len()].map(str::to_owned),
-        upstream: Some("mock".to_owned()),
-        tier: (n % 2 == 1).then(|| "cheap".to_owned()),
+        requested_model: ["auto", "gpt-4o"][n as usize % 2].into(),
+        served_model: models[n as usize % models.len()].map(Into::into),
+        upstream: Some("mock".into()),
+        tier: (n % 2 == 1).then(|| "cheap".into()),
         route_rule: None,
         streamed: n.is_multiple_of(2),
         status: if answered { 200 } else { 429 },
@@ -64,7 +64,7 @@ fn record(n: u32) -> UsageRecord {
         } else {
             Outcome::Rejected
         },
-        finish_reason: answered.then(|| "stop".to_owned()),
+        finish_reason: answered.then(|| "stop".into()),
         reported: (n % 3 != 1).then_some(TokenUsage {
             input: 100 + u64::from(n),
             cached_input: u64::from(n % 5),
@@ -523,7 +523,7 @@ fn a_lost_connection_is_retried_and_a_bad_record_refused() {
     assert_eq!(reader.records().unwrap().len(), 20);
 
     let mut bad = record(100);
-    bad.served_model = Some("nul\0byte".to_owned());
+    bad.served_model = Some("nul\0byte".into());
     match writer.write_batch(&[MeterEvent::Usage(bad)]) {
         Err(SinkError::Refused(_)) => {}
         other => panic!("a value the server rejects refuses the batch: {other:?}"),

@@ -71,6 +71,12 @@ impl Outcome {
     }
 }
 
+/// A short name in a usage record (a key's id, a model's, a tier's, a route rule's…), held
+/// inside the record itself up to 24 bytes: a record is built on a serving lane and read and
+/// dropped on the usage thread, and a `String` per name cost an allocation there and, on the
+/// other core, a fetch and a cross-thread free (some 5 % of a request's CPU for nine names).
+pub type Name = compact_str::CompactString;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// The gateway's own id for the request, unique in the ledger.
@@ -82,20 +88,20 @@ pub struct UsageRecord {
     pub client_request_id: Option<String>,
     /// Unix time in milliseconds when the gateway accepted the request.
     pub started_at_ms: i64,
-    pub key_id: Option<String>,
-    pub key_name: Option<String>,
-    pub plan: Option<String>,
+    pub key_id: Option<Name>,
+    pub key_name: Option<Name>,
+    pub plan: Option<Name>,
     pub endpoint: Endpoint,
-    pub requested_model: String,
+    pub requested_model: Name,
     /// The configured model name that served the request (after routing and fallbacks).
-    pub served_model: Option<String>,
-    pub upstream: Option<String>,
-    pub tier: Option<String>,
-    pub route_rule: Option<String>,
+    pub served_model: Option<Name>,
+    pub upstream: Option<Name>,
+    pub tier: Option<Name>,
+    pub route_rule: Option<Name>,
     pub streamed: bool,
     pub status: u16,
     pub outcome: Outcome,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<Name>,
     /// What the upstream said it used, when it said so.
     pub reported: Option<TokenUsage>,
     /// What tollgate counted itself with the model's tokenizer.

@@ -390,7 +390,7 @@ enum Part {
 #[derive(Debug, Default)]
 pub struct OutputCounter {
     parts: Vec<((u64, Part), String)>,
-    finish_reason: Option<String>,
+    finish_reason: Option<super::record::Name>,
 }
 
 impl OutputCounter {
@@ -411,7 +411,7 @@ impl OutputCounter {
     /// The answer's finish reason is the first choice's, or else the first one given.
     pub fn set_finish_reason(&mut self, index: u64, reason: &str) {
         if index == 0 || self.finish_reason.is_none() {
-            self.finish_reason = Some(reason.to_owned());
+            self.finish_reason = Some(reason.into());
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use super::settle::Ending;
 use super::Exchange;
-use crate::meter::record::Outcome;
+use crate::meter::record::{Name, Outcome};
 use crate::meter::sink::Durability;
 use crate::meter::sink::WrittenAck;
 use crate::stream::{Gathered, SseTap};
@@ -85,7 +85,7 @@ impl MeteredStream {
             if let Some(model) = &exchange.model {
                 exchange.counted.output = output.finish(&tokenizer, model.encoding);
             }
-            let finish_reason = output.finish_reason().map(str::to_owned);
+            let finish_reason = output.finish_reason().map(Name::from);
             exchange.settle(Ending {
                 answered: true,
                 status,

@@ -31,7 +31,7 @@ use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::limits::{BudgetPeriod, Demand, Limit, RateLimitHeaders, Refusal};
 use crate::meter::answer::Answer;
-use crate::meter::record::{Outcome, TokenUsage};
+use crate::meter::record::{Name, Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
 use crate::money::Money;
 use crate::route::{Decision, KeyPolicy, RouteError};
@@ -890,7 +890,7 @@ pub(crate) fn refusal_error(refusal: &Refusal, key: &KeyRecord, levels: &Levels)
 struct Metered {
     reported: Option<TokenUsage>,
     output: u64,
-    finish_reason: Option<String>,
+    finish_reason: Option<Name>,
     /// A Responses API answer's id.
     response_id: Option<String>,
 }
@@ -922,7 +922,7 @@ async fn meter_body(
         Some(Metered {
             reported,
             output: tokens,
-            finish_reason: output.finish_reason().map(str::to_owned),
+            finish_reason: output.finish_reason().map(Name::from),
             response_id,
         })
     };

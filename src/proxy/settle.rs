@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::auth::KeyRecord;
 use crate::config::{Config, Model};
 use crate::limits::{AlertCrossing, Settlement};
-use crate::meter::record::{MeterEvent, Outcome, TokenUsage, UsageRecord};
+use crate::meter::record::{MeterEvent, Name, Outcome, TokenUsage, UsageRecord};
 use crate::meter::sink::Durability;
 use crate::meter::sink::WrittenAck;
 use crate::metrics::status_class;
@@ -33,7 +33,7 @@ pub(super) struct Ending {
     pub status: u16,
     pub outcome: Outcome,
     pub reported: Option<TokenUsage>,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<Name>,
     pub ttft: Option<Duration>,
     /// The id of the Responses API response served, remembered with its model and key.
     pub response_id: Option<String>,
@@ -119,15 +119,21 @@ impl Exchange {
             request_id,
             client_request_id,
             started_at_ms: self.accepted_ms,
-            key_id: self.key.as_ref().map(|k| k.id.clone()),
-            key_name: self.key.as_ref().map(|k| k.name.clone()),
-            plan: self.key.as_ref().and_then(|k| k.plan.clone()),
+            key_id: self.key.as_ref().map(|k| Name::from(k.id.as_str())),
+            key_name: self.key.as_ref().map(|k| Name::from(k.name.as_str())),
+            plan: self
+                .key
+                .as_ref()
+                .and_then(|k| k.plan.as_deref().map(Name::from)),
             endpoint: self.endpoint,
-            requested_model: std::mem::take(&mut self.requested_model),
-            served_model: self.model.as_ref().map(|m| m.name.clone()),
-            upstream: self.model.as_ref().map(|m| m.upstream.name.clone()),
-            tier: self.model.as_ref().map(|m| m.tier.clone()),
-            route_rule: Some(self.route_rule.clone()),
+            requested_model: Name::from(std::mem::take(&mut self.requested_model)),
+            served_model: self.model.as_ref().map(|m| Name::from(m.name.as_str())),
+            upstream: self
+                .model
+                .as_ref()
+                .map(|m| Name::from(m.upstream.name.as_str())),
+            tier: self.model.as_ref().map(|m| Name::from(m.tier.as_str())),
+            route_rule: Some(Name::from(self.route_rule.as_str())),
             streamed: self.streamed,
             status: ending.status,
             outcome: ending.outcome,

@@ -175,6 +175,11 @@ pub trait RowSource {
             .ok_or_else(|| self.invalid(column, "NULL in a NOT NULL column".to_owned()))
     }
 
+    /// A text column read as a usage record's [`Name`](crate::meter::record::Name).
+    fn name(&self, column: usize) -> Result<Option<crate::meter::record::Name>, Self::Error> {
+        Ok(self.text(column)?.map(Into::into))
+    }
+
     /// An integer column converted to the record's narrower or unsigned type.
     fn number<T: TryFrom<i64>>(&self, column: usize) -> Result<T, Self::Error> {
         let value = self.required_int(column)?;

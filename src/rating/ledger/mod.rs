@@ -803,15 +803,15 @@ pub(crate) mod tests {
             request_id: request_id.to_owned(),
             client_request_id: Some(format!("client-{request_id}")),
             started_at_ms: 1_795_000_000_123,
-            key_id: Some("key_1".to_owned()),
-            key_name: Some("team-a".to_owned()),
-            plan: Some("seats".to_owned()),
+            key_id: Some("key_1".into()),
+            key_name: Some("team-a".into()),
+            plan: Some("seats".into()),
             endpoint: Endpoint::ChatCompletions,
-            requested_model: "auto".to_owned(),
-            served_model: Some("gpt-4o-mini".to_owned()),
-            upstream: Some("openai".to_owned()),
-            tier: Some("cheap".to_owned()),
-            route_rule: Some("short".to_owned()),
+            requested_model: "auto".into(),
+            served_model: Some("gpt-4o-mini".into()),
+            upstream: Some("openai".into()),
+            tier: Some("cheap".into()),
+            route_rule: Some("short".into()),
             streamed: true,
             status: 200,
             outcome: Outcome::ClientDisconnected,
@@ -970,7 +970,7 @@ pub(crate) mod tests {
             .map(|n| {
                 let mut record = record(&format!("req_{:05}", 12_001 - n), None);
                 record.started_at_ms = base + n / 3;
-                record.key_name = Some("team, \"a\"".to_owned());
+                record.key_name = Some("team, \"a\"".into());
                 record
             })
             .collect();

@@ -741,19 +741,19 @@ mod tests {
             client_request_id: None,
             // Ten days around T0, so that groups span hours, days and two months.
             started_at_ms: T0 + rng.random_range(-5 * DAY_MS..5 * DAY_MS),
-            key_id: (key > 0).then(|| format!("key_{key}")),
-            key_name: (key > 0).then(|| format!("name_{}", rng.random_range(0..2))),
+            key_id: (key > 0).then(|| format!("key_{key}").into()),
+            key_name: (key > 0).then(|| format!("name_{}", rng.random_range(0..2)).into()),
             plan: None,
             endpoint: Endpoint::ChatCompletions,
-            requested_model: "auto".to_owned(),
+            requested_model: "auto".into(),
             served_model: rng
                 .random_bool(0.9)
-                .then(|| ["gpt-4o-mini", "gpt-4o", "gpt-4.1"][rng.random_range(0..3)].to_owned()),
+                .then(|| ["gpt-4o-mini", "gpt-4o", "gpt-4.1"][rng.random_range(0..3)].into()),
             upstream: None,
-            tier: rng.random_bool(0.8).then(|| "cheap".to_owned()),
+            tier: rng.random_bool(0.8).then(|| "cheap".into()),
             route_rule: ["short", "code", "default"]
                 .get(rng.random_range(0..4))
-                .map(|rule| (*rule).to_owned()),
+                .map(|rule| (*rule).into()),
             streamed: false,
             status,
             outcome: Outcome::Completed,
