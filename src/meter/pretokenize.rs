@@ -4,8 +4,8 @@
 //! than counting its tokens; a model's answer is usually plain ASCII, and on ASCII every
 //! class of the patterns is one comparison of a byte.
 //!
-//! The patterns, in the order an anchored leftmost-first search tries them (`W` below is the
-//! run of whitespace at the position, `P` a byte that is neither whitespace, letter nor digit):
+//! The patterns, in the order an anchored leftmost-first search tries them (in ASCII, `\p{L}`
+//! is a letter, `\p{Lu}…` an upper-case one, `\p{Ll}…` a lower-case one, `\p{N}` a digit):
 //!
 //! o200k_base: `[^\r\n\p{L}\p{N}]?[\p{Lu}…]*[\p{Ll}…]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?`,
 //! `[^\r\n\p{L}\p{N}]?[\p{Lu}…]+[\p{Ll}…]*(?i:…)?`, `\p{N}{1,3}`, ` ?[^\s\p{L}\p{N}]+[\r\n/]*`,
