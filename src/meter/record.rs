@@ -74,7 +74,8 @@ impl Outcome {
 /// A short name in a usage record (a key's id, a model's, a tier's, a route rule's…), held
 /// inside the record itself up to 24 bytes: a record is built on a serving lane and read and
 /// dropped on the usage thread, and a `String` per name cost an allocation there and, on the
-/// other core, a fetch and a cross-thread free (some 5 % of a request's CPU for nine names).
+/// other core, a fetch and a cross-thread free (in a load A/B, inline names took a
+/// non-streaming request from 57.3 to 52.3 µs of CPU).
 pub type Name = compact_str::CompactString;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
