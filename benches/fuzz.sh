@@ -14,7 +14,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(splice chat_count sse_tap routes_toml admin_json)
+  targets=(splice chat_count ascii_pieces sse_tap routes_toml admin_json)
 fi
 
 failed=()

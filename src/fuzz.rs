@@ -1,9 +1,10 @@
 //! Fuzz targets for what a hostile client or provider controls: the request body (its splice
-//! for the provider and its token count), the provider's event stream, `routes.toml` and the
-//! admin API's JSON. Under `cargo test` each target replays its seeds (`tests/fuzz/<target>/`)
-//! and runs random mutations of them for a second; `benches/fuzz.sh` runs them for longer, or
-//! under libFuzzer through `cargo bolero` where a nightly toolchain is at hand. An input found
-//! to fail goes into the seeds, so it is replayed by every later run.
+//! for the provider, its token count and the hand-written split of its ASCII text), the
+//! provider's event stream, `routes.toml` and the admin API's JSON. Under `cargo test` each
+//! target replays its seeds (`tests/fuzz/<target>/`) and runs random mutations of them for a
+//! second; `benches/fuzz.sh` runs them for longer, or under libFuzzer through `cargo bolero`
+//! where a nightly toolchain is at hand. An input found to fail goes into the seeds, so it is
+//! replayed by every later run.
 //!
 //! Random bytes are almost never JSON or TOML, so each target mutates real documents: a few
 //! byte-level edits at generated offsets, with bytes drawn mostly from the format's own
@@ -18,6 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::api::Endpoint;
 use crate::config::Config;
+use crate::meter::pretokenize::split_ascii;
 use crate::meter::tokenizer::{Encoding, Tokenizer};
 use crate::stream::SseTap;
 
@@ -227,6 +229,33 @@ fn chat_count() {
                 }
             }
         });
+}
+
+/// ASCII text is cut by hand into the same pieces as the encodings' regexes cut it, whatever
+/// the text: the mutations of JSON bodies give punctuation, digits, whitespace and contractions
+/// in every order (bytes outside ASCII are dropped, since that text takes the regex).
+#[test]
+fn ascii_pieces() {
+    let seeds = seeds("chat");
+    check!().with_type::<Mutation>().for_each(|mutation| {
+        let text: String = mutation
+            .apply(&seeds)
+            .into_iter()
+            .filter(u8::is_ascii)
+            .map(char::from)
+            .collect();
+        for (encoding, encoder) in [
+            (Encoding::O200kBase, bpe_openai::o200k_base()),
+            (Encoding::Cl100kBase, bpe_openai::cl100k_base()),
+        ] {
+            assert_eq!(
+                split_ascii(encoding, &text).collect::<Vec<_>>(),
+                encoder.split(&text).collect::<Vec<_>>(),
+                "{}",
+                encoding.name()
+            );
+        }
+    });
 }
 
 /// However a provider's stream is cut into reads, the tap passes the same bytes and reads the

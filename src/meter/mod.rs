@@ -1,7 +1,7 @@
 //! Metering: counting tokens inline and carrying one usage record per request to the sink.
 
 pub mod answer;
-mod pretokenize;
+pub(crate) mod pretokenize;
 pub mod record;
 pub mod sink;
 pub mod tokenizer;

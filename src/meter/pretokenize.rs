@@ -17,7 +17,7 @@
 use super::tokenizer::Encoding;
 
 /// The pieces of `text`, which must be ASCII, as the encoding's regex splits it.
-pub(super) fn split_ascii(encoding: Encoding, text: &str) -> AsciiSplits<'_> {
+pub(crate) fn split_ascii(encoding: Encoding, text: &str) -> AsciiSplits<'_> {
     debug_assert!(text.is_ascii());
     AsciiSplits {
         text,
@@ -26,7 +26,7 @@ pub(super) fn split_ascii(encoding: Encoding, text: &str) -> AsciiSplits<'_> {
     }
 }
 
-pub(super) struct AsciiSplits<'a> {
+pub(crate) struct AsciiSplits<'a> {
     text: &'a str,
     at: usize,
     encoding: Encoding,
