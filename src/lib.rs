@@ -33,6 +33,12 @@ pub mod store;
 pub mod stream;
 pub mod upstream;
 
+/// Shared state by name that the request path looks up (keys, groups, models, metric series):
+/// foldhash rather than SipHash, which was a visible share of that path; the names are the
+/// operator's, not a client's.
+pub(crate) type ByName<T> =
+    dashmap::DashMap<String, std::sync::Arc<T>, foldhash::fast::RandomState>;
+
 /// Unix time in milliseconds: the timestamp format of records, keys and the ledger.
 pub fn unix_ms() -> i64 {
     api::unix_ms()

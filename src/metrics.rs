@@ -10,6 +10,8 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::ByName;
+
 /// Seconds, from a few milliseconds (a cached refusal) to many minutes (a long reasoning stream).
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -64,13 +66,10 @@ pub struct Metrics {
     /// `usage_events{result="queued"}`, counted for every request.
     pub usage_queued: IntCounter,
     /// Each model's series of the families every request touches (see [`Metrics::model`]).
-    by_model: Found<ModelSeries>,
+    by_model: ByName<ModelSeries>,
     /// Each key's gauges (see [`Metrics::key`]).
-    by_key: Found<KeySeries>,
+    by_key: ByName<KeySeries>,
 }
-
-/// Series by name, looked up on every request: foldhash rather than SipHash.
-type Found<T> = dashmap::DashMap<String, Arc<T>, foldhash::fast::RandomState>;
 
 /// One series of a labelled family, made when first used: a labelled lookup hashes the labels
 /// and takes the family's lock on every call, and a series made before it has a figure would
@@ -130,7 +129,7 @@ pub struct KeySeries {
 }
 
 /// The entry for `name`, made by `make` the first time.
-fn found_once<T>(entries: &Found<T>, name: &str, make: impl FnOnce() -> T) -> Arc<T> {
+fn found_once<T>(entries: &ByName<T>, name: &str, make: impl FnOnce() -> T) -> Arc<T> {
     if let Some(entry) = entries.get(name) {
         return entry.clone();
     }
@@ -400,8 +399,8 @@ impl Metrics {
             ),
             usage_queued: usage_events.with_label_values(&["queued"]),
             usage_events,
-            by_model: Found::default(),
-            by_key: Found::default(),
+            by_model: ByName::default(),
+            by_key: ByName::default(),
             registry,
         }
     }

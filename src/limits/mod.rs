@@ -23,6 +23,7 @@ pub use budget::{Budget, BudgetExceeded, BudgetPeriod, BudgetSnapshot, UNCAPPED}
 use gcra::{Gcra, Snapshot};
 
 use crate::money::Money;
+use crate::ByName;
 
 /// Time as the limiter sees it; injectable so tests roll periods without sleeping.
 pub trait Clock: Send + Sync {
@@ -467,10 +468,6 @@ fn write_go_duration(out: &mut String, duration: Duration) {
     }
     let _ = write!(out, "{seconds}.{fraction:0digits$}s");
 }
-
-/// A map the request path looks names up in: foldhash rather than SipHash, which was a
-/// visible share of that path; the names are the operator's (keys, groups, models).
-type ByName<T> = DashMap<String, Arc<T>, foldhash::fast::RandomState>;
 
 /// Every key's, team's, customer's and model's live limits.
 pub struct Limiter {

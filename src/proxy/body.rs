@@ -1,6 +1,7 @@
 //! Reading a client's request: the body under its size limit (refused with 413 before it is
 //! kept or parsed) and the few fields the gateway itself needs (`model`, `stream`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -57,16 +58,25 @@ pub(super) async fn read_body(
     })
 }
 
-/// The body's next piece. One already received (a small body comes with the request head) is
-/// taken without arming a timer: a timer per piece was an insertion into and a removal from
-/// the lane's timer wheel, twice a request.
+/// `future`'s output, unless it takes longer than `limit`. One that is ready at once (a piece
+/// of a body that came with the request head, a short answer that came with its head) is
+/// taken without arming a timer: a timer was an insertion into and a removal from the lane's
+/// timer wheel, several times a request.
+pub(super) async fn within<F: Future + Unpin>(
+    limit: Duration,
+    mut future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match (&mut future).now_or_never() {
+        Some(output) => Ok(output),
+        None => tokio::time::timeout(limit, future).await,
+    }
+}
+
+/// The body's next piece, within `idle`.
 async fn next_frame(body: &mut Body, idle: Duration) -> Result<Option<Frame<Bytes>>, GatewayError> {
-    let frame = match body.frame().now_or_never() {
-        Some(frame) => frame,
-        None => tokio::time::timeout(idle, body.frame())
-            .await
-            .map_err(|_| GatewayError::BodyTimeout)?,
-    };
+    let frame = within(idle, body.frame())
+        .await
+        .map_err(|_| GatewayError::BodyTimeout)?;
     frame.transpose().map_err(unreadable)
 }
 

@@ -17,7 +17,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use serde_json::Value;
 
@@ -37,7 +36,7 @@ use crate::money::Money;
 use crate::route::{Decision, KeyPolicy, RouteError};
 use crate::state::{FallbackGate, Pass, Refused};
 use crate::upstream;
-use body::{parse_request, read_body};
+use body::{parse_request, read_body, within};
 use metered::MeteredStream;
 pub use models::{model, models};
 use settle::Ending;
@@ -686,14 +685,8 @@ impl Exchange {
     async fn buffered(&mut self, reply: upstream::Reply) -> Result<Response, GatewayError> {
         let model = self.served_model()?;
         let content_type = reply.headers().get(header::CONTENT_TYPE).cloned();
-        let mut reading = reply.into_body().collect();
-        // A short answer has usually arrived with its head: no timer is armed for it (see
-        // `body::next_frame`).
-        let read = match (&mut reading).now_or_never() {
-            Some(read) => Ok(read),
-            None => tokio::time::timeout(model.upstream.idle_timeout, reading).await,
-        };
-        let body = match read {
+        let reading = reply.into_body().collect();
+        let body = match within(model.upstream.idle_timeout, reading).await {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(_)) => {
                 return Err(GatewayError::UpstreamUnreachable(
