@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
+pub mod json;
 pub mod lanes;
 pub mod limits;
 pub mod meter;

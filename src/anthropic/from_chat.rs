@@ -17,7 +17,7 @@ pub fn messages_request(
     upstream_model: &str,
     max_output: u64,
 ) -> Result<Bytes, GatewayError> {
-    let chat: Map<String, Value> = serde_json::from_slice(chat)
+    let chat: Map<String, Value> = crate::json::from_slice(chat)
         .map_err(|error| GatewayError::bad_request(format!("invalid JSON: {error}")))?;
     if chat.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(unsupported("`n` above 1", "n"));
@@ -273,7 +273,7 @@ fn to_completion(message: &Value, model: &str) -> Value {
 pub async fn to_chat_answer(response: Response, model: &str, include_usage: bool) -> Response {
     let events = Chunks::new(model, include_usage);
     translate_answer(response, events, |status, bytes| {
-        let parsed: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let parsed: Value = crate::json::from_slice(bytes).unwrap_or(Value::Null);
         match (status.is_success(), parsed["type"].as_str()) {
             (true, Some("message")) => Some(to_completion(&parsed, model)),
             (false, Some("error")) => Some(json!({"error": {
@@ -394,7 +394,7 @@ impl Chunks {
 
 impl Events for Chunks {
     fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        if let Ok(event) = serde_json::from_slice::<Value>(data) {
+        if let Ok(event) = crate::json::from_slice::<Value>(data) {
             self.message_event(&event, out);
         }
     }

@@ -55,7 +55,7 @@ fn invalid(message: &str, param: &'static str) -> GatewayError {
 
 /// The chat completion request a Messages request amounts to, as JSON bytes, and its model.
 pub fn to_chat(bytes: &[u8]) -> Result<Bytes, GatewayError> {
-    let request: Map<String, Value> = match serde_json::from_slice(bytes) {
+    let request: Map<String, Value> = match crate::json::from_slice(bytes) {
         Ok(Value::Object(request)) => request,
         Ok(_) => return Err(GatewayError::bad_request("the body must be a JSON object")),
         Err(error) => {
@@ -369,7 +369,7 @@ pub async fn to_messages(
     }
     let events = Translator::new(model, counted_input);
     translate_answer(response, events, |status, bytes| {
-        let parsed: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let parsed: Value = crate::json::from_slice(bytes).unwrap_or(Value::Null);
         if parsed["type"] == "error" {
             return None;
         }
@@ -559,7 +559,7 @@ impl Events for Translator {
     fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if data == b"[DONE]" {
             self.finish(out);
-        } else if let Ok(chunk) = serde_json::from_slice::<Value>(data) {
+        } else if let Ok(chunk) = crate::json::from_slice::<Value>(data) {
             self.chunk(&chunk, out);
         }
     }

@@ -377,7 +377,6 @@ impl RateLimitHeaders {
     /// one buffer that every header value shares: one allocation on every answer, not one per
     /// figure.
     pub fn write_to(&self, headers: &mut HeaderMap) {
-        use std::fmt::Write as _;
         let dimensions = [
             (
                 self.requests,
@@ -389,14 +388,15 @@ impl RateLimitHeaders {
             ),
         ];
         let mut text = String::with_capacity(96);
+        let mut number = itoa::Buffer::new();
         let mut spans = [[(0, 0); 3]; 2];
         for ((snapshot, _), spans) in dimensions.iter().zip(&mut spans) {
             let Some(snapshot) = snapshot else { continue };
             let start = text.len();
-            let _ = write!(text, "{}", snapshot.limit);
+            text.push_str(number.format(snapshot.limit));
             spans[0] = (start, text.len());
             let start = text.len();
-            let _ = write!(text, "{}", snapshot.remaining);
+            text.push_str(number.format(snapshot.remaining));
             spans[1] = (start, text.len());
             let start = text.len();
             write_go_duration(&mut text, snapshot.reset);
@@ -437,36 +437,38 @@ pub fn go_duration(duration: Duration) -> String {
 }
 
 fn write_go_duration(out: &mut String, duration: Duration) {
-    use std::fmt::Write as _;
+    let mut number = itoa::Buffer::new();
     let ms = duration.as_millis();
     if ms < 1_000 {
-        let _ = write!(out, "{ms}ms");
+        out.push_str(number.format(ms));
+        out.push_str("ms");
         return;
     }
     let hours = ms / 3_600_000;
     let minutes = (ms % 3_600_000) / 60_000;
-    match (hours, minutes) {
-        (0, 0) => {}
-        (0, m) => {
-            let _ = write!(out, "{m}m");
-        }
-        (h, m) => {
-            let _ = write!(out, "{h}h{m}m");
-        }
+    if hours > 0 {
+        out.push_str(number.format(hours));
+        out.push('h');
     }
-    let seconds = (ms % 60_000) / 1_000;
+    if hours > 0 || minutes > 0 {
+        out.push_str(number.format(minutes));
+        out.push('m');
+    }
+    out.push_str(number.format((ms % 60_000) / 1_000));
     let mut fraction = ms % 1_000;
-    if fraction == 0 {
-        let _ = write!(out, "{seconds}s");
-        return;
+    if fraction > 0 {
+        // Trailing zeros go: 59.940 s is written 59.94s.
+        let mut digits = 3;
+        while fraction.is_multiple_of(10) {
+            fraction /= 10;
+            digits -= 1;
+        }
+        let written = number.format(fraction);
+        out.push('.');
+        out.extend(std::iter::repeat_n('0', digits - written.len()));
+        out.push_str(written);
     }
-    // Trailing zeros go: 59.940 s is written 59.94s.
-    let mut digits = 3;
-    while fraction.is_multiple_of(10) {
-        fraction /= 10;
-        digits -= 1;
-    }
-    let _ = write!(out, "{seconds}.{fraction:0digits$}s");
+    out.push('s');
 }
 
 /// Every key's, team's, customer's and model's live limits.
@@ -1072,6 +1074,10 @@ mod tests {
         assert_eq!(go_duration(Duration::from_millis(59_940)), "59.94s");
         assert_eq!(go_duration(Duration::from_secs(3_723)), "1h2m3s");
         assert_eq!(go_duration(Duration::from_millis(1_005)), "1.005s");
+        assert_eq!(go_duration(Duration::from_millis(1_050)), "1.05s");
+        assert_eq!(go_duration(Duration::from_millis(10_100)), "10.1s");
+        assert_eq!(go_duration(Duration::from_millis(3_605_020)), "1h0m5.02s");
+        assert_eq!(go_duration(Duration::ZERO), "0ms");
         assert_eq!(go_duration(Duration::from_millis(61_050)), "1m1.05s");
         assert_eq!(go_duration(Duration::from_millis(999)), "999ms");
     }

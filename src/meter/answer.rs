@@ -192,7 +192,7 @@ struct PromptTokensDetails {
 impl<'a> Answer<'a> {
     /// `None` when the bytes are not an answer-shaped JSON object.
     pub fn parse(bytes: &'a [u8]) -> Option<Answer<'a>> {
-        serde_json::from_slice(bytes).ok()
+        crate::json::from_slice(bytes).ok()
     }
 
     /// The upstream's own usage figures, when it reported them, each held to

@@ -121,12 +121,12 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError>
     };
     let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     if !is_object {
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
+        crate::json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
         return Err(GatewayError::bad_request(
             "the request body must be a JSON object",
         ));
     }
-    let Members { body, repeats } = serde_json::from_slice(bytes).map_err(unparsable)?;
+    let Members { body, repeats } = crate::json::from_slice(bytes).map_err(unparsable)?;
     let body = Value::Object(body);
     let model = match &body["model"] {
         Value::String(model) if !model.is_empty() => model.clone(),

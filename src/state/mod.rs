@@ -183,84 +183,42 @@ impl Admission {
         model: &Model,
         demand: Demand,
     ) -> Result<Pass, Refused> {
-        let (redis, local_share, ledger, keys) = match self {
-            Admission::Embedded(limiter) => {
-                return match limiter.admit(key_id, above, &model.name, demand) {
-                    Ok(ticket) => Ok(Pass::Local(ticket)),
-                    Err(refusal) => Err(Refused {
-                        refusal,
-                        headers: limiter.headers(key_id, above, &model.name),
-                    }),
-                }
-            }
+        match self {
+            Admission::Embedded(limiter) => match limiter.admit(key_id, above, &model.name, demand)
+            {
+                Ok(ticket) => Ok(Pass::Local(ticket)),
+                Err(refusal) => Err(Refused {
+                    refusal,
+                    headers: limiter.headers(key_id, above, &model.name),
+                }),
+            },
+            // Boxed: the Redis calls make its future about 2 KB, and every future awaiting
+            // this one would otherwise carry (and copy, each time it is created) that size on
+            // the embedded path too.
             Admission::Shared {
                 redis,
                 local_share,
                 ledger,
                 keys,
                 ..
-            } => (redis, local_share, ledger, keys),
-        };
-        let unavailable = |error: redis::StateError| {
-            if redis.on_unavailable == OnUnavailable::FailOpen {
-                return local_share
-                    .admit(key_id, above, &model.name, demand)
-                    .map(Pass::Local)
-                    .map_err(|refusal| Refused {
-                        refusal,
-                        headers: local_share.headers(key_id, above, &model.name),
-                    });
-            }
-            tracing::debug!(%error, "admission refused: shared state unreachable");
-            Err(Refused {
-                refusal: Refusal::Unavailable,
-                headers: RateLimitHeaders::default(),
-            })
-        };
-        // Each level may need its spend seeded once, then the request is admitted.
-        for _ in 0..4 {
-            let admitted = redis
-                .admit(
+            } => {
+                let shared = Seeding {
+                    redis,
+                    ledger,
+                    keys,
+                };
+                Box::pin(admit_shared(
+                    shared,
+                    local_share,
                     key_id,
                     limits,
                     above,
-                    &model.name,
-                    model_limits(model),
+                    model,
                     demand,
-                )
-                .await;
-            match admitted {
-                Ok(Admitted::Lease(lease)) => return Ok(Pass::Shared(lease)),
-                Ok(Admitted::Refused(refusal, headers)) => {
-                    return Err(Refused { refusal, headers })
-                }
-                Ok(Admitted::NeedsSeed(level)) => {
-                    let (id, limits) = above_levels(above)
-                        .find(|(above, _)| *above == level)
-                        .map_or((key_id, limits), |(_, above)| (above.name, above.limits));
-                    let seeding = Seeding {
-                        redis,
-                        ledger,
-                        keys,
-                    };
-                    match seed_level(seeding, level, id, limits).await {
-                        Ok(()) => {}
-                        Err(Unseeded::Ledger) => {
-                            return Err(Refused {
-                                refusal: Refusal::Unavailable,
-                                headers: RateLimitHeaders::default(),
-                            })
-                        }
-                        Err(Unseeded::Redis(error)) => return unavailable(error),
-                    }
-                }
-                Err(error) => return unavailable(error),
+                ))
+                .await
             }
         }
-        Err(Refused {
-            refusal: Refusal::Unavailable,
-            headers: RateLimitHeaders::default(),
-        })
     }
 
     /// Moves a pass's model throttles to a fallback model before it is tried.
@@ -559,10 +517,79 @@ enum Unseeded {
     Redis(redis::StateError),
 }
 
-/// What seeding a level's spend in Redis reads from.
+/// [`Admission::admit`] through Redis: the level's spend seeded from the ledger when Redis
+/// lacks it, and this replica's share of the limits enforced while Redis is out of reach under
+/// `fail_open`.
+async fn admit_shared(
+    shared: Seeding<'_>,
+    local_share: &Limiter,
+    key_id: &str,
+    limits: &KeyLimits,
+    above: Above<'_>,
+    model: &Model,
+    demand: Demand,
+) -> Result<Pass, Refused> {
+    let unavailable = |error: redis::StateError| {
+        if shared.redis.on_unavailable == OnUnavailable::FailOpen {
+            return local_share
+                .admit(key_id, above, &model.name, demand)
+                .map(Pass::Local)
+                .map_err(|refusal| Refused {
+                    refusal,
+                    headers: local_share.headers(key_id, above, &model.name),
+                });
+        }
+        tracing::debug!(%error, "admission refused: shared state unreachable");
+        Err(Refused {
+            refusal: Refusal::Unavailable,
+            headers: RateLimitHeaders::default(),
+        })
+    };
+    // Each level may need its spend seeded once, then the request is admitted.
+    for _ in 0..4 {
+        let admitted = shared
+            .redis
+            .admit(
+                key_id,
+                limits,
+                above,
+                &model.name,
+                model_limits(model),
+                demand,
+            )
+            .await;
+        match admitted {
+            Ok(Admitted::Lease(lease)) => return Ok(Pass::Shared(lease)),
+            Ok(Admitted::Refused(refusal, headers)) => return Err(Refused { refusal, headers }),
+            Ok(Admitted::NeedsSeed(level)) => {
+                let (id, limits) = above_levels(above)
+                    .find(|(above, _)| *above == level)
+                    .map_or((key_id, limits), |(_, above)| (above.name, above.limits));
+                match seed_level(shared, level, id, limits).await {
+                    Ok(()) => {}
+                    Err(Unseeded::Ledger) => {
+                        return Err(Refused {
+                            refusal: Refusal::Unavailable,
+                            headers: RateLimitHeaders::default(),
+                        })
+                    }
+                    Err(Unseeded::Redis(error)) => return unavailable(error),
+                }
+            }
+            Err(error) => return unavailable(error),
+        }
+    }
+    Err(Refused {
+        refusal: Refusal::Unavailable,
+        headers: RateLimitHeaders::default(),
+    })
+}
+
+/// What shared admission works with: Redis, and the ledger and key store that seed a level's
+/// spend in it.
 #[derive(Clone, Copy)]
 struct Seeding<'a> {
-    redis: &'a RedisState,
+    redis: &'a Arc<RedisState>,
     ledger: &'a Arc<dyn LedgerReader>,
     keys: &'a Arc<dyn KeyStore>,
 }

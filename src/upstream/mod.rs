@@ -272,7 +272,7 @@ pub(crate) fn upstream_body(
     let encode_error = |error: serde_json::Error| {
         GatewayError::Internal(format!("cannot encode the request: {error}"))
     };
-    let members: Members = serde_json::from_slice(client).map_err(encode_error)?;
+    let members: Members = crate::json::from_slice(client).map_err(encode_error)?;
     let usage_option = adds_usage_option(endpoint, stream);
     let mut body = Vec::with_capacity(client.len() + upstream_model.len() + 48);
     body.extend_from_slice(b"{\"model\":");
