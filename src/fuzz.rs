@@ -211,21 +211,42 @@ fn splice() {
         });
 }
 
-/// Any JSON body counts without a panic, the same on every call and whatever the caches hold.
+/// Any JSON body counts without a panic, the same on every call, whatever the caches hold, and
+/// the same read as a `Value` or with its messages borrowed.
 #[test]
 fn chat_count() {
     let seeds = seeds("chat");
     check!()
         .with_type::<(Mutation, bool)>()
         .for_each(|(mutation, cold)| {
-            let Ok(body) = serde_json::from_slice::<Value>(&mutation.apply(&seeds)) else {
+            let bytes = mutation.apply(&seeds);
+            let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
                 return;
             };
-            for encoding in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            // Read with its messages borrowed, the body counts as its `Value` does.
+            let view = crate::json::from_slice::<crate::meter::prompt::ChatBody>(&bytes)
+                .ok()
+                .map(|view| {
+                    [Encoding::O200kBase, Encoding::Cl100kBase]
+                        .map(|encoding| TOKENIZER.count_chat_view(encoding, &view))
+                });
+            if body.is_object() {
+                assert!(
+                    view.is_some(),
+                    "an object that parses as a Value reads as a view"
+                );
+            }
+            for (index, encoding) in [Encoding::O200kBase, Encoding::Cl100kBase]
+                .into_iter()
+                .enumerate()
+            {
                 let first = TOKENIZER.count_chat_prompt(encoding, &body);
                 assert_eq!(TOKENIZER.count_chat_prompt(encoding, &body), first);
                 if *cold {
                     assert_eq!(TOKENIZER_COLD.count_chat_prompt(encoding, &body), first);
+                }
+                if let Some(counts) = view {
+                    assert_eq!(counts[index], first, "the view's count");
                 }
             }
         });

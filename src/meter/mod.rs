@@ -2,6 +2,7 @@
 
 pub mod answer;
 pub(crate) mod pretokenize;
+pub mod prompt;
 pub mod record;
 pub mod sink;
 pub mod tokenizer;

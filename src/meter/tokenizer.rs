@@ -19,6 +19,7 @@ use dashmap::DashMap;
 use serde_json::Value;
 
 use super::pretokenize::split_ascii;
+use super::prompt::{ChatBody, FieldRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -217,37 +218,89 @@ impl Tokenizer {
     /// Input tokens of a chat request body: messages, tool definitions, and the JSON schema
     /// of structured outputs.
     pub fn count_chat_prompt(&self, encoding: Encoding, body: &Value) -> u64 {
-        let mut total = 0;
-        if let Some(messages) = body["messages"].as_array() {
-            for message in messages {
-                total += self.count_message(encoding, message);
-            }
-            total += REPLY_PRIMING;
-        }
-        total + self.count_tools(encoding, body) + self.count_response_schema(encoding, body)
+        let messages = body["messages"].as_array().map(|messages| {
+            messages
+                .iter()
+                .map(|message| match message.as_object() {
+                    Some(fields) => self.count_message(
+                        encoding,
+                        fields.iter().map(|(name, value)| {
+                            let field = match value {
+                                Value::String(text) => FieldRef::Text(text),
+                                tree => FieldRef::Tree(tree),
+                            };
+                            (name.as_str(), field)
+                        }),
+                    ),
+                    None => 0,
+                })
+                .sum::<u64>()
+        });
+        self.count_chat_parts(
+            encoding,
+            messages,
+            &body["tools"],
+            &body["functions"],
+            &body["response_format"],
+        )
+    }
+
+    /// [`Tokenizer::count_chat_prompt`] of a body read as a [`ChatBody`]: the same count.
+    pub fn count_chat_view(&self, encoding: Encoding, body: &ChatBody<'_>) -> u64 {
+        let messages = body.messages().map(|messages| {
+            messages
+                .map(|message| message.map_or(0, |fields| self.count_message(encoding, fields)))
+                .sum::<u64>()
+        });
+        let member = |name: &str| body.member(name).unwrap_or(&Value::Null);
+        self.count_chat_parts(
+            encoding,
+            messages,
+            member("tools"),
+            member("functions"),
+            member("response_format"),
+        )
+    }
+
+    /// A chat prompt's total from its messages' count (`None` without a `messages` array)
+    /// and its `tools`, `functions` and `response_format` members.
+    fn count_chat_parts(
+        &self,
+        encoding: Encoding,
+        messages: Option<u64>,
+        tools: &Value,
+        functions: &Value,
+        response_format: &Value,
+    ) -> u64 {
+        messages.map_or(0, |tokens| tokens + REPLY_PRIMING)
+            + self.count_tools(encoding, tools, functions)
+            + self.count_response_schema(encoding, response_format)
     }
 
     /// A structured-output schema is put into the prompt in a form OpenAI does not publish,
     /// so the compact JSON text of the whole `json_schema` member (name, description, strict
     /// and schema, in the client's order) stands in for it: a schema of thousands of tokens
     /// must not count as none when a request's tokens are reserved.
-    fn count_response_schema(&self, encoding: Encoding, body: &Value) -> u64 {
-        match &body["response_format"]["json_schema"] {
+    fn count_response_schema(&self, encoding: Encoding, response_format: &Value) -> u64 {
+        match &response_format["json_schema"] {
             Value::Null => 0,
             schema => self.count_prompt_text(encoding, &schema.to_string()),
         }
     }
 
-    fn count_message(&self, encoding: Encoding, message: &Value) -> u64 {
-        let Some(fields) = message.as_object() else {
-            return 0;
-        };
+    fn count_message<'v>(
+        &self,
+        encoding: Encoding,
+        fields: impl Iterator<Item = (&'v str, FieldRef<'v>)>,
+    ) -> u64 {
         let mut total = TOKENS_PER_MESSAGE;
         for (field, value) in fields {
             total += match value {
-                Value::String(text) => self.count_prompt_text(encoding, text),
-                Value::Array(parts) if field == "content" => self.count_parts(encoding, parts),
-                Value::Array(calls) if field == "tool_calls" => calls
+                FieldRef::Text(text) => self.count_prompt_text(encoding, text),
+                FieldRef::Tree(Value::Array(parts)) if field == "content" => {
+                    self.count_parts(encoding, parts)
+                }
+                FieldRef::Tree(Value::Array(calls)) if field == "tool_calls" => calls
                     .iter()
                     .map(|call| {
                         self.count_text(encoding, call["function"]["name"].as_str().unwrap_or(""))
@@ -257,7 +310,7 @@ impl Tokenizer {
                             )
                     })
                     .sum(),
-                Value::Object(call) if field == "function_call" => {
+                FieldRef::Tree(Value::Object(call)) if field == "function_call" => {
                     self.count_text(
                         encoding,
                         call.get("name").and_then(Value::as_str).unwrap_or(""),
@@ -266,7 +319,7 @@ impl Tokenizer {
                         call.get("arguments").and_then(Value::as_str).unwrap_or(""),
                     )
                 }
-                _ => 0,
+                FieldRef::Tree(_) => 0,
             };
             if field == "name" {
                 total += TOKENS_PER_NAME;
@@ -291,8 +344,8 @@ impl Tokenizer {
     }
 
     /// The OpenAI cookbook's estimate for function definitions (`tools` or `functions`).
-    fn count_tools(&self, encoding: Encoding, body: &Value) -> u64 {
-        let functions: Vec<&Value> = match (&body["tools"], &body["functions"]) {
+    fn count_tools(&self, encoding: Encoding, tools: &Value, functions: &Value) -> u64 {
+        let functions: Vec<&Value> = match (tools, functions) {
             (Value::Array(tools), _) => tools.iter().map(|tool| &tool["function"]).collect(),
             (_, Value::Array(functions)) => functions.iter().collect(),
             _ => return 0,

@@ -14,13 +14,40 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
+use crate::meter::prompt::ChatBody;
 
-pub(super) struct ParsedRequest {
-    pub body: Value,
+pub(super) struct ParsedRequest<B> {
+    pub body: B,
     pub model: String,
     pub stream: bool,
     /// A top-level member appears more than once (the body holds its last value).
     pub repeats_members: bool,
+}
+
+/// A request's body as the gateway reads it: the whole of it as a `Value`, or, for a chat
+/// request whose prompt is only counted (it names a model: nothing routes it), read in one
+/// pass with its messages borrowed.
+pub(super) enum RequestBody<'a> {
+    Value(Value),
+    Chat(ChatBody<'a>),
+}
+
+impl RequestBody<'_> {
+    /// A top-level member's value (not `messages`).
+    pub fn member(&self, name: &str) -> Option<&Value> {
+        match self {
+            RequestBody::Value(body) => body.get(name),
+            RequestBody::Chat(body) => body.member(name),
+        }
+    }
+
+    /// The whole body as a `Value`.
+    pub fn into_value(self) -> Value {
+        match self {
+            RequestBody::Value(body) => body,
+            RequestBody::Chat(body) => body.into_value(),
+        }
+    }
 }
 
 /// The body, refused with 413 before keeping more than the limit (and before any parsing),
@@ -113,12 +140,7 @@ async fn discard(mut body: Body, declared: Option<u64>) {
     let _ = tokio::time::timeout(DISCARD_MAX_TIME, drain).await;
 }
 
-pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError> {
-    let unparsable = |error: serde_json::Error| {
-        GatewayError::bad_request(format!(
-            "We could not parse the JSON body of your request: {error}"
-        ))
-    };
+pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest<Value>, GatewayError> {
     let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     if !is_object {
         crate::json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
@@ -126,11 +148,63 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError>
             "the request body must be a JSON object",
         ));
     }
-    let Members { body, repeats } = crate::json::from_slice(bytes).map_err(unparsable)?;
+    let ValueMembers { body, repeats } = crate::json::from_slice(bytes).map_err(unparsable)?;
     let body = Value::Object(body);
-    let model = match &body["model"] {
-        Value::String(model) if !model.is_empty() => model.clone(),
-        Value::Null => {
+    let (model, stream) = read_fields(|name| body.get(name))?;
+    Ok(ParsedRequest {
+        body,
+        model,
+        stream,
+        repeats_members: repeats,
+    })
+}
+
+/// [`parse_request`] of a chat request: read in one pass as a [`ChatBody`], kept so when
+/// `counted_only` accepts the model it names, else made the whole `Value`.
+pub(super) fn parse_chat_request<'a>(
+    bytes: &'a [u8],
+    counted_only: impl Fn(&str) -> bool,
+) -> Result<ParsedRequest<RequestBody<'a>>, GatewayError> {
+    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object {
+        return parse_request(bytes).map(|request| ParsedRequest {
+            body: RequestBody::Value(request.body),
+            model: request.model,
+            stream: request.stream,
+            repeats_members: request.repeats_members,
+        });
+    }
+    // The same parser as a `Value` parse: the same errors at the same places.
+    let view: ChatBody = crate::json::from_slice(bytes).map_err(unparsable)?;
+    let (model, stream) = read_fields(|name| view.member(name))?;
+    let repeats_members = view.repeats();
+    let body = if counted_only(&model) {
+        RequestBody::Chat(view)
+    } else {
+        RequestBody::Value(view.into_value())
+    };
+    Ok(ParsedRequest {
+        body,
+        model,
+        stream,
+        repeats_members,
+    })
+}
+
+fn unparsable(error: serde_json::Error) -> GatewayError {
+    GatewayError::bad_request(format!(
+        "We could not parse the JSON body of your request: {error}"
+    ))
+}
+
+/// The model and the stream flag, with `stream_options` checked, from a body's top-level
+/// members as `member` gives them.
+fn read_fields<'v>(
+    member: impl Fn(&str) -> Option<&'v Value>,
+) -> Result<(String, bool), GatewayError> {
+    let model = match member("model") {
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
+        None | Some(Value::Null) => {
             return Err(GatewayError::BadRequest {
                 message: "you must provide a model parameter".to_owned(),
                 param: Some("model"),
@@ -143,9 +217,9 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError>
             })
         }
     };
-    let stream = match &body["stream"] {
-        Value::Bool(stream) => *stream,
-        Value::Null => false,
+    let stream = match member("stream") {
+        Some(Value::Bool(stream)) => *stream,
+        None | Some(Value::Null) => false,
         _ => {
             return Err(GatewayError::BadRequest {
                 message: "`stream` must be a boolean".to_owned(),
@@ -153,37 +227,35 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest, GatewayError>
             })
         }
     };
-    if !matches!(&body["stream_options"], Value::Object(_) | Value::Null) {
+    if !matches!(
+        member("stream_options"),
+        None | Some(Value::Object(_) | Value::Null)
+    ) {
         return Err(GatewayError::BadRequest {
             message: "`stream_options` must be an object".to_owned(),
             param: Some("stream_options"),
         });
     }
-    Ok(ParsedRequest {
-        body,
-        model,
-        stream,
-        repeats_members: repeats,
-    })
+    Ok((model, stream))
 }
 
 /// A request body's top-level members as `Value` would parse them (a repeated name keeps its
 /// place and takes its last value), and whether any name repeats: a body without repeats may
 /// be forwarded as it came, since every parser reads it as the gateway did.
-struct Members {
+struct ValueMembers {
     body: Map<String, Value>,
     repeats: bool,
 }
 
-impl<'de> Deserialize<'de> for Members {
+impl<'de> Deserialize<'de> for ValueMembers {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visit;
         impl<'de> Visitor<'de> for Visit {
-            type Value = Members;
+            type Value = ValueMembers;
             fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
                 formatter.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueMembers, A::Error> {
                 // Room for a typical request's members (model, messages, stream, limits,
                 // sampling, tools…) at once, rather than growing and rehashing partway.
                 let mut body = Map::with_capacity(map.size_hint().unwrap_or(0).max(8));
@@ -192,7 +264,7 @@ impl<'de> Deserialize<'de> for Members {
                     let value = map.next_value::<Value>()?;
                     repeats |= body.insert(name, value).is_some();
                 }
-                Ok(Members { body, repeats })
+                Ok(ValueMembers { body, repeats })
             }
         }
         deserializer.deserialize_map(Visit)
@@ -227,6 +299,49 @@ mod tests {
             "only the top level is forwarded member by member"
         );
         assert_eq!(parsed.model, "a");
+    }
+
+    #[test]
+    fn a_chat_request_to_a_named_model_is_viewed_and_checked_as_a_whole_one_is() {
+        let viewed = |body: &'static str| parse_chat_request(body.as_bytes(), |m| m == "named");
+        let body = r#"{"model":"named","stream":true,"max_tokens":16,"temperature":0.5,"messages":[{"role":"user","content":"hi"}]}"#;
+        let parsed = viewed(body).unwrap();
+        assert!(matches!(parsed.body, RequestBody::Chat(_)));
+        assert_eq!(
+            (parsed.model.as_str(), parsed.stream, parsed.repeats_members),
+            ("named", true, false)
+        );
+        assert_eq!(parsed.body.member("max_tokens"), Some(&Value::from(16)));
+        assert_eq!(parsed.body.member("n"), None);
+        assert_eq!(
+            parsed.body.into_value(),
+            parse_request(body.as_bytes()).unwrap().body
+        );
+
+        let routed = viewed(r#"{"model":"auto","messages":[{"role":"user","content":"x"}]}"#);
+        assert!(matches!(routed.unwrap().body, RequestBody::Value(_)));
+        let repeated = viewed(r#"{"model":"x","stream":false,"model":"named"}"#).unwrap();
+        assert!(repeated.repeats_members);
+        assert_eq!(repeated.model, "named");
+        let escaped = viewed(r#"{"model":"na\u006ded"}"#).unwrap();
+        assert!(matches!(escaped.body, RequestBody::Chat(_)));
+
+        for refused in [
+            r#"{"model":"named","stream":"yes"}"#,
+            r#"{"model":"named","stream_options":1}"#,
+            r#"{"model":"named","temperature":1e400}"#,
+            r#"{"model":"named","messages":[{"content":"\ud800"}]}"#,
+            r#"{"model":"","messages":[]}"#,
+            r#"{"model":null}"#,
+            r#"{"model":"named",}"#,
+            r#"["model"]"#,
+        ] {
+            assert_eq!(
+                message(viewed(refused).err().unwrap()),
+                message(parse_request(refused.as_bytes()).err().unwrap()),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::money::Money;
 use crate::route::{Decision, KeyPolicy, RouteError};
 use crate::state::{FallbackGate, Pass, Refused};
 use crate::upstream;
-use body::{parse_request, read_body, within};
+use body::{parse_chat_request, parse_request, read_body, within, RequestBody};
 use metered::MeteredStream;
 pub use models::{model, models};
 use settle::Ending;
@@ -131,25 +131,42 @@ async fn proxy(
     // A large body is parsed, counted, routed and spliced on the blocking pool: on the serving
     // lane its work would delay every other request there.
     let inline = bytes.len() <= config.server.inline_count_max_bytes;
-    let parsing = bytes.clone();
     let endpoint = exchange.endpoint;
-    let (request, previous_response) = off_lane(inline, move || {
-        let mut request = parse_request(&parsing)?;
-        let mut previous = None;
-        // Read once as the chat it amounts to: counting, routing and the reservation read that.
-        if endpoint == Endpoint::Responses {
-            crate::responses::check_request(&request.body)?;
-            previous = request.body["previous_response_id"]
-                .as_str()
-                .map(str::to_owned);
-            request.body = crate::responses::as_chat(&request.body);
-        }
-        Ok::<_, GatewayError>((request, previous))
-    })
-    .await??;
+    let (request, previous_response) =
+        if inline && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages) {
+            // A chat request to a named model is only counted: its prompt is read in place.
+            let counted_only = |model: &str| config.model(model).is_some();
+            (parse_chat_request(&bytes, counted_only)?, None)
+        } else {
+            let parsing = bytes.clone();
+            off_lane(inline, move || {
+                let mut request = parse_request(&parsing)?;
+                let mut previous = None;
+                // Read once as the chat it amounts to: counting, routing and the reservation
+                // read that.
+                if endpoint == Endpoint::Responses {
+                    crate::responses::check_request(&request.body)?;
+                    previous = request.body["previous_response_id"]
+                        .as_str()
+                        .map(str::to_owned);
+                    request.body = crate::responses::as_chat(&request.body);
+                }
+                let request = body::ParsedRequest {
+                    body: RequestBody::Value(request.body),
+                    model: request.model,
+                    stream: request.stream,
+                    repeats_members: request.repeats_members,
+                };
+                Ok::<_, GatewayError>((request, previous))
+            })
+            .await??
+        };
     exchange.requested_model = request.model.clone();
     exchange.streamed = request.stream;
-    exchange.asks_usage = request.body["stream_options"]["include_usage"] == true;
+    exchange.asks_usage = request
+        .body
+        .member("stream_options")
+        .is_some_and(|options| options["include_usage"] == true);
 
     if !config.knows_model(&request.model) {
         return Err(GatewayError::UnknownModel(request.model));
@@ -212,9 +229,15 @@ async fn proxy(
             vec![model]
         }
         None => {
-            let (decided, body_back) =
-                decide_route(&config, key.models.clone(), body, input_tokens, inline).await?;
-            body = body_back;
+            let (decided, body_back) = decide_route(
+                &config,
+                key.models.clone(),
+                body.into_value(),
+                input_tokens,
+                inline,
+            )
+            .await?;
+            body = RequestBody::Value(body_back);
             let decided = decided
                 .ok_or_else(|| GatewayError::UnknownModel(exchange.requested_model.clone()))?;
             exchange.route(&config, decided)?
@@ -345,13 +368,20 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Counts the prompt with the served model's encoding. Large prompts are counted on the
 /// blocking pool so a megabyte of text never stalls an async worker.
-async fn count_input(
+async fn count_input<'a>(
     tokenizer: &Tokenizer,
     endpoint: Endpoint,
     encoding: Encoding,
-    body: Value,
+    body: RequestBody<'a>,
     inline: bool,
-) -> Result<(Value, u64), GatewayError> {
+) -> Result<(RequestBody<'a>, u64), GatewayError> {
+    let body = match body {
+        RequestBody::Chat(view) => {
+            let tokens = tokenizer.count_chat_view(encoding, &view);
+            return Ok((RequestBody::Chat(view), tokens));
+        }
+        RequestBody::Value(body) => body,
+    };
     let count = move |tokenizer: &Tokenizer, body: &Value| match endpoint {
         // A Responses or Messages request is already the chat it amounts to.
         Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses => {
@@ -362,12 +392,12 @@ async fn count_input(
     };
     if inline {
         let tokens = count(tokenizer, &body);
-        return Ok((body, tokens));
+        return Ok((RequestBody::Value(body), tokens));
     }
     let tokenizer = *tokenizer;
     tokio::task::spawn_blocking(move || {
         let tokens = count(&tokenizer, &body);
-        (body, tokens)
+        (RequestBody::Value(body), tokens)
     })
     .await
     .map_err(|error| GatewayError::Internal(format!("token counting failed: {error}")))
@@ -531,18 +561,16 @@ impl Exchange {
         &mut self,
         key: &KeyRecord,
         candidates: &[Arc<Model>],
-        body: &Value,
+        body: &RequestBody<'_>,
     ) -> Result<(), GatewayError> {
+        let count = |name: &str| body.member(name).and_then(whole_number);
         // A body may carry both limits; which one a provider honours varies, so the larger
         // is reserved.
-        let requested_output = [&body["max_completion_tokens"], &body["max_tokens"]]
-            .into_iter()
-            .filter_map(whole_number)
-            .max();
+        let requested_output = count("max_completion_tokens").max(count("max_tokens"));
         // Legacy completions generate `best_of` answers server-side and bill them all.
-        let choices = whole_number(&body["n"])
+        let choices = count("n")
             .unwrap_or(1)
-            .max(whole_number(&body["best_of"]).unwrap_or(1))
+            .max(count("best_of").unwrap_or(1))
             .clamp(1, 128);
         let plan = self.config.plan(key.plan.as_deref());
         let mut demand = Demand::default();

@@ -4,7 +4,6 @@
 //! candidate list, all before the first byte reaches the client and within a time budget.
 //! Timeouts map to 504, connection failures to 502.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,8 +15,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 mod connections;
@@ -28,6 +25,7 @@ use crate::api::Endpoint;
 use crate::api::X_REQUEST_ID;
 use crate::config::{Model, RetryPolicy, Upstream, UpstreamKind};
 use crate::error::GatewayError;
+use crate::json::Members;
 use crate::metrics::Metrics;
 use crate::state::FallbackGate;
 
@@ -314,7 +312,7 @@ fn adds_usage_option(endpoint: Endpoint, stream: bool) -> bool {
 /// for usage itself.
 fn with_usage(body: &mut Vec<u8>, options: &RawValue) -> Result<bool, serde_json::Error> {
     let members = match options.get() {
-        "null" => Members(Vec::new()),
+        "null" => Members::default(),
         text => serde_json::from_str(text)?,
     };
     let mut asked = false;
@@ -343,59 +341,6 @@ fn push_name(body: &mut Vec<u8>, name: &str) -> Result<(), serde_json::Error> {
     body.push(b':');
     Ok(())
 }
-
-/// A JSON object's members with their values left as the client's text.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'a> Members<'a> {
-    /// The members in order, a repeated one only at its last occurrence: that is the value
-    /// the request was parsed, routed and counted with. Linear in the number of members: a
-    /// body of half a million of them must not hold a serving lane for minutes.
-    fn distinct(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
-        // A handful of members (the usual body) is checked pairwise, without allocating.
-        const PAIRWISE_UP_TO: usize = 32;
-        let last_seen = (self.0.len() > PAIRWISE_UP_TO).then(|| {
-            let mut seen = std::collections::HashSet::with_capacity(self.0.len());
-            let mut last = vec![false; self.0.len()];
-            for (index, (name, _)) in self.0.iter().enumerate().rev() {
-                last[index] = seen.insert(name.as_ref());
-            }
-            last
-        });
-        self.0
-            .iter()
-            .enumerate()
-            .filter(move |(index, (name, _))| match &last_seen {
-                Some(last) => last[*index],
-                None => !self.0[index + 1..].iter().any(|(later, _)| later == name),
-            })
-            .map(|(_, (name, value))| (name.as_ref(), *value))
-    }
-}
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> Visitor<'de> for Visit {
-            type Value = Members<'de>;
-            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-                formatter.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((MemberName(name), value)) = map.next_entry()? {
-                    members.push((name, value));
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(Visit)
-    }
-}
-
-/// A member name, borrowed from the body unless it holds escapes.
-#[derive(Deserialize)]
-struct MemberName<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Sends one attempt and waits for the response headers (not the body).
 async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply, GatewayError> {
