@@ -153,6 +153,10 @@ static TOKENIZER: LazyLock<Tokenizer> = LazyLock::new(|| Tokenizer::new().unwrap
 /// happens to hold.
 static TOKENIZER_COLD: LazyLock<Tokenizer> = LazyLock::new(|| Tokenizer::new().unwrap());
 
+static DETECTORS: LazyLock<crate::route::signals::Detectors> = LazyLock::new(|| {
+    crate::route::signals::Detectors::new(&["prove".to_owned()], &["hi".to_owned()]).unwrap()
+});
+
 fn object(bytes: &[u8]) -> Option<Map<String, Value>> {
     match serde_json::from_slice(bytes) {
         Ok(Value::Object(map)) => Some(map),
@@ -212,7 +216,7 @@ fn splice() {
 }
 
 /// Any JSON body counts without a panic, the same on every call, whatever the caches hold, and
-/// the same read as a `Value` or with its messages borrowed.
+/// the same read as a `Value` or with its messages borrowed (and routed the same).
 #[test]
 fn chat_count() {
     let seeds = seeds("chat");
@@ -223,19 +227,28 @@ fn chat_count() {
             let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
                 return;
             };
-            // Read with its messages borrowed, the body counts as its `Value` does.
-            let view = crate::json::from_slice::<crate::meter::prompt::ChatBody>(&bytes)
-                .ok()
-                .map(|view| {
-                    [Encoding::O200kBase, Encoding::Cl100kBase]
-                        .map(|encoding| TOKENIZER.count_chat_view(encoding, &view))
-                });
+            // Read with its messages borrowed, the body counts and routes as its `Value` does.
+            let view = crate::json::from_slice::<crate::meter::prompt::ChatBody>(&bytes).ok();
             if body.is_object() {
                 assert!(
                     view.is_some(),
                     "an object that parses as a Value reads as a view"
                 );
             }
+            if let Some(view) = &view {
+                assert_eq!(
+                    crate::route::signals::measure(view, 7, &DETECTORS),
+                    crate::route::signals::measure(&body, 7, &DETECTORS)
+                );
+                assert_eq!(
+                    crate::route::last_user_text(view),
+                    crate::route::last_user_text(&body)
+                );
+            }
+            let view = view.map(|view| {
+                [Encoding::O200kBase, Encoding::Cl100kBase]
+                    .map(|encoding| TOKENIZER.count_chat_prompt(encoding, &view))
+            });
             for (index, encoding) in [Encoding::O200kBase, Encoding::Cl100kBase]
                 .into_iter()
                 .enumerate()

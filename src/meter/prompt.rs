@@ -4,19 +4,18 @@
 //! insertion-ordered, SipHash-indexed map per object and a copy of every string — was the
 //! largest cost left in the gateway's own code on a request's path. Every other value
 //! (`max_tokens`, `tools`, a message's content parts…) is read as the `Value` it would be in
-//! a `Value` body, and counting reads it as it reads such a body
-//! ([`crate::meter::tokenizer::Tokenizer::count_chat_prompt`] and
-//! [`crate::meter::tokenizer::Tokenizer::count_chat_view`] share one reading).
+//! a `Value` body. Counting and routing read either through [`ChatRequest`], so a body gets
+//! the same count and the same route however it was read.
 //!
-//! Nothing is lost: [`ChatBody::into_value`] is the `Value` a whole parse makes, and the body
-//! is parsed by the same parser, so it is refused exactly where a `Value` parse refuses it.
+//! The body is parsed by the same parser as a `Value` parse, every value in full, so it is
+//! refused exactly where a `Value` parse refuses it, with the same error.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::json::{last_of_each, MemberName};
 
@@ -33,7 +32,8 @@ enum Member<'a> {
 enum MessageView<'a> {
     /// An object's fields in order, a repeated name at each occurrence.
     Fields(Vec<(Cow<'a, str>, Field<'a>)>),
-    Other(Value),
+    /// Anything else, read through.
+    Other,
 }
 
 /// A message field's value.
@@ -48,26 +48,56 @@ pub enum FieldRef<'v> {
     Tree(&'v Value),
 }
 
-impl<'a> ChatBody<'a> {
+/// A chat request body as counting and routing read it: a whole `Value`, or a [`ChatBody`].
+pub trait ChatRequest {
+    /// A top-level member's value (the last, if the name repeats); not `messages`.
+    fn member(&self, name: &str) -> Option<&Value>;
+
+    /// `messages` when it is an array: each element's fields as a `Value` object holds them
+    /// (a repeated name once, with its last value), or `None` for an element that is not an
+    /// object.
+    #[allow(clippy::type_complexity)]
+    fn messages(
+        &self,
+    ) -> Option<impl Iterator<Item = Option<impl Iterator<Item = (&str, FieldRef<'_>)>>>>;
+}
+
+impl ChatRequest for Value {
+    fn member(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+
+    fn messages(
+        &self,
+    ) -> Option<impl Iterator<Item = Option<impl Iterator<Item = (&str, FieldRef<'_>)>>>> {
+        Some(self["messages"].as_array()?.iter().map(|message| {
+            Some(message.as_object()?.iter().map(|(name, value)| {
+                let field = match value {
+                    Value::String(text) => FieldRef::Text(text),
+                    tree => FieldRef::Tree(tree),
+                };
+                (name.as_str(), field)
+            }))
+        }))
+    }
+}
+
+impl ChatBody<'_> {
     /// Whether a top-level name appears more than once.
     pub fn repeats(&self) -> bool {
         last_of_each(&self.0).count() != self.0.len()
     }
+}
 
-    /// A top-level member's value (the last, if the name repeats); `messages` only when it
-    /// is not an array.
-    pub fn member(&self, name: &str) -> Option<&Value> {
+impl ChatRequest for ChatBody<'_> {
+    fn member(&self, name: &str) -> Option<&Value> {
         match &self.0.iter().rev().find(|(member, _)| member == name)?.1 {
             Member::Value(value) => Some(value),
             Member::Messages(_) => None,
         }
     }
 
-    /// `messages` when it is an array: each message's fields as a `Value` object would hold
-    /// them (a repeated name once, with its last value), or `None` for an element that is not
-    /// an object.
-    #[allow(clippy::type_complexity)]
-    pub fn messages(
+    fn messages(
         &self,
     ) -> Option<impl Iterator<Item = Option<impl Iterator<Item = (&str, FieldRef<'_>)>>>> {
         let messages = match &self.0.iter().rev().find(|(name, _)| name == "messages")?.1 {
@@ -82,42 +112,17 @@ impl<'a> ChatBody<'a> {
                 };
                 (name.as_ref(), field)
             })),
-            MessageView::Other(_) => None,
+            MessageView::Other => None,
         }))
-    }
-
-    /// The body as a whole `Value` parse makes it: a repeated name keeps its first place and
-    /// takes its last value.
-    pub fn into_value(self) -> Value {
-        let mut body = Map::with_capacity(self.0.len());
-        for (name, member) in self.0 {
-            let value = match member {
-                Member::Messages(messages) => {
-                    Value::Array(messages.into_iter().map(MessageView::into_value).collect())
-                }
-                Member::Value(value) => value,
-            };
-            body.insert(name.into_owned(), value);
-        }
-        Value::Object(body)
     }
 }
 
-impl MessageView<'_> {
-    fn into_value(self) -> Value {
+impl<'v> FieldRef<'v> {
+    /// The field as a `Value` reads: `None` for text.
+    pub fn tree(&self) -> Option<&'v Value> {
         match self {
-            MessageView::Fields(fields) => {
-                let mut message = Map::with_capacity(fields.len());
-                for (name, field) in fields {
-                    let value = match field {
-                        Field::Text(text) => Value::String(text.into_owned()),
-                        Field::Value(value) => value,
-                    };
-                    message.insert(name.into_owned(), value);
-                }
-                Value::Object(message)
-            }
-            MessageView::Other(value) => value,
+            FieldRef::Text(_) => None,
+            FieldRef::Tree(tree) => Some(tree),
         }
     }
 }
@@ -203,12 +208,13 @@ impl<'de> Deserialize<'de> for MessageView<'de> {
             fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
                 formatter.write_str("any JSON value")
             }
-            scalars_as_values!(MessageView::Other);
-            fn visit_str<E>(self, text: &str) -> Result<MessageView<'de>, E> {
-                Ok(MessageView::Other(Value::String(text.to_owned())))
+            scalars_as_values!(|_| MessageView::Other);
+            fn visit_str<E>(self, _: &str) -> Result<MessageView<'de>, E> {
+                Ok(MessageView::Other)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MessageView<'de>, A::Error> {
-                Value::deserialize(SeqAccessDeserializer::new(seq)).map(MessageView::Other)
+                Value::deserialize(SeqAccessDeserializer::new(seq))?;
+                Ok(MessageView::Other)
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
@@ -262,20 +268,21 @@ mod tests {
         serde_json::from_str(body)
     }
 
-    fn fields(body: &ChatBody<'_>) -> Vec<Option<Vec<String>>> {
-        body.messages()
-            .unwrap()
-            .map(|message| {
-                message.map(|fields| {
-                    fields
-                        .map(|(name, field)| match field {
-                            FieldRef::Text(text) => format!("{name}={text}"),
-                            FieldRef::Tree(tree) => format!("{name}:{tree}"),
-                        })
-                        .collect()
-                })
+    fn fields(body: &impl ChatRequest) -> Option<Vec<Option<Vec<String>>>> {
+        let messages = body.messages()?.map(|message| {
+            message.map(|fields| {
+                let mut fields: Vec<String> = fields
+                    .map(|(name, field)| match field {
+                        FieldRef::Text(text) => format!("{name}={text}"),
+                        FieldRef::Tree(tree) => format!("{name}:{tree}"),
+                    })
+                    .collect();
+                // A `Value` keeps a repeated name's first place, the view its last.
+                fields.sort();
+                fields
             })
-            .collect()
+        });
+        Some(messages.collect())
     }
 
     #[test]
@@ -297,18 +304,18 @@ mod tests {
                         Field::Value(_) => None,
                     })
                     .collect(),
-                MessageView::Other(_) => panic!("an object"),
+                MessageView::Other => panic!("an object"),
             })
             .collect();
         assert_eq!(borrowed, [vec![true, false], vec![true, true]]);
         assert_eq!(
-            fields(&body),
+            fields(&body).unwrap(),
             [
-                Some(vec!["role=user".to_owned(), "content=hi\nthere".to_owned()]),
+                Some(vec!["content=hi\nthere".to_owned(), "role=user".to_owned()]),
                 Some(vec![
-                    "role=system".to_owned(),
                     "content=plain".to_owned(),
-                    "n:2".to_owned()
+                    "n:2".to_owned(),
+                    "role=system".to_owned(),
                 ]),
             ]
         );
@@ -320,7 +327,7 @@ mod tests {
     fn a_repeated_field_counts_once_with_its_last_value() {
         let body = read(r#"{"messages":[{"role":"user","content":"a","role":"x"}]}"#).unwrap();
         assert_eq!(
-            fields(&body),
+            fields(&body).unwrap(),
             [Some(vec!["content=a".to_owned(), "role=x".to_owned()])]
         );
         assert!(!body.repeats());
@@ -332,7 +339,10 @@ mod tests {
     #[test]
     fn elements_that_are_not_objects_read_as_nothing() {
         let body = read(r#"{"messages":[1,"a",[{"x":1}],null,{}]}"#).unwrap();
-        assert_eq!(fields(&body), [None, None, None, None, Some(vec![])]);
+        assert_eq!(
+            fields(&body).unwrap(),
+            [None, None, None, None, Some(vec![])]
+        );
         for other in [
             r#"{"messages":"text"}"#,
             r#"{"messages":{"role":"user"}}"#,
@@ -343,27 +353,20 @@ mod tests {
     }
 
     #[test]
-    fn the_whole_value_is_the_one_a_value_parse_makes() {
+    fn a_body_reads_as_its_value_reads() {
         for body in [
-            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\u00e9"}],"name":"x","role":"y"},3,"s",[1,{"a":null}],null],"stream":true,"max_tokens":1.5e3,"n":-2,"tools":[{"type":"function"}],"model":"n"}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\u00e9"}],"name":"x","role":"y"},3,"s",[1,{"a":null}],null,{}],"stream":true,"max_tokens":1.5e3,"n":-2,"tools":[{"type":"function"}],"model":"n"}"#,
             r#"{"messages":{"a":[1,2]},"x":{"y":[true,false,null,"z"]}}"#,
-            r#"{"messages":"text","messages":[]}"#,
+            r#"{"messages":"text","messages":[{"content":"b"}]}"#,
+            r#"{"messages":[{"content":"b"}],"messages":7}"#,
             r#"{}"#,
         ] {
-            assert_eq!(
-                read(body).unwrap().into_value(),
-                serde_json::from_str::<Value>(body).unwrap(),
-                "{body}"
-            );
-            let keys: Vec<String> = match read(body).unwrap().into_value() {
-                Value::Object(map) => map.keys().cloned().collect(),
-                _ => panic!("an object"),
-            };
-            let expected: Vec<String> = match serde_json::from_str::<Value>(body).unwrap() {
-                Value::Object(map) => map.keys().cloned().collect(),
-                _ => panic!("an object"),
-            };
-            assert_eq!(keys, expected, "{body}: the members' order");
+            let value: Value = serde_json::from_str(body).unwrap();
+            let view = read(body).unwrap();
+            assert_eq!(fields(&view), fields(&value), "{body}");
+            for name in ["model", "stream", "max_tokens", "n", "tools", "x", "absent"] {
+                assert_eq!(view.member(name), value.member(name), "{body}: {name}");
+            }
         }
     }
 

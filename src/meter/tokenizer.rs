@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use serde_json::Value;
 
 use super::pretokenize::split_ascii;
-use super::prompt::{ChatBody, FieldRef};
+use super::prompt::{ChatRequest, FieldRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -217,64 +217,16 @@ impl Tokenizer {
 
     /// Input tokens of a chat request body: messages, tool definitions, and the JSON schema
     /// of structured outputs.
-    pub fn count_chat_prompt(&self, encoding: Encoding, body: &Value) -> u64 {
-        let messages = body["messages"].as_array().map(|messages| {
-            messages
-                .iter()
-                .map(|message| match message.as_object() {
-                    Some(fields) => self.count_message(
-                        encoding,
-                        fields.iter().map(|(name, value)| {
-                            let field = match value {
-                                Value::String(text) => FieldRef::Text(text),
-                                tree => FieldRef::Tree(tree),
-                            };
-                            (name.as_str(), field)
-                        }),
-                    ),
-                    None => 0,
-                })
-                .sum::<u64>()
-        });
-        self.count_chat_parts(
-            encoding,
-            messages,
-            &body["tools"],
-            &body["functions"],
-            &body["response_format"],
-        )
-    }
-
-    /// [`Tokenizer::count_chat_prompt`] of a body read as a [`ChatBody`]: the same count.
-    pub fn count_chat_view(&self, encoding: Encoding, body: &ChatBody<'_>) -> u64 {
+    pub fn count_chat_prompt(&self, encoding: Encoding, body: &impl ChatRequest) -> u64 {
         let messages = body.messages().map(|messages| {
             messages
                 .map(|message| message.map_or(0, |fields| self.count_message(encoding, fields)))
                 .sum::<u64>()
         });
         let member = |name: &str| body.member(name).unwrap_or(&Value::Null);
-        self.count_chat_parts(
-            encoding,
-            messages,
-            member("tools"),
-            member("functions"),
-            member("response_format"),
-        )
-    }
-
-    /// A chat prompt's total from its messages' count (`None` without a `messages` array)
-    /// and its `tools`, `functions` and `response_format` members.
-    fn count_chat_parts(
-        &self,
-        encoding: Encoding,
-        messages: Option<u64>,
-        tools: &Value,
-        functions: &Value,
-        response_format: &Value,
-    ) -> u64 {
         messages.map_or(0, |tokens| tokens + REPLY_PRIMING)
-            + self.count_tools(encoding, tools, functions)
-            + self.count_response_schema(encoding, response_format)
+            + self.count_tools(encoding, member("tools"), member("functions"))
+            + self.count_response_schema(encoding, member("response_format"))
     }
 
     /// A structured-output schema is put into the prompt in a form OpenAI does not publish,

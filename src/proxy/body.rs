@@ -14,7 +14,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
-use crate::meter::prompt::ChatBody;
+use crate::meter::prompt::{ChatBody, ChatRequest};
 
 pub(super) struct ParsedRequest<B> {
     pub body: B,
@@ -24,9 +24,19 @@ pub(super) struct ParsedRequest<B> {
     pub repeats_members: bool,
 }
 
-/// A request's body as the gateway reads it: the whole of it as a `Value`, or, for a chat
-/// request whose prompt is only counted (it names a model: nothing routes it), read in one
-/// pass with its messages borrowed.
+impl<B> ParsedRequest<B> {
+    pub fn map<C>(self, read: impl FnOnce(B) -> C) -> ParsedRequest<C> {
+        ParsedRequest {
+            body: read(self.body),
+            model: self.model,
+            stream: self.stream,
+            repeats_members: self.repeats_members,
+        }
+    }
+}
+
+/// A request's body as the gateway reads it: a whole `Value`, or, for a chat request small
+/// enough to read on the serving lane, a [`ChatBody`] with its messages borrowed.
 pub(super) enum RequestBody<'a> {
     Value(Value),
     Chat(ChatBody<'a>),
@@ -38,14 +48,6 @@ impl RequestBody<'_> {
         match self {
             RequestBody::Value(body) => body.get(name),
             RequestBody::Chat(body) => body.member(name),
-        }
-    }
-
-    /// The whole body as a `Value`.
-    pub fn into_value(self) -> Value {
-        match self {
-            RequestBody::Value(body) => body,
-            RequestBody::Chat(body) => body.into_value(),
         }
     }
 }
@@ -141,13 +143,7 @@ async fn discard(mut body: Body, declared: Option<u64>) {
 }
 
 pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest<Value>, GatewayError> {
-    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object {
-        crate::json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
-        return Err(GatewayError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
+    refuse_unless_object(bytes)?;
     let ValueMembers { body, repeats } = crate::json::from_slice(bytes).map_err(unparsable)?;
     let body = Value::Object(body);
     let (model, stream) = read_fields(|name| body.get(name))?;
@@ -159,36 +155,32 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<ParsedRequest<Value>, Gatewa
     })
 }
 
-/// [`parse_request`] of a chat request: read in one pass as a [`ChatBody`], kept so when
-/// `counted_only` accepts the model it names, else made the whole `Value`.
-pub(super) fn parse_chat_request<'a>(
-    bytes: &'a [u8],
-    counted_only: impl Fn(&str) -> bool,
-) -> Result<ParsedRequest<RequestBody<'a>>, GatewayError> {
-    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object {
-        return parse_request(bytes).map(|request| ParsedRequest {
-            body: RequestBody::Value(request.body),
-            model: request.model,
-            stream: request.stream,
-            repeats_members: request.repeats_members,
-        });
-    }
+/// [`parse_request`] of a chat request, read as a [`ChatBody`].
+pub(super) fn parse_chat_request(
+    bytes: &[u8],
+) -> Result<ParsedRequest<ChatBody<'_>>, GatewayError> {
+    refuse_unless_object(bytes)?;
     // The same parser as a `Value` parse: the same errors at the same places.
-    let view: ChatBody = crate::json::from_slice(bytes).map_err(unparsable)?;
-    let (model, stream) = read_fields(|name| view.member(name))?;
-    let repeats_members = view.repeats();
-    let body = if counted_only(&model) {
-        RequestBody::Chat(view)
-    } else {
-        RequestBody::Value(view.into_value())
-    };
+    let body: ChatBody = crate::json::from_slice(bytes).map_err(unparsable)?;
+    let (model, stream) = read_fields(|name| body.member(name))?;
+    let repeats_members = body.repeats();
     Ok(ParsedRequest {
         body,
         model,
         stream,
         repeats_members,
     })
+}
+
+/// A body that is not a JSON object is refused as unparsable when it is not JSON at all.
+fn refuse_unless_object(bytes: &[u8]) -> Result<(), GatewayError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        return Ok(());
+    }
+    crate::json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(unparsable)?;
+    Err(GatewayError::bad_request(
+        "the request body must be a JSON object",
+    ))
 }
 
 fn unparsable(error: serde_json::Error) -> GatewayError {
@@ -302,29 +294,25 @@ mod tests {
     }
 
     #[test]
-    fn a_chat_request_to_a_named_model_is_viewed_and_checked_as_a_whole_one_is() {
-        let viewed = |body: &'static str| parse_chat_request(body.as_bytes(), |m| m == "named");
-        let body = r#"{"model":"named","stream":true,"max_tokens":16,"temperature":0.5,"messages":[{"role":"user","content":"hi"}]}"#;
-        let parsed = viewed(body).unwrap();
-        assert!(matches!(parsed.body, RequestBody::Chat(_)));
+    fn a_chat_request_is_read_and_checked_as_a_whole_one_is() {
+        let body = r#"{"model":"m","stream":true,"max_tokens":16,"temperature":0.5,"messages":[{"role":"user","content":"hi"}]}"#;
+        let parsed = parse_chat_request(body.as_bytes()).unwrap();
+        let whole = parse_request(body.as_bytes()).unwrap();
         assert_eq!(
             (parsed.model.as_str(), parsed.stream, parsed.repeats_members),
-            ("named", true, false)
+            ("m", true, false)
         );
-        assert_eq!(parsed.body.member("max_tokens"), Some(&Value::from(16)));
-        assert_eq!(parsed.body.member("n"), None);
-        assert_eq!(
-            parsed.body.into_value(),
-            parse_request(body.as_bytes()).unwrap().body
-        );
+        assert_eq!((whole.model.as_str(), whole.stream), ("m", true));
+        for name in ["max_tokens", "temperature", "n"] {
+            assert_eq!(parsed.body.member(name), whole.body.get(name), "{name}");
+        }
 
-        let routed = viewed(r#"{"model":"auto","messages":[{"role":"user","content":"x"}]}"#);
-        assert!(matches!(routed.unwrap().body, RequestBody::Value(_)));
-        let repeated = viewed(r#"{"model":"x","stream":false,"model":"named"}"#).unwrap();
+        let repeated =
+            parse_chat_request(br#"{"model":"x","stream":false,"model":"named"}"#).unwrap();
         assert!(repeated.repeats_members);
         assert_eq!(repeated.model, "named");
-        let escaped = viewed(r#"{"model":"na\u006ded"}"#).unwrap();
-        assert!(matches!(escaped.body, RequestBody::Chat(_)));
+        let escaped = parse_chat_request(br#"{"model":"na\u006ded"}"#).unwrap();
+        assert_eq!(escaped.model, "named");
 
         for refused in [
             r#"{"model":"named","stream":"yes"}"#,
@@ -337,7 +325,7 @@ mod tests {
             r#"["model"]"#,
         ] {
             assert_eq!(
-                message(viewed(refused).err().unwrap()),
+                message(parse_chat_request(refused.as_bytes()).err().unwrap()),
                 message(parse_request(refused.as_bytes()).err().unwrap()),
                 "{refused}"
             );

@@ -30,6 +30,7 @@ use crate::config::{Config, Model};
 use crate::error::GatewayError;
 use crate::limits::{BudgetPeriod, Demand, Limit, RateLimitHeaders, Refusal};
 use crate::meter::answer::Answer;
+use crate::meter::prompt::ChatRequest;
 use crate::meter::record::{Name, Outcome, TokenUsage};
 use crate::meter::tokenizer::{Encoding, OutputCounter, Tokenizer};
 use crate::money::Money;
@@ -134,9 +135,7 @@ async fn proxy(
     let endpoint = exchange.endpoint;
     let (request, previous_response) =
         if inline && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages) {
-            // A chat request to a named model is only counted: its prompt is read in place.
-            let counted_only = |model: &str| config.model(model).is_some();
-            (parse_chat_request(&bytes, counted_only)?, None)
+            (parse_chat_request(&bytes)?.map(RequestBody::Chat), None)
         } else {
             let parsing = bytes.clone();
             off_lane(inline, move || {
@@ -151,13 +150,7 @@ async fn proxy(
                         .map(str::to_owned);
                     request.body = crate::responses::as_chat(&request.body);
                 }
-                let request = body::ParsedRequest {
-                    body: RequestBody::Value(request.body),
-                    model: request.model,
-                    stream: request.stream,
-                    repeats_members: request.repeats_members,
-                };
-                Ok::<_, GatewayError>((request, previous))
+                Ok::<_, GatewayError>((request.map(RequestBody::Value), previous))
             })
             .await??
         };
@@ -229,15 +222,18 @@ async fn proxy(
             vec![model]
         }
         None => {
-            let (decided, body_back) = decide_route(
-                &config,
-                key.models.clone(),
-                body.into_value(),
-                input_tokens,
-                inline,
-            )
-            .await?;
-            body = RequestBody::Value(body_back);
+            let decided = match body {
+                RequestBody::Chat(ref chat) => {
+                    route_decision(&config, key.models.clone(), chat, input_tokens)
+                }
+                RequestBody::Value(value) => {
+                    let (decided, value) =
+                        decide_route(&config, key.models.clone(), value, input_tokens, inline)
+                            .await?;
+                    body = RequestBody::Value(value);
+                    decided
+                }
+            };
             let decided = decided
                 .ok_or_else(|| GatewayError::UnknownModel(exchange.requested_model.clone()))?;
             exchange.route(&config, decided)?
@@ -376,9 +372,9 @@ async fn count_input<'a>(
     inline: bool,
 ) -> Result<(RequestBody<'a>, u64), GatewayError> {
     let body = match body {
-        RequestBody::Chat(view) => {
-            let tokens = tokenizer.count_chat_view(encoding, &view);
-            return Ok((RequestBody::Chat(view), tokens));
+        RequestBody::Chat(chat) => {
+            let tokens = tokenizer.count_chat_prompt(encoding, &chat);
+            return Ok((RequestBody::Chat(chat), tokens));
         }
         RequestBody::Value(body) => body,
     };
@@ -416,9 +412,25 @@ async fn off_lane<T: Send + 'static>(
         .map_err(|error| GatewayError::Internal(format!("request work failed: {error}")))
 }
 
-/// The router's decision for a request to the virtual model (`None` without a router), made
-/// off the lane for a large body (its text detectors read up to 64 KiB); the body comes back
-/// with it.
+/// The router's decision for a request to the virtual model (`None` without a router).
+fn route_decision(
+    config: &Config,
+    key_models: Option<Vec<String>>,
+    body: &impl ChatRequest,
+    prompt_tokens: u64,
+) -> Option<Result<Decision, RouteError>> {
+    config.router.as_ref().map(|router| {
+        // A key allowed the routing model may be served by any model it picks.
+        let policy = KeyPolicy {
+            allowed_models: key_models.filter(|list| !list.iter().any(|m| router.is_virtual(m))),
+            ..KeyPolicy::default()
+        };
+        router.decide(body, prompt_tokens, &policy, &mut rand::rng())
+    })
+}
+
+/// [`route_decision`], made off the lane for a large body (its text detectors read up to
+/// 64 KiB); the body comes back with it.
 async fn decide_route(
     config: &Arc<Config>,
     key_models: Option<Vec<String>>,
@@ -428,15 +440,7 @@ async fn decide_route(
 ) -> Result<(Option<Result<Decision, RouteError>>, Value), GatewayError> {
     let config = config.clone();
     off_lane(inline, move || {
-        let decided = config.router.as_ref().map(|router| {
-            // A key allowed the routing model may be served by any model it picks.
-            let policy = KeyPolicy {
-                allowed_models: key_models
-                    .filter(|list| !list.iter().any(|m| router.is_virtual(m))),
-                ..KeyPolicy::default()
-            };
-            router.decide(&body, prompt_tokens, &policy, &mut rand::rng())
-        });
+        let decided = route_decision(&config, key_models, &body, prompt_tokens);
         (decided, body)
     })
     .await

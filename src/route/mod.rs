@@ -14,6 +14,8 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::meter::prompt::{ChatRequest, FieldRef};
+
 pub use signals::Signals;
 use signals::{measure, Detectors};
 
@@ -629,7 +631,7 @@ impl Router {
     /// Routes a request for the virtual model.
     pub fn decide(
         &self,
-        body: &Value,
+        body: &impl ChatRequest,
         prompt_tokens: u64,
         policy: &KeyPolicy,
         rng: &mut impl Rng,
@@ -775,7 +777,7 @@ fn pick_weighted(
 
 /// The last user message as rule keywords and patterns read it: bounded like the detectors'
 /// scan (see [`signals::SCANNED_BYTES`]).
-fn last_user_text(body: &Value) -> String {
+pub(crate) fn last_user_text(body: &impl ChatRequest) -> String {
     let mut text = String::new();
     let mut budget = signals::SCANNED_BYTES;
     let mut read = |part: &str| {
@@ -789,20 +791,25 @@ fn last_user_text(body: &Value) -> String {
         }
         budget = budget.saturating_sub(part.len());
     };
-    let Some(messages) = body["messages"].as_array() else {
-        read(body["prompt"].as_str().unwrap_or(""));
+    let Some(messages) = body.messages() else {
+        read(body.member("prompt").and_then(Value::as_str).unwrap_or(""));
         return text;
     };
-    let Some(last) = messages.iter().rev().find(|m| m["role"] == "user") else {
+    let Some(content) = messages
+        .map(signals::role_and_content)
+        .filter(|(role, _)| *role == Some("user"))
+        .map(|(_, content)| content)
+        .last()
+    else {
         return text;
     };
-    match &last["content"] {
-        Value::String(content) => read(content),
-        Value::Array(parts) => parts
+    match content {
+        FieldRef::Text(content) => read(content),
+        FieldRef::Tree(Value::Array(parts)) => parts
             .iter()
             .filter_map(|p| p["text"].as_str())
             .for_each(read),
-        _ => {}
+        FieldRef::Tree(_) => {}
     }
     text
 }

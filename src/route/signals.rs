@@ -8,6 +8,8 @@ use regex::Regex;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::meter::prompt::{ChatRequest, FieldRef};
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Signals {
     pub prompt_tokens: u64,
@@ -118,67 +120,71 @@ pub fn scanned(text: &str, budget: usize) -> [&str; 2] {
 }
 
 /// Text of a message's `content`: a string, or the text parts of an array.
-fn content_text(content: &Value, mut visit: impl FnMut(&str)) {
+fn content_text(content: &FieldRef<'_>, mut visit: impl FnMut(&str)) {
     match content {
-        Value::String(text) => visit(text),
-        Value::Array(parts) => {
+        FieldRef::Text(text) => visit(text),
+        FieldRef::Tree(Value::Array(parts)) => {
             for part in parts {
                 if let Some(text) = part["text"].as_str() {
                     visit(text);
                 }
             }
         }
-        _ => {}
+        FieldRef::Tree(_) => {}
     }
 }
 
-fn has_part(content: &Value, kinds: &[&str]) -> bool {
-    content.as_array().is_some_and(|parts| {
-        parts.iter().any(|part| {
-            part["type"]
-                .as_str()
-                .is_some_and(|kind| kinds.contains(&kind))
+fn has_part(content: &FieldRef<'_>, kinds: &[&str]) -> bool {
+    content
+        .tree()
+        .and_then(Value::as_array)
+        .is_some_and(|parts| {
+            parts.iter().any(|part| {
+                part["type"]
+                    .as_str()
+                    .is_some_and(|kind| kinds.contains(&kind))
+            })
         })
-    })
 }
 
 /// Measures a chat body. `prompt_tokens` comes from the tokenizer, counted once per request.
-pub fn measure(body: &Value, prompt_tokens: u64, detectors: &Detectors) -> Signals {
+pub fn measure(body: &impl ChatRequest, prompt_tokens: u64, detectors: &Detectors) -> Signals {
+    let member = |name: &str| body.member(name).unwrap_or(&Value::Null);
     let mut signals = Signals {
         prompt_tokens,
-        max_output_tokens: body["max_completion_tokens"]
+        max_output_tokens: member("max_completion_tokens")
             .as_u64()
-            .or_else(|| body["max_tokens"].as_u64()),
-        has_tools: body["tools"].as_array().is_some_and(|t| !t.is_empty())
-            || body["functions"].as_array().is_some_and(|f| !f.is_empty()),
-        has_json_schema: body["response_format"]["type"] == "json_schema",
+            .or_else(|| member("max_tokens").as_u64()),
+        has_tools: member("tools").as_array().is_some_and(|t| !t.is_empty())
+            || member("functions")
+                .as_array()
+                .is_some_and(|f| !f.is_empty()),
+        has_json_schema: member("response_format")["type"] == "json_schema",
         ..Signals::default()
     };
-    let mut last_user: Option<&Value> = None;
-    if let Some(messages) = body["messages"].as_array() {
-        for message in messages {
-            signals.messages += 1;
-            let content = &message["content"];
-            signals.has_images |= has_part(content, &["image_url", "input_image"]);
-            signals.has_audio |= has_part(content, &["input_audio", "audio"]);
-            match message["role"].as_str() {
-                Some("system") | Some("developer") => {
-                    content_text(content, |text| signals.system_chars += text.len() as u64);
-                }
-                Some("user") => {
-                    signals.turns += 1;
-                    last_user = Some(content);
-                }
-                _ => {}
+    let mut last_user: Option<FieldRef<'_>> = None;
+    for message in body.messages().into_iter().flatten() {
+        signals.messages += 1;
+        let (role, content) = role_and_content(message);
+        signals.has_images |= has_part(&content, &["image_url", "input_image"]);
+        signals.has_audio |= has_part(&content, &["input_audio", "audio"]);
+        match role {
+            Some("system") | Some("developer") => {
+                content_text(&content, |text| signals.system_chars += text.len() as u64);
             }
+            Some("user") => {
+                signals.turns += 1;
+                last_user = Some(content);
+            }
+            _ => {}
         }
     }
-    if body["prompt"].is_string() {
-        last_user = Some(&body["prompt"]);
+    if let Some(Value::String(prompt)) = body.member("prompt") {
+        last_user = Some(FieldRef::Text(prompt));
     }
     if let Some(content) = last_user {
         let mut budget = SCANNED_BYTES;
-        content_text(content, |text| {
+        content_text(&content, |text| {
             signals.last_user_chars += text.len() as u64;
             signals.questions += text.matches('?').count() as u64;
             for piece in scanned(text, budget) {
@@ -188,6 +194,24 @@ pub fn measure(body: &Value, prompt_tokens: u64, detectors: &Detectors) -> Signa
         });
     }
     signals
+}
+
+/// A message's role when it is a string, and its content (null when it has none or is not
+/// an object).
+pub fn role_and_content<'v>(
+    fields: Option<impl Iterator<Item = (&'v str, FieldRef<'v>)>>,
+) -> (Option<&'v str>, FieldRef<'v>) {
+    let mut role = None;
+    let mut content = FieldRef::Tree(&Value::Null);
+    for (name, field) in fields.into_iter().flatten() {
+        match (name, field) {
+            ("role", FieldRef::Text(text)) => role = Some(text),
+            ("role", FieldRef::Tree(_)) => role = None,
+            ("content", field) => content = field,
+            _ => {}
+        }
+    }
+    (role, content)
 }
 
 #[cfg(test)]
