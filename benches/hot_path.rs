@@ -1,7 +1,8 @@
 //! Per-request work that issue 20 made cheaper, each beside the way it was done before:
 //! the six `x-ratelimit-*` values (one shared buffer against a string per value), a chat
 //! prompt's count when its short texts hit the prompt cache (the system prompt and the roles,
-//! once counted text by text), and a model's per-request metric series and a key's gauges
+//! once counted text by text), a chat request read and counted (its messages borrowed against
+//! a `Value` tree), and a model's per-request metric series and a key's gauges
 //! (found once against a labelled lookup per family), the dispatch of a proxied POST (straight
 //! to its endpoint against axum's router), and the metering of a whole chat answer (parse, read
 //! the output, count it).
@@ -13,6 +14,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate::limits::gcra::Snapshot;
 use tollgate::limits::{go_duration, RateLimitHeaders};
+use tollgate::meter::prompt::ChatBody;
 use tollgate::meter::tokenizer::{Encoding, Tokenizer};
 use tollgate::metrics::Metrics;
 
@@ -86,6 +88,21 @@ fn bench_chat_prompt(c: &mut Criterion) {
                 .iter()
                 .map(|text| tokenizer.count_text(Encoding::O200kBase, text))
                 .sum::<u64>()
+        })
+    });
+    // The whole request read and its prompt counted: with its messages borrowed, and as the
+    // `Value` tree every request was parsed into before.
+    let bytes = serde_json::to_vec(&body).unwrap();
+    group.bench_function("read_borrowed_and_count", |b| {
+        b.iter(|| {
+            let chat: ChatBody = tollgate::json::from_slice(&bytes).unwrap();
+            tokenizer.count_chat_prompt(Encoding::O200kBase, &chat)
+        })
+    });
+    group.bench_function("read_value_and_count", |b| {
+        b.iter(|| {
+            let value: serde_json::Value = tollgate::json::from_slice(&bytes).unwrap();
+            tokenizer.count_chat_prompt(Encoding::O200kBase, &value)
         })
     });
     group.finish();
