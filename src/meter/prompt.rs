@@ -127,9 +127,12 @@ impl<'v> FieldRef<'v> {
     }
 }
 
-/// The scalars as `Value` reads them, wrapped by `$wrap`.
+/// A visitor of any JSON value: the scalars as `Value` reads them, wrapped by `$wrap`.
 macro_rules! scalars_as_values {
     ($wrap:expr) => {
+        fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+            formatter.write_str("any JSON value")
+        }
         fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
             Ok($wrap(Value::Bool(value)))
         }
@@ -178,9 +181,6 @@ impl<'de> Deserialize<'de> for Member<'de> {
         struct Visit;
         impl<'de> Visitor<'de> for Visit {
             type Value = Member<'de>;
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("any JSON value")
-            }
             scalars_as_values!(Member::Value);
             fn visit_str<E>(self, text: &str) -> Result<Member<'de>, E> {
                 Ok(Member::Value(Value::String(text.to_owned())))
@@ -205,9 +205,6 @@ impl<'de> Deserialize<'de> for MessageView<'de> {
         struct Visit;
         impl<'de> Visitor<'de> for Visit {
             type Value = MessageView<'de>;
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("any JSON value")
-            }
             scalars_as_values!(|_| MessageView::Other);
             fn visit_str<E>(self, _: &str) -> Result<MessageView<'de>, E> {
                 Ok(MessageView::Other)
@@ -236,9 +233,6 @@ impl<'de> Deserialize<'de> for Field<'de> {
         struct Visit;
         impl<'de> Visitor<'de> for Visit {
             type Value = Field<'de>;
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("any JSON value")
-            }
             scalars_as_values!(Field::Value);
             fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Field<'de>, E> {
                 Ok(Field::Text(Cow::Borrowed(text)))
