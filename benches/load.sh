@@ -321,8 +321,9 @@ done
 
 RESULTS="$WORK/results.txt"
 for round in $(seq "$ROUNDS"); do
-  # A target run right after nginx measured about 5 % more CPU than the same build run after
-  # another gateway, so the two builds of an A/B swap places every other round.
+  # The two builds of an A/B swap places every other round, so that neither always runs
+  # right after nginx: one 6-round check saw that slot measure ~5 % more CPU, a second (two
+  # copies of one build) saw no bias beyond the rounds' ±10 %.
   ORDER=("${TARGETS[@]}")
   if [ $((round % 2)) -eq 0 ] && [[ " ${TARGETS[*]} " == *" tollgate "* && " ${TARGETS[*]} " == *" tollgate-b "* ]]; then
     for i in "${!ORDER[@]}"; do
