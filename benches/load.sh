@@ -320,6 +320,9 @@ for kind in chat stream responses; do
 done
 
 RESULTS="$WORK/results.txt"
+# The hypervisor's steal over the rounds (the `cpu` line's 8th figure, of all its ticks): a
+# busy host slows every target, the heavier ones most, so a run's ratios are read beside it.
+STEAL_BEFORE=$(awk '/^cpu / { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
 for round in $(seq "$ROUNDS"); do
   # The two builds of an A/B swap places every other round, so that neither always runs
   # right after nginx: one 6-round check saw that slot measure ~5 % more CPU, a second (two
@@ -342,12 +345,14 @@ for round in $(seq "$ROUNDS"); do
 done
 # RESULTS_OUT=file keeps every round's figures (the tables below show medians).
 [ -z "${RESULTS_OUT:-}" ] || cp "$RESULTS" "$RESULTS_OUT"
+STEAL=$(awk -v before="$STEAL_BEFORE" '/^cpu / { split(before, b, " ")
+  printf "%.1f", 100 * ($9 - b[1]) / ($2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 - b[2]) }' /proc/stat)
 PEAK_RSS_NGINX=$(HWM=1 rss_kib $(process_tree "$PROXY_PID"))
 PEAK_RSS_GW=$(HWM=1 rss_kib "$GW_PID")
 
-python3 - "$RESULTS" "$IDLE_RSS_NGINX" "$PEAK_RSS_NGINX" "$IDLE_RSS_GW" "$PEAK_RSS_GW" <<'PY'
+python3 - "$RESULTS" "$STEAL" "$IDLE_RSS_NGINX" "$PEAK_RSS_NGINX" "$IDLE_RSS_GW" "$PEAK_RSS_GW" <<'PY'
 import statistics, sys
-results, rss = sys.argv[1], [int(v) / 1024 for v in sys.argv[2:]]
+results, steal, rss = sys.argv[1], sys.argv[2], [int(v) / 1024 for v in sys.argv[3:]]
 runs = {}
 for line in open(results):
     kind, conns, name, *figures = line.split()
@@ -364,7 +369,13 @@ for (kind, conns, name), m in med.items():
         kind, conns, name, m[0], m[1], m[2], m[3], m[3] / s[3], m[3] / n[3],
         m[0] - n[0], m[1] - n[1], m[5], m[6]))
 print()
-print("medians of %d rounds" % len(next(iter(runs.values()))))
+print("medians of %d rounds; the hypervisor stole %s %% of the CPU time meanwhile" % (len(next(iter(runs.values()))), steal))
+# The CPU ratio round by round: its spread says how far one run's median can be trusted.
+for kind in ("chat", "stream"):
+    ours, theirs = runs.get((kind, "64", "tollgate")), runs.get((kind, "64", "nginx"))
+    if ours and theirs:
+        print("CPU per %s request vs nginx's, 64 conns, round by round: %s" % (
+            kind, " ".join("%.2f×" % (a[5] / b[5]) for a, b in zip(ours, theirs))))
 if not {("chat", "64"), ("stream", "64"), ("chat", "1"), ("slow", "1")} <= {key[:2] for key in med}:
     sys.exit(0)
 def fig(kind, conns, name, i):
