@@ -24,7 +24,7 @@ use crate::meter::sink::Durability;
 use crate::meter::sink::{SinkError, UsageWriter};
 use crate::money::Money;
 use crate::rating::plan::Cursor;
-use crate::store::row::{names, Dialect, Kind};
+use crate::store::row::{names, Column, Dialect, Kind};
 
 pub mod export;
 pub(crate) mod rollup;
@@ -420,12 +420,23 @@ impl UsageWriter for LedgerWriter {
                 .prepare_cached(&statements.outcomes)
                 .map_err(sink_error)?;
             let mut rollups = rollup::Rollups::default();
+            // A statement keeps its bindings from one execution to the next, and a batch's
+            // records mostly share their key, plan, model and route: a value equal to the
+            // previous record's is left bound (a text bind is a copy into SQLite's memory).
+            let mut bound: Option<[Column<'_>; sql::USAGE_COLUMNS.len()]> = None;
             for event in events {
                 match event {
                     MeterEvent::Usage(record) => {
-                        let inserted = usage
-                            .execute(params_from_iter(sql::usage_values(record)))
-                            .map_err(sink_error)?;
+                        let values = sql::usage_values(record);
+                        for (index, value) in values.iter().enumerate() {
+                            if bound.as_ref().is_none_or(|bound| bound[index] != *value) {
+                                usage
+                                    .raw_bind_parameter(index + 1, value)
+                                    .map_err(sink_error)?;
+                            }
+                        }
+                        let inserted = usage.raw_execute().map_err(sink_error)?;
+                        bound = Some(values);
                         // A replayed record is already summed.
                         if inserted == 1 {
                             rollups.add(record);
@@ -834,6 +845,34 @@ pub(crate) mod tests {
             response_id: None,
             counted_estimate: false,
         }
+    }
+
+    #[test]
+    fn records_of_one_batch_read_back_whole_whatever_they_share() {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-ledger-share-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut writer = LedgerWriter::open(&dir, Durability::Batched).unwrap();
+        let first = record("req_1", None);
+        // Values that differ from the record before (to NULL, to another text, another
+        // number), then back: each must be bound again, not left from the previous row.
+        let second = UsageRecord {
+            request_id: "req_2".to_owned(),
+            key_id: None,
+            served_model: Some("gpt-4o".into()),
+            finish_reason: Some("length".into()),
+            ttft_ms: None,
+            streamed: false,
+            attempts: 1,
+            charge: Money(7),
+            ..first.clone()
+        };
+        let third = record("req_3", None);
+        let events = [first.clone(), second.clone(), third.clone()].map(MeterEvent::Usage);
+        writer.write_batch(&events).unwrap();
+        let reader = SqliteLedgerReader::new(&dir);
+        assert_eq!(reader.records().unwrap(), vec![first, second, third]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
