@@ -322,7 +322,8 @@ done
 RESULTS="$WORK/results.txt"
 # The hypervisor's steal over the rounds (the `cpu` line's 8th figure, of all its ticks): a
 # busy host slows every target, the heavier ones most, so a run's ratios are read beside it.
-STEAL_BEFORE=$(awk '/^cpu / { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+steal_and_total() { awk '/^cpu / { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+STEAL_BEFORE=$(steal_and_total)
 for round in $(seq "$ROUNDS"); do
   # The two builds of an A/B swap places every other round, so that neither always runs
   # right after nginx: one 6-round check saw that slot measure ~5 % more CPU, a second (two
@@ -345,14 +346,15 @@ for round in $(seq "$ROUNDS"); do
 done
 # RESULTS_OUT=file keeps every round's figures (the tables below show medians).
 [ -z "${RESULTS_OUT:-}" ] || cp "$RESULTS" "$RESULTS_OUT"
-STEAL=$(awk -v before="$STEAL_BEFORE" '/^cpu / { split(before, b, " ")
-  printf "%.1f", 100 * ($9 - b[1]) / ($2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 - b[2]) }' /proc/stat)
+STEAL_AFTER=$(steal_and_total)
 PEAK_RSS_NGINX=$(HWM=1 rss_kib $(process_tree "$PROXY_PID"))
 PEAK_RSS_GW=$(HWM=1 rss_kib "$GW_PID")
 
-python3 - "$RESULTS" "$STEAL" "$IDLE_RSS_NGINX" "$PEAK_RSS_NGINX" "$IDLE_RSS_GW" "$PEAK_RSS_GW" <<'PY'
+python3 - "$RESULTS" "$STEAL_BEFORE $STEAL_AFTER" "$IDLE_RSS_NGINX" "$PEAK_RSS_NGINX" "$IDLE_RSS_GW" "$PEAK_RSS_GW" <<'PY'
 import statistics, sys
-results, steal, rss = sys.argv[1], sys.argv[2], [int(v) / 1024 for v in sys.argv[3:]]
+results, rss = sys.argv[1], [int(v) / 1024 for v in sys.argv[3:]]
+steal_before, total_before, steal_after, total_after = map(int, sys.argv[2].split())
+steal = 100 * (steal_after - steal_before) / (total_after - total_before)
 runs = {}
 for line in open(results):
     kind, conns, name, *figures = line.split()
@@ -369,7 +371,7 @@ for (kind, conns, name), m in med.items():
         kind, conns, name, m[0], m[1], m[2], m[3], m[3] / s[3], m[3] / n[3],
         m[0] - n[0], m[1] - n[1], m[5], m[6]))
 print()
-print("medians of %d rounds; the hypervisor stole %s %% of the CPU time meanwhile" % (len(next(iter(runs.values()))), steal))
+print("medians of %d rounds; the hypervisor stole %.1f %% of the CPU time meanwhile" % (len(next(iter(runs.values()))), steal))
 # The CPU ratio round by round: its spread says how far one run's median can be trusted.
 for kind in ("chat", "stream"):
     ours, theirs = runs.get((kind, "64", "tollgate")), runs.get((kind, "64", "nginx"))
