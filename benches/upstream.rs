@@ -33,7 +33,8 @@ fn answer(streamed: bool) -> Vec<u8> {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
             .to_vec();
     for n in 0..21 {
-        let event = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"word{n} \"}}}}]}}\n\n");
+        let event =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"word{n} \"}}}}]}}\n\n");
         out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
     }
     out.extend_from_slice(b"0\r\n\r\n");
@@ -84,8 +85,7 @@ fn bench_exchange(c: &mut Criterion) {
         let uri: Uri = format!("http://127.0.0.1:{port}/v1/chat/completions")
             .parse()
             .unwrap();
-        let connections =
-            Arc::new(Connections::for_uri(&uri, Duration::from_secs(1)).unwrap());
+        let connections = Arc::new(Connections::for_uri(&uri, Duration::from_secs(1)).unwrap());
         group.bench_function(format!("{name}/driven_by_the_request"), |b| {
             b.iter(|| {
                 runtime.block_on(async {

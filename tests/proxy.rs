@@ -432,8 +432,10 @@ output_per_mtok = 1
 
 /// A provider that keeps a connection for the next request but closes it once idle for
 /// 100 ms (providers' keep-alive timeouts are seconds): it answers each request with a fixed
-/// chat completion and notes the connection it came on and its `Host` header.
+/// chat completion (`streamed`: as a chunked stream of three events) and notes the connection
+/// it came on and its `Host` header.
 async fn closing_when_idle_upstream(
+    streamed: bool,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -482,10 +484,29 @@ async fn closing_when_idle_upstream(
                         "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
                     })
                     .to_string();
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
+                    let response = if streamed {
+                        let events = [
+                            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk",
+                                   "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+                            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk",
+                                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                                   "usage": {"prompt_tokens": 9, "completion_tokens": 1,
+                                             "total_tokens": 10}}),
+                        ]
+                        .iter()
+                        .map(|event| format!("data: {event}\n\n"))
+                        .chain(["data: [DONE]\n\n".to_owned()])
+                        .map(|event| format!("{:x}\r\n{event}\r\n", event.len()))
+                        .collect::<String>();
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{events}0\r\n\r\n"
+                        )
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        )
+                    };
                     socket
                         .get_mut()
                         .write_all(response.as_bytes())
@@ -500,7 +521,7 @@ async fn closing_when_idle_upstream(
 
 #[tokio::test]
 async fn connections_to_a_plain_http_upstream_are_kept_and_one_it_closed_is_not_reused() {
-    let (port, seen) = closing_when_idle_upstream().await;
+    let (port, seen) = closing_when_idle_upstream(false).await;
     let raw = format!(
         r#"
 [upstreams.raw]
@@ -539,6 +560,50 @@ output_per_mtok = 1
     assert_ne!(
         seen[1].0, seen[2].0,
         "the closed connection was not used again"
+    );
+    gw.stop().await;
+}
+
+/// A streamed answer's connection goes back to the lane's idle ones once its last chunk is
+/// read, for the next request to reuse.
+#[tokio::test]
+async fn a_streamed_answer_leaves_its_connection_for_the_next_request() {
+    let (port, seen) = closing_when_idle_upstream(true).await;
+    let raw = format!(
+        r#"
+[upstreams.raw]
+base_url = "http://127.0.0.1:{port}/v1"
+
+[models."raw-model"]
+upstream = "raw"
+tier = "cheap"
+encoding = "o200k_base"
+input_per_mtok = 1
+output_per_mtok = 1
+"#
+    );
+    let mut gw = Harness::start_with(MockOptions::default(), &raw).await;
+    for _ in 0..3 {
+        let mut body = hello("raw-model");
+        body["stream"] = json!(true);
+        let response = gw.chat(body).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.contains(r#""content":"hi""#), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let records = gw.usage_records(3).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.counted.output == 1 && r.status == 200),
+        "{records:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|(connection, _)| *connection == seen[0].0),
+        "every request came on the first one's connection: {seen:?}"
     );
     gw.stop().await;
 }
