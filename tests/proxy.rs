@@ -564,8 +564,8 @@ output_per_mtok = 1
     gw.stop().await;
 }
 
-/// A streamed answer's connection goes back to the lane's idle ones once its last chunk is
-/// read, for the next request to reuse.
+/// A streamed answer's upstream connection serves the next request once the answer has been
+/// read to its end.
 #[tokio::test]
 async fn a_streamed_answer_leaves_its_connection_for_the_next_request() {
     let (port, seen) = closing_when_idle_upstream(true).await;

@@ -205,7 +205,7 @@ pub struct Upstream {
     /// on that lane (see `crate::lanes`).
     clients: ThreadLocal<ProviderClient>,
     /// Each lane's own connections, for an `http://` upstream (a TLS one uses `clients`).
-    connections: Option<Arc<Connections>>,
+    connections: Option<Connections>,
     connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -223,7 +223,7 @@ impl Upstream {
             .get_or(|| provider_client(self.connect_timeout))
     }
 
-    pub fn connections(&self) -> Option<&Arc<Connections>> {
+    pub fn connections(&self) -> Option<&Connections> {
         self.connections.as_ref()
     }
 
@@ -793,7 +793,7 @@ fn build_upstream(name: &str, raw: &raw::RawUpstream, problems: &mut Problems) -
     Some(Upstream {
         name: name.to_owned(),
         base_url,
-        connections: Connections::for_uri(&endpoint_uris[0], connect_timeout).map(Arc::new),
+        connections: Connections::for_uri(&endpoint_uris[0], connect_timeout),
         endpoint_uris,
         kind: raw.kind,
         credentials,

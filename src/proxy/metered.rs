@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body_util::{BodyDataStream, BodyExt};
+use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use super::settle::Ending;
@@ -21,9 +22,7 @@ use crate::stream::{Gathered, SseTap};
 use crate::upstream;
 
 /// Scheduler turns a stream waits for events already read upstream before it sends what it
-/// has, when a connection task of hyper's client reads them: handing one event over takes it
-/// about two turns. A body that drives its own connection has read all there was when it
-/// says pending, so it waits none.
+/// has: handing one event over takes hyper's connection task about two turns.
 const GATHER_TURNS: u8 = 2;
 
 /// The client's body for a streamed answer. Bytes pass through the tap as they arrive; the
@@ -31,7 +30,7 @@ const GATHER_TURNS: u8 = 2;
 /// or (through `Drop`) when the client goes away, which also drops and so cancels the upstream
 /// request.
 pub(super) struct MeteredStream {
-    upstream: BodyDataStream<upstream::UpstreamBody>,
+    upstream: BodyDataStream<Incoming>,
     tap: SseTap,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
@@ -42,9 +41,8 @@ pub(super) struct MeteredStream {
     /// How the upstream failed, told to the client after the bytes gathered before it.
     failure: Option<std::io::Error>,
     gathered: Gathered,
-    /// Scheduler turns given since the stream last gathered bytes, and how many to give.
+    /// Scheduler turns given since the stream last gathered bytes.
     yielded: u8,
-    gather_turns: u8,
     /// The final bytes, held until the record is committed (strict durability).
     held: Option<(Bytes, oneshot::Receiver<()>)>,
 }
@@ -56,13 +54,8 @@ impl MeteredStream {
         strip_usage_chunk: bool,
         idle_timeout: Duration,
     ) -> MeteredStream {
-        let body = reply.into_body();
         MeteredStream {
-            gather_turns: match body.drives_its_connection() {
-                true => 0,
-                false => GATHER_TURNS,
-            },
-            upstream: body.into_data_stream(),
+            upstream: reply.into_body().into_data_stream(),
             tap: SseTap::new(strip_usage_chunk),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
@@ -206,7 +199,7 @@ impl Stream for MeteredStream {
                     return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
                 }
                 Poll::Pending if !this.gathered.is_empty() => {
-                    if this.yielded < this.gather_turns {
+                    if this.yielded < GATHER_TURNS {
                         // The upstream connection's task often holds more events it already
                         // read; a turn of the scheduler or two lets it hand them over, so they
                         // leave in the same write. When the turns bring nothing, send.

@@ -3,22 +3,12 @@
 //! client, which TLS upstreams still go through, took about a sixth of a request's CPU in the
 //! load test (its pool's lock, a connector cloned and a Host header formatted per request, a
 //! checkout future racing a connect future): an A/B run measured 42 µs per request against 51.
-//!
-//! A connection has no task of its own: the request using it drives it, while waiting for the
-//! response head and then through [`UpstreamBody`] while its body is read, and gives it back
-//! at the body's end. A spawned connection task took two more task turns a request (the
-//! request handed over, the answer handed back) and one more each streamed chunk.
 
 use std::cell::RefCell;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::http::header::{HeaderValue, HOST};
 use hyper::http::{Request, Uri};
@@ -31,30 +21,13 @@ use crate::error::GatewayError;
 /// Idle connections a lane keeps to one upstream; one more is closed when it comes back.
 const MAX_IDLE: usize = 1024;
 
-type Connection = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
-
-/// One HTTP/1.1 connection: what sends on it, and the connection itself, which does the
-/// reading and writing whenever it is polled.
-struct Link {
-    sender: SendRequest<Full<Bytes>>,
-    connection: Box<Connection>,
-}
-
-impl Link {
-    /// Lets the connection read and write what it can; ready once it has ended (the upstream
-    /// closed it, or it failed), when it can serve nothing more.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut *self.connection).poll(cx).map(|_| ())
-    }
-}
-
 pub struct Connections {
     /// `host:port`, to connect to.
     address: String,
     /// The `Host` header: the port only when it is not 80, as clients write it.
     host: HeaderValue,
     connect_timeout: Duration,
-    idle: ThreadLocal<RefCell<Vec<Link>>>,
+    idle: ThreadLocal<RefCell<Vec<SendRequest<Full<Bytes>>>>>,
 }
 
 impl Connections {
@@ -77,13 +50,10 @@ impl Connections {
         })
     }
 
-    /// Sends `request` (its URI absolute) and waits for the response head. The connection
-    /// travels with the response's body, which gives it back to this lane's idle ones once it
-    /// has been read to the end.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<Reply, GatewayError> {
+    /// Sends `request` (its URI absolute) and waits for the response head. The connection goes
+    /// back to this lane's idle ones at once; it is taken again only once it is ready, that is
+    /// once this response's body has been read.
+    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Reply, GatewayError> {
         let mut parts = std::mem::take(request.uri_mut()).into_parts();
         parts.scheme = None;
         parts.authority = None;
@@ -91,30 +61,14 @@ impl Connections {
             .map_err(|_| GatewayError::Internal("upstream path not in origin form".to_owned()))?;
         request.headers_mut().insert(HOST, self.host.clone());
         loop {
-            let (link, fresh) = match self.take_ready() {
-                Some(link) => (link, false),
+            let (mut sender, fresh) = match self.take_ready() {
+                Some(sender) => (sender, false),
                 None => (self.connect().await?, true),
             };
-            let Link {
-                mut sender,
-                connection,
-            } = link;
-            let mut connection = Some(connection);
-            let mut answer = std::pin::pin!(sender.try_send_request(request));
-            let answered = std::future::poll_fn(|cx| {
-                if let Some(open) = connection.as_mut() {
-                    // An ended connection is dropped, which fails the request it held.
-                    if Pin::new(&mut **open).poll(cx).is_ready() {
-                        connection = None;
-                    }
-                }
-                answer.as_mut().poll(cx)
-            })
-            .await;
-            match answered {
+            match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let link = connection.map(|connection| Link { sender, connection });
-                    return Ok(response.map(|body| UpstreamBody::driving(body, self, link)));
+                    self.give_back(sender);
+                    return Ok(response);
                 }
                 Err(mut failed) => match failed.take_message() {
                     // An idle connection the upstream had closed fails before anything is
@@ -130,32 +84,31 @@ impl Connections {
         }
     }
 
-    /// The most recently given back connection that is ready for a request. One the upstream
-    /// closed while it sat idle is seen closed by the first drive of its next request, before
-    /// that request is written, and the request goes on another.
-    fn take_ready(&self) -> Option<Link> {
+    /// The most recently given back connection that is ready for a request (those given back
+    /// since are still reading their answers); closed ones met on the way are dropped.
+    fn take_ready(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.get_or_default().borrow_mut();
-        while let Some(link) = idle.pop() {
-            if link.sender.is_ready() {
-                return Some(link);
+        let mut at = idle.len();
+        while at > 0 {
+            at -= 1;
+            if idle[at].is_ready() {
+                return Some(idle.swap_remove(at));
+            }
+            if idle[at].is_closed() {
+                idle.swap_remove(at);
             }
         }
         None
     }
 
-    /// Keeps a connection whose answer was read whole, once it is ready for the next request:
-    /// if reading the answer's end did not leave it so, one more drive does.
-    fn give_back(&self, mut link: Link, cx: &mut Context<'_>) {
-        if !link.sender.is_ready() && (link.drive(cx).is_ready() || !link.sender.is_ready()) {
-            return;
-        }
+    fn give_back(&self, sender: SendRequest<Full<Bytes>>) {
         let mut idle = self.idle.get_or_default().borrow_mut();
         if idle.len() < MAX_IDLE {
-            idle.push(link);
+            idle.push(sender);
         }
     }
 
-    async fn connect(&self) -> Result<Link, GatewayError> {
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, GatewayError> {
         let stream = tokio::time::timeout(
             self.connect_timeout,
             tokio::net::TcpStream::connect(self.address.as_str()),
@@ -169,80 +122,8 @@ impl Connections {
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| unreachable(CONNECT_FAILED))?;
-        Ok(Link {
-            sender,
-            connection: Box::new(connection),
-        })
-    }
-}
-
-/// An upstream answer's body. On a connection of [`Connections`] it drives that connection
-/// as it is read, and gives it back at its end; dropped before its end, it closes it (the
-/// rest of the answer would be read by the next request). Through the TLS client it is the
-/// body as hyper gives it.
-pub struct UpstreamBody {
-    body: Incoming,
-    link: Option<(Link, Arc<Connections>)>,
-}
-
-impl UpstreamBody {
-    fn driving(body: Incoming, connections: &Arc<Connections>, link: Option<Link>) -> Self {
-        UpstreamBody {
-            body,
-            link: link.map(|link| (link, connections.clone())),
-        }
-    }
-
-    /// Whether reading this body is what moves its bytes: no other task hands them over.
-    pub fn drives_its_connection(&self) -> bool {
-        self.link.is_some()
-    }
-}
-
-impl From<Incoming> for UpstreamBody {
-    fn from(body: Incoming) -> Self {
-        UpstreamBody { body, link: None }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
-        if frame.is_pending() {
-            if let Some((link, _)) = this.link.as_mut() {
-                // What the connection reads goes to the body: only an empty body needs it
-                // driven, and an ended connection has handed over all it will.
-                if link.drive(cx).is_ready() {
-                    this.link = None;
-                }
-                frame = Pin::new(&mut this.body).poll_frame(cx);
-            }
-        }
-        let ended = match &frame {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            if let Some((link, connections)) = this.link.take() {
-                connections.give_back(link, cx);
-            }
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        // Runs on this lane until the upstream closes the connection or its sender is dropped.
+        tokio::spawn(connection);
+        Ok(sender)
     }
 }

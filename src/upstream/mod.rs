@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 
 mod connections;
 
-pub use connections::{Connections, UpstreamBody};
+pub use connections::Connections;
 
 use crate::api::Endpoint;
 use crate::api::X_REQUEST_ID;
@@ -35,7 +35,7 @@ use crate::state::FallbackGate;
 pub type ProviderClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A provider's answer, its body not yet read.
-pub type Reply = hyper::http::Response<UpstreamBody>;
+pub type Reply = hyper::http::Response<hyper::body::Incoming>;
 
 /// A client for one upstream. Redirects are never followed: a provider's redirect must not
 /// take our provider key elsewhere.
@@ -412,7 +412,7 @@ async fn exchange(
             return connections.send(request).await;
         }
         match upstream.client().request(request).await {
-            Ok(response) => Ok(response.map(UpstreamBody::from)),
+            Ok(response) => Ok(response),
             Err(error) if timed_out(&error) => Err(GatewayError::UpstreamTimeout),
             Err(error) if error.is_connect() => Err(unreachable(CONNECT_FAILED)),
             Err(_) => Err(unreachable(PROTOCOL_ERROR)),
