@@ -519,9 +519,8 @@ async fn closing_when_idle_upstream(
     (port, seen)
 }
 
-#[tokio::test]
-async fn connections_to_a_plain_http_upstream_are_kept_and_one_it_closed_is_not_reused() {
-    let (port, seen) = closing_when_idle_upstream(false).await;
+/// A gateway whose model `raw-model` is served by the upstream listening on `port`.
+async fn in_front_of_raw_upstream(port: u16) -> Harness {
     let raw = format!(
         r#"
 [upstreams.raw]
@@ -535,7 +534,13 @@ input_per_mtok = 1
 output_per_mtok = 1
 "#
     );
-    let mut gw = Harness::start_with(MockOptions::default(), &raw).await;
+    Harness::start_with(MockOptions::default(), &raw).await
+}
+
+#[tokio::test]
+async fn connections_to_a_plain_http_upstream_are_kept_and_one_it_closed_is_not_reused() {
+    let (port, seen) = closing_when_idle_upstream(false).await;
+    let mut gw = in_front_of_raw_upstream(port).await;
     for _ in 0..2 {
         let response = gw.chat(hello("raw-model")).await;
         assert_eq!(response.status(), 200);
@@ -569,20 +574,7 @@ output_per_mtok = 1
 #[tokio::test]
 async fn a_streamed_answer_leaves_its_connection_for_the_next_request() {
     let (port, seen) = closing_when_idle_upstream(true).await;
-    let raw = format!(
-        r#"
-[upstreams.raw]
-base_url = "http://127.0.0.1:{port}/v1"
-
-[models."raw-model"]
-upstream = "raw"
-tier = "cheap"
-encoding = "o200k_base"
-input_per_mtok = 1
-output_per_mtok = 1
-"#
-    );
-    let mut gw = Harness::start_with(MockOptions::default(), &raw).await;
+    let mut gw = in_front_of_raw_upstream(port).await;
     for _ in 0..3 {
         let mut body = hello("raw-model");
         body["stream"] = json!(true);
