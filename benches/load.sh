@@ -40,6 +40,7 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet
+# BIN=path/to/tollgate measures that build as `tollgate` (with SKIP_BUILD=1).
 BIN=${BIN:-target/release/tollgate}
 . benches/support/processes.sh
 
@@ -180,7 +181,6 @@ GW_PORT=$PORT GW_KEY=$KEY
 # BIN_B=path/to/another/tollgate adds `tollgate-b`, that build with the batched ledger, taking
 # its turn beside the others in every round: an A/B comparison of two builds in one run.
 # B_SERVER="workers = 1" adds lines to its [server] table (BIN_B=$BIN compares settings).
-# BIN=path/to/tollgate measures that build as `tollgate` (with SKIP_BUILD=1).
 if [ -n "${BIN_B:-}" ]; then
   A_PID=$GW_PID
   start_gateway batched "$BIN_B" b

@@ -476,14 +476,6 @@ async fn closing_when_idle_upstream(
                     let mut body = vec![0u8; length];
                     socket.read_exact(&mut body).await.unwrap();
                     noted.lock().unwrap().push((connection, host));
-                    let answer = json!({
-                        "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                        "model": "gpt-4o-mini",
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": "hi"}}],
-                        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
-                    })
-                    .to_string();
                     let response = if streamed {
                         let events = [
                             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk",
@@ -502,6 +494,15 @@ async fn closing_when_idle_upstream(
                             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{events}0\r\n\r\n"
                         )
                     } else {
+                        let answer = json!({
+                            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                            "model": "gpt-4o-mini",
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": "hi"}}],
+                            "usage": {"prompt_tokens": 9, "completion_tokens": 1,
+                                      "total_tokens": 10}
+                        })
+                        .to_string();
                         format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
                             answer.len()
