@@ -140,38 +140,6 @@ fn bench_metric_series(c: &mut Criterion) {
             }
         })
     });
-    group.bench_function("key_gauges_found_once", |b| {
-        b.iter(|| {
-            let series = metrics.key("bench-key");
-            series.spend_usd.get().set(1.25);
-            series.budget_remaining_usd.get().set(98.75);
-            series.budget_used_ratio.get().set(0.0125);
-            series.remaining_requests.get().set(59.0);
-            series.remaining_tokens.get().set(149_000.0);
-        })
-    });
-    group.bench_function("key_gauges_labelled_lookups", |b| {
-        b.iter(|| {
-            let label = ["bench-key"];
-            metrics.key_spend_usd.with_label_values(&label).set(1.25);
-            metrics
-                .key_budget_remaining_usd
-                .with_label_values(&label)
-                .set(98.75);
-            metrics
-                .key_budget_used_ratio
-                .with_label_values(&label)
-                .set(0.0125);
-            metrics
-                .key_remaining_requests
-                .with_label_values(&label)
-                .set(59.0);
-            metrics
-                .key_remaining_tokens
-                .with_label_values(&label)
-                .set(149_000.0);
-        })
-    });
     group.finish();
 }
 

@@ -50,7 +50,8 @@ pub struct Metrics {
     pub budget_overshoot_usd: prometheus::Counter,
     pub route_decisions: IntCounterVec,
     pub fallbacks: IntCounterVec,
-    /// Per-key families, labelled by key name; off with `server.per_key_metrics = false`.
+    /// Per-key families, labelled by key name and set at each scrape (see
+    /// `server::export_key_gauges`); off with `server.per_key_metrics = false`.
     pub key_spend_usd: GaugeVec,
     pub key_budget_remaining_usd: GaugeVec,
     pub key_budget_used_ratio: GaugeVec,
@@ -67,8 +68,6 @@ pub struct Metrics {
     pub usage_queued: IntCounter,
     /// Each model's series of the families every request touches (see [`Metrics::model`]).
     by_model: ByName<ModelSeries>,
-    /// Each key's gauges (see [`Metrics::key`]).
-    by_key: ByName<KeySeries>,
 }
 
 /// One series of a labelled family, made when first used: a labelled lookup hashes the labels
@@ -117,15 +116,6 @@ pub struct ModelSeries {
     pub time_to_first_token: Series<HistogramVec>,
     pub drift_input: Series<IntCounterVec>,
     pub drift_output: Series<IntCounterVec>,
-}
-
-/// A key's gauges, refreshed as its requests settle.
-pub struct KeySeries {
-    pub spend_usd: Series<GaugeVec>,
-    pub budget_remaining_usd: Series<GaugeVec>,
-    pub budget_used_ratio: Series<GaugeVec>,
-    pub remaining_requests: Series<GaugeVec>,
-    pub remaining_tokens: Series<GaugeVec>,
 }
 
 /// The entry for `name`, made by `make` the first time.
@@ -400,7 +390,6 @@ impl Metrics {
             usage_queued: usage_events.with_label_values(&["queued"]),
             usage_events,
             by_model: ByName::default(),
-            by_key: ByName::default(),
             registry,
         }
     }
@@ -418,17 +407,6 @@ impl Metrics {
             time_to_first_token: Series::new(&self.time_to_first_token, &[model]),
             drift_input: Series::new(&self.token_count_drift, &[model, "input"]),
             drift_output: Series::new(&self.token_count_drift, &[model, "output"]),
-        })
-    }
-
-    /// The gauges of the key named `key`.
-    pub fn key(&self, key: &str) -> Arc<KeySeries> {
-        found_once(&self.by_key, key, || KeySeries {
-            spend_usd: Series::new(&self.key_spend_usd, &[key]),
-            budget_remaining_usd: Series::new(&self.key_budget_remaining_usd, &[key]),
-            budget_used_ratio: Series::new(&self.key_budget_used_ratio, &[key]),
-            remaining_requests: Series::new(&self.key_remaining_requests, &[key]),
-            remaining_tokens: Series::new(&self.key_remaining_tokens, &[key]),
         })
     }
 
@@ -545,16 +523,10 @@ mod tests {
         let metrics = Metrics::new();
         let series = metrics.model("m");
         series.input_tokens.get().inc_by(3);
-        let key = metrics.key("k");
-        key.spend_usd.get().set(0.5);
         let text = metrics.render();
         assert!(text.contains("tollgate_input_tokens_total{model=\"m\"} 3"));
-        assert!(text.contains("tollgate_key_spend_usd{key=\"k\"} 0.5"));
+        assert!(!text.contains("tollgate_output_tokens_total{"), "{text}");
         assert!(!text.contains("time_to_first_token"), "{text}");
-        assert!(
-            !text.contains("tollgate_key_budget_remaining_usd{"),
-            "{text}"
-        );
         assert!(Arc::ptr_eq(&series, &metrics.model("m")));
     }
 

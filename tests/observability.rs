@@ -55,6 +55,7 @@ async fn the_exposition_parses_and_counts_the_traffic() {
         .create_key(json!({"name": "capped", "budget_usd": 1, "rpm": 100}))
         .await;
     let key = capped["key"].as_str().unwrap().to_owned();
+    let first_request = std::time::Instant::now();
     for i in 0..5 {
         let body = json!({"model": "gpt-4o-mini", "stream": i % 2 == 0, "messages": [{"role": "user", "content": "Say hello to the gateway."}]});
         let response = gw
@@ -141,14 +142,18 @@ async fn the_exposition_parses_and_counts_the_traffic() {
         ),
         0.000_057_75
     );
-    assert_eq!(
-        sample(
-            &families,
-            "tollgate_key_remaining_requests",
-            "tollgate_key_remaining_requests",
-            &[("key", "capped")]
-        ),
-        95.0
+    // Read at the scrape: five of the minute's 100 taken, and one more back for every 0.6 s
+    // since the first was.
+    let remaining = sample(
+        &families,
+        "tollgate_key_remaining_requests",
+        "tollgate_key_remaining_requests",
+        &[("key", "capped")],
+    );
+    let refilled = (first_request.elapsed().as_secs_f64() / 0.6).floor();
+    assert!(
+        (95.0..=95.0 + refilled).contains(&remaining),
+        "{remaining} after {refilled} refills"
     );
     // Five answered requests and the refused one: every authenticated request is recorded.
     assert_eq!(
@@ -160,6 +165,34 @@ async fn the_exposition_parses_and_counts_the_traffic() {
         ),
         6.0
     );
+}
+
+/// The per-key gauges are read from the live limits at each scrape: a key's budget shows
+/// before its first request, and a revoked key's series are gone at the next scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_gauges_follow_the_keys_at_each_scrape() {
+    let gw = Harness::start().await;
+    let created = gw
+        .create_key(json!({"name": "watched", "budget_usd": 2, "rpm": 60, "tpm": 1000}))
+        .await;
+    let families = parse_exposition(&gw.metrics().await);
+    let watched = [("key", "watched")];
+    let gauge = |family: &str| sample(&families, family, family, &watched);
+    assert_eq!(gauge("tollgate_key_spend_usd"), 0.0);
+    assert_eq!(gauge("tollgate_key_budget_remaining_usd"), 2.0);
+    assert_eq!(gauge("tollgate_key_budget_used_ratio"), 0.0);
+    assert_eq!(gauge("tollgate_key_remaining_requests"), 60.0);
+    assert_eq!(gauge("tollgate_key_remaining_tokens"), 1000.0);
+
+    let id = created["id"].as_str().unwrap();
+    let revoked = gw
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    let text = gw.metrics().await;
+    assert!(!text.contains("key=\"watched\""), "{text}");
 }
 
 fn names_in(path: &Path) -> BTreeSet<String> {

@@ -665,6 +665,18 @@ impl Limiter {
         headers
     }
 
+    /// A key's own throttles as they stand now (its team's, customer's and models' apart):
+    /// the per-key gauges read at a scrape.
+    pub fn key_throttles(&self, key_id: &str) -> RateLimitHeaders {
+        let now_us = self.clock.now_us();
+        let state = self.state(Level::Key, key_id);
+        let snapshot = |limit: Option<&Arc<Gcra>>| limit.map(|limit| limit.snapshot(now_us));
+        RateLimitHeaders {
+            requests: state.as_ref().and_then(|s| snapshot(s.rpm.as_ref())),
+            tokens: state.as_ref().and_then(|s| snapshot(s.tpm.as_ref())),
+        }
+    }
+
     /// Moves a ticket's model throttles to a fallback model before it is tried: its RPM and
     /// TPM protect that provider's quota whichever way a request reaches it. The model that
     /// failed keeps its request unit (a request did go out) but gives back its tokens, since a

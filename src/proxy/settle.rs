@@ -48,7 +48,6 @@ struct Closing {
     pass: Option<Pass>,
     billed: TokenUsage,
     record: UsageRecord,
-    rate_headers: crate::limits::RateLimitHeaders,
     /// The served model's metric series.
     series: Option<Arc<crate::metrics::ModelSeries>>,
 }
@@ -164,7 +163,6 @@ impl Exchange {
             pass: self.pass.take(),
             billed,
             record,
-            rate_headers: self.rate_headers,
             series,
         };
         match closing.finish_now() {
@@ -293,9 +291,6 @@ impl Closing {
                     announce(&self.app, &self.config, key, alert);
                 }
             }
-            if self.config.server.per_key_metrics {
-                self.export_key_gauges();
-            }
         }
         if let Some(series) = &self.series {
             series.input_tokens.get().inc_by(self.billed.input);
@@ -340,34 +335,6 @@ impl Closing {
                 self.app.usage.submit(event);
                 None
             }
-        }
-    }
-
-    /// The per-key gauges, refreshed whenever one of the key's requests settles.
-    fn export_key_gauges(&self) {
-        let Some(key) = &self.key else {
-            return;
-        };
-        let series = self.app.metrics.key(&key.name);
-        if let Some(budget) = self.app.admission.budget_now(&key.id) {
-            series.spend_usd.get().set(budget.spend_usd.as_f64_usd());
-            if budget.budget_usd != crate::limits::UNCAPPED {
-                series
-                    .budget_remaining_usd
-                    .get()
-                    .set(budget.remaining_usd.as_f64_usd());
-                let used = budget.spend_usd.as_f64_usd() / budget.budget_usd.as_f64_usd().max(1e-9);
-                series.budget_used_ratio.get().set(used);
-            }
-        }
-        if let Some(requests) = self.rate_headers.requests {
-            series
-                .remaining_requests
-                .get()
-                .set(requests.remaining as f64);
-        }
-        if let Some(tokens) = self.rate_headers.tokens {
-            series.remaining_tokens.get().set(tokens.remaining as f64);
         }
     }
 }

@@ -381,6 +381,14 @@ impl Admission {
         }
     }
 
+    /// A key's own throttles now, where this replica holds them (embedded state only).
+    pub fn key_throttles_now(&self, key_id: &str) -> Option<crate::limits::RateLimitHeaders> {
+        match self {
+            Admission::Embedded(limiter) => Some(limiter.key_throttles(key_id)),
+            Admission::Shared { .. } => None,
+        }
+    }
+
     /// A level's live budget figures, the same on every replica.
     pub async fn budget(
         &self,
