@@ -2,13 +2,14 @@
 //! the six `x-ratelimit-*` values (one shared buffer against a string per value), a chat
 //! prompt's count when its short texts hit the prompt cache (the system prompt and the roles,
 //! once counted text by text), a chat request read and counted (its messages borrowed against
-//! a `Value` tree), and a model's per-request metric series and a key's gauges
-//! (found once against a labelled lookup per family), the dispatch of a proxied POST (straight
+//! a `Value` tree), a request's metric updates from two lanes at once (one copy of the
+//! families against a copy per lane), the dispatch of a proxied POST (straight
 //! to its endpoint against axum's router), and the metering of a whole chat answer (parse, read
 //! the output, count it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -16,7 +17,7 @@ use tollgate::limits::gcra::Snapshot;
 use tollgate::limits::{go_duration, RateLimitHeaders};
 use tollgate::meter::prompt::ChatBody;
 use tollgate::meter::tokenizer::{Encoding, Tokenizer};
-use tollgate::metrics::Metrics;
+use tollgate::metrics::{use_lane_shard, Metrics};
 
 fn bench_rate_limit_headers(c: &mut Criterion) {
     let snapshot = |limit, remaining, reset_ms| Snapshot {
@@ -108,6 +109,32 @@ fn bench_chat_prompt(c: &mut Criterion) {
     group.finish();
 }
 
+/// The metric updates of one settled chat request.
+fn settle_metrics(metrics: &Metrics) {
+    let hot = metrics.hot();
+    hot.route_decisions
+        .with_label_values(&["direct", "cheap"])
+        .inc();
+    hot.upstream_duration
+        .with_label_values(&["openai"])
+        .observe(0.002);
+    hot.upstream_attempts
+        .with_label_values(&["openai", "2xx"])
+        .inc();
+    hot.requests
+        .with_label_values(&["gpt-4o-mini", "cheap", "chat_completions", "2xx"])
+        .inc();
+    let series = metrics.model("gpt-4o-mini");
+    series.request_duration[0].get().observe(0.002);
+    series.input_tokens.get().inc_by(250);
+    series.output_tokens.get().inc_by(16);
+    series.cost_usd.get().inc_by(0.0000471);
+    series.drift_input.get().inc_by(0);
+    series.drift_output.get().inc_by(0);
+    hot.usage_pending.inc();
+    hot.usage_queued.inc();
+}
+
 fn bench_metric_series(c: &mut Criterion) {
     let metrics = Metrics::new();
     let mut group = c.benchmark_group("metric_series");
@@ -122,24 +149,43 @@ fn bench_metric_series(c: &mut Criterion) {
             series.drift_output.get().inc_by(0);
         })
     });
-    group.bench_function("labelled_lookups", |b| {
-        b.iter(|| {
-            let label = ["gpt-4o-mini"];
-            metrics
-                .request_duration
-                .with_label_values(&["gpt-4o-mini", "false"])
-                .observe(0.002);
-            metrics.input_tokens.with_label_values(&label).inc_by(250);
-            metrics.output_tokens.with_label_values(&label).inc_by(16);
-            metrics.cost_usd.with_label_values(&label).inc_by(0.0000471);
-            for direction in ["input", "output"] {
-                metrics
-                    .token_count_drift
-                    .with_label_values(&["gpt-4o-mini", direction])
-                    .inc_by(0);
-            }
-        })
-    });
+    // What one request's metrics cost when two lanes on two cores settle requests at once:
+    // every thread on one copy of the families (each update takes its cache line from the
+    // other core), against a copy per lane, as the gateway runs.
+    for (name, own_copies) in [
+        ("two_lanes_one_copy", false),
+        ("two_lanes_own_copies", true),
+    ] {
+        let metrics = Arc::new(Metrics::new());
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let start = std::sync::Barrier::new(2);
+                std::thread::scope(|scope| {
+                    let lanes: Vec<_> = (0..2)
+                        .map(|lane| {
+                            let (metrics, start) = (&metrics, &start);
+                            scope.spawn(move || {
+                                if own_copies {
+                                    use_lane_shard(lane);
+                                }
+                                start.wait();
+                                let began = Instant::now();
+                                for _ in 0..iterations {
+                                    settle_metrics(metrics);
+                                }
+                                began.elapsed()
+                            })
+                        })
+                        .collect();
+                    lanes
+                        .into_iter()
+                        .map(|lane| lane.join().unwrap_or_default())
+                        .max()
+                        .unwrap_or_default()
+                })
+            })
+        });
+    }
     group.finish();
 }
 

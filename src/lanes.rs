@@ -175,7 +175,10 @@ impl Lanes {
             let (serving, stop) = (serving.clone(), stop.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("tollgate-lane-{index}"))
-                .spawn(move || runtime.block_on(serve_lane(incoming, serving, stop, grace)))?;
+                .spawn(move || {
+                    crate::metrics::use_lane_shard(index);
+                    runtime.block_on(serve_lane(incoming, serving, stop, grace))
+                })?;
             senders.push(sender);
             threads.push(thread);
         }

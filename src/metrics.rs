@@ -2,9 +2,11 @@
 //! values come only from bounded sets — configured model, upstream, tier and rule names, status
 //! classes and static reason labels — never from client input.
 
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
-use prometheus::core::{MetricVec, MetricVecBuilder};
+use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
+use prometheus::proto::{Counter, Gauge, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -20,18 +22,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub input_tokens: IntCounterVec,
-    pub output_tokens: IntCounterVec,
-    pub cost_usd: prometheus::CounterVec,
-    pub request_duration: HistogramVec,
-    pub time_to_first_token: HistogramVec,
-    pub upstream_duration: HistogramVec,
-    pub upstream_attempts: IntCounterVec,
     pub rejections: IntCounterVec,
-    pub token_count_drift: IntCounterVec,
-    pub usage_events: IntCounterVec,
-    pub usage_pending: IntGauge,
     /// 1 while the shared state (Redis) answers, 0 while it does not; absent when embedded.
     pub state_backend_up: IntGauge,
     /// Shared-state admissions by where they were decided: `allowance` (here, from this
@@ -48,7 +39,6 @@ pub struct Metrics {
     pub output_count_failures: IntCounter,
     pub config_reloads: IntCounterVec,
     pub budget_overshoot_usd: prometheus::Counter,
-    pub route_decisions: IntCounterVec,
     pub fallbacks: IntCounterVec,
     /// Per-key families, labelled by key name and set at each scrape (see
     /// `server::export_key_gauges`); off with `server.per_key_metrics = false`.
@@ -64,10 +54,8 @@ pub struct Metrics {
     pub budget_alerts: IntCounterVec,
     pub velocity_alerts: IntCounterVec,
     pub soft_budget_alerts: IntCounterVec,
-    /// `usage_events{result="queued"}`, counted for every request.
-    pub usage_queued: IntCounter,
-    /// Each model's series of the families every request touches (see [`Metrics::model`]).
-    by_model: ByName<ModelSeries>,
+    /// The families every proxied request touches, one copy per lane (see [`Metrics::hot`]).
+    hot: Box<[Hot]>,
 }
 
 /// One series of a labelled family, made when first used: a labelled lookup hashes the labels
@@ -118,6 +106,226 @@ pub struct ModelSeries {
     pub drift_output: Series<IntCounterVec>,
 }
 
+/// How many copies of the hot families there are: one for each lane on a machine of up to
+/// this many cores, and one (the first) for every other thread. Lanes past it share copies.
+const SHARDS: usize = 17;
+
+thread_local! {
+    /// The copy of the hot families this thread writes; lanes set theirs (see
+    /// [`use_lane_shard`]), every other thread writes the first.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes this thread, lane `lane`, write its own copy of the hot families.
+pub fn use_lane_shard(lane: usize) {
+    SHARD.with(|shard| shard.set(1 + lane % (SHARDS - 1)));
+}
+
+/// The families every proxied request touches. A counter or histogram that both lanes add to
+/// moves its cache line between the cores at nearly every request (about 5 % of a request's
+/// CPU at 64 connections on two cores, with the per-key gauges), so each lane has its own
+/// copy, and a scrape reads their sum ([`Summed`]).
+pub struct Hot {
+    pub requests: IntCounterVec,
+    input_tokens: IntCounterVec,
+    output_tokens: IntCounterVec,
+    cost_usd: prometheus::CounterVec,
+    pub request_duration: HistogramVec,
+    time_to_first_token: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_attempts: IntCounterVec,
+    pub route_decisions: IntCounterVec,
+    token_count_drift: IntCounterVec,
+    pub usage_events: IntCounterVec,
+    /// `usage_events{result="queued"}`, counted for every request.
+    pub usage_queued: IntCounter,
+    /// Added to where an event is queued and taken from where it is written, so only the sum
+    /// over the copies means anything (see [`Metrics::usage_pending`]).
+    pub usage_pending: IntGauge,
+    /// Each model's series of the families above (see [`Metrics::model`]).
+    by_model: ByName<ModelSeries>,
+}
+
+impl Hot {
+    fn new() -> Hot {
+        let usage_events = unregistered_counter(
+            "usage_events_total",
+            "Usage events by fate: queued, written, dropped (channel full) or failed",
+            &["result"],
+        );
+        Hot {
+            requests: unregistered_counter(
+                "requests_total",
+                "Requests by model, tier, endpoint and status class",
+                &["model", "tier", "endpoint", "status"],
+            ),
+            input_tokens: unregistered_counter(
+                "input_tokens_total",
+                "Billed input tokens by model",
+                &["model"],
+            ),
+            output_tokens: unregistered_counter(
+                "output_tokens_total",
+                "Billed output tokens by model",
+                &["model"],
+            ),
+            cost_usd: prometheus::CounterVec::new(
+                Opts::new(
+                    "cost_usd_total",
+                    "List cost of served requests in US dollars",
+                ),
+                &["model"],
+            )
+            .unwrap_or_else(|_| unreachable_metric("cost_usd_total")),
+            request_duration: unregistered_histogram(
+                "request_duration_seconds",
+                "Time from accepting a request to the end of its response",
+                &["model", "streamed"],
+            ),
+            time_to_first_token: unregistered_histogram(
+                "time_to_first_token_seconds",
+                "Time from accepting a streamed request to its first chunk",
+                &["model"],
+            ),
+            upstream_duration: unregistered_histogram(
+                "upstream_duration_seconds",
+                "Time until the upstream's response headers, per attempt",
+                &["upstream"],
+            ),
+            upstream_attempts: unregistered_counter(
+                "upstream_attempts_total",
+                "Attempts sent upstream by result",
+                &["upstream", "result"],
+            ),
+            route_decisions: unregistered_counter(
+                "route_decisions_total",
+                "Routing decisions for the virtual model, by rule and tier",
+                &["rule", "tier"],
+            ),
+            token_count_drift: unregistered_counter(
+                "token_count_drift_tokens_total",
+                "Absolute difference between own token counts and upstream-reported usage",
+                &["model", "direction"],
+            ),
+            usage_queued: usage_events.with_label_values(&["queued"]),
+            usage_events,
+            usage_pending: IntGauge::new(
+                "usage_events_pending",
+                "Usage events queued between the hot path and the sink",
+            )
+            .unwrap_or_else(|_| unreachable_metric("usage_events_pending")),
+            by_model: ByName::default(),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.input_tokens.clone()),
+            Box::new(self.output_tokens.clone()),
+            Box::new(self.cost_usd.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.time_to_first_token.clone()),
+            Box::new(self.upstream_duration.clone()),
+            Box::new(self.upstream_attempts.clone()),
+            Box::new(self.route_decisions.clone()),
+            Box::new(self.token_count_drift.clone()),
+            Box::new(self.usage_events.clone()),
+            Box::new(self.usage_pending.clone()),
+        ]
+    }
+
+    fn model(&self, model: &str) -> Arc<ModelSeries> {
+        found_once(&self.by_model, model, || ModelSeries {
+            input_tokens: Series::new(&self.input_tokens, &[model]),
+            output_tokens: Series::new(&self.output_tokens, &[model]),
+            cost_usd: Series::new(&self.cost_usd, &[model]),
+            request_duration: [
+                Series::new(&self.request_duration, &[model, "false"]),
+                Series::new(&self.request_duration, &[model, "true"]),
+            ],
+            time_to_first_token: Series::new(&self.time_to_first_token, &[model]),
+            drift_input: Series::new(&self.token_count_drift, &[model, "input"]),
+            drift_output: Series::new(&self.token_count_drift, &[model, "output"]),
+        })
+    }
+}
+
+/// The copies of the hot families as the families they stand for: each series is the sum of
+/// its copies (a histogram's count, sum and buckets alike), read at a scrape.
+struct Summed(Vec<Vec<Box<dyn Collector>>>);
+
+impl Collector for Summed {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0
+            .first()
+            .into_iter()
+            .flatten()
+            .flat_map(|family| family.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families: Vec<MetricFamily> = Vec::new();
+        for family in self.0.iter().flatten().flat_map(|family| family.collect()) {
+            match families.iter_mut().find(|sum| sum.name() == family.name()) {
+                Some(sum) => add_family(sum, family),
+                None => families.push(family),
+            }
+        }
+        families
+    }
+}
+
+fn add_family(sum: &mut MetricFamily, mut family: MetricFamily) {
+    let kind = family.get_field_type();
+    for metric in family.take_metric() {
+        let same = sum
+            .mut_metric()
+            .iter_mut()
+            .find(|total| total.get_label() == metric.get_label());
+        match same {
+            Some(total) => add_metric(kind, total, &metric),
+            None => sum.mut_metric().push(metric),
+        }
+    }
+}
+
+fn add_metric(kind: MetricType, total: &mut Metric, more: &Metric) {
+    match kind {
+        MetricType::COUNTER => {
+            let mut counter = Counter::default();
+            counter.set_value(total.get_counter().get_value() + more.get_counter().get_value());
+            total.set_counter(counter);
+        }
+        MetricType::GAUGE => {
+            let mut gauge = Gauge::default();
+            gauge.set_value(total.get_gauge().get_value() + more.get_gauge().get_value());
+            total.set_gauge(gauge);
+        }
+        MetricType::HISTOGRAM => {
+            let (sum, more) = (total.get_histogram(), more.get_histogram());
+            let mut histogram = sum.clone();
+            histogram.set_sample_count(sum.get_sample_count() + more.get_sample_count());
+            histogram.set_sample_sum(sum.get_sample_sum() + more.get_sample_sum());
+            let buckets = sum
+                .get_bucket()
+                .iter()
+                .zip(more.get_bucket())
+                .map(|(bucket, more)| {
+                    let mut bucket = bucket.clone();
+                    bucket
+                        .set_cumulative_count(bucket.cumulative_count() + more.cumulative_count());
+                    bucket
+                })
+                .collect();
+            histogram.set_bucket(buckets);
+            total.set_histogram(histogram);
+        }
+        MetricType::SUMMARY | MetricType::UNTYPED => {}
+    }
+}
+
 /// The entry for `name`, made by `make` the first time.
 fn found_once<T>(entries: &ByName<T>, name: &str, make: impl FnOnce() -> T) -> Arc<T> {
     if let Some(entry) = entries.get(name) {
@@ -130,10 +338,13 @@ fn found_once<T>(entries: &ByName<T>, name: &str, make: impl FnOnce() -> T) -> A
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let family = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|_| unreachable_metric(name));
+    let family = unregistered_counter(name, help, labels);
     register(registry, Box::new(family.clone()));
     family
+}
+
+fn unregistered_counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric(name))
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -143,14 +354,12 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeV
     family
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let family = HistogramVec::new(
+fn unregistered_histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,
     )
-    .unwrap_or_else(|_| unreachable_metric(name));
-    register(registry, Box::new(family.clone()));
-    family
+    .unwrap_or_else(|_| unreachable_metric(name))
 }
 
 fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>) {
@@ -171,21 +380,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("tollgate".to_owned()), None)
             .unwrap_or_else(|_| Registry::new());
-        let cost_usd = prometheus::CounterVec::new(
-            Opts::new(
-                "cost_usd_total",
-                "List cost of served requests in US dollars",
-            ),
-            &["model"],
-        )
-        .unwrap_or_else(|_| unreachable_metric("cost_usd_total"));
-        register(&registry, Box::new(cost_usd.clone()));
-        let usage_pending = IntGauge::new(
-            "usage_events_pending",
-            "Usage events queued between the hot path and the sink",
-        )
-        .unwrap_or_else(|_| unreachable_metric("usage_events_pending"));
-        register(&registry, Box::new(usage_pending.clone()));
+        let hot: Box<[Hot]> = (0..SHARDS).map(|_| Hot::new()).collect();
+        register(
+            &registry,
+            Box::new(Summed(hot.iter().map(Hot::collectors).collect())),
+        );
         let state_backend_up = IntGauge::new(
             "state_backend_up",
             "Whether the shared state backend (Redis) answered its last call: 1 or 0",
@@ -222,12 +421,6 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric("budget_overshoot_usd_total"));
         register(&registry, Box::new(budget_overshoot_usd.clone()));
-        let usage_events = counter(
-            &registry,
-            "usage_events_total",
-            "Usage events by fate: queued, written, dropped (channel full) or failed",
-            &["result"],
-        );
         Metrics {
             key_spend_usd: gauge(
                 &registry,
@@ -277,12 +470,6 @@ impl Metrics {
                 "Budget left in a team's or customer's current period (capped ones)",
                 &["level", "name"],
             ),
-            route_decisions: counter(
-                &registry,
-                "route_decisions_total",
-                "Routing decisions for the virtual model, by rule and tier",
-                &["rule", "tier"],
-            ),
             fallbacks: counter(
                 &registry,
                 "fallbacks_total",
@@ -308,62 +495,12 @@ impl Metrics {
                 "Spend spikes announced (once per episode), by what tripped them",
                 &["trigger"],
             ),
-            requests: counter(
-                &registry,
-                "requests_total",
-                "Requests by model, tier, endpoint and status class",
-                &["model", "tier", "endpoint", "status"],
-            ),
-            input_tokens: counter(
-                &registry,
-                "input_tokens_total",
-                "Billed input tokens by model",
-                &["model"],
-            ),
-            output_tokens: counter(
-                &registry,
-                "output_tokens_total",
-                "Billed output tokens by model",
-                &["model"],
-            ),
-            cost_usd,
-            request_duration: histogram(
-                &registry,
-                "request_duration_seconds",
-                "Time from accepting a request to the end of its response",
-                &["model", "streamed"],
-            ),
-            time_to_first_token: histogram(
-                &registry,
-                "time_to_first_token_seconds",
-                "Time from accepting a streamed request to its first chunk",
-                &["model"],
-            ),
-            upstream_duration: histogram(
-                &registry,
-                "upstream_duration_seconds",
-                "Time until the upstream's response headers, per attempt",
-                &["upstream"],
-            ),
-            upstream_attempts: counter(
-                &registry,
-                "upstream_attempts_total",
-                "Attempts sent upstream by result",
-                &["upstream", "result"],
-            ),
             rejections: counter(
                 &registry,
                 "rejections_total",
                 "Requests the gateway refused, by reason",
                 &["reason"],
             ),
-            token_count_drift: counter(
-                &registry,
-                "token_count_drift_tokens_total",
-                "Absolute difference between own token counts and upstream-reported usage",
-                &["model", "direction"],
-            ),
-            usage_pending,
             state_backend_up,
             state_admissions: counter(
                 &registry,
@@ -387,27 +524,30 @@ impl Metrics {
                 "Configuration reloads by result",
                 &["result"],
             ),
-            usage_queued: usage_events.with_label_values(&["queued"]),
-            usage_events,
-            by_model: ByName::default(),
+            hot,
             registry,
         }
     }
 
-    /// `model`'s series of the families every request touches.
+    /// This thread's copy of the families every request touches: a lane's own, so that its
+    /// counters and histograms are not written from the other cores too.
+    pub fn hot(&self) -> &Hot {
+        &self.hot[SHARD.with(Cell::get) % self.hot.len()]
+    }
+
+    /// Every copy of the hot families, for totals across them.
+    pub fn shards(&self) -> impl Iterator<Item = &Hot> {
+        self.hot.iter()
+    }
+
+    /// `model`'s series of the families every request touches, in this thread's copy.
     pub fn model(&self, model: &str) -> Arc<ModelSeries> {
-        found_once(&self.by_model, model, || ModelSeries {
-            input_tokens: Series::new(&self.input_tokens, &[model]),
-            output_tokens: Series::new(&self.output_tokens, &[model]),
-            cost_usd: Series::new(&self.cost_usd, &[model]),
-            request_duration: [
-                Series::new(&self.request_duration, &[model, "false"]),
-                Series::new(&self.request_duration, &[model, "true"]),
-            ],
-            time_to_first_token: Series::new(&self.time_to_first_token, &[model]),
-            drift_input: Series::new(&self.token_count_drift, &[model, "input"]),
-            drift_output: Series::new(&self.token_count_drift, &[model, "output"]),
-        })
+        self.hot().model(model)
+    }
+
+    /// Usage events queued between the hot path and the ledger, summed over the copies.
+    pub fn usage_pending(&self) -> i64 {
+        self.hot.iter().map(|hot| hot.usage_pending.get()).sum()
     }
 
     pub fn registry(&self) -> &Registry {
@@ -417,19 +557,8 @@ impl Metrics {
     /// Every family this gateway can export (with its prefix), whether or not it has samples
     /// yet; dashboards and alert rules are checked against this list.
     pub fn family_names(&self) -> Vec<String> {
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(self.requests.clone()),
-            Box::new(self.input_tokens.clone()),
-            Box::new(self.output_tokens.clone()),
-            Box::new(self.cost_usd.clone()),
-            Box::new(self.request_duration.clone()),
-            Box::new(self.time_to_first_token.clone()),
-            Box::new(self.upstream_duration.clone()),
-            Box::new(self.upstream_attempts.clone()),
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.rejections.clone()),
-            Box::new(self.token_count_drift.clone()),
-            Box::new(self.usage_events.clone()),
-            Box::new(self.usage_pending.clone()),
             Box::new(self.state_backend_up.clone()),
             Box::new(self.usage_batch_duration.clone()),
             Box::new(self.usage_batch_retries.clone()),
@@ -442,7 +571,6 @@ impl Metrics {
             Box::new(self.budget_alerts.clone()),
             Box::new(self.velocity_alerts.clone()),
             Box::new(self.soft_budget_alerts.clone()),
-            Box::new(self.route_decisions.clone()),
             Box::new(self.fallbacks.clone()),
             Box::new(self.key_spend_usd.clone()),
             Box::new(self.key_budget_remaining_usd.clone()),
@@ -450,6 +578,7 @@ impl Metrics {
             Box::new(self.key_remaining_requests.clone()),
             Box::new(self.key_remaining_tokens.clone()),
         ];
+        collectors.extend(self.hot[0].collectors());
         collectors
             .iter()
             .flat_map(|c| {
@@ -478,14 +607,18 @@ impl Default for Metrics {
 /// `2xx`, `4xx`… — a bounded label for any status code.
 /// A counter family's values summed by one label, over the series whose `only` label (when
 /// given) has the given value: what the admin API's health summary reads.
-pub fn totals_by(
-    family: &IntCounterVec,
+pub fn totals_by<'a>(
+    families: impl IntoIterator<Item = &'a IntCounterVec>,
     label: &str,
     only: Option<(&str, &str)>,
 ) -> std::collections::BTreeMap<String, u64> {
-    use prometheus::core::Collector;
     let mut totals = std::collections::BTreeMap::new();
-    for metric in family.collect().iter().flat_map(|f| f.get_metric()) {
+    let collected = families.into_iter().flat_map(|family| family.collect());
+    for metric in collected
+        .collect::<Vec<_>>()
+        .iter()
+        .flat_map(|f| f.get_metric())
+    {
         let value_of = |name: &str| {
             metric
                 .get_label()
@@ -534,10 +667,89 @@ mod tests {
     fn families_are_prefixed_and_render() {
         let metrics = Metrics::new();
         metrics
+            .hot()
             .requests
             .with_label_values(&["m", "cheap", "chat_completions", "2xx"])
             .inc();
         let text = metrics.render();
         assert!(text.contains("tollgate_requests_total{endpoint=\"chat_completions\",model=\"m\",status=\"2xx\",tier=\"cheap\"} 1"));
+    }
+
+    /// Each lane writes its own copy of the hot families; a scrape and the health totals read
+    /// their sums, histograms bucket by bucket.
+    #[test]
+    fn the_lanes_copies_are_summed() {
+        let metrics = Arc::new(Metrics::new());
+        let lanes: Vec<_> = (0..2)
+            .map(|lane| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    use_lane_shard(lane);
+                    let hot = metrics.hot();
+                    hot.requests
+                        .with_label_values(&["m", "cheap", "chat_completions", "5xx"])
+                        .inc_by(lane as u64 + 1);
+                    let series = metrics.model("m");
+                    series.input_tokens.get().inc_by(100);
+                    series.request_duration[0]
+                        .get()
+                        .observe(0.25 * (lane as f64 + 1.0));
+                    hot.usage_pending.inc();
+                })
+            })
+            .collect();
+        for lane in lanes {
+            lane.join().unwrap();
+        }
+        // The writer's side: every other thread writes the first copy.
+        metrics.hot().usage_pending.sub(1);
+        metrics
+            .hot()
+            .requests
+            .with_label_values(&["m", "cheap", "chat_completions", "5xx"])
+            .inc();
+
+        let text = metrics.render();
+        let line = |start: &str| {
+            text.lines()
+                .find(|line| line.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("tollgate_requests_total{"),
+            "tollgate_requests_total{endpoint=\"chat_completions\",model=\"m\",status=\"5xx\",tier=\"cheap\"} 4"
+        );
+        assert_eq!(
+            line("tollgate_input_tokens_total{"),
+            "tollgate_input_tokens_total{model=\"m\"} 200"
+        );
+        assert_eq!(
+            line("tollgate_request_duration_seconds_count{"),
+            "tollgate_request_duration_seconds_count{model=\"m\",streamed=\"false\"} 2"
+        );
+        assert_eq!(
+            line("tollgate_request_duration_seconds_sum{"),
+            "tollgate_request_duration_seconds_sum{model=\"m\",streamed=\"false\"} 0.75"
+        );
+        let bucket = |le: &str| {
+            line(&format!(
+                "tollgate_request_duration_seconds_bucket{{model=\"m\",streamed=\"false\",le=\"{le}\"}}"
+            ))
+        };
+        assert!(bucket("0.1").ends_with(" 0"), "{text}");
+        assert!(bucket("0.25").ends_with(" 1"), "{text}");
+        assert!(bucket("0.5").ends_with(" 2"), "{text}");
+        assert_eq!(
+            line("tollgate_usage_events_pending "),
+            "tollgate_usage_events_pending 1"
+        );
+        assert_eq!(metrics.usage_pending(), 1);
+        let errors = totals_by(
+            metrics.shards().map(|hot| &hot.requests),
+            "model",
+            Some(("status", "5xx")),
+        );
+        assert_eq!(errors.get("m"), Some(&4));
     }
 }

@@ -29,8 +29,12 @@ struct Totals {
 impl Totals {
     fn read(metrics: &Metrics) -> Totals {
         Totals {
-            refusals: totals_by(&metrics.rejections, "reason", None),
-            errors_by_model: totals_by(&metrics.requests, "model", Some(("status", "5xx"))),
+            refusals: totals_by([&metrics.rejections], "reason", None),
+            errors_by_model: totals_by(
+                metrics.shards().map(|hot| &hot.requests),
+                "model",
+                Some(("status", "5xx")),
+            ),
         }
     }
 
@@ -122,14 +126,18 @@ pub async fn summary(State(app): State<Arc<App>>) -> Response {
         .keys()
         .map(|name| {
             let by_result = totals_by(
-                &metrics.upstream_attempts,
+                metrics.shards().map(|hot| &hot.upstream_attempts),
                 "result",
                 Some(("upstream", name)),
             );
             (name.clone(), json!(by_result))
         })
         .collect();
-    let events = totals_by(&metrics.usage_events, "result", None);
+    let events = totals_by(
+        metrics.shards().map(|hot| &hot.usage_events),
+        "result",
+        None,
+    );
     let event = |result: &str| events.get(result).copied().unwrap_or(0);
     let now = crate::unix_ms();
     let totals = Totals::read(metrics);
@@ -142,7 +150,7 @@ pub async fn summary(State(app): State<Arc<App>>) -> Response {
         "history_interval_secs": SAMPLE_EVERY.as_secs(),
         "upstream_attempts": upstreams,
         "ledger": {
-            "pending": metrics.usage_pending.get(),
+            "pending": metrics.usage_pending(),
             "written": event("written"),
             "dropped": event("dropped"),
             "failed": event("failed"),

@@ -132,13 +132,15 @@ impl UsageSender {
     fn send(&self, envelope: Envelope) -> bool {
         match self.tx.try_send(envelope) {
             Ok(()) => {
-                self.metrics.usage_pending.inc();
-                self.metrics.usage_queued.inc();
+                let hot = self.metrics.hot();
+                hot.usage_pending.inc();
+                hot.usage_queued.inc();
                 true
             }
             Err(_) => {
                 self.health.failed();
                 self.metrics
+                    .hot()
                     .usage_events
                     .with_label_values(&["dropped"])
                     .inc();
@@ -286,7 +288,7 @@ fn run_writer(
         }
         if !events.is_empty() {
             write(&mut *writer, &events, &mut acks, metrics, health);
-            metrics.usage_pending.sub(events.len() as i64);
+            metrics.hot().usage_pending.sub(events.len() as i64);
             events.clear();
             acks.clear();
         }
@@ -340,6 +342,7 @@ fn write(
         tracing::error!(%error, lost, "usage events could not be written");
         health.failed();
         metrics
+            .hot()
             .usage_events
             .with_label_values(&["failed"])
             .inc_by(lost);
@@ -380,6 +383,7 @@ fn written(
 ) {
     health.last_failure_ms.store(0, Ordering::Relaxed);
     metrics
+        .hot()
         .usage_events
         .with_label_values(&["written"])
         .inc_by(count as u64);

@@ -541,6 +541,7 @@ impl Exchange {
         let decision = decided.map_err(|error| GatewayError::ModelNotAllowed(error.to_string()))?;
         self.app
             .metrics
+            .hot()
             .route_decisions
             .with_label_values(&[decision.rule.as_str(), decision.tier.as_str()])
             .inc();

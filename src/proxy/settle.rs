@@ -65,6 +65,7 @@ impl Exchange {
         let model_label = self.model.as_ref().map_or("none", |m| m.name.as_str());
         let tier_label = self.model.as_ref().map_or("none", |m| m.tier.as_str());
         metrics
+            .hot()
             .requests
             .with_label_values(&[
                 model_label,
@@ -86,6 +87,7 @@ impl Exchange {
                 }
             }
             None => metrics
+                .hot()
                 .request_duration
                 .with_label_values(&["none", if self.streamed { "true" } else { "false" }])
                 .observe(latency.as_secs_f64()),

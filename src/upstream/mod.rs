@@ -367,8 +367,8 @@ async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply
     }
     let started = Instant::now();
     let result = exchange(upstream, request).await;
-    metrics
-        .upstream_duration
+    let hot = metrics.hot();
+    hot.upstream_duration
         .with_label_values(&[upstream.name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     let (label, outcome) = match result {
@@ -376,8 +376,7 @@ async fn send(model: &Model, attempt: &Attempt<'_>, body: Bytes) -> Result<Reply
         Err(error) => ("unreachable", Err(error)),
         Ok(response) => (status_label(response.status().as_u16()), Ok(response)),
     };
-    metrics
-        .upstream_attempts
+    hot.upstream_attempts
         .with_label_values(&[upstream.name.as_str(), label])
         .inc();
     outcome

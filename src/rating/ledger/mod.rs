@@ -1125,7 +1125,13 @@ pub(crate) mod tests {
             .map(|record| record.request_id)
             .collect();
         assert_eq!(written, ["req_1", "req_2"]);
-        let events = |result: &str| metrics.usage_events.with_label_values(&[result]).get();
+        let events = |result: &str| {
+            metrics
+                .hot()
+                .usage_events
+                .with_label_values(&[result])
+                .get()
+        };
         assert_eq!((events("written"), events("failed")), (2, 1));
         // Only the storage's failures are retried; a refused batch is split at once.
         assert_eq!(metrics.usage_batch_retries.get(), 2);
