@@ -106,19 +106,15 @@ pub struct ModelSeries {
     pub drift_output: Series<IntCounterVec>,
 }
 
-/// How many copies of the hot families there are: one for each lane on a machine of up to
-/// this many cores, and one (the first) for every other thread. Lanes past it share copies.
-const SHARDS: usize = 17;
-
 thread_local! {
-    /// The copy of the hot families this thread writes; lanes set theirs (see
-    /// [`use_lane_shard`]), every other thread writes the first.
-    static SHARD: Cell<usize> = const { Cell::new(0) };
+    /// The lane this thread serves, counted from 1 (see [`use_lane_shard`]); 0 on every
+    /// other thread.
+    static LANE: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Makes this thread, lane `lane`, write its own copy of the hot families.
 pub fn use_lane_shard(lane: usize) {
-    SHARD.with(|shard| shard.set(1 + lane % (SHARDS - 1)));
+    LANE.with(|this| this.set(lane + 1));
 }
 
 /// The families every proxied request touches. A counter or histogram that every lane adds to
@@ -142,7 +138,7 @@ pub struct Hot {
     /// Added to where an event is queued and taken from where it is written, so only the sum
     /// over the copies means anything (see [`Metrics::usage_pending`]).
     pub usage_pending: IntGauge,
-    /// Each model's series of the families above (see [`Metrics::model`]).
+    /// Each model's series of the families above (see [`Hot::model`]).
     by_model: ByName<ModelSeries>,
 }
 
@@ -235,7 +231,8 @@ impl Hot {
         ]
     }
 
-    fn model(&self, model: &str) -> Arc<ModelSeries> {
+    /// `model`'s series of the families above, in this copy.
+    pub fn model(&self, model: &str) -> Arc<ModelSeries> {
         found_once(&self.by_model, model, || ModelSeries {
             input_tokens: Series::new(&self.input_tokens, &[model]),
             output_tokens: Series::new(&self.output_tokens, &[model]),
@@ -380,7 +377,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("tollgate".to_owned()), None)
             .unwrap_or_else(|_| Registry::new());
-        let hot: Box<[Hot]> = (0..SHARDS).map(|_| Hot::new()).collect();
+        // One copy for each lane of the default count (one per core), and the first for every
+        // other thread; lanes past them share copies.
+        let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+        let hot: Box<[Hot]> = (0..=lanes).map(|_| Hot::new()).collect();
         register(
             &registry,
             Box::new(Summed(hot.iter().map(Hot::collectors).collect())),
@@ -532,7 +532,10 @@ impl Metrics {
     /// This thread's copy of the families every request touches: a lane's own, so that its
     /// counters and histograms are not written from the other cores too.
     pub fn hot(&self) -> &Hot {
-        &self.hot[SHARD.with(Cell::get) % self.hot.len()]
+        match LANE.with(Cell::get) {
+            0 => &self.hot[0],
+            lane => &self.hot[1 + (lane - 1) % (self.hot.len() - 1)],
+        }
     }
 
     /// Every copy of the hot families, for totals across them.

@@ -60,13 +60,11 @@ impl Exchange {
             return None;
         }
         self.settled = true;
-        let metrics = &self.app.metrics;
         let latency = self.accepted.elapsed();
         let model_label = self.model.as_ref().map_or("none", |m| m.name.as_str());
         let tier_label = self.model.as_ref().map_or("none", |m| m.tier.as_str());
-        metrics
-            .hot()
-            .requests
+        let hot = self.app.metrics.hot();
+        hot.requests
             .with_label_values(&[
                 model_label,
                 tier_label,
@@ -76,7 +74,7 @@ impl Exchange {
             .inc();
         // A request refused before a model was chosen makes no per-model series but `none`'s
         // duration.
-        let series = self.model.as_ref().map(|model| metrics.model(&model.name));
+        let series = self.model.as_ref().map(|model| hot.model(&model.name));
         match &series {
             Some(series) => {
                 series.request_duration[usize::from(self.streamed)]
@@ -86,8 +84,7 @@ impl Exchange {
                     series.time_to_first_token.get().observe(ttft.as_secs_f64());
                 }
             }
-            None => metrics
-                .hot()
+            None => hot
                 .request_duration
                 .with_label_values(&["none", if self.streamed { "true" } else { "false" }])
                 .observe(latency.as_secs_f64()),
